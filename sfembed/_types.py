@@ -1,0 +1,93 @@
+"""The data that flows through sfembed: wire shapes, inputs and results."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, NotRequired, TypeAlias, TypedDict
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = [
+    "EmbeddingResult",
+    "EncodingFormat",
+    "ImageInput",
+    "InputItem",
+    "TextInput",
+    "Truncate",
+    "Usage",
+    "WireEmbedding",
+    "WireRequest",
+    "WireResponse",
+]
+
+EncodingFormat: TypeAlias = Literal["float", "base64"]
+Truncate: TypeAlias = Literal["left", "right"]
+FloatArray: TypeAlias = npt.NDArray[np.float32]
+
+
+class TextInput(TypedDict):
+    """A text content object (VL model): ``{"text": ...}``."""
+
+    text: str
+
+
+class ImageInput(TypedDict):
+    """An image content object (VL model): a URL, a base64 data URI, or (client side) a local path."""
+
+    image: str | Path
+
+
+#: One item of a request: a string, a token-id list, or (VL model) a content object.
+InputItem: TypeAlias = str | list[int] | TextInput | ImageInput
+
+
+class Usage(TypedDict):
+    """Token usage as the server counted it."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class WireRequest(TypedDict):
+    """The JSON body of ``POST /embeddings``."""
+
+    model: str
+    input: str | list[object] | dict[str, str]
+    encoding_format: NotRequired[EncodingFormat]
+    dimensions: NotRequired[int]
+    user: NotRequired[str]
+    truncate: NotRequired[Truncate]
+
+
+class WireEmbedding(TypedDict):
+    """One item of a response's ``data``."""
+
+    object: str
+    embedding: list[float] | str
+    index: int
+
+
+class WireResponse(TypedDict):
+    """The JSON body of a successful response."""
+
+    object: str
+    model: str
+    data: list[WireEmbedding]
+    usage: Usage
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingResult:
+    """The answer to one request.
+
+    ``embeddings`` is C-contiguous float32 of shape (items, dimensions), row i for input item i
+    (ordered by the response's ``index``). ``trace_id`` comes from ``x-siliconcloud-trace-id``.
+    """
+
+    embeddings: FloatArray
+    usage: Usage
+    model: str
+    trace_id: str | None
