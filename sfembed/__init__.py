@@ -1,1 +1,1 @@
-"""sfembed: embed large corpora through the SiliconFlow embeddings API at the speed of your quota."""
+"""sfembed: embed large corpora through the SiliconFlow embeddings API at your quota's speed."""

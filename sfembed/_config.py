@@ -1,4 +1,4 @@
-"""Settings: frozen keyword-only dataclasses with units in their names, loaded from TOML by one function."""
+"""Settings: frozen keyword-only dataclasses with units in their names, loaded from TOML."""
 
 from __future__ import annotations
 

@@ -1,32 +1,32 @@
 """The one error tree of sfembed.
 
-Every error sfembed raises is an :class:`SFEmbedError`::
+Every error sfembed raises for a condition of data, settings or the server is an SFEmbedError::
 
     SFEmbedError
-    ├── ConfigError                 settings that cannot work (unknown model without limits, bad TOML)
-    ├── InputError                  local validation failed; nothing was sent (names the item and cause)
-    │   └── RecordError             one record of a job is unusable (names the record id and line)
-    └── APIError                    the server answered with an error, or the exchange failed
-        ├── APIStatusError          an HTTP error status
-        │   ├── BadRequestError         400, code 20015: a parameter is invalid (e.g. input too long)
-        │   │   └── ModelNotFoundError  400, code 20012: the model does not exist
-        │   ├── AuthenticationError     401: the key is wrong ("Invalid token")
-        │   ├── PermissionDeniedError   403: no permission or no balance
-        │   ├── NotFoundError           404: wrong base URL or path
-        │   ├── BatchTooLargeError      413, code 20042: too many inputs in one request
-        │   ├── RateLimitError          429: TPM or RPM limit reached (``limit`` says which)   [retryable]
-        │   └── ServerError             5xx                                                     [retryable]
-        │       ├── OverloadedError     503, code 50505: model service overloaded               [retryable]
-        │       └── GatewayTimeoutError 504: the gateway timed out                              [retryable]
-        ├── APIConnectionError      connection refused or reset before a full answer           [retryable]
-        │   └── APITimeoutError     connect or read timeout                                    [retryable]
-        └── MalformedResponseError  a 200 whose body is not JSON, lacks ``data``, or has bad indices
-                                    or vector lengths                                          [retryable]
+    ├── ConfigError                settings that cannot work (unknown model, bad TOML, no key)
+    ├── InputError                 local validation failed; nothing was sent (names item, cause)
+    │   └── RecordError            one record of a job is unusable (names record id and line)
+    └── APIError                   the server answered with an error, or the exchange failed
+        ├── APIStatusError         an HTTP error status no narrower class covers
+        │   ├── BadRequestError        400, code 20015: invalid parameter (e.g. input too long)
+        │   │   └── ModelNotFoundError 400, code 20012: the model does not exist
+        │   ├── AuthenticationError    401: the key is wrong ("Invalid token")
+        │   ├── PermissionDeniedError  403: no permission or no balance
+        │   ├── NotFoundError          404: wrong base URL or path
+        │   ├── BatchTooLargeError     413, code 20042: too many inputs in one request
+        │   ├── RateLimitError         429: TPM or RPM limit reached (``limit``)   retryable
+        │   └── ServerError            5xx                                         retryable
+        │       ├── OverloadedError    503, code 50505: overloaded                 retryable
+        │       └── GatewayTimeoutError  504: the gateway timed out                retryable
+        ├── APIConnectionError     refused, or reset before a full answer          retryable
+        │   └── APITimeoutError    connect or read timeout                         retryable
+        └── MalformedResponseError a 200 that is not JSON, lacks ``data``, or has
+                                   bad indices or vector lengths                   retryable
 
-Every :class:`APIError` carries ``status`` (HTTP status or ``None``), ``code`` (provider code or
-``None``), ``message``, ``trace_id`` (from ``x-siliconcloud-trace-id``), ``retryable`` and
-``retry_after_s`` (from ``Retry-After`` / ``retry-after-ms`` when a proxy sent one). No message, repr
-or attribute ever holds the API key.
+Every APIError carries ``status`` (HTTP status or ``None``), ``code`` (provider code or ``None``),
+``message``, ``trace_id`` (from ``x-siliconcloud-trace-id``), ``retryable`` and ``retry_after_s``
+(from ``Retry-After`` / ``retry-after-ms`` when a proxy sent one). No message, repr or attribute
+ever holds the API key.
 """
 
 from __future__ import annotations
@@ -86,9 +86,8 @@ class RecordError(InputError):
     ) -> None:
         self.record_id = record_id
         self.line = line
-        where = ", ".join(
-            p for p in (f"line {line}" if line else "", f"id {record_id!r}" if record_id else "") if p
-        )
+        places = (f"line {line}" if line else "", f"id {record_id!r}" if record_id else "")
+        where = ", ".join(p for p in places if p)
         super().__init__(f"record ({where}): {message}" if where else message)
 
 

@@ -95,7 +95,7 @@ _BUILTIN = (
 
 
 class ModelCatalog(Mapping[str, ModelSpec]):
-    """An immutable name -> :class:`ModelSpec` map; ``with_models`` and ``load`` make extended copies."""
+    """An immutable name -> ModelSpec map; ``with_models`` and ``load`` make extended copies."""
 
     def __init__(self, specs: Iterable[ModelSpec] = ()) -> None:
         self._specs = {spec.name: spec for spec in specs}
@@ -123,7 +123,7 @@ class ModelCatalog(Mapping[str, ModelSpec]):
         return ModelCatalog([*self._specs.values(), *specs])
 
     def with_table(self, table: Mapping[str, Mapping[str, Any]]) -> ModelCatalog:
-        """A copy extended by a ``{name: {field: value}}`` table, as found under ``[models]`` in TOML.
+        """A copy extended by a ``{name: {field: value}}`` table, as under ``[models]`` in TOML.
 
         Fields not given for a known model keep their catalogue values. Raises ConfigError.
         """

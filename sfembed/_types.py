@@ -34,7 +34,7 @@ class TextInput(TypedDict):
 
 
 class ImageInput(TypedDict):
-    """An image content object (VL model): a URL, a base64 data URI, or (client side) a local path."""
+    """An image content object (VL model): a URL, base64 data, or (client side) a local path."""
 
     image: str | Path
 

@@ -1,0 +1,229 @@
+"""EmbeddingClient: one aiohttp session, one ``POST /embeddings`` per call, errors mapped.
+
+The client sends exactly one request per call and never retries: retrying belongs to ``_retry``,
+which sends a retry back through the limiter. The API key lives only in the request headers.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+from collections.abc import Sequence
+from email.utils import parsedate_to_datetime
+from types import TracebackType
+from typing import Any, Self
+from urllib.parse import urlsplit
+
+import aiohttp
+import orjson
+
+from . import _exceptions as exc
+from ._config import DEFAULT_BASE_URL, DEFAULT_KEY_ENV, Timeouts
+from ._decoder import decode_body
+from ._models import DEFAULT_CATALOG, ModelCatalog
+from ._request import build_request
+from ._types import EmbeddingResult, EncodingFormat, InputItem, Truncate
+
+__all__ = ["EmbeddingClient"]
+
+TRACE_HEADER = "x-siliconcloud-trace-id"
+
+_STATUS_ERRORS: dict[int, type[exc.APIStatusError]] = {
+    400: exc.BadRequestError,
+    401: exc.AuthenticationError,
+    403: exc.PermissionDeniedError,
+    404: exc.NotFoundError,
+    413: exc.BatchTooLargeError,
+    429: exc.RateLimitError,
+    503: exc.OverloadedError,
+    504: exc.GatewayTimeoutError,
+}
+
+
+class EmbeddingClient:
+    """An async context manager owning one pooled aiohttp session to a SiliconFlow-compatible API.
+
+    The key is ``api_key`` or the environment variable named by ``api_key_env``. Plain ``http`` to
+    a host other than loopback is refused (the key would cross the network in clear) unless
+    ``allow_insecure_http``. Raises ConfigError for a missing key or such a URL.
+    """
+
+    def __init__(
+        self,
+        *,
+        api_key: str | None = None,
+        api_key_env: str = DEFAULT_KEY_ENV,
+        base_url: str = DEFAULT_BASE_URL,
+        timeouts: Timeouts | None = None,
+        catalog: ModelCatalog = DEFAULT_CATALOG,
+        max_batch_items: int = 64,
+        max_connections: int = 64,
+        allow_insecure_http: bool = False,
+    ) -> None:
+        key = api_key if api_key is not None else os.environ.get(api_key_env)
+        if not key:
+            raise exc.ConfigError(f"no API key: set the environment variable {api_key_env}")
+        _check_url(base_url, allow_insecure_http)
+        self._headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+        self._url = base_url.rstrip("/") + "/embeddings"
+        self._timeouts = timeouts or Timeouts()
+        self._catalog = catalog
+        self._max_items = max_batch_items
+        self._max_connections = max_connections
+        self._session: aiohttp.ClientSession | None = None
+
+    def __repr__(self) -> str:
+        return f"EmbeddingClient(url={self._url!r})"
+
+    @property
+    def catalog(self) -> ModelCatalog:
+        return self._catalog
+
+    async def __aenter__(self) -> Self:
+        connector = aiohttp.TCPConnector(limit=self._max_connections)
+        timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=self._timeouts.connect_s, sock_read=self._timeouts.read_s
+        )
+        self._session = aiohttp.ClientSession(connector=connector, timeout=timeout)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    async def embed(
+        self,
+        input: InputItem | Sequence[InputItem],
+        *,
+        model: str,
+        encoding_format: EncodingFormat = "float",
+        dimensions: int | None = None,
+        user: str | None = None,
+        truncate: Truncate | None = None,
+    ) -> EmbeddingResult:
+        """Send one request and return its vectors in input order.
+
+        Raises InputError (nothing sent) for invalid input, an APIError subclass for an error
+        answer or a failed exchange; never retries.
+        """
+        spec = self._catalog.get(model)
+        body, items = build_request(
+            input,
+            model=model,
+            spec=spec,
+            max_items=self._max_items,
+            encoding_format=encoding_format,
+            dimensions=dimensions,
+            user=user,
+            truncate=truncate,
+        )
+        expected = None if spec is None else spec.output_dimensions(dimensions)
+        raw, trace_id = await self._post(orjson.dumps(body))
+        vectors, usage, answered = decode_body(
+            raw,
+            items=items,
+            dimensions=expected,
+            encoding_format=encoding_format,
+            trace_id=trace_id,
+        )
+        return EmbeddingResult(vectors, usage, answered or model, trace_id)
+
+    async def _post(self, payload: bytes) -> tuple[bytes, str | None]:
+        if self._session is None:
+            raise RuntimeError("use EmbeddingClient inside 'async with'")
+        try:
+            async with self._session.post(self._url, data=payload, headers=self._headers) as resp:
+                raw = await resp.read()
+                trace_id = resp.headers.get(TRACE_HEADER)
+                if resp.status != 200:
+                    raise _status_error(resp.status, raw, resp.headers, trace_id)
+                return raw, trace_id
+        except (TimeoutError, aiohttp.ServerTimeoutError) as error:
+            raise exc.APITimeoutError(f"request timed out: {type(error).__name__}") from None
+        except aiohttp.ClientError as error:
+            # `from None`: aiohttp errors carry request info, headers and all, which hold the key.
+            raise exc.APIConnectionError(f"connection failed: {_describe(error)}") from None
+
+
+def _describe(error: BaseException) -> str:
+    text = str(error)
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _check_url(base_url: str, allow_insecure_http: bool) -> None:
+    parts = urlsplit(base_url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise exc.ConfigError(f"base URL must be http(s)://host/..., not {base_url!r}")
+    if parts.scheme == "http" and not allow_insecure_http and not _is_loopback(parts.hostname):
+        raise exc.ConfigError(
+            f"refusing to send the API key over plain http to {parts.hostname}: use https "
+            "or allow insecure http explicitly"
+        )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _status_error(
+    status: int, raw: bytes, headers: Any, trace_id: str | None
+) -> exc.APIStatusError:
+    code, message = _error_fields(raw)
+    cls = _STATUS_ERRORS.get(status, exc.ServerError if status >= 500 else exc.APIStatusError)
+    if status == 400 and code == 20012:
+        cls = exc.ModelNotFoundError
+    return cls(
+        message or f"HTTP {status}",
+        status=status,
+        code=code,
+        trace_id=trace_id,
+        retry_after_s=_retry_after(headers),
+    )
+
+
+def _error_fields(raw: bytes) -> tuple[int | None, str]:
+    """(provider code, message) from a JSON object, a JSON string, or plain text."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None, raw.decode("utf-8", "replace").strip()[:500]
+    if isinstance(body, dict):
+        code = body.get("code")
+        return (code if isinstance(code, int) else None), str(body.get("message") or "")
+    return None, str(body)[:500]
+
+
+def _retry_after(headers: Any) -> float | None:
+    """Seconds to wait from ``retry-after-ms`` or ``Retry-After`` (seconds or an HTTP date)."""
+    if (millis := headers.get("retry-after-ms")) is not None:
+        try:
+            return max(0.0, float(millis) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("Retry-After")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return _seconds_until(value)
+
+
+def _seconds_until(http_date: str) -> float | None:
+    try:
+        when = parsedate_to_datetime(http_date)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, (when - dt.datetime.now(dt.UTC)).total_seconds())
