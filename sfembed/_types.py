@@ -91,3 +91,21 @@ class EmbeddingResult:
     usage: Usage
     model: str
     trace_id: str | None
+
+
+@dataclass(slots=True)
+class Chunk:
+    """One item to send: a whole record, or one piece of an over-long one.
+
+    ``unit`` is the output row it contributes to (the record's position in ``pool`` mode, the
+    chunk's sequence number in ``chunks`` mode); ``tokens`` is the local count with special tokens;
+    ``start``/``end`` are its characters in the record's text.
+    """
+
+    unit: int
+    position: int
+    number: int
+    item: str | dict[str, str]
+    tokens: int
+    start: int = 0
+    end: int = 0

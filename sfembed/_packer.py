@@ -1,0 +1,61 @@
+"""Chunks -> requests under an item cap and a token cap; halving and bisection of refused requests.
+
+Requests are filled greedily in arrival order: a request closes when the next chunk would break
+either cap. Output order is restored later by the writer's reorder buffer, so packing never has to
+wait for a slow record. A 413 halves the item cap for the rest of the job; a 400 is narrowed down
+by bisection so that one bad item fails alone and the others are sent once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+from ._types import Chunk
+
+__all__ = ["Packer", "bisect"]
+
+
+class Packer:
+    """Greedy packing of chunks into requests of at most ``max_items`` and ``max_tokens``.
+
+    A chunk larger than ``max_tokens`` on its own travels alone (the chunker has already kept it
+    under the model's per-item limit).
+    """
+
+    def __init__(self, *, max_items: int, max_tokens: int) -> None:
+        self.max_items = max_items
+        self.max_tokens = max_tokens
+        self._open: list[Chunk] = []
+        self._tokens = 0
+
+    def add(self, chunks: Sequence[Chunk]) -> Iterator[list[Chunk]]:
+        """Add chunks in order; yields each request as it fills."""
+        for chunk in chunks:
+            if self._open and not self._fits(chunk):
+                yield self._close()
+            self._open.append(chunk)
+            self._tokens += chunk.tokens
+        if len(self._open) >= self.max_items:
+            yield self._close()
+
+    def flush(self) -> Iterator[list[Chunk]]:
+        """Yields the last, partly filled request, if any."""
+        if self._open:
+            yield self._close()
+
+    def halve(self) -> None:
+        """The server refused a request as too large (413): halve the item cap from now on."""
+        self.max_items = max(1, self.max_items // 2)
+
+    def _fits(self, chunk: Chunk) -> bool:
+        return len(self._open) < self.max_items and self._tokens + chunk.tokens <= self.max_tokens
+
+    def _close(self) -> list[Chunk]:
+        batch, self._open, self._tokens = self._open, [], 0
+        return batch
+
+
+def bisect(batch: Sequence[Chunk]) -> tuple[list[Chunk], list[Chunk]]:
+    """Two halves of a refused request, to narrow a 400 or a 413 down (``len(batch) >= 2``)."""
+    middle = len(batch) // 2
+    return list(batch[:middle]), list(batch[middle:])

@@ -1,0 +1,87 @@
+"""Bounded retries of retryable errors only. The one module that imports tenacity.
+
+Only errors whose ``retryable`` is true are retried (429, 5xx, timeouts, resets, malformed 200s);
+a 4xx is final. Waits are exponential with full jitter, or the server's ``Retry-After`` when it
+sent one, and the whole is bounded by attempts and by total time. The caller's attempt function
+goes back through the limiter each time, so a retry is paced like any request and there is one
+retry layer only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import tenacity
+
+from ._config import RetryPolicy
+from ._exceptions import SFEmbedError
+
+__all__ = ["RetryHook", "call_with_retries", "is_retryable"]
+
+log = logging.getLogger("sfembed")
+T = TypeVar("T")
+
+#: Called before each wait with the error, the failed attempt (1-based) and the wait in seconds.
+RetryHook = Callable[[BaseException, int, float], None]
+
+
+def is_retryable(error: BaseException) -> bool:
+    """True for an sfembed error that a later attempt may get past."""
+    return isinstance(error, SFEmbedError) and error.retryable
+
+
+async def call_with_retries(
+    attempt: Callable[[], Awaitable[T]],
+    policy: RetryPolicy,
+    *,
+    on_retry: RetryHook | None = None,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> T:
+    """Await ``attempt()`` until it succeeds, fails with a final error, or the policy runs out.
+
+    Raises the last error unchanged (never tenacity's RetryError).
+    """
+    retrying = tenacity.AsyncRetrying(
+        retry=tenacity.retry_if_exception(is_retryable),
+        stop=tenacity.stop_after_attempt(policy.max_attempts)
+        | tenacity.stop_after_delay(policy.max_total_s),
+        wait=_Wait(policy),
+        sleep=sleep,
+        before_sleep=_before_sleep(on_retry),
+        reraise=True,
+    )
+    return await retrying(attempt)
+
+
+class _Wait(tenacity.wait.wait_base):
+    """The server's Retry-After when given, else full-jitter exponential backoff."""
+
+    def __init__(self, policy: RetryPolicy) -> None:
+        self._jitter = tenacity.wait_random_exponential(
+            multiplier=policy.initial_backoff_s, max=policy.max_backoff_s
+        )
+        self._cap_s = policy.max_total_s
+
+    def __call__(self, retry_state: tenacity.RetryCallState) -> float:
+        outcome = retry_state.outcome
+        error = outcome.exception() if outcome is not None else None
+        after = getattr(error, "retry_after_s", None)
+        if isinstance(after, int | float):
+            return min(float(after), self._cap_s)
+        return float(self._jitter(retry_state))
+
+
+def _before_sleep(hook: RetryHook | None) -> Callable[[tenacity.RetryCallState], None]:
+    def before_sleep(state: tenacity.RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome is not None else None
+        if error is None:
+            return
+        wait_s = state.upcoming_sleep
+        log.debug("attempt %d failed (%s); retrying in %.2f s", state.attempt_number, error, wait_s)
+        if hook is not None:
+            hook(error, state.attempt_number, wait_s)
+
+    return before_sleep
