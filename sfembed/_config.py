@@ -92,6 +92,7 @@ class Settings:
     dimensions: int | None = None
     concurrency: int = 16
     long_mode: str = "pool"
+    truncate_side: str = "right"
     overlap_tokens: int = 0
     rate: RateLimits = field(default_factory=RateLimits)
     retry: RetryPolicy = field(default_factory=RetryPolicy)

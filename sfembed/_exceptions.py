@@ -4,6 +4,7 @@ Every error sfembed raises for a condition of data, settings or the server is an
 
     SFEmbedError
     ├── ConfigError                settings that cannot work (unknown model, bad TOML, no key)
+    ├── JobError                   some inputs of a job could not be embedded (lists them all)
     ├── InputError                 local validation failed; nothing was sent (names item, cause)
     │   └── RecordError            one record of a job is unusable (names record id and line)
     └── APIError                   the server answered with an error, or the exchange failed
@@ -32,7 +33,8 @@ ever holds the API key.
 from __future__ import annotations
 
 import re
-from typing import Literal
+from collections.abc import Sequence
+from typing import Any, Literal
 
 __all__ = [
     "APIConnectionError",
@@ -45,6 +47,7 @@ __all__ = [
     "ConfigError",
     "GatewayTimeoutError",
     "InputError",
+    "JobError",
     "MalformedResponseError",
     "ModelNotFoundError",
     "NotFoundError",
@@ -67,6 +70,16 @@ class SFEmbedError(Exception):
 
 class ConfigError(SFEmbedError, ValueError):
     """Raised when settings cannot work: an unknown model without limits, a bad config file."""
+
+
+class JobError(SFEmbedError):
+    """Raised by ``embed`` when some inputs could not be embedded; ``failures`` lists each one."""
+
+    def __init__(self, failures: Sequence[Any]) -> None:
+        self.failures = list(failures)
+        first = self.failures[0] if self.failures else None
+        detail = f"; first: input {first.position}: {first.reason}" if first is not None else ""
+        super().__init__(f"{len(self.failures)} input(s) could not be embedded{detail}")
 
 
 class InputError(SFEmbedError, ValueError):

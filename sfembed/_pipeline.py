@@ -1,0 +1,445 @@
+"""The engine: inputs -> counted, split, packed requests -> paced, retried sends -> ordered rows.
+
+Stages run as tasks of one TaskGroup joined by bounded queues:
+
+    intake (count tokens in blocks, split over-long records, pack)  --requests-->
+    senders x concurrency (limiter, client, retries, isolation)     --rows-->
+    reorder buffer (bounded ring)                                   --batches--> caller
+
+No task ever lets an exception escape into the group: a fatal error travels to the caller through
+the output queue, so a failure never cancels the caller's own task behind its back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Coroutine, Iterable, Sequence
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import Any
+
+import numpy as np
+
+from . import _exceptions as exc
+from ._chunker import char_range, split_spans
+from ._client import EmbeddingClient
+from ._config import Settings, load_settings
+from ._limiter import RateLimiter
+from ._models import DEFAULT_CATALOG, ModelCatalog, ModelSpec
+from ._packer import Packer, bisect
+from ._reorder import EmbeddedBatch, Failure, ReorderBuffer
+from ._retry import call_with_retries
+from ._tokens import Calibration, TokenCounter, count_async, counter_for
+from ._types import Chunk, EmbeddingResult, FloatArray
+
+__all__ = ["JobStats", "embed", "embed_stream"]
+
+log = logging.getLogger("sfembed")
+
+_BLOCK = 512  # records counted per tokenizer call: large enough to amortise, small to stream
+_IMAGE_TOKENS = 1024  # charged for an image before the server's count corrects it
+_FATAL = (
+    exc.AuthenticationError,
+    exc.PermissionDeniedError,
+    exc.NotFoundError,
+    exc.ModelNotFoundError,
+)
+Input = str | dict[str, str]
+Offsets = Sequence[tuple[int, int]]
+
+
+@dataclass(slots=True)
+class JobStats:
+    """Live counters of a job, read by progress hooks and the summary. Tokens are the server's."""
+
+    records: int = 0
+    chunks: int = 0
+    rows: int = 0
+    requests: int = 0
+    tokens: int = 0
+    rate_limited: int = 0
+    retries: int = 0
+    in_flight: int = 0
+    failures: list[Failure] = field(default_factory=list)
+    started_s: float = field(default_factory=time.monotonic)
+
+
+async def embed(
+    inputs: Iterable[Input] | AsyncIterable[Input],
+    *,
+    model: str,
+    settings: Settings | None = None,
+    client: EmbeddingClient | None = None,
+    stats: JobStats | None = None,
+    errors: str = "raise",
+    **options: Any,
+) -> FloatArray:
+    """Embed ``inputs`` and return one float32 row per input (per chunk in ``chunks`` mode).
+
+    ``options`` override ``settings`` fields (``encoding_format``, ``dimensions``, ``long_mode``,
+    ``concurrency``, ``rate``, ...). With ``errors="raise"`` (default) an input that could not be
+    embedded raises JobError listing every failure; with ``errors="nan"`` its row is NaN.
+    Raises ConfigError, or an APIError that no retry can get past (a wrong key, say).
+    """
+    job_stats = stats if stats is not None else JobStats()
+    parts = [
+        batch.embeddings
+        async for batch in embed_stream(
+            inputs, model=model, settings=settings, client=client, stats=job_stats, **options
+        )
+    ]
+    if job_stats.failures and errors == "raise":
+        raise exc.JobError(job_stats.failures)
+    return np.concatenate(parts) if parts else np.empty((0, 0), dtype=np.float32)
+
+
+async def embed_stream(
+    inputs: Iterable[Input] | AsyncIterable[Input],
+    *,
+    model: str,
+    settings: Settings | None = None,
+    client: EmbeddingClient | None = None,
+    stats: JobStats | None = None,
+    limiter: RateLimiter | None = None,
+    **options: Any,
+) -> AsyncIterator[EmbeddedBatch]:
+    """Yield consecutive batches of rows in input order as they are ready.
+
+    Failed inputs keep their place as NaN rows and are listed in ``stats.failures``. Close the
+    iterator (``contextlib.aclosing``) when leaving it early. Raises as :func:`embed`.
+    """
+    job_settings = dataclasses.replace(settings or load_settings(), model=model, **options)
+    async with contextlib.AsyncExitStack() as stack:
+        if client is None:
+            client = await stack.enter_async_context(_client_for(job_settings))
+        job = _Job(job_settings, client, stats or JobStats(), limiter)
+        async for batch in job.run(inputs):
+            yield batch
+
+
+def _client_for(settings: Settings) -> EmbeddingClient:
+    return EmbeddingClient(
+        api_key_env=settings.api_key_env,
+        base_url=settings.base_url,
+        timeouts=settings.timeouts,
+        catalog=_catalog(settings),
+        max_batch_items=settings.batch.max_items,
+        max_connections=settings.concurrency,
+    )
+
+
+def _catalog(settings: Settings, base: ModelCatalog = DEFAULT_CATALOG) -> ModelCatalog:
+    return base.with_table(settings.models) if settings.models else base
+
+
+class _Job:
+    """One run over one input stream; owns the limiter, packer, reorder buffer and counters."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        client: EmbeddingClient,
+        stats: JobStats,
+        limiter: RateLimiter | None,
+    ) -> None:
+        self.settings = settings
+        self.spec: ModelSpec = _catalog(settings, client.catalog)[settings.model]
+        self.client = client
+        self.stats = stats
+        self.limiter = limiter or RateLimiter(settings.rate)
+        self.counter: TokenCounter = counter_for(self.spec)
+        self.calibration = Calibration(exact=self.counter.exact)
+        self.packer = Packer(max_items=settings.batch.max_items, max_tokens=self._request_tokens())
+        self.chunks_mode = settings.long_mode == "chunks"
+        self.reorder = ReorderBuffer(
+            dims=self.spec.output_dimensions(settings.dimensions),
+            capacity=max(1024, 4 * settings.concurrency * settings.batch.max_items),
+            with_chunks=self.chunks_mode,
+        )
+        self.requests: asyncio.Queue[list[Chunk] | None] = asyncio.Queue(settings.concurrency)
+        self.output: asyncio.Queue[EmbeddedBatch | BaseException | None] = asyncio.Queue(8)
+        self._senders_left = settings.concurrency
+
+    def _request_tokens(self) -> int:
+        # A request far above the per-second pace would make the limiter lurch; an eighth of
+        # the window's quota keeps the flow smooth and still fills requests at usual limits.
+        quota = self.settings.rate.tpm * (1 - self.settings.rate.headroom)
+        cap = min(self.settings.batch.max_tokens, int(quota / 8))
+        return max(cap, self.spec.max_input_tokens)
+
+    async def run(
+        self, inputs: Iterable[Input] | AsyncIterable[Input]
+    ) -> AsyncIterator[EmbeddedBatch]:
+        """Batches in order; the stages stop when the caller stops reading. Raises the first
+        fatal error of any stage, unwrapped."""
+        error: BaseException | None = None
+        async with asyncio.TaskGroup() as group:
+            stages = [group.create_task(self._guard(self._intake(inputs)))]
+            for _ in range(self.settings.concurrency):
+                stages.append(group.create_task(self._guard(self._sender())))
+            try:
+                while (item := await self.output.get()) is not None:
+                    if isinstance(item, BaseException):
+                        error = item
+                        break
+                    try:
+                        yield item
+                    except GeneratorExit:
+                        break  # the caller closed us: cancel the stages and end quietly
+            finally:
+                for stage in stages:
+                    stage.cancel()
+        if error is not None:
+            raise error
+
+    async def _guard(self, stage: Coroutine[Any, Any, None]) -> None:
+        try:
+            await stage
+        except Exception as error:  # forwarded to the caller, see the module docstring
+            await self.output.put(error)
+
+    # -- intake ------------------------------------------------------------------------------
+
+    async def _intake(self, inputs: Iterable[Input] | AsyncIterable[Input]) -> None:
+        position = 0
+        async for block in _blocks(inputs, _BLOCK):
+            texts = [_text_of(item) for item in block]
+            counts = iter(await count_async(self.counter, [t for t in texts if t]))
+            for item, text in zip(block, texts, strict=True):
+                tokens = next(counts) if text else _IMAGE_TOKENS if _is_image(item) else 0
+                chunks = await self._chunks_of(position, item, text, tokens)
+                await self._enqueue(self.packer.add(chunks))
+                position += 1
+            self.stats.records += len(block)
+        await self._enqueue(self.packer.flush())
+        for _ in range(self.settings.concurrency):
+            await self.requests.put(None)
+
+    async def _enqueue(self, requests: Iterable[list[Chunk]]) -> None:
+        for request in requests:
+            self.stats.chunks += len(request)
+            await self.requests.put(request)
+
+    async def _reserve(self, units: int) -> int:
+        # Send the open request before waiting for room: the oldest unfinished row may be in it.
+        if not self.reorder.has_room(units):
+            await self._enqueue(self.packer.flush())
+        return await self.reorder.reserve(units)
+
+    async def _chunks_of(self, position: int, item: Input, text: str, tokens: int) -> list[Chunk]:
+        problem = _problem(item, text)
+        if problem or tokens <= self._item_limit() or self.settings.long_mode == "truncate":
+            unit = await self._reserve(1)
+            self._describe(unit, position, 0, (0, len(text)))
+            tokens = min(tokens, self.spec.max_input_tokens)
+            chunk = Chunk(unit, position, 0, item, tokens, 0, len(text))
+            if problem:
+                self._fail(chunk, problem)
+                return []
+            return [chunk]
+        offsets = self.counter.spans(text)
+        limit = self._item_limit() - self.spec.special_tokens
+        spans = split_spans(text, offsets, limit, overlap=self.settings.overlap_tokens)
+        if self.chunks_mode:
+            await self._stream_chunks(position, text, offsets, spans)
+            return []
+        unit = await self._reserve(1)
+        self.reorder.expect_parts(unit, len(spans) - 1)
+        return [self._piece(position, unit, n, text, offsets, s) for n, s in enumerate(spans)]
+
+    async def _stream_chunks(
+        self, position: int, text: str, offsets: Offsets, spans: Sequence[tuple[int, int]]
+    ) -> None:
+        """Rows of ``chunks`` mode, each a unit of its own, packed as soon as reserved so that a
+        record of more chunks than the ring holds still streams through it."""
+        for number, span in enumerate(spans):
+            unit = await self._reserve(1)
+            chunk = self._piece(position, unit, number, text, offsets, span)
+            self._describe(unit, position, number, (chunk.start, chunk.end))
+            await self._enqueue(self.packer.add([chunk]))
+
+    def _piece(
+        self,
+        position: int,
+        unit: int,
+        number: int,
+        text: str,
+        offsets: Offsets,
+        span: tuple[int, int],
+    ) -> Chunk:
+        start, end = char_range(offsets, span)
+        tokens = span[1] - span[0] + self.spec.special_tokens
+        return Chunk(unit, position, number, text[start:end], tokens, start, end)
+
+    def _item_limit(self) -> int:
+        """Tokens one item may have by our count, narrowed when the server counts more than us."""
+        ratio = self.calibration.ratio
+        return max(self.spec.special_tokens + 1, int(self.spec.max_input_tokens / max(ratio, 1.0)))
+
+    def _describe(self, unit: int, position: int, number: int, span: tuple[int, int]) -> None:
+        if self.chunks_mode:
+            meta = np.array([[position, number, span[0], span[1]]], dtype=np.int64)
+            self.reorder.describe(np.array([unit], dtype=np.int64), meta)
+
+    # -- senders -----------------------------------------------------------------------------
+
+    async def _sender(self) -> None:
+        while (request := await self.requests.get()) is not None:
+            await self._send(request)
+        self._senders_left -= 1
+        if self._senders_left == 0:
+            await self._release()
+            await self.output.put(None)
+
+    async def _send(self, request: list[Chunk]) -> None:
+        try:
+            result = await call_with_retries(
+                lambda: self._attempt(request), self.settings.retry, on_retry=self._on_retry
+            )
+        except _FATAL:
+            raise
+        except exc.BatchTooLargeError:
+            self.packer.halve()
+            await self._narrow(request, "the server refused the batch as too large")
+        except exc.BadRequestError as error:
+            await self._narrow(request, error.message or "refused by the server")
+        except exc.APIError as error:
+            for chunk in request:
+                self._fail(chunk, f"gave up after retries: {error}")
+            await self._release()
+        else:
+            self.reorder.put(request, result.embeddings)
+            await self._release()
+
+    async def _attempt(self, request: list[Chunk]) -> EmbeddingResult:
+        local = sum(chunk.tokens for chunk in request)
+        ticket = await self.limiter.acquire(self.calibration.charge(local))
+        self.stats.in_flight += 1
+        try:
+            result = await self.client.embed(
+                [chunk.item for chunk in request],
+                model=self.spec.name,
+                encoding_format="base64" if self.settings.encoding_format == "base64" else "float",
+                dimensions=self.settings.dimensions,
+                truncate=self._truncate(),
+            )
+        except exc.RateLimitError as error:
+            self.stats.rate_limited += 1
+            self.limiter.on_rate_limited(error.limit, error.retry_after_s)
+            raise
+        except exc.ServerError:
+            self.limiter.refund(ticket)  # a 5xx answer: the model never ran, no quota was used
+            raise
+        finally:
+            self.stats.in_flight -= 1
+        self._account(ticket, local, result)
+        return result
+
+    def _account(self, ticket: Any, local: int, result: EmbeddingResult) -> None:
+        used = result.usage["total_tokens"]
+        self.limiter.settle(ticket, used)
+        self.calibration.observe(local, used)
+        self.stats.requests += 1
+        self.stats.tokens += used
+
+    def _truncate(self) -> Any:
+        if self.settings.long_mode != "truncate":
+            return None
+        return "left" if self.settings.truncate_side == "left" else "right"
+
+    def _on_retry(self, error: BaseException, attempt: int, wait_s: float) -> None:
+        self.stats.retries += 1
+        log.info(
+            "retrying after %s (attempt %d, wait %.2f s)", type(error).__name__, attempt, wait_s
+        )
+
+    async def _narrow(self, request: list[Chunk], reason: str) -> None:
+        """Find the refused item: halve the request; split a lone long text; else fail it."""
+        if len(request) > 1:
+            left, right = bisect(request)
+            await self._send(left)
+            await self._send(right)
+        elif (halves := self._halves(request[0])) is not None:
+            await self._send(halves)
+        else:
+            self._fail(request[0], reason)
+            await self._release()
+
+    def _halves(self, chunk: Chunk) -> list[Chunk] | None:
+        """A lone text refused as invalid may be too long by the server's count: cut it in two.
+        Only a text near the limit qualifies; any other refusal is final."""
+        text = chunk.item
+        if not isinstance(text, str) or chunk.tokens * 2 <= self.spec.max_input_tokens:
+            return None
+        offsets = self.counter.spans(text)
+        middle = len(offsets) // 2
+        if middle == 0:
+            return None
+        self.reorder.expect_parts(chunk.unit, 1)
+        halves = [
+            self._piece(chunk.position, chunk.unit, chunk.number, text, offsets, span)
+            for span in ((0, middle), (middle, len(offsets)))
+        ]
+        return [
+            dataclasses.replace(h, start=chunk.start + h.start, end=chunk.start + h.end)
+            for h in halves
+        ]
+
+    def _fail(self, chunk: Chunk, reason: str) -> None:
+        log.warning("input %d failed: %s", chunk.position, reason)
+        self.reorder.fail(chunk, reason)
+
+    async def _release(self) -> None:
+        """Hand every finished contiguous run to the caller."""
+        batch, failures = self.reorder.take()
+        if batch is None:
+            return
+        self.stats.failures.extend(failures)
+        self.stats.rows += len(batch)
+        await self.reorder.notify_room()
+        await self.output.put(batch)
+
+
+async def _blocks(
+    inputs: Iterable[Input] | AsyncIterable[Input], size: int
+) -> AsyncIterator[list[Input]]:
+    """Lists of up to ``size`` inputs; a sync source is sliced without a per-item await."""
+    if isinstance(inputs, AsyncIterable):
+        block: list[Input] = []
+        async for item in inputs:
+            block.append(item)
+            if len(block) == size:
+                yield block
+                block = []
+        if block:
+            yield block
+        return
+    iterator = iter(inputs)
+    while block := list(islice(iterator, size)):
+        yield block
+        await asyncio.sleep(0)  # let senders run between blocks of a fast sync source
+
+
+def _text_of(item: object) -> str:
+    if isinstance(item, str):
+        return item
+    if isinstance(item, dict) and isinstance(item.get("text"), str):
+        return str(item["text"])
+    return ""
+
+
+def _is_image(item: object) -> bool:
+    return isinstance(item, dict) and "image" in item
+
+
+def _problem(item: object, text: str) -> str | None:
+    """Why an input cannot be sent at all, or None."""
+    if isinstance(item, str):
+        return None if item.strip() else "empty text"
+    if _is_image(item) or (isinstance(item, dict) and text):
+        return None
+    return f"unsupported input of type {type(item).__name__}"

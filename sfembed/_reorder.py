@@ -1,0 +1,185 @@
+"""Chunk vectors -> output rows in input order, through a bounded ring buffer.
+
+Requests finish in any order; rows leave only as contiguous runs from the oldest unfinished one.
+The ring holds ``capacity`` rows, and intake waits for room, so when one request is slow the job
+runs at most ``capacity`` rows ahead of it and memory stays flat. Rows are scattered into the ring
+with one numpy assignment per request. Units made of several parts (an over-long record's chunks)
+are pooled in a side table until their last part arrives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ._chunker import pool
+from ._types import Chunk, FloatArray
+
+__all__ = ["EmbeddedBatch", "Failure", "ReorderBuffer"]
+
+IntArray = np.ndarray[tuple[int], np.dtype[np.int64]]
+MetaArray = np.ndarray[tuple[int, int], np.dtype[np.int64]]
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """A record (or, in ``chunks`` mode, a chunk) that could not be embedded, and why."""
+
+    position: int
+    reason: str
+    chunk: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddedBatch:
+    """Consecutive output rows: ``positions[i]`` is the input position of ``embeddings[i]``.
+
+    Unpacks as ``positions, embeddings``. In ``chunks`` mode ``chunk_numbers`` and ``spans``
+    (character start and end in the record) describe each row. A failed row is NaN.
+    """
+
+    positions: IntArray
+    embeddings: FloatArray
+    chunk_numbers: IntArray | None = None
+    spans: MetaArray | None = None
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        yield self.positions
+        yield self.embeddings
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+
+@dataclass(slots=True)
+class _Pending:
+    """A unit waiting for more parts: the running weighted sum and its weights."""
+
+    parts: int
+    vectors: list[FloatArray] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+
+
+class ReorderBuffer:
+    """A ring of ``capacity`` rows of ``dims`` floats, released in unit order."""
+
+    def __init__(self, *, dims: int, capacity: int, with_chunks: bool = False) -> None:
+        self.capacity = capacity
+        self._rows = np.full((capacity, dims), np.nan, dtype=np.float32)
+        self._done = np.zeros(capacity, dtype=bool)
+        self._meta = np.zeros((capacity, 4), dtype=np.int64) if with_chunks else None
+        self._pending: dict[int, _Pending] = {}
+        self._failed: dict[int, str] = {}
+        self.emitted = 0  # units before this have left the ring
+        self.created = 0  # units before this have been handed out
+        self._room = asyncio.Condition()
+
+    def has_room(self, units: int) -> bool:
+        """True when ``units`` more fit in the ring now."""
+        return self.created + units - self.emitted <= self.capacity
+
+    async def reserve(self, units: int) -> int:
+        """Wait until ``units`` more fit in the ring; returns the first of them. Raises ValueError
+        when they can never fit."""
+        if units > self.capacity:
+            raise ValueError(f"{units} units exceed the reorder capacity of {self.capacity}")
+        async with self._room:
+            await self._room.wait_for(lambda: self.has_room(units))
+        first, self.created = self.created, self.created + units
+        return first
+
+    def expect_parts(self, unit: int, parts: int) -> None:
+        """Unit ``unit`` is made of ``parts`` more parts than the one it was planned with."""
+        entry = self._pending.get(unit)
+        if entry is None:
+            self._pending[unit] = _Pending(parts=parts + 1)
+        else:
+            entry.parts += parts
+
+    def describe(self, units: IntArray, meta: MetaArray) -> None:
+        """Record (position, chunk number, start, end) for each unit, in ``chunks`` mode."""
+        if self._meta is not None:
+            self._meta[units % self.capacity] = meta
+
+    def put(self, chunks: Sequence[Chunk], rows: FloatArray) -> None:
+        """Place the vectors of one answered request."""
+        units = np.fromiter((c.unit for c in chunks), dtype=np.int64, count=len(chunks))
+        if self._pending or self._failed:
+            self._put_mixed(chunks, units, rows)
+            return
+        slots = units % self.capacity
+        self._rows[slots] = rows
+        self._done[slots] = True
+
+    def _put_mixed(self, chunks: Sequence[Chunk], units: IntArray, rows: FloatArray) -> None:
+        # Parts of a unit that failed, or left already, are dropped: their slot is not theirs.
+        for index, unit in enumerate(units.tolist()):
+            if unit < self.emitted or unit in self._failed:
+                continue
+            if unit in self._pending:
+                self._add_part(chunks[index], rows[index])
+            else:
+                self._finish(unit, rows[index])
+
+    def fail(self, chunk: Chunk, reason: str) -> None:
+        """Mark the unit of ``chunk`` failed: its row stays NaN and ``reason`` is reported."""
+        self._failed.setdefault(chunk.unit, reason)
+        self._pending.pop(chunk.unit, None)
+        self._finish(chunk.unit, None)
+
+    def take(self) -> tuple[EmbeddedBatch | None, list[Failure]]:
+        """The contiguous finished rows from the oldest unfinished unit, and their failures."""
+        start, end = self.emitted, self._contiguous_end()
+        if end == start:
+            return None, []
+        slots = np.arange(start, end) % self.capacity
+        batch = self._batch(np.arange(start, end), slots)
+        self._rows[slots] = np.nan
+        self._done[slots] = False
+        self.emitted = end
+        return batch, self._failures(start, end, batch)
+
+    async def notify_room(self) -> None:
+        """Wake an intake waiting in ``reserve`` (call after ``take``)."""
+        async with self._room:
+            self._room.notify_all()
+
+    def _add_part(self, chunk: Chunk, row: FloatArray) -> None:
+        entry = self._pending[chunk.unit]
+        entry.vectors.append(row)
+        entry.weights.append(float(max(chunk.tokens, 1)))
+        if len(entry.vectors) == entry.parts:
+            del self._pending[chunk.unit]
+            self._finish(chunk.unit, pool(np.stack(entry.vectors), entry.weights))
+
+    def _finish(self, unit: int, row: FloatArray | None) -> None:
+        slot = unit % self.capacity
+        if row is not None:
+            self._rows[slot] = row
+        self._done[slot] = True
+
+    def _contiguous_end(self) -> int:
+        count = self.created - self.emitted
+        done = self._done[np.arange(self.emitted, self.created) % self.capacity]
+        missing = np.flatnonzero(~done)
+        return self.emitted + (int(missing[0]) if missing.size else count)
+
+    def _batch(self, units: IntArray, slots: IntArray) -> EmbeddedBatch:
+        rows = self._rows[slots]
+        if self._meta is None:
+            return EmbeddedBatch(units, rows)
+        meta = self._meta[slots]
+        return EmbeddedBatch(meta[:, 0].copy(), rows, meta[:, 1].copy(), meta[:, 2:].copy())
+
+    def _failures(self, start: int, end: int, batch: EmbeddedBatch) -> list[Failure]:
+        found = [unit for unit in self._failed if start <= unit < end]
+        failures = []
+        for unit in sorted(found):
+            reason = self._failed.pop(unit)
+            offset = unit - start
+            number = None if batch.chunk_numbers is None else int(batch.chunk_numbers[offset])
+            failures.append(Failure(int(batch.positions[offset]), reason, number))
+        return failures
