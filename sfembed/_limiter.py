@@ -1,0 +1,434 @@
+"""RateLimiter: holds one model's RPM and TPM at once, FIFO-fair, driven by timers on a clock.
+
+Two rules must both allow a request before it is admitted:
+
+* a sliding log of admissions (time, tokens) never holds more than the effective limit within any
+  ``window_s`` seconds: this is the hard guarantee, whatever the pace does;
+* a pace (GCRA, virtual scheduling) per resource spreads a window's quota evenly over the window
+  and may run at most ``burst_s`` seconds ahead of it, so a job never spends a whole window's
+  quota in its first second (a sliding-window server would then reject the rest of the minute).
+
+Tokens are charged before sending, from the caller's count, then corrected to the server's count
+by :meth:`RateLimiter.settle` (or removed by :meth:`RateLimiter.refund`). Waiters are served in
+arrival order; when the head cannot pass, exactly one timer is set for the moment it can. There is
+no polling loop and no background task, and the clock is injectable so that tests move time by
+hand (:class:`ManualClock`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import math
+from collections import deque
+from collections.abc import Callable
+from typing import Literal, Protocol
+
+from ._config import RateLimits
+from ._exceptions import ConfigError, InputError
+
+__all__ = ["Clock", "LoopClock", "ManualClock", "RateLimiter", "Ticket", "TimerHandle"]
+
+#: A 429 multiplies the named pace by this factor ...
+_CUT = 0.8
+#: ... but never below this fraction of the effective limit, so a job always makes progress.
+_FLOOR = 0.25
+#: At most one cut per this fraction of a window: a burst of 429s answers one overshoot, and
+#: cutting once per response would collapse the pace to the floor at once.
+_CUT_SPACING = 0.1
+
+
+class TimerHandle(Protocol):
+    """A scheduled callback that can be called off."""
+
+    def cancel(self) -> None: ...
+
+
+class Clock(Protocol):
+    """Time in seconds (any origin, never going back) and callbacks at a given time."""
+
+    def now(self) -> float: ...
+
+    def call_at(self, when: float, callback: Callable[[], None]) -> TimerHandle: ...
+
+
+class LoopClock:
+    """The running asyncio loop's monotonic clock; raises RuntimeError outside a running loop."""
+
+    def now(self) -> float:
+        return asyncio.get_running_loop().time()
+
+    def call_at(self, when: float, callback: Callable[[], object]) -> asyncio.TimerHandle:
+        return asyncio.get_running_loop().call_at(when, callback)
+
+
+class _ManualTimer:
+    __slots__ = ("callback", "cancelled", "when")
+
+    def __init__(self, when: float, callback: Callable[[], object]) -> None:
+        self.when = when
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class ManualClock:
+    """A clock that moves only when told to, for tests: time starts at ``start`` seconds.
+
+    Callbacks run synchronously inside :meth:`advance` / :meth:`advance_to`, in time order (ties in
+    the order they were scheduled), with :meth:`now` equal to their due time.
+    """
+
+    def __init__(self, start: float = 0.0) -> None:
+        self._now = start
+        self._heap: list[tuple[float, int, _ManualTimer]] = []
+        self._seq = itertools.count()
+
+    def now(self) -> float:
+        return self._now
+
+    def call_at(self, when: float, callback: Callable[[], object]) -> TimerHandle:
+        timer = _ManualTimer(when, callback)
+        heapq.heappush(self._heap, (when, next(self._seq), timer))
+        return timer
+
+    @property
+    def next_at(self) -> float | None:
+        """Due time (seconds) of the earliest callback still pending, or None."""
+        while self._heap and self._heap[0][2].cancelled:
+            heapq.heappop(self._heap)
+        return self._heap[0][0] if self._heap else None
+
+    def advance(self, seconds: float) -> None:
+        """Move time forward by ``seconds``, running the callbacks that fall due; raises ValueError
+        if ``seconds`` is negative."""
+        if seconds < 0:
+            raise ValueError("ManualClock cannot go back in time")
+        self.advance_to(self._now + seconds)
+
+    def advance_to(self, when: float) -> None:
+        """Move time to ``when`` seconds (not back), running the callbacks that fall due."""
+        while (due := self.next_at) is not None and due <= when:
+            _, _, timer = heapq.heappop(self._heap)
+            self._now = max(self._now, due)
+            timer.callback()
+        self._now = max(self._now, when)
+
+
+class Ticket:
+    """One admitted request: ``tokens`` and ``requests`` are what it is charged now (corrected by
+    ``settle``, zero after ``refund``); ``admitted_at`` is the limiter's clock time in seconds."""
+
+    __slots__ = ("_limiter", "_live", "admitted_at", "requests", "tokens")
+
+    def __init__(self, limiter: RateLimiter, tokens: int, admitted_at: float) -> None:
+        self._limiter = limiter
+        self._live = True  # still inside the sliding log (admitted less than a window ago)
+        self.admitted_at = admitted_at
+        self.tokens = tokens
+        self.requests = 1
+
+    @property
+    def refunded(self) -> bool:
+        return self.requests == 0
+
+    def __repr__(self) -> str:
+        return f"Ticket(tokens={self.tokens}, requests={self.requests}, at={self.admitted_at})"
+
+
+class _Pace:
+    """GCRA for one resource: ``tat`` is the time (s) the pace has charged up to.
+
+    A request of cost c (requests or tokens) takes c / rate seconds of pace; it passes once, after
+    charging, the pace is at most ``burst_s`` ahead of now, or, if c alone is longer than that, once
+    the pace has caught up with now. The rate is limit / window times a factor that a 429 cuts and
+    that climbs back linearly to 1 over one window.
+    """
+
+    __slots__ = ("burst_s", "cut_at", "cut_factor", "limit", "tat", "window_s")
+
+    def __init__(self, limit: int, window_s: float, burst_s: float) -> None:
+        self.limit = limit
+        self.window_s = window_s
+        self.burst_s = max(0.0, burst_s)
+        self.tat = -math.inf
+        self.cut_factor = 1.0
+        self.cut_at = -math.inf
+
+    def factor(self, now: float) -> float:
+        """The fraction of the effective rate allowed at ``now``; never decreasing in ``now``."""
+        if self.cut_factor >= 1.0:
+            return 1.0
+        climbed = (1.0 - self.cut_factor) * ((now - self.cut_at) / self.window_s)
+        return min(1.0, self.cut_factor + climbed)
+
+    def rate(self, now: float) -> float:
+        """The pace at ``now`` in units (requests or tokens) per second."""
+        return self.limit * self.factor(now) / self.window_s
+
+    def ready_at(self, cost: int, now: float) -> float:
+        # Never increases as ``now`` grows (the rate only climbs), so a timer set for this time
+        # finds the request admissible when it fires: no re-arming at the same instant.
+        step = cost / self.rate(now)
+        return self.tat - max(0.0, self.burst_s - step)
+
+    def charge(self, cost: int, now: float) -> None:
+        self.tat = max(self.tat, now) + cost / self.rate(now)
+
+    def adjust(self, delta: int, now: float) -> None:
+        """Correct an earlier charge by ``delta`` units (negative gives pace back)."""
+        self.tat += delta / self.rate(now)
+
+    def cut(self, now: float) -> None:
+        if now - self.cut_at < _CUT_SPACING * self.window_s:
+            return
+        self.cut_factor = max(_FLOOR, self.factor(now) * _CUT)
+        self.cut_at = now
+        # Credit banked while idle would let a burst through right after the server said no.
+        self.tat = max(self.tat, now)
+
+
+class _Log:
+    """The admissions of the last window, oldest first, with running sums of their charges."""
+
+    __slots__ = ("entries", "requests", "tokens", "window_s")
+
+    def __init__(self, window_s: float) -> None:
+        self.window_s = window_s
+        self.entries: deque[Ticket] = deque()
+        self.tokens = 0
+        self.requests = 0
+
+    def add(self, ticket: Ticket) -> None:
+        self.entries.append(ticket)
+        self.tokens += ticket.tokens
+        self.requests += ticket.requests
+
+    def prune(self, now: float) -> None:
+        # ``admitted_at + window_s <= now`` is the very expression ``ready_at`` returns, so an entry
+        # is always gone when the timer set for its expiry fires (no float mismatch).
+        entries = self.entries
+        while entries and entries[0].admitted_at + self.window_s <= now:
+            ticket = entries.popleft()
+            ticket._live = False
+            self.tokens -= ticket.tokens
+            self.requests -= ticket.requests
+
+    def ready_at(self, tokens: int, tpm: int, rpm: int, now: float) -> float:
+        """When (s) enough old entries will have left the window for one more request of
+        ``tokens`` to fit under ``tpm`` tokens and ``rpm`` requests."""
+        extra_tokens = self.tokens + tokens - tpm
+        extra_requests = self.requests + 1 - rpm
+        if extra_tokens <= 0 and extra_requests <= 0:
+            return now
+        freed_tokens = freed_requests = 0
+        for entry in self.entries:
+            freed_tokens += entry.tokens
+            freed_requests += entry.requests
+            if freed_tokens >= extra_tokens and freed_requests >= extra_requests:
+                return entry.admitted_at + self.window_s
+        return math.inf  # unreachable: acquire refuses requests larger than the window
+
+
+class _Waiter:
+    __slots__ = ("future", "queued", "tokens")
+
+    def __init__(self, tokens: int, future: asyncio.Future[Ticket]) -> None:
+        self.tokens = tokens
+        self.future = future
+        self.queued = True
+
+
+def _effective(nominal: int, headroom: float) -> int:
+    # Whole units keep the sliding-log arithmetic exact; the epsilon stops 0.98 * 500_000 from
+    # flooring to 489_999. Never below one, or a nominal limit of 1 could admit nothing.
+    return max(1, math.floor(nominal * (1.0 - headroom) + 1e-9))
+
+
+class RateLimiter:
+    """Admits requests of one model under its RPM and TPM (see the module docstring).
+
+    ``limits`` gives the nominal limits per ``window_s`` seconds; the effective ones are
+    nominal * (1 - headroom), rounded down. ``clock`` defaults to the running loop's clock.
+    """
+
+    def __init__(self, limits: RateLimits, clock: Clock | None = None) -> None:
+        self._clock: Clock = clock if clock is not None else LoopClock()
+        self._window_s = limits.window_s
+        self.max_tokens = _effective(limits.tpm, limits.headroom)
+        self.max_requests = _effective(limits.rpm, limits.headroom)
+        self._tpm = _Pace(self.max_tokens, limits.window_s, limits.burst_s)
+        self._rpm = _Pace(self.max_requests, limits.window_s, limits.burst_s)
+        self._log = _Log(limits.window_s)
+        self._queue: deque[_Waiter] = deque()
+        self._hold_until = -math.inf
+        self._timer: TimerHandle | None = None
+        self._timer_at = math.nan
+
+    # -- what progress bars and ETAs read ----------------------------------------------------
+
+    @property
+    def tokens_per_s(self) -> float:
+        """The current token pace in tokens per second (lowered for a while after a TPM 429)."""
+        return self._tpm.rate(self._clock.now())
+
+    @property
+    def requests_per_s(self) -> float:
+        """The current request pace in requests per second (lowered for a while after a 429)."""
+        return self._rpm.rate(self._clock.now())
+
+    @property
+    def queued(self) -> int:
+        """How many callers are waiting in :meth:`acquire`."""
+        return len(self._queue)
+
+    # -- admission -------------------------------------------------------------------------
+
+    async def acquire(self, tokens: int) -> Ticket:
+        """Wait, in arrival order, until one request of ``tokens`` tokens may be sent; the ticket
+        is charged from then on. Raises ConfigError if ``tokens`` exceeds the effective TPM of a
+        whole window (it could never pass) and InputError if it is negative. If cancelled, the
+        caller leaves the line (or, if just admitted, its charge is refunded)."""
+        self._check(tokens)
+        now = self._clock.now()
+        self._log.prune(now)
+        if not self._queue and self._ready_at(tokens, now) <= now:
+            return self._admit(tokens, now)
+        waiter = _Waiter(tokens, asyncio.get_running_loop().create_future())
+        self._queue.append(waiter)
+        if len(self._queue) == 1:  # behind others, nothing changed for the head: no re-evaluation
+            self._pump()
+        admitted = False
+        try:
+            ticket = await waiter.future
+            admitted = True
+            return ticket
+        finally:
+            if not admitted:
+                self._abandon(waiter)
+
+    def _check(self, tokens: int) -> None:
+        if tokens < 0:
+            raise InputError(f"a request cannot have a negative token count ({tokens})")
+        if tokens > self.max_tokens:
+            raise ConfigError(
+                f"a request of {tokens} tokens exceeds the effective TPM of {self.max_tokens} "
+                f"per {self._window_s:g} s window: it could never be admitted"
+            )
+
+    def _ready_at(self, tokens: int, now: float) -> float:
+        """The earliest time (s) a request of ``tokens`` may pass, given the state at ``now``."""
+        return max(
+            self._hold_until,
+            self._rpm.ready_at(1, now),
+            self._tpm.ready_at(tokens, now),
+            self._log.ready_at(tokens, self.max_tokens, self.max_requests, now),
+        )
+
+    def _admit(self, tokens: int, now: float) -> Ticket:
+        ticket = Ticket(self, tokens, now)
+        self._log.add(ticket)
+        self._rpm.charge(1, now)
+        self._tpm.charge(tokens, now)
+        return ticket
+
+    def _abandon(self, waiter: _Waiter) -> None:
+        """Undo a waiter whose caller was cancelled (or failed) around the await."""
+        if waiter.queued:
+            self._queue.remove(waiter)
+            waiter.queued = False
+        elif waiter.future.done() and not waiter.future.cancelled():
+            self.refund(waiter.future.result())  # admitted, but the request will not be sent
+            return
+        self._pump()
+
+    # -- the one timer -----------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        """Admit waiters from the head while they fit, then arm one timer for the next one."""
+        now = self._clock.now()
+        self._log.prune(now)
+        while self._queue:
+            head = self._queue[0]
+            when = now if head.future.done() else self._ready_at(head.tokens, now)
+            if when > now:
+                self._arm(when)
+                return
+            self._queue.popleft()
+            head.queued = False
+            if not head.future.done():  # done: cancelled, its task has not cleaned up yet
+                head.future.set_result(self._admit(head.tokens, now))
+        self._disarm()
+
+    def _arm(self, when: float) -> None:
+        if self._timer is not None and self._timer_at == when:
+            return
+        self._disarm()
+        self._timer_at = when
+        self._timer = self._clock.call_at(when, self._on_timer)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._pump()
+
+    # -- after the response ------------------------------------------------------------------
+
+    def settle(self, ticket: Ticket, actual_tokens: int) -> None:
+        """Correct ``ticket``'s charge to ``actual_tokens``, the server's count, in both the window
+        and the pace; may admit waiters if the charge fell. Does nothing for a refunded ticket.
+        Raises InputError for a negative count and ValueError for another limiter's ticket."""
+        self._own(ticket)
+        if actual_tokens < 0:
+            raise InputError(f"a response cannot have a negative token count ({actual_tokens})")
+        if not ticket.refunded:
+            self._recharge(ticket, actual_tokens, ticket.requests)
+            self._pump()
+
+    def refund(self, ticket: Ticket) -> None:
+        """Remove ``ticket``'s whole charge: its request never reached the server (connection
+        refused, cancelled before sending). Idempotent; raises ValueError for another limiter's
+        ticket."""
+        self._own(ticket)
+        if not ticket.refunded:
+            self._recharge(ticket, 0, 0)
+            self._pump()
+
+    def _own(self, ticket: Ticket) -> None:
+        if ticket._limiter is not self:
+            raise ValueError("this ticket was issued by another RateLimiter")
+
+    def _recharge(self, ticket: Ticket, tokens: int, requests: int) -> None:
+        # Only a ticket still in the log matters: an older one has left both the window and,
+        # since its pace was spent long ago, any debt worth correcting.
+        if ticket._live:
+            now = self._clock.now()
+            self._log.tokens += tokens - ticket.tokens
+            self._log.requests += requests - ticket.requests
+            self._tpm.adjust(tokens - ticket.tokens, now)
+            self._rpm.adjust(requests - ticket.requests, now)
+        ticket.tokens = tokens
+        ticket.requests = requests
+
+    def on_rate_limited(
+        self, kind: Literal["tpm", "rpm"] | None = None, retry_after_s: float | None = None
+    ) -> None:
+        """React to a 429 that came anyway: slow the named pace (None: both) to 0.8 of its current
+        rate (at least 0.25 of the effective limit, at most one cut per tenth of a window), which
+        then climbs back linearly to full over one window. With ``retry_after_s`` (seconds), hold
+        every admission until that long from now."""
+        now = self._clock.now()
+        if kind in ("tpm", None):
+            self._tpm.cut(now)
+        if kind in ("rpm", None):
+            self._rpm.cut(now)
+        if retry_after_s is not None and retry_after_s > 0:
+            self._hold_until = max(self._hold_until, now + retry_after_s)
+        self._pump()
