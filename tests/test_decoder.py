@@ -1,0 +1,77 @@
+"""The decoder: index order, base64 == float, and every malformed answer refused."""
+
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+import orjson
+import pytest
+
+from sfembed import _decoder
+from sfembed._exceptions import MalformedResponseError
+
+
+def _body(vectors: np.ndarray, order: list[int], encoding: str) -> bytes:
+    data = []
+    for index in order:
+        vector = vectors[index].astype("<f4")
+        value = base64.b64encode(vector.tobytes()).decode() if encoding == "base64" else vector
+        data.append({"object": "embedding", "embedding": value, "index": index})
+    usage = {"prompt_tokens": 7, "completion_tokens": 0, "total_tokens": 7}
+    payload = {"object": "list", "model": "m", "data": data, "usage": usage}
+    return orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+@pytest.mark.parametrize("encoding", ["float", "base64"])
+def test_rows_follow_index_not_position(encoding: str) -> None:
+    vectors = np.random.default_rng(1).standard_normal((5, 8)).astype(np.float32)
+    body = _body(vectors, [3, 0, 4, 1, 2], encoding)
+    rows, usage, model = _decoder.decode_body(
+        body,
+        items=5,
+        dimensions=8,
+        encoding_format=encoding,  # type: ignore[arg-type]
+    )
+    np.testing.assert_array_equal(rows, vectors)
+    assert rows.dtype == np.float32 and rows.flags.c_contiguous
+    assert usage["total_tokens"] == 7 and model == "m"
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda p: p.pop("data"), "no 'data'"),
+        (lambda p: p["data"].pop(), "expected 3"),
+        (lambda p: p["data"][0].update(index=1), "duplicated or missing"),
+        (lambda p: p["data"][0].update(index=9), "out of range"),
+        (lambda p: p["data"][0].pop("index"), "integer 'index'"),
+        (lambda p: p["data"][0].update(embedding=[0.0] * 3), "bad embedding values"),
+    ],
+)
+def test_malformed_answers(mutate, message: str) -> None:  # type: ignore[no-untyped-def]
+    vectors = np.ones((3, 4), dtype=np.float32)
+    payload = orjson.loads(_body(vectors, [0, 1, 2], "float"))
+    mutate(payload)
+    with pytest.raises(MalformedResponseError, match=message) as info:
+        _decoder.decode_body(
+            orjson.dumps(payload), items=3, dimensions=4, encoding_format="float", trace_id="t-1"
+        )
+    assert info.value.trace_id == "t-1" and info.value.retryable
+
+
+def test_base64_vectors_of_unequal_length_are_refused() -> None:
+    vectors = np.ones((2, 6), dtype=np.float32)
+    payload = orjson.loads(_body(vectors, [0, 1], "base64"))
+    short = base64.b64encode(np.ones(5, "<f4").tobytes()).decode()
+    longer = base64.b64encode(np.ones(7, "<f4").tobytes()).decode()
+    payload["data"][0]["embedding"], payload["data"][1]["embedding"] = short, longer
+    with pytest.raises(MalformedResponseError):
+        _decoder.decode_body(
+            orjson.dumps(payload), items=2, dimensions=None, encoding_format="base64"
+        )
+
+
+def test_invalid_json_is_malformed() -> None:
+    with pytest.raises(MalformedResponseError, match="not valid JSON"):
+        _decoder.decode_body(b'{"data": [', items=1, dimensions=4, encoding_format="float")

@@ -1,0 +1,42 @@
+"""Packing: caps on items and tokens, order kept, halving, bisection."""
+
+from __future__ import annotations
+
+from sfembed._packer import Packer, bisect
+from sfembed._types import Chunk
+
+
+def _chunks(tokens: list[int]) -> list[Chunk]:
+    return [Chunk(i, i, 0, f"t{i}", n) for i, n in enumerate(tokens)]
+
+
+def test_requests_respect_both_caps_and_keep_order() -> None:
+    packer = Packer(max_items=3, max_tokens=100)
+    chunks = _chunks([10, 10, 10, 10, 60, 50, 5, 5, 5, 5])
+    requests = [*packer.add(chunks), *packer.flush()]
+    assert [c.unit for r in requests for c in r] == list(range(10))
+    assert all(len(r) <= 3 and sum(c.tokens for c in r) <= 100 for r in requests)
+    assert [len(r) for r in requests] == [3, 2, 3, 2]
+
+
+def test_oversize_chunk_travels_alone() -> None:
+    packer = Packer(max_items=64, max_tokens=50)
+    requests = [*packer.add(_chunks([10, 80, 10])), *packer.flush()]
+    assert [[c.tokens for c in r] for r in requests] == [[10], [80], [10]]
+
+
+def test_full_request_is_closed_without_waiting_for_more() -> None:
+    packer = Packer(max_items=2, max_tokens=1000)
+    assert [len(r) for r in packer.add(_chunks([1, 1]))] == [2]
+    assert list(packer.flush()) == []
+
+
+def test_halve_and_bisect() -> None:
+    packer = Packer(max_items=64, max_tokens=1000)
+    packer.halve()
+    assert packer.max_items == 32
+    for _ in range(10):
+        packer.halve()
+    assert packer.max_items == 1
+    left, right = bisect(_chunks([1] * 5))
+    assert [c.unit for c in left] == [0, 1] and [c.unit for c in right] == [2, 3, 4]
