@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from itertools import pairwise
 
 import numpy as np
 
@@ -21,9 +22,10 @@ def test_short_record_is_one_chunk() -> None:
 def test_chunks_cover_every_token_within_the_limit() -> None:
     text = " ".join(f"w{i}" for i in range(1000))
     spans = split_spans(text, _offsets(text), 64)
-    assert spans[0][0] == 0 and spans[-1][1] == 1000
+    assert spans[0][0] == 0
+    assert spans[-1][1] == 1000
     assert all(b - a <= 64 for a, b in spans)
-    assert all(prev[1] == nxt[0] for prev, nxt in zip(spans, spans[1:], strict=False))
+    assert all(prev[1] == nxt[0] for prev, nxt in pairwise(spans))
 
 
 def test_cut_prefers_a_paragraph_then_a_sentence_end() -> None:
@@ -39,7 +41,7 @@ def test_cut_prefers_a_paragraph_then_a_sentence_end() -> None:
 def test_overlap_repeats_tokens_and_still_progresses() -> None:
     text = " ".join(f"w{i}" for i in range(300))
     spans = split_spans(text, _offsets(text), 50, overlap=10)
-    assert all(nxt[0] == prev[1] - 10 for prev, nxt in zip(spans, spans[1:], strict=False))
+    assert all(nxt[0] == prev[1] - 10 for prev, nxt in pairwise(spans))
     assert spans[-1][1] == 300
 
 

@@ -34,8 +34,10 @@ def test_rows_follow_index_not_position(encoding: str) -> None:
         encoding_format=encoding,  # type: ignore[arg-type]
     )
     np.testing.assert_array_equal(rows, vectors)
-    assert rows.dtype == np.float32 and rows.flags.c_contiguous
-    assert usage["total_tokens"] == 7 and model == "m"
+    assert rows.dtype == np.float32
+    assert rows.flags.c_contiguous
+    assert usage["total_tokens"] == 7
+    assert model == "m"
 
 
 @pytest.mark.parametrize(
@@ -57,7 +59,8 @@ def test_malformed_answers(mutate, message: str) -> None:  # type: ignore[no-unt
         _decoder.decode_body(
             orjson.dumps(payload), items=3, dimensions=4, encoding_format="float", trace_id="t-1"
         )
-    assert info.value.trace_id == "t-1" and info.value.retryable
+    assert info.value.trace_id == "t-1"
+    assert info.value.retryable
 
 
 def test_base64_vectors_of_unequal_length_are_refused() -> None:

@@ -39,4 +39,5 @@ def test_halve_and_bisect() -> None:
         packer.halve()
     assert packer.max_items == 1
     left, right = bisect(_chunks([1] * 5))
-    assert [c.unit for c in left] == [0, 1] and [c.unit for c in right] == [2, 3, 4]
+    assert [c.unit for c in left] == [0, 1]
+    assert [c.unit for c in right] == [2, 3, 4]
