@@ -21,7 +21,7 @@ import orjson
 from . import _exceptions as exc
 from ._config import DEFAULT_BASE_URL, DEFAULT_KEY_ENV, Timeouts
 from ._decoder import decode_body
-from ._models import DEFAULT_CATALOG, ModelCatalog
+from ._models import DEFAULT_CATALOG, ModelCatalog, ModelSpec
 from ._request import build_request
 from ._types import EmbeddingResult, EncodingFormat, InputItem, Truncate
 
@@ -113,7 +113,13 @@ class EmbeddingClient:
         Raises InputError (nothing sent) for invalid input, an APIError subclass for an error
         answer or a failed exchange; never retries.
         """
-        spec = self._catalog.get(model)
+        spec: ModelSpec | None
+        try:
+            spec = self._catalog[model]
+        except exc.ConfigError:
+            # Not ``catalog.get``: the catalogue raises ConfigError, not KeyError, for a name it
+            # lacks. A model we do not know is sent as is, for the server to judge.
+            spec = None
         body, items = build_request(
             input,
             model=model,
@@ -138,6 +144,7 @@ class EmbeddingClient:
     async def _post(self, payload: bytes) -> tuple[bytes, str | None]:
         if self._session is None:
             raise RuntimeError("use EmbeddingClient inside 'async with'")
+        failure: exc.APIError
         try:
             async with self._session.post(self._url, data=payload, headers=self._headers) as resp:
                 raw = await resp.read()
@@ -146,10 +153,12 @@ class EmbeddingClient:
                     raise _status_error(resp.status, raw, resp.headers, trace_id)
                 return raw, trace_id
         except (TimeoutError, aiohttp.ServerTimeoutError) as error:
-            raise exc.APITimeoutError(f"request timed out: {type(error).__name__}") from None
+            failure = exc.APITimeoutError(f"request timed out: {type(error).__name__}")
         except aiohttp.ClientError as error:
-            # `from None`: aiohttp errors carry request info, headers and all, which hold the key.
-            raise exc.APIConnectionError(f"connection failed: {_describe(error)}") from None
+            failure = exc.APIConnectionError(f"connection failed: {_describe(error)}")
+        # Raised outside the handlers so that neither __cause__ nor __context__ holds the aiohttp
+        # error: some (ClientResponseError) carry the request info, headers and all, with the key.
+        raise failure
 
 
 def _describe(error: BaseException) -> str:
@@ -226,4 +235,6 @@ def _seconds_until(http_date: str) -> float | None:
         when = parsedate_to_datetime(http_date)
     except (TypeError, ValueError):
         return None
+    if when.tzinfo is None:  # "-0000" parses naive; HTTP dates are UTC
+        when = when.replace(tzinfo=dt.UTC)
     return max(0.0, (when - dt.datetime.now(dt.UTC)).total_seconds())

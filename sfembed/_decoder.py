@@ -39,11 +39,17 @@ def decode_body(
     order = _indices(data, items, trace_id)
     try:
         rows = _rows(data, encoding_format, dimensions)
+    except KeyError:
+        raise _malformed("an embedding lacks its 'embedding'", trace_id) from None
     except (ValueError, TypeError) as exc:
         raise _malformed(f"bad embedding values: {exc}", trace_id) from None
+    try:
+        usage = _usage(payload)
+    except (AttributeError, ValueError, TypeError):
+        raise _malformed("bad 'usage'", trace_id) from None
     out = np.empty(rows.shape, dtype=np.float32)
     out[order] = rows  # scatter by index: row i of out belongs to input item i
-    return out, _usage(payload), str(payload.get("model", ""))
+    return out, usage, str(payload.get("model", ""))
 
 
 def _parse(body: bytes, trace_id: str | None) -> dict[str, Any]:

@@ -45,7 +45,7 @@ def build_request(
 
 
 def _as_items(input: object) -> list[Any]:
-    if isinstance(input, str | dict) or _is_token_list(input):
+    if isinstance(input, str | dict) or _is_int_list(input):  # one token list is one item
         return [input]
     if not isinstance(input, Sequence) or isinstance(input, bytes):
         raise InputError(f"input must be a string or a list of inputs, not {type(input).__name__}")
@@ -54,8 +54,12 @@ def _as_items(input: object) -> list[Any]:
     return list(input)
 
 
-def _is_token_list(value: object) -> bool:
+def _is_int_list(value: object) -> bool:
     return isinstance(value, list) and bool(value) and all(type(t) is int for t in value)
+
+
+def _is_token_list(value: object) -> bool:
+    return isinstance(value, list) and _is_int_list(value) and min(value) >= 0
 
 
 def _wire_item(item: object, index: int, spec: ModelSpec | None) -> object:
@@ -65,7 +69,7 @@ def _wire_item(item: object, index: int, spec: ModelSpec | None) -> object:
         return item
     if isinstance(item, list):
         if not _is_token_list(item):
-            raise InputError("a token list must be a non-empty list of ints", item=index)
+            raise InputError("a token list must be a non-empty list of ids >= 0", item=index)
         return item
     if isinstance(item, dict):
         return _content_object(item, index, spec)
@@ -125,9 +129,13 @@ def _add_options(
     truncate: Truncate | None,
 ) -> None:
     if dimensions is not None:
+        if type(dimensions) is not int or dimensions <= 0:
+            raise InputError(f"dimensions must be a positive int, not {dimensions!r}")
         _check_dimensions(spec, dimensions)
         body["dimensions"] = dimensions
     if user is not None:
+        if not isinstance(user, str):
+            raise InputError(f"user must be a string, not {type(user).__name__}")
         body["user"] = user
     if truncate is not None:
         if truncate not in ("left", "right"):
