@@ -37,6 +37,7 @@ import orjson
 import pybase64
 from aiohttp import web
 
+from ._corpus import synthetic_corpus
 from ._models import DEFAULT_CATALOG, ModelCatalog, ModelSpec
 from ._types import FloatArray
 
@@ -52,6 +53,7 @@ __all__ = [
     "count_tokens",
     "expected_embedding",
     "serve",
+    "synthetic_corpus",
 ]
 
 TRACE_HEADER = "x-siliconcloud-trace-id"

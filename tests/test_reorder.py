@@ -1,0 +1,92 @@
+"""The reorder ring: rows leave in order whatever order requests finish in; memory is bounded."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from sfembed._reorder import ReorderBuffer
+from sfembed._types import Chunk
+
+
+def _rows(units: list[int], dims: int = 3) -> np.ndarray:
+    return np.array([[u, u, u] for u in units], dtype=np.float32)[:, :dims]
+
+
+def _chunks(units: list[int], tokens: int = 1) -> list[Chunk]:
+    return [Chunk(u, u, 0, "x", tokens) for u in units]
+
+
+async def test_rows_leave_in_order_once_contiguous() -> None:
+    ring = ReorderBuffer(dims=3, capacity=8)
+    assert await ring.reserve(6) == 0
+    ring.put(_chunks([3, 4, 5]), _rows([3, 4, 5]))
+    assert ring.take() == (None, [])
+    ring.put(_chunks([1, 0]), _rows([1, 0]))
+    batch, failures = ring.take()
+    assert batch is not None
+    assert batch.positions.tolist() == [0, 1]
+    assert batch.embeddings[:, 0].tolist() == [0, 1]
+    ring.put(_chunks([2]), _rows([2]))
+    batch, _ = ring.take()
+    assert batch is not None
+    assert batch.positions.tolist() == [2, 3, 4, 5]
+    assert failures == []
+
+
+async def test_failed_unit_keeps_its_place_as_nan() -> None:
+    ring = ReorderBuffer(dims=3, capacity=4)
+    await ring.reserve(3)
+    ring.put(_chunks([0, 2]), _rows([0, 2]))
+    ring.fail(Chunk(1, 1, 0, "x", 1), "refused")
+    batch, failures = ring.take()
+    assert batch is not None
+    assert batch.positions.tolist() == [0, 1, 2]
+    assert np.isnan(batch.embeddings[1]).all()
+    assert [(f.position, f.reason) for f in failures] == [(1, "refused")]
+
+
+async def test_parts_are_pooled_and_late_parts_of_failed_units_dropped() -> None:
+    ring = ReorderBuffer(dims=2, capacity=4)
+    unit = await ring.reserve(1)
+    ring.expect_parts(unit, 1)
+    ring.put([Chunk(unit, 0, 0, "a", 3)], np.array([[1, 0]], dtype=np.float32))
+    assert ring.take()[0] is None
+    ring.put([Chunk(unit, 0, 1, "b", 1)], np.array([[0, 1]], dtype=np.float32))
+    batch, _ = ring.take()
+    assert batch is not None
+    np.testing.assert_allclose(batch.embeddings[0], np.array([3, 1]) / np.sqrt(10), rtol=1e-6)
+    failed = await ring.reserve(1)
+    ring.expect_parts(failed, 1)
+    ring.fail(Chunk(failed, 1, 0, "c", 1), "bad")
+    ring.put([Chunk(failed, 1, 1, "d", 1)], np.ones((1, 2), dtype=np.float32))
+    batch, _ = ring.take()
+    assert batch is not None
+    assert np.isnan(batch.embeddings).all()
+
+
+async def test_reserve_waits_for_room_and_wakes_on_take() -> None:
+    ring = ReorderBuffer(dims=1, capacity=2)
+    await ring.reserve(2)
+    waiter = asyncio.create_task(ring.reserve(1))
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    ring.put(_chunks([0]), np.zeros((1, 1), dtype=np.float32))
+    ring.take()
+    await ring.notify_room()
+    assert await waiter == 2
+    with pytest.raises(ValueError, match="exceed"):
+        await ring.reserve(3)
+
+
+async def test_cancelled_reserve_takes_nothing() -> None:
+    ring = ReorderBuffer(dims=1, capacity=1)
+    await ring.reserve(1)
+    waiter = asyncio.create_task(ring.reserve(1))
+    await asyncio.sleep(0)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert ring.created == 1

@@ -1,0 +1,79 @@
+"""Retries: only retryable errors, bounded attempts, full jitter, Retry-After honoured."""
+
+from __future__ import annotations
+
+import pytest
+
+from sfembed._config import RetryPolicy
+from sfembed._exceptions import (
+    APIConnectionError,
+    AuthenticationError,
+    BadRequestError,
+    OverloadedError,
+    RateLimitError,
+)
+from sfembed._retry import call_with_retries
+
+
+class _Script:
+    """Raises the given errors in turn, then returns "ok"; records the waits asked for."""
+
+    def __init__(self, *errors: Exception) -> None:
+        self.errors = list(errors)
+        self.calls = 0
+        self.waits: list[float] = []
+
+    async def __call__(self) -> str:
+        self.calls += 1
+        if self.errors:
+            raise self.errors.pop(0)
+        return "ok"
+
+    async def sleep(self, seconds: float) -> None:
+        self.waits.append(seconds)
+
+
+POLICY = RetryPolicy(max_attempts=4, initial_backoff_s=1.0, max_backoff_s=8.0)
+
+
+async def test_retryable_errors_are_retried_until_success() -> None:
+    script = _Script(RateLimitError("x", status=429), OverloadedError("y", status=503))
+    seen: list[int] = []
+    result = await call_with_retries(
+        script, POLICY, sleep=script.sleep, on_retry=lambda e, n, w: seen.append(n)
+    )
+    assert result == "ok"
+    assert script.calls == 3
+    assert seen == [1, 2]
+    assert all(0 <= w <= 8.0 for w in script.waits)
+
+
+@pytest.mark.parametrize("error", [BadRequestError("bad", status=400), AuthenticationError("k")])
+async def test_final_errors_are_not_retried(error: Exception) -> None:
+    script = _Script(error)
+    with pytest.raises(type(error)):
+        await call_with_retries(script, POLICY, sleep=script.sleep)
+    assert script.calls == 1
+
+
+async def test_attempts_are_bounded_and_the_last_error_raised() -> None:
+    script = _Script(*[APIConnectionError(f"reset {i}") for i in range(10)])
+    with pytest.raises(APIConnectionError, match="reset 3"):
+        await call_with_retries(script, POLICY, sleep=script.sleep)
+    assert script.calls == 4
+
+
+async def test_retry_after_wins_over_backoff() -> None:
+    script = _Script(RateLimitError("x", status=429, retry_after_s=2.5))
+    await call_with_retries(script, POLICY, sleep=script.sleep)
+    assert script.waits == [2.5]
+
+
+async def test_backoff_is_full_jitter_and_grows() -> None:
+    policy = RetryPolicy(max_attempts=40, initial_backoff_s=1.0, max_backoff_s=1000.0)
+    script = _Script(*[APIConnectionError("r") for _ in range(30)])
+    await call_with_retries(script, policy, sleep=script.sleep)
+    early, late = script.waits[:3], script.waits[-10:]
+    assert max(early) <= 8.0  # attempt n waits at most initial * 2**n
+    assert max(late) > 8.0
+    assert min(script.waits) >= 0
