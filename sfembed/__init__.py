@@ -1,1 +1,80 @@
-"""sfembed: embed large corpora through the SiliconFlow embeddings API at your quota's speed."""
+"""sfembed: embed large corpora through the SiliconFlow embeddings API at your quota's speed.
+
+The names below are the public API; everything in a module whose name starts with ``_`` is private.
+The local test server lives in :mod:`sfembed.testing`.
+"""
+
+from ._client import EmbeddingClient
+from ._config import BatchLimits, RateLimits, RetryPolicy, Settings, Timeouts, load_settings
+from ._exceptions import (
+    APIConnectionError,
+    APIError,
+    APIStatusError,
+    APITimeoutError,
+    AuthenticationError,
+    BadRequestError,
+    BatchTooLargeError,
+    ConfigError,
+    GatewayTimeoutError,
+    InputError,
+    JobError,
+    MalformedResponseError,
+    ModelNotFoundError,
+    NotFoundError,
+    OverloadedError,
+    PermissionDeniedError,
+    RateLimitError,
+    RecordError,
+    ServerError,
+    SFEmbedError,
+)
+from ._limiter import Clock, LoopClock, ManualClock, RateLimiter
+from ._models import DEFAULT_CATALOG, ModelCatalog, ModelSpec
+from ._pipeline import JobStats, embed, embed_stream
+from ._reorder import EmbeddedBatch, Failure
+from ._types import EmbeddingResult
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_CATALOG",
+    "APIConnectionError",
+    "APIError",
+    "APIStatusError",
+    "APITimeoutError",
+    "AuthenticationError",
+    "BadRequestError",
+    "BatchLimits",
+    "BatchTooLargeError",
+    "Clock",
+    "ConfigError",
+    "EmbeddedBatch",
+    "EmbeddingClient",
+    "EmbeddingResult",
+    "Failure",
+    "GatewayTimeoutError",
+    "InputError",
+    "JobError",
+    "JobStats",
+    "LoopClock",
+    "MalformedResponseError",
+    "ManualClock",
+    "ModelCatalog",
+    "ModelNotFoundError",
+    "ModelSpec",
+    "NotFoundError",
+    "OverloadedError",
+    "PermissionDeniedError",
+    "RateLimitError",
+    "RateLimiter",
+    "RateLimits",
+    "RecordError",
+    "RetryPolicy",
+    "SFEmbedError",
+    "ServerError",
+    "Settings",
+    "Timeouts",
+    "embed",
+    "embed_stream",
+    "load_settings",
+]

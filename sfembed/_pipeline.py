@@ -17,10 +17,17 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Coroutine, Iterable, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Coroutine,
+    Iterable,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from itertools import islice
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -34,7 +41,7 @@ from ._packer import Packer, bisect
 from ._reorder import EmbeddedBatch, Failure, ReorderBuffer
 from ._retry import call_with_retries
 from ._tokens import Calibration, TokenCounter, count_async, counter_for
-from ._types import Chunk, EmbeddingResult, FloatArray
+from ._types import Chunk, EmbeddingResult, FloatArray, InputItem
 
 __all__ = ["JobStats", "embed", "embed_stream"]
 
@@ -42,6 +49,8 @@ log = logging.getLogger("sfembed")
 
 _BLOCK = 512  # records counted per tokenizer call: large enough to amortise, small to stream
 _IMAGE_TOKENS = 1024  # charged for an image before the server's count corrects it
+_ITEM_NARROWING = 0.9  # per lone text the server refused as too long by its count
+_MIN_ITEM_SCALE = 0.5
 _FATAL = (
     exc.AuthenticationError,
     exc.PermissionDeniedError,
@@ -106,7 +115,7 @@ async def embed_stream(
     stats: JobStats | None = None,
     limiter: RateLimiter | None = None,
     **options: Any,
-) -> AsyncIterator[EmbeddedBatch]:
+) -> AsyncGenerator[EmbeddedBatch, None]:
     """Yield consecutive batches of rows in input order as they are ready.
 
     Failed inputs keep their place as NaN rows and are listed in ``stats.failures``. Close the
@@ -163,6 +172,7 @@ class _Job:
         self.requests: asyncio.Queue[list[Chunk] | None] = asyncio.Queue(settings.concurrency)
         self.output: asyncio.Queue[EmbeddedBatch | BaseException | None] = asyncio.Queue(8)
         self._senders_left = settings.concurrency
+        self._item_scale = 1.0
 
     def _request_tokens(self) -> int:
         # A request far above the per-second pace would make the limiter lurch; an eighth of
@@ -276,9 +286,10 @@ class _Job:
         return Chunk(unit, position, number, text[start:end], tokens, start, end)
 
     def _item_limit(self) -> int:
-        """Tokens one item may have by our count, narrowed when the server counts more than us."""
-        ratio = self.calibration.ratio
-        return max(self.spec.special_tokens + 1, int(self.spec.max_input_tokens / max(ratio, 1.0)))
+        """Tokens one item may have by our count, narrowed when the server counts more than us:
+        by the calibrated ratio, and by each refusal of a lone text near the limit."""
+        scale = self._item_scale / max(self.calibration.ratio, 1.0)
+        return max(self.spec.special_tokens + 1, int(self.spec.max_input_tokens * scale))
 
     def _describe(self, unit: int, position: int, number: int, span: tuple[int, int]) -> None:
         if self.chunks_mode:
@@ -321,7 +332,7 @@ class _Job:
         self.stats.in_flight += 1
         try:
             result = await self.client.embed(
-                [chunk.item for chunk in request],
+                cast(list[InputItem], [chunk.item for chunk in request]),
                 model=self.spec.name,
                 encoding_format="base64" if self.settings.encoding_format == "base64" else "float",
                 dimensions=self.settings.dimensions,
@@ -331,8 +342,8 @@ class _Job:
             self.stats.rate_limited += 1
             self.limiter.on_rate_limited(error.limit, error.retry_after_s)
             raise
-        except exc.ServerError:
-            self.limiter.refund(ticket)  # a 5xx answer: the model never ran, no quota was used
+        except (exc.ServerError, exc.BadRequestError, exc.BatchTooLargeError):
+            self.limiter.refund(ticket)  # refused or failed before the model ran: no quota used
             raise
         finally:
             self.stats.in_flight -= 1
@@ -375,6 +386,8 @@ class _Job:
         text = chunk.item
         if not isinstance(text, str) or chunk.tokens * 2 <= self.spec.max_input_tokens:
             return None
+        # The server counted this text over the limit where we did not: cut later texts shorter.
+        self._item_scale = max(_MIN_ITEM_SCALE, self._item_scale * _ITEM_NARROWING)
         offsets = self.counter.spans(text)
         middle = len(offsets) // 2
         if middle == 0:

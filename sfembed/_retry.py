@@ -53,7 +53,12 @@ async def call_with_retries(
         before_sleep=_before_sleep(on_retry),
         reraise=True,
     )
-    return await retrying(attempt)
+
+    async def once() -> T:
+        # tenacity awaits only what it sees is a coroutine function; a lambda is not one.
+        return await attempt()
+
+    return await retrying(once)
 
 
 class _Wait(tenacity.wait.wait_base):

@@ -77,3 +77,9 @@ async def test_backoff_is_full_jitter_and_grows() -> None:
     assert max(early) <= 8.0  # attempt n waits at most initial * 2**n
     assert max(late) > 8.0
     assert min(script.waits) >= 0
+
+
+async def test_a_plain_callable_returning_an_awaitable_is_awaited() -> None:
+    script = _Script(OverloadedError("y", status=503))
+    assert await call_with_retries(lambda: script(), POLICY, sleep=script.sleep) == "ok"
+    assert script.calls == 2
