@@ -30,15 +30,23 @@ class RateLimits:
     """The account's limits for one model: requests and tokens per ``window_s`` seconds.
 
     ``headroom`` is the fraction kept unused so that clock skew and latency jitter between us and
-    the server's own window never tip a request over; ``burst_s`` is how far ahead of a steady pace
-    the limiter may run (so a job does not spend a whole window's quota in its first second).
+    the server's own window never tip a request over. ``burst_s`` is how far ahead of a steady pace
+    the limiter may run; by default half the headroom's share of the window (0.6 s of a 60 s
+    window), so that pace plus burst stays under the limit and the limiter's hard window is a
+    backstop, not the thing that paces (a job held at the window's edge meets the server's window
+    at the same edge, and latency jitter then turns into 429s).
     """
 
     rpm: int = 2000
     tpm: int = 500_000
     window_s: float = 60.0
     headroom: float = 0.02
-    burst_s: float = 1.0
+    burst_s: float | None = None
+
+    @property
+    def burst_allowance_s(self) -> float:
+        """``burst_s``, or its default derived from the window and headroom."""
+        return self.burst_s if self.burst_s is not None else self.window_s * self.headroom / 2
 
     def __post_init__(self) -> None:
         if self.rpm <= 0 or self.tpm <= 0 or self.window_s <= 0:

@@ -142,10 +142,10 @@ class Ticket:
 class _Pace:
     """GCRA for one resource: ``tat`` is the time (s) the pace has charged up to.
 
-    A request of cost c (requests or tokens) takes c / rate seconds of pace; it passes once, after
-    charging, the pace is at most ``burst_s`` ahead of now, or, if c alone is longer than that, once
-    the pace has caught up with now. The rate is limit / window times a factor that a 429 cuts and
-    that climbs back linearly to 1 over one window.
+    A request of cost c (requests or tokens) takes c / rate seconds of pace; it passes once the pace
+    is at most ``burst_s`` ahead of now (virtual scheduling with tolerance ``burst_s``). The
+    rate is limit / window times a factor that a 429 cuts and that climbs back linearly to 1
+    over one window.
     """
 
     __slots__ = ("burst_s", "cut_at", "cut_factor", "limit", "tat", "window_s")
@@ -170,10 +170,10 @@ class _Pace:
         return self.limit * self.factor(now) / self.window_s
 
     def ready_at(self, cost: int, now: float) -> float:
-        # Never increases as ``now`` grows (the rate only climbs), so a timer set for this time
-        # finds the request admissible when it fires: no re-arming at the same instant.
-        step = cost / self.rate(now)
-        return self.tat - max(0.0, self.burst_s - step)
+        # The pace may run ``burst_s`` ahead whatever the request's size. That tolerance is also
+        # what absorbs the event loop's lateness in firing timers: without it, every late timer
+        # (a few ms under load) would be pace lost for good, some percent of the quota.
+        return self.tat - self.burst_s
 
     def charge(self, cost: int, now: float) -> None:
         self.tat = max(self.tat, now) + cost / self.rate(now)
@@ -260,8 +260,8 @@ class RateLimiter:
         self._window_s = limits.window_s
         self.max_tokens = _effective(limits.tpm, limits.headroom)
         self.max_requests = _effective(limits.rpm, limits.headroom)
-        self._tpm = _Pace(self.max_tokens, limits.window_s, limits.burst_s)
-        self._rpm = _Pace(self.max_requests, limits.window_s, limits.burst_s)
+        self._tpm = _Pace(self.max_tokens, limits.window_s, limits.burst_allowance_s)
+        self._rpm = _Pace(self.max_requests, limits.window_s, limits.burst_allowance_s)
         self._log = _Log(limits.window_s)
         self._queue: deque[_Waiter] = deque()
         self._hold_until = -math.inf

@@ -126,7 +126,9 @@ async def embed_stream(
         if client is None:
             client = await stack.enter_async_context(_client_for(job_settings))
         job = _Job(job_settings, client, stats or JobStats(), limiter)
-        async for batch in job.run(inputs):
+        # Closed with us, so its stages stop before we return (not later, from a GC finaliser).
+        batches = await stack.enter_async_context(contextlib.aclosing(job.run(inputs)))
+        async for batch in batches:
             yield batch
 
 
@@ -173,17 +175,19 @@ class _Job:
         self.output: asyncio.Queue[EmbeddedBatch | BaseException | None] = asyncio.Queue(8)
         self._senders_left = settings.concurrency
         self._item_scale = 1.0
+        self._calibrated = asyncio.Event()
+        self._probing = False
 
     def _request_tokens(self) -> int:
-        # A request far above the per-second pace would make the limiter lurch; an eighth of
+        # A request far above the per-second pace would make the limiter lurch; 1/32 of
         # the window's quota keeps the flow smooth and still fills requests at usual limits.
         quota = self.settings.rate.tpm * (1 - self.settings.rate.headroom)
-        cap = min(self.settings.batch.max_tokens, int(quota / 8))
+        cap = min(self.settings.batch.max_tokens, int(quota / 32))
         return max(cap, self.spec.max_input_tokens)
 
     async def run(
         self, inputs: Iterable[Input] | AsyncIterable[Input]
-    ) -> AsyncIterator[EmbeddedBatch]:
+    ) -> AsyncGenerator[EmbeddedBatch, None]:
         """Batches in order; the stages stop when the caller stops reading. Raises the first
         fatal error of any stage, unwrapped."""
         error: BaseException | None = None
@@ -315,9 +319,13 @@ class _Job:
             raise
         except exc.BatchTooLargeError:
             self.packer.halve()
-            await self._narrow(request, "the server refused the batch as too large")
+            await self._bisect(request, "the server refused the batch as too large")
         except exc.BadRequestError as error:
             await self._narrow(request, error.message or "refused by the server")
+        except exc.InputError as error:
+            if error.item is None:
+                raise  # an option, not an input: no request of this job can be sent
+            await self._drop(request, error.item, str(error).split(": ", 1)[-1])
         except exc.APIError as error:
             for chunk in request:
                 self._fail(chunk, f"gave up after retries: {error}")
@@ -327,6 +335,21 @@ class _Job:
             await self._release()
 
     async def _attempt(self, request: list[Chunk]) -> EmbeddingResult:
+        """One paced send. The job's first request goes alone: until the server's ``usage`` has
+        said how it counts, every charge is a guess, and a window filled on a guess can overshoot
+        the server's limit (a burst of 429s at the first window's edge)."""
+        if self._calibrated.is_set():
+            return await self._paced_send(request)
+        if self._probing:
+            await self._calibrated.wait()
+            return await self._paced_send(request)
+        self._probing = True
+        try:
+            return await self._paced_send(request)
+        finally:
+            self._calibrated.set()
+
+    async def _paced_send(self, request: list[Chunk]) -> EmbeddingResult:
         local = sum(chunk.tokens for chunk in request)
         ticket = await self.limiter.acquire(self.calibration.charge(local))
         self.stats.in_flight += 1
@@ -342,7 +365,7 @@ class _Job:
             self.stats.rate_limited += 1
             self.limiter.on_rate_limited(error.limit, error.retry_after_s)
             raise
-        except (exc.ServerError, exc.BadRequestError, exc.BatchTooLargeError):
+        except (exc.ServerError, exc.BadRequestError, exc.BatchTooLargeError, exc.InputError):
             self.limiter.refund(ticket)  # refused or failed before the model ran: no quota used
             raise
         finally:
@@ -369,25 +392,44 @@ class _Job:
         )
 
     async def _narrow(self, request: list[Chunk], reason: str) -> None:
-        """Find the refused item: halve the request; split a lone long text; else fail it."""
+        """A 400. Most often the server counted a text near the limit as over it, so every such
+        text is halved and the request sent once more, in one step; when none was near the limit,
+        or that is refused too, bisection finds the bad item."""
+        halved = [self._halves(chunk) for chunk in request]
+        if all(pieces is None for pieces in halved):
+            await self._bisect(request, reason)
+            return
+        # The server counts more than we do near the limit: cut later texts shorter too.
+        self._item_scale = max(_MIN_ITEM_SCALE, self._item_scale * _ITEM_NARROWING)
+        pieces = [p for c, h in zip(request, halved, strict=True) for p in (h or [c])]
+        for start in range(0, len(pieces), self.packer.max_items):
+            await self._send(pieces[start : start + self.packer.max_items])
+
+    async def _drop(self, request: list[Chunk], index: int, reason: str) -> None:
+        """The client refused item ``index`` before sending (a content object to a text-only
+        model, say): fail it and send the others."""
+        self._fail(request[index], reason)
+        rest = request[:index] + request[index + 1 :]
+        if rest:
+            await self._send(rest)
+        else:
+            await self._release()
+
+    async def _bisect(self, request: list[Chunk], reason: str) -> None:
+        """Send each half of a refused request; a lone refused item fails with ``reason``."""
         if len(request) > 1:
             left, right = bisect(request)
             await self._send(left)
             await self._send(right)
-        elif (halves := self._halves(request[0])) is not None:
-            await self._send(halves)
         else:
             self._fail(request[0], reason)
             await self._release()
 
     def _halves(self, chunk: Chunk) -> list[Chunk] | None:
-        """A lone text refused as invalid may be too long by the server's count: cut it in two.
-        Only a text near the limit qualifies; any other refusal is final."""
+        """Two halves of a text near the per-item limit, or None for anything else."""
         text = chunk.item
         if not isinstance(text, str) or chunk.tokens * 2 <= self.spec.max_input_tokens:
             return None
-        # The server counted this text over the limit where we did not: cut later texts shorter.
-        self._item_scale = max(_MIN_ITEM_SCALE, self._item_scale * _ITEM_NARROWING)
         offsets = self.counter.spans(text)
         middle = len(offsets) // 2
         if middle == 0:

@@ -107,7 +107,9 @@ class ReorderBuffer:
     def put(self, chunks: Sequence[Chunk], rows: FloatArray) -> None:
         """Place the vectors of one answered request."""
         units = np.fromiter((c.unit for c in chunks), dtype=np.int64, count=len(chunks))
-        if self._pending or self._failed:
+        # A late part of a unit that failed and left already must not land in its old slot,
+        # which a later unit takes over: such parts go the slow way, which drops them.
+        if self._pending or self._failed or (units.size and units.min() < self.emitted):
             self._put_mixed(chunks, units, rows)
             return
         slots = units % self.capacity
@@ -126,7 +128,9 @@ class ReorderBuffer:
 
     def fail(self, chunk: Chunk, reason: str) -> None:
         """Mark the unit of ``chunk`` failed: its row stays NaN and ``reason`` is reported."""
-        self._failed.setdefault(chunk.unit, reason)
+        if chunk.unit < self.emitted or chunk.unit in self._failed:
+            return  # another part failed it already; its slot may be a later unit's by now
+        self._failed[chunk.unit] = reason
         self._pending.pop(chunk.unit, None)
         self._finish(chunk.unit, None)
 

@@ -1,0 +1,94 @@
+"""Shared by the benchmarks: a local server in a child process, and per-window figures.
+
+The server runs in its own process so that its CPU does not count against the client's and its
+clock judges the limits exactly as a remote server would. At the end it hands back its log of
+accepted requests (arrival time, tokens) and its status counts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing as mp
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+from sfembed import testing
+
+
+@dataclass
+class ServerReport:
+    """What the server saw: accepted (time, tokens) pairs and answers by status."""
+
+    accepted: list[tuple[float, int]]
+    by_status: Counter[int]
+    rate_limited: int
+
+
+def _serve(config: testing.ServerConfig, conn: Connection) -> None:
+    async def run() -> None:
+        async with testing.LocalServer(config) as server:
+            conn.send(server.url)
+            await asyncio.get_running_loop().run_in_executor(None, conn.recv)
+            stats = server.stats
+            limited = stats.rate_limited_tpm + stats.rate_limited_rpm
+            conn.send(ServerReport(list(stats.accepted), Counter(stats.by_status), limited))
+
+    asyncio.run(run())
+
+
+@contextmanager
+def server_process(config: testing.ServerConfig) -> Iterator[tuple[str, list[ServerReport]]]:
+    """Yield (url, box); after the block the box holds the server's report."""
+    parent, child = mp.Pipe()
+    process = mp.get_context("spawn").Process(target=_serve, args=(config, child), daemon=True)
+    process.start()
+    box: list[ServerReport] = []
+    try:
+        yield parent.recv(), box
+        parent.send("stop")
+        box.append(parent.recv())
+    finally:
+        process.join(timeout=10)
+        if process.is_alive():
+            process.kill()
+
+
+def windows(accepted: list[tuple[float, int]], window_s: float) -> list[tuple[int, int]]:
+    """(tokens, requests) per consecutive window from the first accepted request; the last,
+    partial window (the job ran out of work in it) is left out."""
+    if not accepted:
+        return []
+    start = accepted[0][0]
+    count = int((accepted[-1][0] - start) // window_s)
+    totals = [[0, 0] for _ in range(count)]
+    for when, tokens in accepted:
+        index = int((when - start) // window_s)
+        if index < count:
+            totals[index][0] += tokens
+            totals[index][1] += 1
+    return [(t, r) for t, r in totals]
+
+
+def max_sliding(accepted: list[tuple[float, int]], window_s: float) -> tuple[int, int]:
+    """The most tokens and requests the server accepted in any window of ``window_s``."""
+    best_tokens = best_requests = tokens = 0
+    left = 0
+    for right, (when, size) in enumerate(accepted):
+        tokens += size
+        while accepted[left][0] <= when - window_s:
+            tokens -= accepted[left][1]
+            left += 1
+        best_tokens = max(best_tokens, tokens)
+        best_requests = max(best_requests, right - left + 1)
+    return best_tokens, best_requests
+
+
+def table(rows: list[tuple[Any, ...]], header: tuple[str, ...]) -> str:
+    """A Markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
