@@ -54,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--seed", type=int, default=0)
     serve.set_defaults(run=_serve)
     demo = commands.add_parser("demo", help="embed a bundled sample against the local server")
-    demo.add_argument("--records", type=int, default=3000)
+    demo.add_argument("--records", type=int, default=2000)
     demo.add_argument("--model", default="BAAI/bge-m3")
     demo.add_argument("--config", help="a job config (TOML) to start from")
     demo.set_defaults(run=_demo)
@@ -82,7 +82,7 @@ async def _serve(args: argparse.Namespace) -> int:
 
 
 # The demo's account: small enough that pacing shows in a few seconds, over a 6 s window.
-_DEMO_LIMITS = RateLimits(rpm=300, tpm=150_000, window_s=6.0)
+_DEMO_LIMITS = RateLimits(rpm=600, tpm=300_000, window_s=6.0)
 
 
 async def _demo(args: argparse.Namespace) -> int:
