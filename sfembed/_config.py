@@ -14,6 +14,7 @@ from ._exceptions import ConfigError
 __all__ = [
     "DEFAULT_BASE_URL",
     "BatchLimits",
+    "IOSettings",
     "RateLimits",
     "RetryPolicy",
     "Settings",
@@ -90,6 +91,23 @@ class BatchLimits:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class IOSettings:
+    """How a job reads its input and writes its output (the ``[io]`` table).
+
+    ``None`` formats are inferred from the file suffix. ``dtype`` is ``float32`` or ``float16``
+    (``.npy`` output only). ``image_field`` names a field holding an image URL, base64 data or a
+    path, for the multimodal model.
+    """
+
+    input_format: str | None = None
+    id_field: str = "id"
+    text_field: str = "text"
+    image_field: str | None = None
+    output_format: str | None = None
+    dtype: str = "float32"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Settings:
     """Everything a job needs besides its input and output."""
 
@@ -106,6 +124,7 @@ class Settings:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     timeouts: Timeouts = field(default_factory=Timeouts)
     batch: BatchLimits = field(default_factory=BatchLimits)
+    io: IOSettings = field(default_factory=IOSettings)
     models: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
@@ -132,14 +151,15 @@ _NESTED: dict[str, type[Any]] = {
     "retry": RetryPolicy,
     "timeouts": Timeouts,
     "batch": BatchLimits,
+    "io": IOSettings,
 }
 
 
 def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
     """Settings from the TOML file at ``path`` (or the defaults), then ``overrides`` on top.
 
-    The file's top-level keys are :class:`Settings` fields; ``[rate]``, ``[retry]``, ``[timeouts]``
-    and ``[batch]`` are tables, and ``[models."Org/name"]`` tables extend the catalogue.
+    The file's top-level keys are :class:`Settings` fields; ``[rate]``, ``[retry]``, ``[timeouts]``,
+    ``[batch]`` and ``[io]`` are tables, and ``[models."Org/name"]`` tables extend the catalogue.
     Raises ConfigError for an unreadable file or an unknown key.
     """
     values: dict[str, Any] = {}

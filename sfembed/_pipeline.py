@@ -41,7 +41,7 @@ from ._packer import Packer, bisect
 from ._reorder import EmbeddedBatch, Failure, ReorderBuffer
 from ._retry import call_with_retries
 from ._tokens import Calibration, TokenCounter, count_async, counter_for
-from ._types import Chunk, EmbeddingResult, FloatArray, InputItem
+from ._types import Chunk, EmbeddingResult, FloatArray, InputItem, Unusable
 
 __all__ = ["JobStats", "embed", "embed_stream"]
 
@@ -57,7 +57,7 @@ _FATAL = (
     exc.NotFoundError,
     exc.ModelNotFoundError,
 )
-Input = str | dict[str, str]
+Input = str | dict[str, str] | Unusable
 Offsets = Sequence[tuple[int, int]]
 
 
@@ -250,7 +250,8 @@ class _Job:
             unit = await self._reserve(1)
             self._describe(unit, position, 0, (0, len(text)))
             tokens = min(tokens, self.spec.max_input_tokens)
-            chunk = Chunk(unit, position, 0, item, tokens, 0, len(text))
+            sendable = "" if isinstance(item, Unusable) else item  # an Unusable is never sent
+            chunk = Chunk(unit, position, 0, sendable, tokens, 0, len(text))
             if problem:
                 self._fail(chunk, problem)
                 return []
@@ -493,6 +494,8 @@ def _is_image(item: object) -> bool:
 
 def _problem(item: object, text: str) -> str | None:
     """Why an input cannot be sent at all, or None."""
+    if isinstance(item, Unusable):
+        return item.reason
     if isinstance(item, str):
         return None if item.strip() else "empty text"
     if _is_image(item) or (isinstance(item, dict) and text):

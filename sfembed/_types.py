@@ -16,6 +16,7 @@ __all__ = [
     "InputItem",
     "TextInput",
     "Truncate",
+    "Unusable",
     "Usage",
     "WireEmbedding",
     "WireRequest",
@@ -109,3 +110,14 @@ class Chunk:
     tokens: int
     start: int = 0
     end: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Unusable:
+    """An input already known to be unusable (a reader's verdict on a malformed line, say).
+
+    Given to the pipeline in its place, it keeps the record's row (NaN) and fails with ``reason``,
+    so that rows and records stay aligned and the failure is reported, not dropped.
+    """
+
+    reason: str
