@@ -4,21 +4,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import dataclasses
 import sys
-import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from . import testing
 from ._client import EmbeddingClient
 from ._config import RateLimits, Settings, load_settings
-from ._corpus import synthetic_corpus
 from ._exceptions import SFEmbedError
-from ._pipeline import JobStats, embed_stream
+from ._job import JobSummary, dry_run, price_of, run_job
+from ._models import DEFAULT_CATALOG
 from ._progress import TqdmProgress
 
 __all__ = ["main"]
@@ -53,11 +50,7 @@ def _parser() -> argparse.ArgumentParser:
         serve.add_argument(f"--rate-{fault}", type=float, default=0.0, help=f"{fault} fraction")
     serve.add_argument("--seed", type=int, default=0)
     serve.set_defaults(run=_serve)
-    demo = commands.add_parser("demo", help="embed a bundled sample against the local server")
-    demo.add_argument("--records", type=int, default=2000)
-    demo.add_argument("--model", default="BAAI/bge-m3")
-    demo.add_argument("--config", help="a job config (TOML) to start from")
-    demo.set_defaults(run=_demo)
+    _add_embed(commands)
     return parser
 
 
@@ -81,80 +74,159 @@ async def _serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# The demo's account: small enough that pacing shows in a few seconds, over a 6 s window.
-_DEMO_LIMITS = RateLimits(rpm=600, tpm=300_000, window_s=6.0)
+def _add_embed(commands: Any) -> None:
+    embed = commands.add_parser("embed", help="embed every record of a file into an output file")
+    embed.add_argument("input", help="JSONL, TXT, CSV/TSV or Parquet file")
+    embed.add_argument("--out", required=True, help=".npy (default), .jsonl or .parquet path")
+    embed.add_argument("--config", help="job settings (TOML); flags override its keys")
+    embed.add_argument("--dry-run", action="store_true", help="count and estimate; send nothing")
+    embed.add_argument("--local", action="store_true", help="use the built-in local server")
+    embed.add_argument("--errors", help="errors file (default: OUT.errors.jsonl)")
+    embed.add_argument("--prices", default=None, help="prices TOML for --dry-run")
+    embed.add_argument("--no-progress", action="store_true")
+    for flag, key, kind in _FLAGS:
+        embed.add_argument(
+            flag, dest=key.replace(".", "__"), type=kind, default=None, help=f"config key {key}"
+        )
+    embed.set_defaults(run=_embed)
 
 
-async def _demo(args: argparse.Namespace) -> int:
-    settings = load_settings(args.config, model=args.model, rate=_DEMO_LIMITS)
-    limits = testing.ModelLimits(rpm=_DEMO_LIMITS.rpm, tpm=_DEMO_LIMITS.tpm)
-    config = testing.ServerConfig(window_s=_DEMO_LIMITS.window_s, default_limits=limits)
-    print(f"sfembed demo: {args.records:,} mixed English/Chinese documents, some over-long")
+#: Flags that override a config key: (flag, dotted config key, type).
+_FLAGS: tuple[tuple[str, str, Any], ...] = (
+    ("--model", "model", str),
+    ("--format", "io.output_format", str),
+    ("--input-format", "io.input_format", str),
+    ("--id-field", "io.id_field", str),
+    ("--text-field", "io.text_field", str),
+    ("--image-field", "io.image_field", str),
+    ("--dtype", "io.dtype", str),
+    ("--base-url", "base_url", str),
+    ("--api-key-env", "api_key_env", str),
+    ("--rpm", "rate.rpm", int),
+    ("--tpm", "rate.tpm", int),
+    ("--window-s", "rate.window_s", float),
+    ("--concurrency", "concurrency", int),
+    ("--batch-size", "batch.max_items", int),
+    ("--encoding", "encoding_format", str),
+    ("--dimensions", "dimensions", int),
+    ("--long", "long_mode", str),
+    ("--overlap-tokens", "overlap_tokens", int),
+    ("--truncate-side", "truncate_side", str),
+)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    """The config file's settings, then every flag given on top (``dataclasses.replace``)."""
+    settings = load_settings(args.config)
+    for _, key, _ in _FLAGS:
+        value = getattr(args, key.replace(".", "__"))
+        if value is not None:
+            settings = _replace(settings, key, value)
+    return settings
+
+
+def _replace(settings: Settings, key: str, value: object) -> Settings:
+    if "." not in key:
+        top: dict[str, Any] = {key: value}
+        return dataclasses.replace(settings, **top)
+    table, name = key.split(".")
+    inner: dict[str, Any] = {name: value}
+    outer: dict[str, Any] = {table: dataclasses.replace(getattr(settings, table), **inner)}
+    return dataclasses.replace(settings, **outer)
+
+
+async def _embed(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    if args.dry_run:
+        return _print_dry_run(args, settings)
+    if not args.local:
+        async with _client(settings) as client:
+            return await _run(args, settings, client)
+    limits = testing.ModelLimits(rpm=settings.rate.rpm, tpm=settings.rate.tpm)
+    config = testing.ServerConfig(window_s=settings.rate.window_s, default_limits=limits)
     async with testing.LocalServer(config) as server:
-        print(f"local server on {server.url} (RPM {limits.rpm}, TPM {limits.tpm} per 6 s)")
-        documents = list(synthetic_corpus(args.records))
+        print(
+            f"local server on {server.url} (RPM {limits.rpm:,}, TPM {limits.tpm:,} "
+            f"per {settings.rate.window_s:g} s)"
+        )
         local = dataclasses.replace(settings, base_url=server.url)
-        stats, rows, checked = await _run_demo(local, documents, config.api_key or "")
-        wall_s = time.monotonic() - stats.started_s
-        print(_summary(stats, wall_s, _DEMO_LIMITS, server.stats.by_status.get(429, 0)))
-    print(f"rows: {rows:,} for {len(documents):,} documents; {checked:,} checked in place")
-    return EXIT_OK if rows == len(documents) and not stats.failures else EXIT_FAILED
+        async with EmbeddingClient(api_key=config.api_key, base_url=server.url) as client:
+            return await _run(args, local, client)
 
 
-async def _run_demo(
-    settings: Settings, documents: list[str], key: str
-) -> tuple[JobStats, int, int]:
-    stats = JobStats()
-    progress = TqdmProgress(total=len(documents))
-    rows = checked = 0
-    async with EmbeddingClient(api_key=key, base_url=settings.base_url) as client:
-        refresher = asyncio.create_task(_refresh(progress, stats))
-        try:
-            async with contextlib.aclosing(
-                embed_stream(
-                    documents, model=settings.model, settings=settings, client=client, stats=stats
-                )
-            ) as batches:
-                async for positions, vectors in batches:
-                    checked += _check_in_place(settings, documents, positions, vectors)
-                    rows += len(positions)
-        finally:
-            refresher.cancel()
-            progress.close(stats)
-    return stats, rows, checked
+def _client(settings: Settings) -> EmbeddingClient:
+    return EmbeddingClient(
+        api_key_env=settings.api_key_env,
+        base_url=settings.base_url,
+        timeouts=settings.timeouts,
+        max_connections=settings.concurrency,
+    )
 
 
-def _check_in_place(settings: Settings, documents: list[str], positions: Any, vectors: Any) -> int:
-    """Compare every tenth row with the vector the server gives its document (short ones only)."""
-    checked = 0
-    for position, vector in zip(positions[::10], vectors[::10], strict=True):
-        text = documents[int(position)]
-        if len(text) < 2000:
-            expected = testing.expected_embedding(settings.model, text)
-            if not np.allclose(vector, expected, atol=1e-6):
-                raise SFEmbedError(f"row {position} does not hold its document's vector")
-            checked += 1
-    return checked
+async def _run(args: argparse.Namespace, settings: Settings, client: EmbeddingClient) -> int:
+    progress = None if args.no_progress else TqdmProgress(total=_count_lines(args.input))
+    try:
+        summary = await run_job(
+            args.input,
+            args.out,
+            settings,
+            client=client,
+            errors_path=args.errors,
+            on_batch=progress.update if progress else None,
+        )
+    finally:
+        if progress is not None:
+            progress.close(progress.last)
+    print(_summary(summary, settings.rate))
+    if summary.errors_path is not None:
+        print(f"{summary.failed:,} record(s) failed: see {summary.errors_path}")
+        return EXIT_FAILED
+    return EXIT_OK
 
 
-async def _refresh(progress: TqdmProgress, stats: JobStats) -> None:
-    while True:
-        progress.update(stats)
-        await asyncio.sleep(0.25)
+def _count_lines(path: str) -> int | None:
+    """Lines of a text input, for the bar's total (None for binary formats)."""
+    if path.endswith(".parquet"):
+        return None
+    with open(path, "rb") as handle:
+        return sum(chunk.count(b"\n") for chunk in iter(lambda: handle.read(1 << 20), b""))
 
 
-def _summary(stats: JobStats, wall_s: float, limits: RateLimits, server_429s: int) -> str:
-    windows = wall_s / limits.window_s
+def _print_dry_run(args: argparse.Namespace, settings: Settings) -> int:
+    spec = DEFAULT_CATALOG.with_table(settings.models)[settings.model]
+    prices = Path(args.prices) if args.prices else _PRICES
+    plan = dry_run(
+        args.input, settings, spec, price_of(spec.name, prices) if prices.exists() else 0.0
+    )
+    rows = [
+        ("records", f"{plan.records:,} ({plan.unusable:,} unusable)"),
+        ("tokens (exact)", f"{plan.tokens:,}"),
+        ("items after splitting", f"{plan.items:,}"),
+        ("requests", f"{plan.requests:,}"),
+        ("wall time at the limits", f"{plan.wall_s:,.0f} s ({plan.wall_s / 3600:.2f} h)"),
+        ("cost", f"{plan.cost:,.2f} (prices per million tokens from {prices})"),
+    ]
+    print("\n".join(f"  {name:<24}{value}" for name, value in rows))
+    return EXIT_OK
+
+
+_PRICES = Path("configs/prices.toml")
+
+
+def _summary(summary: JobSummary, limits: RateLimits) -> str:
+    stats = summary.stats
+    windows = summary.wall_s / limits.window_s
     utilisation = stats.tokens / (limits.tpm * windows) if windows else 0.0
     lines = [
         ("records", f"{stats.records:,}"),
+        ("rows written", f"{summary.rows:,}"),
         ("chunks", f"{stats.chunks:,}"),
         ("tokens", f"{stats.tokens:,}"),
         ("requests", f"{stats.requests:,}"),
-        ("429s", f"{stats.rate_limited:,} (server saw {server_429s:,})"),
+        ("429s", f"{stats.rate_limited:,}"),
         ("retries", f"{stats.retries:,}"),
-        ("failures", f"{len(stats.failures):,}"),
-        ("wall time", f"{wall_s:,.1f} s"),
+        ("failures", f"{summary.failed:,}"),
+        ("wall time", f"{summary.wall_s:,.1f} s"),
         ("TPM utilisation", f"{utilisation:.1%}"),
     ]
     return "\n".join(f"  {name:<16}{value}" for name, value in lines)

@@ -26,8 +26,10 @@ class TqdmProgress:
     def __init__(self, *, total: int | None = None, file: TextIO | None = None) -> None:
         self._bar = tqdm(total=total, unit="rec", file=file, dynamic_ncols=True, smoothing=0.1)
         self._shown = 0
+        self.last = JobStats()
 
     def update(self, stats: JobStats) -> None:
+        self.last = stats
         elapsed = max(time.monotonic() - stats.started_s, 1e-9)
         self._bar.set_postfix(
             tok_s=f"{stats.tokens / elapsed:,.0f}",
