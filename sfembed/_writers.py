@@ -1,0 +1,468 @@
+"""Output writers: ordered rows to ``.npy``, ``.jsonl`` or ``.parquet`` with flat memory.
+
+The pipeline hands a writer consecutive batches already in input order; a writer appends each one
+and keeps nothing of it afterwards (Parquet alone pools small batches into a bounded row group), so
+memory does not grow with the corpus.
+
+Formats (chosen from the suffix unless ``format`` is given):
+
+``npy``
+    One float32 (or float16) matrix of shape (rows, dims); row i is the i-th row written and a
+    failed row is NaN. Rows stream to disk; the header has a fixed length of 128 bytes, so its
+    row count is rewritten in place every ``flush_rows`` rows and on close. After a crash the
+    file still loads with ``np.load``, holding the rows committed by the last flush. The record
+    ids go to a sidecar ``<stem>.ids.jsonl`` (``out.npy`` -> ``out.ids.jsonl``), one JSON object
+    per row, in row order::
+
+        {"row": 0, "id": "doc-1"}                                                  # pool mode
+        {"row": 7, "id": "doc-3", "position": 3, "chunk": 1, "span": [812, 1650]}  # chunks mode
+
+    ``position`` is the record's input position, ``chunk`` the chunk's number in its record and
+    ``span`` its [start, end) characters in the record's text. The sidecar is flushed before each
+    header update, so it always holds at least the committed rows (read only the first ``rows``).
+
+``jsonl``
+    One line per row: ``{"id": ..., "embedding": [...]}``, with ``"chunk"`` and ``"span"`` in
+    chunks mode; a failed row is ``"embedding": null, "error": true``.
+
+``parquet`` (needs ``pip install sfembed[parquet]``)
+    Columns ``id`` (string) and ``embedding`` (fixed_size_list<float>[dims], null for a failed
+    row), plus ``chunk`` (int64) and ``span`` (fixed_size_list<int64>[2]) in chunks mode. Small
+    batches are pooled into row groups of at most 65,536 rows or 32 MiB of vectors.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import struct
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType, TracebackType
+from typing import IO, Any, Protocol, Self
+
+import numpy as np
+import orjson
+
+from ._exceptions import ConfigError
+from ._reorder import EmbeddedBatch
+
+__all__ = [
+    "DTYPES",
+    "FORMATS",
+    "JsonlWriter",
+    "NpyWriter",
+    "ParquetWriter",
+    "Writer",
+    "ids_path_for",
+    "open_writer",
+]
+
+#: Output formats, by the name ``open_writer`` takes.
+FORMATS = ("npy", "jsonl", "parquet")
+#: Element types of ``.npy`` output.
+DTYPES = ("float32", "float16")
+
+_SUFFIXES = {".npy": "npy", ".jsonl": "jsonl", ".parquet": "parquet"}
+_NPY_HEADER_BYTES = 128  # whole header, magic included; a multiple of 64 keeps the data aligned
+_NPY_PREAMBLE_BYTES = 10  # magic (6), version (2), header length (2) of format 1.0
+
+
+class Writer(Protocol):
+    """An open output file taking consecutive batches of rows; a context manager that closes."""
+
+    rows: int  # rows written so far
+
+    def write(self, ids: Sequence[str], batch: EmbeddedBatch) -> None:
+        """Append ``batch``; ``ids[i]`` is the record id of its row i."""
+
+    def close(self) -> None:
+        """Finalise the file; idempotent."""
+
+    def __enter__(self) -> Self: ...
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+
+def open_writer(
+    path: str | Path, *, format: str | None = None, dims: int, dtype: str = "float32"
+) -> Writer:
+    """Open ``path`` for rows of ``dims`` floats, in ``format`` or the one its suffix names.
+
+    ``dtype`` (``float32`` or ``float16``) applies to ``.npy`` output only. Raises ConfigError for
+    an unknown format or suffix, a bad ``dims`` or ``dtype``, a missing pyarrow (Parquet) or a
+    path that cannot be opened for writing.
+    """
+    name = _format_of(Path(path), format)
+    if dtype != "float32" and name != "npy":
+        raise ConfigError(f"dtype {dtype!r} is for npy output only; {name} is written as float32")
+    try:
+        if name == "npy":
+            return NpyWriter(path, dims=dims, dtype=dtype)
+        if name == "jsonl":
+            return JsonlWriter(path, dims=dims)
+        return ParquetWriter(path, dims=dims)
+    except OSError as error:
+        raise ConfigError(f"cannot write {os.fspath(path)!r}: {error.strerror or error}") from error
+
+
+def _format_of(path: Path, format: str | None) -> str:
+    if format is None:
+        name = _SUFFIXES.get(path.suffix.lower())
+        if name is None:
+            choices = ", ".join(_SUFFIXES)
+            raise ConfigError(f"cannot tell the output format of {str(path)!r}: use {choices}")
+        return name
+    if format.lower() not in FORMATS:
+        raise ConfigError(f"unknown output format {format!r}: choose {', '.join(FORMATS)}")
+    return format.lower()
+
+
+def ids_path_for(path: str | Path) -> Path:
+    """The id sidecar of an ``.npy`` output: ``out.npy`` -> ``out.ids.jsonl``."""
+    return Path(path).with_suffix(".ids.jsonl")
+
+
+class _BaseWriter:
+    """Checks and bookkeeping shared by the writers: row count, closing, chunks mode."""
+
+    def __init__(self, path: str | Path, dims: int) -> None:
+        if isinstance(dims, bool) or not isinstance(dims, int) or dims <= 0:
+            raise ConfigError(f"dims must be a positive integer, not {dims!r}")
+        self.path = Path(path)
+        self.dims = dims
+        self.rows = 0
+        self.closed = False
+        self._chunks: bool | None = None  # set by the first batch; every later one must match
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        # Close on errors too: the rows written so far are complete and worth keeping.
+        self.close()
+
+    def write(self, ids: Sequence[str], batch: EmbeddedBatch) -> None:
+        """Append ``batch``; ``ids[i]`` is the record id of its row i.
+
+        Raises ValueError when the writer is closed, the rows are not (n, dims), ``ids`` does not
+        match them, or the batch's mode (chunks or not) differs from earlier batches'.
+        """
+        self._check(ids, batch)
+        if len(batch):
+            self._append(ids, batch)
+            self.rows += len(batch)
+
+    def close(self) -> None:
+        """Finalise the file; later calls do nothing."""
+        if not self.closed:
+            self.closed = True
+            self._finish()
+
+    def _append(self, ids: Sequence[str], batch: EmbeddedBatch) -> None:
+        raise NotImplementedError
+
+    def _finish(self) -> None:
+        raise NotImplementedError
+
+    def _check(self, ids: Sequence[str], batch: EmbeddedBatch) -> None:
+        if self.closed:
+            raise ValueError(f"write to closed writer of {str(self.path)!r}")
+        shape = batch.embeddings.shape
+        if len(shape) != 2 or shape[1] != self.dims:
+            raise ValueError(f"rows of shape {shape} given to a writer of {self.dims} dims")
+        if not len(ids) == len(batch) == shape[0]:
+            raise ValueError(f"{len(ids)} ids, {len(batch)} positions and {shape[0]} rows")
+        chunks = batch.chunk_numbers is not None
+        if chunks and batch.spans is None:
+            raise ValueError("a chunks-mode batch needs spans along with chunk_numbers")
+        if self._chunks is not None and chunks != self._chunks:
+            raise ValueError("chunks-mode and record-mode batches cannot share one output")
+        self._chunks = chunks
+
+
+def _chunk_meta(batch: EmbeddedBatch) -> tuple[list[int], list[list[int]]] | None:
+    """(chunk numbers, [start, end] spans) as Python lists, or None outside chunks mode."""
+    if batch.chunk_numbers is None or batch.spans is None:
+        return None
+    return batch.chunk_numbers.tolist(), batch.spans.tolist()
+
+
+def _failed_rows(rows: np.ndarray[Any, Any]) -> np.ndarray[Any, np.dtype[np.bool_]]:
+    """True for each row holding a NaN: the pipeline leaves failed rows all NaN."""
+    failed: np.ndarray[Any, np.dtype[np.bool_]] = np.isnan(rows).any(axis=1)
+    return failed
+
+
+class NpyWriter(_BaseWriter):
+    """Rows appended to an ``.npy`` file whose header is rewritten in place, plus an id sidecar.
+
+    Memory holds one batch (converted to ``dtype`` if need be). Every ``flush_rows`` rows the data
+    and sidecar reach the OS, then the header's row count is updated (with ``fsync``, each also
+    reaches the disk before the next step), so a reader never sees a count beyond the data.
+    Raises ConfigError for a bad ``dims``, ``dtype`` or ``flush_rows``, OSError if ``path`` or
+    its sidecar cannot be created.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        dims: int,
+        dtype: str = "float32",
+        flush_rows: int = 8192,
+        fsync: bool = False,
+    ) -> None:
+        super().__init__(path, dims)
+        if dtype not in DTYPES:
+            raise ConfigError(f"unknown dtype {dtype!r}: choose {', '.join(DTYPES)}")
+        if flush_rows <= 0:
+            raise ConfigError(f"flush_rows must be positive, not {flush_rows}")
+        self.dtype = np.dtype(dtype).newbyteorder("<")  # .npy readers honour the descr; fix it
+        self.ids_path = ids_path_for(path)
+        self._flush_rows = flush_rows
+        self._fsync = fsync
+        self._committed = 0
+        self._data = open(self.path, "wb")  # noqa: SIM115 - closed by close()
+        try:
+            self._ids = open(self.ids_path, "wb")  # noqa: SIM115 - closed by close()
+            self._data.write(self._header(0))
+            self._data.flush()  # a reader may look before the first commit: show it a valid file
+        except BaseException:
+            self._data.close()
+            raise
+
+    def write(self, ids: Sequence[str], batch: EmbeddedBatch) -> None:
+        """Append ``batch`` (see ``_BaseWriter.write``), committing every ``flush_rows`` rows."""
+        super().write(ids, batch)
+        if self.rows - self._committed >= self._flush_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        """Commit the rows written so far: data and sidecar first, then the header's count.
+
+        Raises ValueError when closed, OSError when the disk refuses.
+        """
+        if self.closed:
+            raise ValueError(f"flush of closed writer of {str(self.path)!r}")
+        self._commit()
+
+    def _append(self, ids: Sequence[str], batch: EmbeddedBatch) -> None:
+        rows = np.ascontiguousarray(batch.embeddings, dtype=self.dtype)
+        self._data.write(rows.data.cast("B"))
+        self._ids.write(_sidecar_lines(self.rows, ids, batch))
+
+    def _commit(self) -> None:
+        self._data.flush()
+        self._ids.flush()
+        self._sync(self._data, self._ids)
+        # Seeking a buffered file flushes it; go back to the end so the next rows append.
+        self._data.seek(0)
+        self._data.write(self._header(self.rows))
+        self._data.seek(0, os.SEEK_END)
+        self._data.flush()
+        self._sync(self._data)
+        self._committed = self.rows
+
+    def _sync(self, *files: IO[bytes]) -> None:
+        if self._fsync:
+            for file in files:
+                os.fsync(file.fileno())
+
+    def _finish(self) -> None:
+        try:
+            self._commit()
+        finally:
+            self._data.close()
+            self._ids.close()
+
+    def _header(self, rows: int) -> bytes:
+        """A format 1.0 header of exactly ``_NPY_HEADER_BYTES`` bytes for (rows, dims)."""
+        described = f"{{'descr': '{self.dtype.str}', 'fortran_order': False, 'shape': "
+        described += f"({rows}, {self.dims}), }}"
+        room = _NPY_HEADER_BYTES - _NPY_PREAMBLE_BYTES
+        if len(described) + 1 > room:  # unreachable below 10**30 rows; guards a silent overrun
+            raise ValueError(f"shape ({rows}, {self.dims}) does not fit the fixed .npy header")
+        # numpy pads with spaces and ends the header with a newline; so do we.
+        text = described.ljust(room - 1).encode("latin1") + b"\n"
+        return np.lib.format.magic(1, 0) + struct.pack("<H", room) + text
+
+
+def _sidecar_lines(first: int, ids: Sequence[str], batch: EmbeddedBatch) -> bytes:
+    """The sidecar lines of ``batch``, whose first row is row ``first`` of the output."""
+    rows = range(first, first + len(ids))
+    meta = _chunk_meta(batch)
+    if meta is None:
+        return _json_lines([{"row": row, "id": id_} for row, id_ in zip(rows, ids, strict=True)])
+    columns = zip(rows, ids, batch.positions.tolist(), *meta, strict=True)
+    return _json_lines(
+        [
+            {"row": row, "id": id_, "position": position, "chunk": number, "span": span}
+            for row, id_, position, number, span in columns
+        ]
+    )
+
+
+def _json_lines(objects: list[dict[str, object]]) -> bytes:
+    """One JSON line per object, from a single orjson call over the whole list.
+
+    One call, not one per row: orjson gives every result a buffer of at least 4 KiB, which per
+    row costs more than the row. The objects are flat, share their first key and hold no nested
+    objects, so ``},{"<first key>":`` occurs only between them (a quote inside a JSON string is
+    always escaped), and replacing it splits the array into lines.
+    """
+    if not objects:
+        return b""
+    head = orjson.dumps(next(iter(objects[0])))
+    text = orjson.dumps(objects, option=orjson.OPT_SERIALIZE_NUMPY)
+    text = text.replace(b"},{" + head + b":", b"}\n{" + head + b":")
+    return text[1:-1] + b"\n"
+
+
+class JsonlWriter(_BaseWriter):
+    """One JSON line per row; vectors are serialised by orjson straight from the numpy rows.
+
+    Raises ConfigError for a bad ``dims``, OSError if ``path`` cannot be created.
+    """
+
+    def __init__(self, path: str | Path, *, dims: int) -> None:
+        super().__init__(path, dims)
+        self._file = open(self.path, "wb")  # noqa: SIM115 - closed by close()
+
+    def flush(self) -> None:
+        """Hand the lines written so far to the OS. Raises ValueError when closed."""
+        if self.closed:
+            raise ValueError(f"flush of closed writer of {str(self.path)!r}")
+        self._file.flush()
+
+    def _append(self, ids: Sequence[str], batch: EmbeddedBatch) -> None:
+        rows = np.ascontiguousarray(batch.embeddings, dtype=np.float32)
+        failed = _failed_rows(rows).tolist()
+        meta = _chunk_meta(batch)
+        lines: list[dict[str, object]] = []
+        for i, id_ in enumerate(ids):
+            line: dict[str, object] = {"id": id_}  # first key: _json_lines splits on it
+            if meta is not None:
+                line["chunk"], line["span"] = meta[0][i], meta[1][i]
+            if failed[i]:
+                line["embedding"], line["error"] = None, True
+            else:
+                line["embedding"] = rows[i]  # a contiguous row view: orjson formats it natively
+            lines.append(line)
+        self._file.write(_json_lines(lines))
+
+    def _finish(self) -> None:
+        self._file.close()
+
+
+def _import_pyarrow() -> tuple[ModuleType, ModuleType]:
+    """(pyarrow, pyarrow.parquet). Raises ConfigError when pyarrow is not installed."""
+    try:
+        return importlib.import_module("pyarrow"), importlib.import_module("pyarrow.parquet")
+    except ImportError as error:
+        raise ConfigError("Parquet output needs pyarrow: pip install 'sfembed[parquet]'") from error
+
+
+class ParquetWriter(_BaseWriter):
+    """Rows to a Parquet file, pooled into row groups of at most ``group_rows`` rows.
+
+    A row group is written once the pooled rows reach ``group_rows`` or their vectors
+    ``group_bytes`` bytes, so memory stays under about ``group_bytes`` plus one batch. The schema
+    (with or without the chunks-mode columns) follows the first batch; a file closed with no rows
+    has the record-mode schema. Raises ConfigError when pyarrow is missing or ``dims`` is bad,
+    OSError if ``path`` cannot be created.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        dims: int,
+        group_rows: int = 65_536,
+        group_bytes: int = 32 << 20,
+    ) -> None:
+        super().__init__(path, dims)
+        self._pa, self._pq = _import_pyarrow()
+        if group_rows <= 0 or group_bytes <= 0:
+            raise ConfigError("group_rows and group_bytes must be positive")
+        self._group_rows = group_rows
+        self._group_bytes = group_bytes
+        self._pooled: list[Any] = []  # pyarrow RecordBatches not yet in a row group
+        self._pooled_rows = 0
+        self._pooled_bytes = 0
+        self._sink = self._pa.OSFile(os.fspath(self.path), "wb")
+        self._writer: Any = None  # the pyarrow writer, made with the first batch's schema
+
+    def flush(self) -> None:
+        """Write the pooled rows as a row group now. Raises ValueError when closed."""
+        if self.closed:
+            raise ValueError(f"flush of closed writer of {str(self.path)!r}")
+        self._write_group()
+
+    def _append(self, ids: Sequence[str], batch: EmbeddedBatch) -> None:
+        # A copy: the pooled rows outlive this call and the caller may reuse its buffer.
+        rows = np.array(batch.embeddings, dtype=np.float32, order="C", copy=True)
+        record = self._record(ids, batch, rows)
+        if self._writer is None:
+            self._writer = self._open(record.schema)
+        self._pooled.append(record)
+        self._pooled_rows += len(rows)
+        self._pooled_bytes += rows.nbytes
+        if self._pooled_rows >= self._group_rows or self._pooled_bytes >= self._group_bytes:
+            self._write_group()
+
+    def _record(self, ids: Sequence[str], batch: EmbeddedBatch, rows: np.ndarray[Any, Any]) -> Any:
+        pa = self._pa
+        columns = {"id": pa.array(list(ids), type=pa.string())}
+        if batch.chunk_numbers is not None and batch.spans is not None:
+            columns["chunk"] = pa.array(batch.chunk_numbers.astype(np.int64))
+            spans = np.ascontiguousarray(batch.spans, dtype=np.int64).reshape(-1)
+            columns["span"] = pa.FixedSizeListArray.from_arrays(pa.array(spans), 2)
+        columns["embedding"] = self._vectors(rows)
+        return pa.RecordBatch.from_pydict(columns)
+
+    def _vectors(self, rows: np.ndarray[Any, Any]) -> Any:
+        """A fixed_size_list<float> array over ``rows``' buffer (no copy); failed rows null."""
+        pa = self._pa
+        kind = pa.list_(pa.float32(), self.dims)
+        values = pa.array(rows.reshape(-1))
+        failed = _failed_rows(rows)
+        validity = None
+        if failed.any():
+            # Arrow's validity bitmap: bit i (least significant first) set when row i is valid.
+            validity = pa.py_buffer(np.packbits(~failed, bitorder="little"))
+        return pa.Array.from_buffers(kind, len(rows), [validity], children=[values])
+
+    def _open(self, schema: Any) -> Any:
+        # Dictionary encoding cannot shrink unique ids or float vectors; it only costs time.
+        return self._pq.ParquetWriter(self._sink, schema, use_dictionary=False)
+
+    def _write_group(self) -> None:
+        if not self._pooled:
+            return
+        table = self._pa.Table.from_batches(self._pooled)
+        self._writer.write_table(table, row_group_size=self._pooled_rows)
+        self._pooled, self._pooled_rows, self._pooled_bytes = [], 0, 0
+
+    def _finish(self) -> None:
+        try:
+            self._write_group()
+            if self._writer is None:  # no rows: still a valid, empty file
+                empty = self._record([], _EMPTY_BATCH, np.empty((0, self.dims), np.float32))
+                self._writer = self._open(empty.schema)
+            self._writer.close()
+        finally:
+            self._sink.close()
+
+
+_EMPTY_BATCH = EmbeddedBatch(np.empty(0, np.int64), np.empty((0, 0), np.float32))

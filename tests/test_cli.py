@@ -1,0 +1,127 @@
+"""The command line: `sfembed embed` end to end against the built-in local server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+
+from sfembed import testing
+from sfembed._cli import _parser, _settings, main
+
+MODEL = "BAAI/bge-m3"
+
+
+def _jsonl(path: Path, lines: list[bytes]) -> Path:
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+def _docs(count: int) -> list[bytes]:
+    return [orjson.dumps({"id": f"d{i}", "text": f"document number {i}"}) for i in range(count)]
+
+
+def test_embed_local_writes_rows_in_order_and_reports_bad_lines(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    lines = _docs(50)
+    lines[7] = b'{"id": "d7", "text": '  # malformed JSON
+    lines[20] = orjson.dumps({"id": "d20", "text": ""})
+    source = _jsonl(tmp_path / "in.jsonl", lines)
+    out = tmp_path / "out.npy"
+    code = main(
+        [
+            "embed",
+            str(source),
+            "--out",
+            str(out),
+            "--local",
+            "--model",
+            MODEL,
+            "--no-progress",
+            "--batch-size",
+            "8",
+        ]
+    )
+    assert code == 1
+    rows = np.load(out)
+    assert rows.shape == (50, 1024)
+    for i in (0, 8, 49):
+        np.testing.assert_allclose(
+            rows[i], testing.expected_embedding(MODEL, f"document number {i}"), atol=1e-6
+        )
+    assert np.isnan(rows[7]).all()
+    assert np.isnan(rows[20]).all()
+    errors = [
+        orjson.loads(line) for line in (tmp_path / "out.npy.errors.jsonl").read_bytes().splitlines()
+    ]
+    # A malformed line has no readable id: it is named by its line number.
+    assert [(e["id"], e["line"]) for e in errors] == [("8", 8), ("d20", 21)]
+    assert all(e["reason"] for e in errors)
+    assert "failures" in capsys.readouterr().out
+
+
+def test_embed_local_clean_run_exits_zero(tmp_path: Path) -> None:
+    source = _jsonl(tmp_path / "in.jsonl", _docs(10))
+    out = tmp_path / "out.jsonl"
+    assert main(["embed", str(source), "--out", str(out), "--local", "--no-progress"]) == 0
+    written = [orjson.loads(line) for line in out.read_bytes().splitlines()]
+    assert [w["id"] for w in written] == [f"d{i}" for i in range(10)]
+    assert not (tmp_path / "out.jsonl.errors.jsonl").exists()
+
+
+def test_dry_run_counts_without_sending(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = _jsonl(tmp_path / "in.jsonl", _docs(100))
+    code = main(
+        [
+            "embed",
+            str(source),
+            "--out",
+            str(tmp_path / "o.npy"),
+            "--dry-run",
+            "--base-url",
+            "https://127.0.0.1:9/v1",
+        ]
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "records" in out
+    assert "100" in out
+    assert not (tmp_path / "o.npy").exists()
+
+
+def test_flags_override_config_keys(tmp_path: Path) -> None:
+    config = tmp_path / "job.toml"
+    config.write_text('model = "BAAI/bge-m3"\nconcurrency = 4\n[rate]\nrpm = 10\ntpm = 1000\n')
+    args = _parser().parse_args(
+        [
+            "embed",
+            "in.jsonl",
+            "--out",
+            "o.npy",
+            "--config",
+            str(config),
+            "--tpm",
+            "5000",
+            "--text-field",
+            "body",
+            "--dtype",
+            "float16",
+        ]
+    )
+    settings = _settings(args)
+    assert settings.concurrency == 4
+    assert (settings.rate.rpm, settings.rate.tpm) == (10, 5000)
+    assert settings.io.text_field == "body"
+    assert settings.io.dtype == "float16"
+
+
+def test_missing_key_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("SILICONFLOW_API_KEY", raising=False)
+    source = _jsonl(tmp_path / "in.jsonl", _docs(1))
+    assert main(["embed", str(source), "--out", str(tmp_path / "o.npy")]) == 1
+    assert "SILICONFLOW_API_KEY" in capsys.readouterr().err
