@@ -3,7 +3,7 @@
 Every line (or row) of the input yields exactly one :class:`Record`, in order, so that output rows
 and input records stay aligned and countable: a line that cannot be used still yields a record,
 with ``item`` ``None`` and ``error`` saying why. Nothing is held whole: lines are read as bytes in
-bounded pieces, so a 100 MB line costs at most ``max_line_bytes`` of memory before it is skipped.
+bounded pieces, so a 100 MB line costs about twice ``max_line_bytes`` of memory, then is skipped.
 """
 
 from __future__ import annotations
@@ -85,7 +85,8 @@ def read_records(
     ``format`` is one of :data:`FORMATS`, else inferred from the suffix. ``max_line_bytes`` bounds
     one line in bytes, not counting its newline (for CSV, one record, which may span lines); a
     longer one becomes an error record. With ``image_field``, a record whose image field is
-    present and non-empty gives ``{"image": value}``, any other its text.
+    present and non-empty gives ``{"image": value}``, any other its text; an image value that is
+    a local path (relative to the working directory) must be readable, or the record is unusable.
 
     Raises ConfigError at once (not on first iteration) for an unknown format, an unreadable file,
     a CSV or Parquet file without the text column, or Parquet without pyarrow installed.
@@ -274,8 +275,8 @@ def _image_record(ident: str, image: object, line: int, field: str) -> Record:
 
 def _image_problem(image: str) -> str | None:
     """Why a local image cannot be read, or ``None``. URLs, data URIs and base64 are left to the
-    server; a value is taken for a path (as the request builder does) when it has an image suffix
-    or a character base64 never has."""
+    server. A value is taken for a path when it has an image suffix (the request builder will read
+    it) or a character that base64 never has (so it can be nothing else)."""
     if image.startswith(_URL_PREFIXES) or not _looks_like_path(image):
         return None
     try:
@@ -401,7 +402,8 @@ def _csv_rows(
                 return
             except csv.Error as exc:  # the reader resumes at the next line
                 row, first, problem = None, *source.end_record()
-                yield row, first, problem or f"malformed CSV: {exc}"
+                cause = str(exc).split(" - ")[0]  # drops a hint about open() that misleads here
+                yield row, first, problem or f"malformed CSV: {cause}"
                 continue
             yield (row, *source.end_record())
 

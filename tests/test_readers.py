@@ -211,6 +211,14 @@ def test_csv_problems_keep_the_record_count_and_first_lines(tmp_path: Path) -> N
     ]
 
 
+def test_malformed_csv_is_one_record_and_parsing_resumes(tmp_path: Path) -> None:
+    path = write(tmp_path / "in.csv", "id,text\n1,a\rb\n2,ok\n")
+    assert read(path) == [
+        Record("2", None, 2, "malformed CSV: new-line character seen in unquoted field"),
+        Record("2", "ok", 3),
+    ]
+
+
 def test_csv_long_lines_and_records_do_not_lose_the_quoting(tmp_path: Path) -> None:
     big = "w" * 3000
     rows = [["1", "short"], ["2", big], ["3", f"x\n{big}\ny"], ["4", "a\n" * 60], ["5", "end"]]
