@@ -260,7 +260,7 @@ class NpyWriter(_BaseWriter):
     def _append(self, ids: Sequence[str], batch: EmbeddedBatch) -> None:
         rows = np.ascontiguousarray(batch.embeddings, dtype=self.dtype)
         self._data.write(rows.data.cast("B"))
-        self._ids.write(_sidecar_lines(self.rows, ids, batch))
+        _write_sidecar(self._ids, self.rows, ids, batch)
 
     def _commit(self) -> None:
         self._data.flush()
@@ -298,23 +298,26 @@ class NpyWriter(_BaseWriter):
         return np.lib.format.magic(1, 0) + struct.pack("<H", room) + text
 
 
-def _sidecar_lines(first: int, ids: Sequence[str], batch: EmbeddedBatch) -> bytes:
-    """The sidecar lines of ``batch``, whose first row is row ``first`` of the output."""
+def _write_sidecar(file: IO[bytes], first: int, ids: Sequence[str], batch: EmbeddedBatch) -> None:
+    """Write the sidecar lines of ``batch``, whose first row is row ``first`` of the output."""
     rows = range(first, first + len(ids))
     meta = _chunk_meta(batch)
     if meta is None:
-        return _json_lines([{"row": row, "id": id_} for row, id_ in zip(rows, ids, strict=True)])
+        lines = [{"row": row, "id": id_} for row, id_ in zip(rows, ids, strict=True)]
+        _write_json_lines(file, lines)
+        return
     columns = zip(rows, ids, batch.positions.tolist(), *meta, strict=True)
-    return _json_lines(
+    _write_json_lines(
+        file,
         [
             {"row": row, "id": id_, "position": position, "chunk": number, "span": span}
             for row, id_, position, number, span in columns
-        ]
+        ],
     )
 
 
-def _json_lines(objects: list[dict[str, object]]) -> bytes:
-    """One JSON line per object, from a single orjson call over the whole list.
+def _write_json_lines(file: IO[bytes], objects: Sequence[dict[str, object]]) -> None:
+    """Write one JSON line per object, made by a single orjson call over the whole list.
 
     One call, not one per row: orjson gives every result a buffer of at least 4 KiB, which per
     row costs more than the row. The objects are flat, share their first key and hold no nested
@@ -322,11 +325,12 @@ def _json_lines(objects: list[dict[str, object]]) -> bytes:
     always escaped), and replacing it splits the array into lines.
     """
     if not objects:
-        return b""
+        return
     head = orjson.dumps(next(iter(objects[0])))
     text = orjson.dumps(objects, option=orjson.OPT_SERIALIZE_NUMPY)
     text = text.replace(b"},{" + head + b":", b"}\n{" + head + b":")
-    return text[1:-1] + b"\n"
+    file.write(memoryview(text)[1:-1])  # a view: slicing bytes would copy the whole batch again
+    file.write(b"\n")
 
 
 class JsonlWriter(_BaseWriter):
@@ -351,7 +355,7 @@ class JsonlWriter(_BaseWriter):
         meta = _chunk_meta(batch)
         lines: list[dict[str, object]] = []
         for i, id_ in enumerate(ids):
-            line: dict[str, object] = {"id": id_}  # first key: _json_lines splits on it
+            line: dict[str, object] = {"id": id_}  # first key: lines are split on it
             if meta is not None:
                 line["chunk"], line["span"] = meta[0][i], meta[1][i]
             if failed[i]:
@@ -359,7 +363,7 @@ class JsonlWriter(_BaseWriter):
             else:
                 line["embedding"] = rows[i]  # a contiguous row view: orjson formats it natively
             lines.append(line)
-        self._file.write(_json_lines(lines))
+        _write_json_lines(self._file, lines)
 
     def _finish(self) -> None:
         self._file.close()

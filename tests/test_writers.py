@@ -31,8 +31,7 @@ def _batch(
 ) -> EmbeddedBatch:
     """Rows ``first..first+count``: row r holds r + k/10 in column k; ``failed`` rows are NaN."""
     positions = np.arange(first, first + count, dtype=np.int64)
-    rows = positions[:, None] + np.arange(DIMS, dtype=np.float32) / 10
-    rows = rows.astype(np.float32)
+    rows = (positions[:, None] + np.arange(DIMS) / 10).astype(np.float32)
     for row in failed:
         rows[row - first] = np.nan
     if not chunks:
@@ -65,7 +64,8 @@ def _jsonl(path: Path) -> list[dict[str, Any]]:
 
 @pytest.fixture
 def pq() -> ModuleType:
-    return pytest.importorskip("pyarrow.parquet")
+    module: ModuleType = pytest.importorskip("pyarrow.parquet")
+    return module
 
 
 # --- .npy ---------------------------------------------------------------------------------
