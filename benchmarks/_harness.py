@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing as mp
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -41,12 +41,16 @@ def _serve(config: testing.ServerConfig, conn: Connection) -> None:
 
 
 @contextmanager
-def server_process(config: testing.ServerConfig) -> Iterator[tuple[str, list[ServerReport]]]:
-    """Yield (url, box); after the block the box holds the server's report."""
+def server_process(
+    config: testing.ServerConfig, serve: Callable[[testing.ServerConfig, Connection], None] = _serve
+) -> Iterator[tuple[str, list[Any]]]:
+    """Yield (url, box); after the block the box holds what ``serve`` sent back at the end (by
+    default a ServerReport). ``serve`` runs in a spawned process: it sends the URL, waits for
+    "stop", then sends its report."""
     parent, child = mp.Pipe()
-    process = mp.get_context("spawn").Process(target=_serve, args=(config, child), daemon=True)
+    process = mp.get_context("spawn").Process(target=serve, args=(config, child), daemon=True)
     process.start()
-    box: list[ServerReport] = []
+    box: list[Any] = []
     try:
         yield parent.recv(), box
         parent.send("stop")

@@ -21,6 +21,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 import numpy as np
+from _harness import server_process
 
 from sfembed import testing
 
@@ -97,18 +98,8 @@ def _serve(config: testing.ServerConfig, conn: Connection) -> None:
 @contextmanager
 def sampled_server(config: testing.ServerConfig) -> Iterator[tuple[str, list[ServerLog]]]:
     """Yield (url, box); after the block the box holds the server's log."""
-    parent, child = mp.Pipe()
-    process = mp.get_context("spawn").Process(target=_serve, args=(config, child), daemon=True)
-    process.start()
-    box: list[ServerLog] = []
-    try:
-        yield parent.recv(), box
-        parent.send("stop")
-        box.append(parent.recv())
-    finally:
-        process.join(timeout=10)
-        if process.is_alive():
-            process.kill()
+    with server_process(config, _serve) as (url, box):
+        yield url, box
 
 
 # --- the clients --------------------------------------------------------------------------------

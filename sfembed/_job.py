@@ -88,18 +88,12 @@ async def run_job(
     paths or formats, and an APIError that no retry can get past.
     """
     spec = _catalog(settings, client.catalog)[settings.model]
-    io = settings.io
-    records = read_records(
-        input_path,
-        format=io.input_format,
-        id_field=io.id_field,
-        text_field=io.text_field,
-        image_field=io.image_field,
-    )
+    records = _records(input_path, settings)
     errors = Path(errors_path) if errors_path else Path(f"{output_path}.errors.jsonl")
     summary = JobSummary(JobStats(), 0.0)
     ids = _Ids()
     dims = spec.output_dimensions(settings.dimensions)
+    io = settings.io
     with (
         open_writer(output_path, format=io.output_format, dims=dims, dtype=io.dtype) as writer,
         _ErrorLog(errors) as error_log,
@@ -120,6 +114,17 @@ async def run_job(
     summary.wall_s = time.monotonic() - summary.stats.started_s
     summary.errors_path = errors if summary.failed else None
     return summary
+
+
+def _records(input_path: str | Path, settings: Settings) -> Iterator[Record]:
+    io = settings.io
+    return read_records(
+        input_path,
+        format=io.input_format,
+        id_field=io.id_field,
+        text_field=io.text_field,
+        image_field=io.image_field,
+    )
 
 
 class _ErrorLog:
@@ -176,17 +181,10 @@ class DryRun:
 def dry_run(input_path: str | Path, settings: Settings, spec: ModelSpec, price: float) -> DryRun:
     """Count the job's tokens exactly and estimate requests, wall time at the configured limits
     (in seconds) and cost (``price`` per million tokens). Sends nothing."""
-    io = settings.io
     counter = counter_for(spec)
     packer = Packer(max_items=settings.batch.max_items, max_tokens=settings.batch.max_tokens)
     totals = [0, 0, 0, 0, 0]  # records, unusable, tokens, items, requests
-    source = read_records(
-        input_path,
-        format=io.input_format,
-        id_field=io.id_field,
-        text_field=io.text_field,
-        image_field=io.image_field,
-    )
+    source = _records(input_path, settings)
     for block in _blocks_of(source, totals):
         for count in counter.count(block):
             tokens, items = _plan(count, spec, settings.long_mode)
