@@ -40,7 +40,15 @@ from ._models import DEFAULT_CATALOG, ModelCatalog, ModelSpec
 from ._packer import Packer, bisect
 from ._reorder import EmbeddedBatch, Failure, ReorderBuffer
 from ._retry import call_with_retries
-from ._tokens import Calibration, TokenCounter, count_async, counter_for
+from ._tokens import (
+    FAMILIES,
+    Calibration,
+    CharClassEstimator,
+    TokenCounter,
+    count_async,
+    counter_for,
+    upper_bound,
+)
 from ._types import Chunk, EmbeddingResult, FloatArray, InputItem, Unusable
 
 __all__ = ["JobStats", "embed", "embed_stream"]
@@ -162,8 +170,12 @@ class _Job:
         self.client = client
         self.stats = stats
         self.limiter = limiter or RateLimiter(settings.rate)
-        self.counter: TokenCounter = counter_for(self.spec)
-        self.calibration = Calibration(exact=self.counter.exact)
+        # Charges are always priced by the estimator, so one calibration against the server's
+        # usage holds for every request; exact counts decide only where texts are cut.
+        family = FAMILIES.get(self.spec.tokenizer or "")
+        self.estimator = CharClassEstimator(self.spec.special_tokens, family=family)
+        self.calibration = Calibration(exact=False)
+        self._exact: TokenCounter | None = None
         self.packer = Packer(max_items=settings.batch.max_items, max_tokens=self._request_tokens())
         self.chunks_mode = settings.long_mode == "chunks"
         self.reorder = ReorderBuffer(
@@ -222,16 +234,41 @@ class _Job:
         position = 0
         async for block in _blocks(inputs, _BLOCK):
             texts = [_text_of(item) for item in block]
-            counts = iter(await count_async(self.counter, [t for t in texts if t]))
-            for item, text in zip(block, texts, strict=True):
-                tokens = next(counts) if text else _IMAGE_TOKENS if _is_image(item) else 0
-                chunks = await self._chunks_of(position, item, text, tokens)
+            estimates = iter(self.estimator.count([t for t in texts if t]))
+            exact = await self._exact_counts(texts)
+            for index, (item, text) in enumerate(zip(block, texts, strict=True)):
+                tokens = next(estimates) if text else _IMAGE_TOKENS if _is_image(item) else 0
+                chunks = await self._chunks_of(position, item, text, tokens, exact.get(index))
                 await self._enqueue(self.packer.add(chunks))
                 position += 1
             self.stats.records += len(block)
         await self._enqueue(self.packer.flush())
         for _ in range(self.settings.concurrency):
             await self.requests.put(None)
+
+    async def _exact_counts(self, texts: Sequence[str]) -> dict[int, int]:
+        """Exact counts of the texts that might be over the per-item limit, by index.
+
+        A strict upper bound (UTF-8 bytes plus special tokens) proves most texts fit, so they are
+        never tokenized; the rest are counted in one batch off the event loop. Truncate mode
+        leaves cutting to the server and counts nothing exactly."""
+        if self.settings.long_mode == "truncate":
+            return {}
+        limit = self._item_limit()
+        doubtful = [i for i, text in enumerate(texts) if upper_bound(text, self.spec) > limit]
+        if not doubtful:
+            return {}
+        counts = await count_async(await self._exact_counter(), [texts[i] for i in doubtful])
+        return dict(zip(doubtful, counts, strict=True))
+
+    async def _exact_counter(self) -> TokenCounter:
+        """The exact counter, loaded off the event loop the first time a text may be too long:
+        loading takes up to a second and, for XLM-R, some 280 MB that a job of short texts
+        never needs."""
+        if self._exact is None:
+            loop = asyncio.get_running_loop()
+            self._exact = await loop.run_in_executor(None, counter_for, self.spec)
+        return self._exact
 
     async def _enqueue(self, requests: Iterable[list[Chunk]]) -> None:
         for request in requests:
@@ -244,19 +281,23 @@ class _Job:
             await self._enqueue(self.packer.flush())
         return await self.reorder.reserve(units)
 
-    async def _chunks_of(self, position: int, item: Input, text: str, tokens: int) -> list[Chunk]:
+    async def _chunks_of(
+        self, position: int, item: Input, text: str, tokens: int, exact: int | None
+    ) -> list[Chunk]:
+        """The chunks of one record: itself when it fits (``exact`` is None when the upper bound
+        proved it does), else its pieces cut at token boundaries."""
         problem = _problem(item, text)
-        if problem or tokens <= self._item_limit() or self.settings.long_mode == "truncate":
+        if problem or exact is None or exact <= self._item_limit():
             unit = await self._reserve(1)
             self._describe(unit, position, 0, (0, len(text)))
             tokens = min(tokens, self.spec.max_input_tokens)
             sendable = "" if isinstance(item, Unusable) else item  # an Unusable is never sent
-            chunk = Chunk(unit, position, 0, sendable, tokens, 0, len(text))
+            chunk = Chunk(unit, position, 0, sendable, tokens, 0, len(text), exact or 0)
             if problem:
                 self._fail(chunk, problem)
                 return []
             return [chunk]
-        offsets = self.counter.spans(text)
+        offsets = (await self._exact_counter()).spans(text)
         limit = self._item_limit() - self.spec.special_tokens
         spans = split_spans(text, offsets, limit, overlap=self.settings.overlap_tokens)
         if self.chunks_mode:
@@ -287,13 +328,16 @@ class _Job:
         span: tuple[int, int],
     ) -> Chunk:
         start, end = char_range(offsets, span)
-        tokens = span[1] - span[0] + self.spec.special_tokens
-        return Chunk(unit, position, number, text[start:end], tokens, start, end)
+        piece = text[start:end]
+        weight = span[1] - span[0] + self.spec.special_tokens  # exact: pooling is by real tokens
+        tokens = self.estimator.count([piece])[0]  # the charge basis, as for every item
+        return Chunk(unit, position, number, piece, tokens, start, end, weight)
 
     def _item_limit(self) -> int:
-        """Tokens one item may have by our count, narrowed when the server counts more than us:
-        by the calibrated ratio, and by each refusal of a lone text near the limit."""
-        scale = self._item_scale / max(self.calibration.ratio, 1.0)
+        """Tokens one item may have by our exact count, narrowed each time the server refuses a
+        text near the limit (it counts more than we do). The charge calibration says nothing
+        here: it relates the server's count to the estimator's, not to the exact one."""
+        scale = self._item_scale
         return max(self.spec.special_tokens + 1, int(self.spec.max_input_tokens * scale))
 
     def _describe(self, unit: int, position: int, number: int, span: tuple[int, int]) -> None:
@@ -429,9 +473,10 @@ class _Job:
     def _halves(self, chunk: Chunk) -> list[Chunk] | None:
         """Two halves of a text near the per-item limit, or None for anything else."""
         text = chunk.item
-        if not isinstance(text, str) or chunk.tokens * 2 <= self.spec.max_input_tokens:
+        known = chunk.weight or chunk.tokens  # the exact count when we have one
+        if not isinstance(text, str) or known * 2 <= self.spec.max_input_tokens:
             return None
-        offsets = self.counter.spans(text)
+        offsets = (self._exact or self.estimator).spans(text)
         middle = len(offsets) // 2
         if middle == 0:
             return None

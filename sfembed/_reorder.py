@@ -154,7 +154,7 @@ class ReorderBuffer:
     def _add_part(self, chunk: Chunk, row: FloatArray) -> None:
         entry = self._pending[chunk.unit]
         entry.vectors.append(row)
-        entry.weights.append(float(max(chunk.tokens, 1)))
+        entry.weights.append(float(max(chunk.weight or chunk.tokens, 1)))
         if len(entry.vectors) == entry.parts:
             del self._pending[chunk.unit]
             self._finish(chunk.unit, pool(np.stack(entry.vectors), entry.weights))

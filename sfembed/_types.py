@@ -99,8 +99,9 @@ class Chunk:
     """One item to send: a whole record, or one piece of an over-long one.
 
     ``unit`` is the output row it contributes to (the record's position in ``pool`` mode, the
-    chunk's sequence number in ``chunks`` mode); ``tokens`` is the local count with special tokens;
-    ``start``/``end`` are its characters in the record's text.
+    chunk's sequence number in ``chunks`` mode); ``tokens`` is the estimated count with special
+    tokens (what requests are packed and charged by); ``start``/``end`` are its characters in the
+    record's text; ``weight`` is its exact token count when known, for pooling (0: use tokens).
     """
 
     unit: int
@@ -110,6 +111,7 @@ class Chunk:
     tokens: int
     start: int = 0
     end: int = 0
+    weight: int = 0
 
 
 @dataclass(frozen=True, slots=True)
