@@ -26,7 +26,7 @@ from ._models import ModelSpec
 from ._packer import Packer
 from ._pipeline import JobStats, _catalog, embed_stream
 from ._readers import Record, read_records
-from ._reorder import EmbeddedBatch, Failure
+from ._reorder import EmbeddedBatch
 from ._tokens import counter_for
 from ._types import Chunk, Unusable
 from ._writers import open_writer
@@ -107,7 +107,7 @@ async def run_job(
         ):
             where = ids.take(batch)
             writer.write([record_id for record_id, _ in where], batch)
-            summary.failed += error_log.write(batch, where, summary.stats.failures)
+            summary.failed += error_log.write(batch, where)
             summary.rows += len(batch)
             if on_batch is not None:
                 on_batch(summary.stats)
@@ -133,7 +133,6 @@ class _ErrorLog:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._file: IO[bytes] | None = None
-        self._seen = 0
 
     def __enter__(self) -> _ErrorLog:
         return self
@@ -142,22 +141,16 @@ class _ErrorLog:
         if self._file is not None:
             self._file.close()
 
-    def write(
-        self, batch: EmbeddedBatch, where: list[tuple[str, int]], failures: list[Failure]
-    ) -> int:
-        """Log the failures the pipeline reported with this batch; returns how many."""
-        new = failures[self._seen :]
-        self._seen = len(failures)
-        if not new:
-            return 0
+    def write(self, batch: EmbeddedBatch, where: list[tuple[str, int]]) -> int:
+        """Log the failures of this batch; returns how many."""
         rows = {position: row for row, position in enumerate(batch.positions.tolist())}
-        for failure in new:
+        for failure in batch.failures:
             record_id, line = where[rows[failure.position]]
-            entry = {"id": record_id, "line": line, "reason": failure.reason}
+            entry: dict[str, object] = {"id": record_id, "line": line, "reason": failure.reason}
             if failure.chunk is not None:
                 entry["chunk"] = failure.chunk
             self._out().write(orjson.dumps(entry) + b"\n")
-        return len(new)
+        return len(batch.failures)
 
     def _out(self) -> IO[bytes]:
         if self._file is None:

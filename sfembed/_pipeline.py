@@ -188,6 +188,7 @@ class _Job:
         self._senders_left = settings.concurrency
         self._item_scale = 1.0
         self._calibrated = asyncio.Event()
+        self._release_lock = asyncio.Lock()
         self._probing = False
 
     def _request_tokens(self) -> int:
@@ -495,14 +496,19 @@ class _Job:
         self.reorder.fail(chunk, reason)
 
     async def _release(self) -> None:
-        """Hand every finished contiguous run to the caller."""
-        batch, failures = self.reorder.take()
-        if batch is None:
-            return
-        self.stats.failures.extend(failures)
-        self.stats.rows += len(batch)
+        """Hand every finished contiguous run to the caller, with the failures it holds.
+
+        Taking a run from the ring and handing it over happen under one lock: otherwise a sender
+        that took a later run could hand it over first while this one waits (for the queue, or
+        for the ring's condition), and rows would reach the caller out of order."""
+        async with self._release_lock:
+            batch, failures = self.reorder.take()
+            if batch is None:
+                return
+            self.stats.failures.extend(failures)
+            self.stats.rows += len(batch)
+            await self.output.put(dataclasses.replace(batch, failures=tuple(failures)))
         await self.reorder.notify_room()
-        await self.output.put(batch)
 
 
 async def _blocks(

@@ -38,13 +38,15 @@ class EmbeddedBatch:
     """Consecutive output rows: ``positions[i]`` is the input position of ``embeddings[i]``.
 
     Unpacks as ``positions, embeddings``. In ``chunks`` mode ``chunk_numbers`` and ``spans``
-    (character start and end in the record) describe each row. A failed row is NaN.
+    (character start and end in the record) describe each row. A failed row is NaN, and
+    ``failures`` says why for each failed row of this batch.
     """
 
     positions: IntArray
     embeddings: FloatArray
     chunk_numbers: IntArray | None = None
     spans: MetaArray | None = None
+    failures: tuple[Failure, ...] = ()
 
     def __iter__(self):  # type: ignore[no-untyped-def]
         yield self.positions

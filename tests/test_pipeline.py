@@ -228,6 +228,21 @@ async def test_stream_batches_are_contiguous_and_cover_every_input_once(
     assert expected_start == 120
 
 
+async def test_batches_stay_in_order_while_the_ring_is_full(server: LocalServer) -> None:
+    # More rows than the ring holds, many senders: intake waits for room while senders hand over
+    # runs. A sender that took its run from the ring first must hand it over first.
+    texts = [f"row {i}" for i in range(6000)]
+    settings = settings_for(server, concurrency=16)
+    async with client_for(server) as client:
+        for _ in range(3):
+            seen: list[int] = []
+            async for positions, _ in embed_stream(
+                texts, model=M3, settings=settings, client=client
+            ):
+                seen.extend(positions.tolist())
+            assert seen == list(range(len(texts)))
+
+
 async def test_dimensions_option_reaches_the_server(server: LocalServer) -> None:
     async with client_for(server) as client:
         rows = await embed(
