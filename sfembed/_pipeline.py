@@ -24,6 +24,7 @@ from collections.abc import (
     Coroutine,
     Iterable,
     Sequence,
+    Sized,
 )
 from dataclasses import dataclass, field
 from itertools import islice
@@ -103,15 +104,45 @@ async def embed(
     Raises ConfigError, or an APIError that no retry can get past (a wrong key, say).
     """
     job_stats = stats if stats is not None else JobStats()
-    parts = [
-        batch.embeddings
-        async for batch in embed_stream(
-            inputs, model=model, settings=settings, client=client, stats=job_stats, **options
-        )
-    ]
+    rows = _Rows(len(inputs) if isinstance(inputs, Sized) else None)
+    async for batch in embed_stream(
+        inputs, model=model, settings=settings, client=client, stats=job_stats, **options
+    ):
+        rows.add(batch.embeddings)
     if job_stats.failures and errors == "raise":
         raise exc.JobError(job_stats.failures)
-    return np.concatenate(parts) if parts else np.empty((0, 0), dtype=np.float32)
+    return rows.result()
+
+
+class _Rows:
+    """The rows of ``embed``: written straight into one array when the count is known (no second
+    copy of a result that can be gigabytes), else gathered and joined at the end."""
+
+    def __init__(self, expected: int | None) -> None:
+        self.expected = expected
+        self.filled = 0
+        self.array: FloatArray | None = None
+        self.parts: list[FloatArray] = []
+
+    def add(self, rows: FloatArray) -> None:
+        end = self.filled + len(rows)
+        if self.array is None and not self.parts and self.expected is not None:
+            self.array = np.empty((self.expected, rows.shape[1]), dtype=np.float32)
+        if self.array is not None and end > len(self.array):  # chunks mode: more rows than inputs
+            self.parts.append(self.array[: self.filled])
+            self.array = None
+        if self.array is not None:
+            self.array[self.filled : end] = rows
+        else:
+            self.parts.append(rows)
+        self.filled = end
+
+    def result(self) -> FloatArray:
+        if self.array is not None:
+            return self.array[: self.filled]
+        if self.parts:
+            return np.concatenate(self.parts)
+        return np.empty((0, 0), dtype=np.float32)
 
 
 async def embed_stream(

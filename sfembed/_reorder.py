@@ -88,8 +88,9 @@ class ReorderBuffer:
         when they can never fit."""
         if units > self.capacity:
             raise ValueError(f"{units} units exceed the reorder capacity of {self.capacity}")
-        async with self._room:
-            await self._room.wait_for(lambda: self.has_room(units))
+        if not self.has_room(units):  # the usual case has room: no lock, no wait per record
+            async with self._room:
+                await self._room.wait_for(lambda: self.has_room(units))
         first, self.created = self.created, self.created + units
         return first
 

@@ -90,3 +90,23 @@ async def test_cancelled_reserve_takes_nothing() -> None:
     with pytest.raises(asyncio.CancelledError):
         await waiter
     assert ring.created == 1
+
+
+def test_embed_rows_fill_one_array_and_fall_back_when_rows_outnumber_inputs() -> None:
+    from sfembed._pipeline import _Rows
+
+    def batch(start: int, count: int) -> np.ndarray:
+        return np.arange(start, start + count, dtype=np.float32).repeat(2).reshape(count, 2)
+
+    known = _Rows(5)
+    known.add(batch(0, 3))
+    known.add(batch(3, 2))
+    assert known.result()[:, 0].tolist() == [0, 1, 2, 3, 4]
+    chunks = _Rows(3)  # chunks mode: more rows than inputs
+    chunks.add(batch(0, 2))
+    chunks.add(batch(2, 3))
+    assert chunks.result()[:, 0].tolist() == [0, 1, 2, 3, 4]
+    unsized = _Rows(None)
+    unsized.add(batch(0, 1))
+    assert unsized.result()[:, 0].tolist() == [0]
+    assert _Rows(None).result().shape == (0, 0)
