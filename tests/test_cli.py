@@ -125,3 +125,39 @@ def test_missing_key_is_a_clear_error(
     source = _jsonl(tmp_path / "in.jsonl", _docs(1))
     assert main(["embed", str(source), "--out", str(tmp_path / "o.npy")]) == 1
     assert "SILICONFLOW_API_KEY" in capsys.readouterr().err
+
+
+async def test_cancelling_a_job_leaves_a_valid_npy_of_the_rows_written(tmp_path: Path) -> None:
+    import asyncio
+
+    from sfembed import EmbeddingClient, load_settings
+    from sfembed._job import run_job
+
+    source = _jsonl(tmp_path / "in.jsonl", _docs(3000))
+    out = tmp_path / "out.npy"
+    async with testing.LocalServer(
+        testing.ServerConfig(faults=testing.Faults(latency_s=0.01))
+    ) as server:
+        settings = load_settings(base_url=server.url, concurrency=2)
+        async with EmbeddingClient(api_key="sk-local-test", base_url=server.url) as client:
+            batches = 0
+            two_batches = asyncio.Event()
+
+            def count(_: object) -> None:
+                nonlocal batches
+                batches += 1
+                if batches == 2:
+                    two_batches.set()
+
+            task = asyncio.create_task(
+                run_job(source, out, settings, client=client, on_batch=count)
+            )
+            await two_batches.wait()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+    rows = np.load(out)
+    assert 0 < len(rows) < 3000
+    np.testing.assert_allclose(
+        rows[0], testing.expected_embedding(MODEL, "document number 0"), atol=1e-6
+    )

@@ -901,3 +901,21 @@ async def test_plain_http_allowed_explicitly_reaches_the_server(make_server: Mak
         except APIConnectionError:
             pytest.skip("this machine's name does not resolve to a reachable address")
     np.testing.assert_array_equal(result.embeddings[0], expected_embedding(BGE, "x"))
+
+
+async def test_cancelling_a_request_in_flight_leaves_the_client_usable(
+    make_server: MakeServer,
+) -> None:
+    server = await make_server(faults=Faults(stall_s=5.0))
+    server.inject("stall")
+    async with EmbeddingClient(api_key=KEY, base_url=server.url) as client:
+        task = asyncio.create_task(client.embed("x", model=BGE))
+        for _ in range(1000):  # bounded wait until the server holds the request
+            if server.stats.stalls:
+                break
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        result = await client.embed("y", model=BGE)
+    assert result.embeddings.shape == (1, 1024)

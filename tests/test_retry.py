@@ -83,3 +83,21 @@ async def test_a_plain_callable_returning_an_awaitable_is_awaited() -> None:
     script = _Script(OverloadedError("y", status=503))
     assert await call_with_retries(lambda: script(), POLICY, sleep=script.sleep) == "ok"
     assert script.calls == 2
+
+
+async def test_cancelling_during_a_backoff_stops_the_retries() -> None:
+    import asyncio
+
+    script = _Script(*[APIConnectionError("r") for _ in range(10)])
+    waiting = asyncio.Event()
+
+    async def sleep(seconds: float) -> None:
+        waiting.set()
+        await asyncio.Event().wait()  # a backoff that only cancellation ends
+
+    task = asyncio.create_task(call_with_retries(script, POLICY, sleep=sleep))
+    await waiting.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert script.calls == 1
