@@ -82,6 +82,8 @@ class JobStats:
     rate_limited: int = 0
     retries: int = 0
     in_flight: int = 0
+    pace_tokens_per_s: float = 0.0  # the limiter's current pace, for an ETA
+    pace_requests_per_s: float = 0.0
     failures: list[Failure] = field(default_factory=list)
     started_s: float = field(default_factory=time.monotonic)
 
@@ -456,6 +458,8 @@ class _Job:
         self.calibration.observe(local, used)
         self.stats.requests += 1
         self.stats.tokens += used
+        self.stats.pace_tokens_per_s = self.limiter.tokens_per_s
+        self.stats.pace_requests_per_s = self.limiter.requests_per_s
 
     def _truncate(self) -> Any:
         if self.settings.long_mode != "truncate":

@@ -161,3 +161,16 @@ async def test_cancelling_a_job_leaves_a_valid_npy_of_the_rows_written(tmp_path:
     np.testing.assert_allclose(
         rows[0], testing.expected_embedding(MODEL, "document number 0"), atol=1e-6
     )
+
+
+def test_eta_follows_the_binding_limit() -> None:
+    from sfembed import JobStats
+    from sfembed._progress import eta_s
+
+    stats = JobStats(rows=100, tokens=10_000, requests=10)
+    assert eta_s(stats, 1000) is None  # no pace known yet
+    stats.pace_tokens_per_s, stats.pace_requests_per_s = 1000.0, 1.0
+    # 900 records left: 90,000 tokens at 1,000/s = 90 s; 90 requests at 1/s = 90 s
+    assert eta_s(stats, 1000) == pytest.approx(90.0)
+    stats.pace_requests_per_s = 0.5  # requests now bind: 180 s
+    assert eta_s(stats, 1000) == pytest.approx(180.0)
