@@ -269,16 +269,58 @@ class _Job:
         async for block in _blocks(inputs, _BLOCK):
             texts = [_text_of(item) for item in block]
             estimates = iter(self.estimator.count([t for t in texts if t]))
+            tokens = [
+                next(estimates) if text else _IMAGE_TOKENS if _is_image(item) else 0
+                for item, text in zip(block, texts, strict=True)
+            ]
             exact = await self._exact_counts(texts)
-            for index, (item, text) in enumerate(zip(block, texts, strict=True)):
-                tokens = next(estimates) if text else _IMAGE_TOKENS if _is_image(item) else 0
-                chunks = await self._chunks_of(position, item, text, tokens, exact.get(index))
-                await self._enqueue(self.packer.add(chunks))
-                position += 1
+            if self.chunks_mode:
+                await self._intake_chunks(position, block, texts, tokens, exact)
+            else:
+                await self._intake_rows(position, block, texts, tokens, exact)
+            position += len(block)
             self.stats.records += len(block)
         await self._enqueue(self.packer.flush())
         for _ in range(self.settings.concurrency):
             await self.requests.put(None)
+
+    async def _intake_rows(
+        self,
+        first: int,
+        block: Sequence[Input],
+        texts: Sequence[str],
+        tokens: Sequence[int],
+        exact: dict[int, int],
+    ) -> None:
+        """One row per record (``pool``, ``truncate``): the block's rows are reserved at once and
+        its chunks built without an await per record, the hot path of a large job."""
+        unit = await self._reserve(len(block))
+        chunks = [
+            chunk
+            for i, (item, text) in enumerate(zip(block, texts, strict=True))
+            for chunk in self._record(unit + i, first + i, item, text, tokens[i], exact.get(i))
+        ]
+        await self._enqueue(self.packer.add(chunks))
+
+    async def _intake_chunks(
+        self,
+        first: int,
+        block: Sequence[Input],
+        texts: Sequence[str],
+        tokens: Sequence[int],
+        exact: dict[int, int],
+    ) -> None:
+        """One row per chunk: each record reserves its rows as it goes, so that a record of more
+        chunks than the ring holds still streams through it."""
+        for i, (item, text) in enumerate(zip(block, texts, strict=True)):
+            if self._fits(item, text, exact.get(i)):
+                unit = await self._reserve(1)
+                self._describe(unit, first + i, 0, (0, len(text)))
+                chunks = self._record(unit, first + i, item, text, tokens[i], exact.get(i))
+                await self._enqueue(self.packer.add(chunks))
+            else:
+                offsets, spans = self._cuts(text)
+                await self._stream_chunks(first + i, text, offsets, spans)
 
     async def _exact_counts(self, texts: Sequence[str]) -> dict[int, int]:
         """Exact counts of the texts that might be over the per-item limit, by index.
@@ -315,31 +357,34 @@ class _Job:
             await self._enqueue(self.packer.flush())
         return await self.reorder.reserve(units)
 
-    async def _chunks_of(
-        self, position: int, item: Input, text: str, tokens: int, exact: int | None
+    def _fits(self, item: Input, text: str, exact: int | None) -> bool:
+        """True when the record goes whole: unusable, proved short by its upper bound (``exact``
+        is None), or short by its exact count."""
+        return bool(_problem(item, text)) or exact is None or exact <= self._item_limit()
+
+    def _record(
+        self, unit: int, position: int, item: Input, text: str, tokens: int, exact: int | None
     ) -> list[Chunk]:
-        """The chunks of one record: itself when it fits (``exact`` is None when the upper bound
-        proved it does), else its pieces cut at token boundaries."""
-        problem = _problem(item, text)
-        if problem or exact is None or exact <= self._item_limit():
-            unit = await self._reserve(1)
-            self._describe(unit, position, 0, (0, len(text)))
-            tokens = min(tokens, self.spec.max_input_tokens)
-            sendable = "" if isinstance(item, Unusable) else item  # an Unusable is never sent
-            chunk = Chunk(unit, position, 0, sendable, tokens, 0, len(text), exact or 0)
-            if problem:
-                self._fail(chunk, problem)
-                return []
-            return [chunk]
-        offsets = (await self._exact_counter()).spans(text)
-        limit = self._item_limit() - self.spec.special_tokens
-        spans = split_spans(text, offsets, limit, overlap=self.settings.overlap_tokens)
-        if self.chunks_mode:
-            await self._stream_chunks(position, text, offsets, spans)
+        """The chunks of one record, all in row ``unit``: itself when it fits, else its pieces
+        (pooled back into the row when the last one is answered). An unusable record fails."""
+        if not self._fits(item, text, exact):
+            offsets, spans = self._cuts(text)
+            self.reorder.expect_parts(unit, len(spans) - 1)
+            return [self._piece(position, unit, n, text, offsets, s) for n, s in enumerate(spans)]
+        sendable = "" if isinstance(item, Unusable) else item  # an Unusable is never sent
+        tokens = min(tokens, self.spec.max_input_tokens)
+        chunk = Chunk(unit, position, 0, sendable, tokens, 0, len(text), exact or 0)
+        if problem := _problem(item, text):
+            self._fail(chunk, problem)
             return []
-        unit = await self._reserve(1)
-        self.reorder.expect_parts(unit, len(spans) - 1)
-        return [self._piece(position, unit, n, text, offsets, s) for n, s in enumerate(spans)]
+        return [chunk]
+
+    def _cuts(self, text: str) -> tuple[Offsets, list[tuple[int, int]]]:
+        """Token offsets of an over-long text and the token ranges it is cut into."""
+        assert self._exact is not None  # loaded by _exact_counts before any text is cut
+        offsets = self._exact.spans(text)
+        limit = self._item_limit() - self.spec.special_tokens
+        return offsets, split_spans(text, offsets, limit, overlap=self.settings.overlap_tokens)
 
     async def _stream_chunks(
         self, position: int, text: str, offsets: Offsets, spans: Sequence[tuple[int, int]]
