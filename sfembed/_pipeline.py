@@ -313,7 +313,7 @@ class _Job:
         """One row per chunk: each record reserves its rows as it goes, so that a record of more
         chunks than the ring holds still streams through it."""
         for i, (item, text) in enumerate(zip(block, texts, strict=True)):
-            if self._fits(item, text, exact.get(i)):
+            if self._fits(_problem(item, text), exact.get(i)):
                 unit = await self._reserve(1)
                 self._describe(unit, first + i, 0, (0, len(text)))
                 chunks = self._record(unit, first + i, item, text, tokens[i], exact.get(i))
@@ -357,24 +357,25 @@ class _Job:
             await self._enqueue(self.packer.flush())
         return await self.reorder.reserve(units)
 
-    def _fits(self, item: Input, text: str, exact: int | None) -> bool:
+    def _fits(self, problem: str | None, exact: int | None) -> bool:
         """True when the record goes whole: unusable, proved short by its upper bound (``exact``
         is None), or short by its exact count."""
-        return bool(_problem(item, text)) or exact is None or exact <= self._item_limit()
+        return problem is not None or exact is None or exact <= self._item_limit()
 
     def _record(
         self, unit: int, position: int, item: Input, text: str, tokens: int, exact: int | None
     ) -> list[Chunk]:
         """The chunks of one record, all in row ``unit``: itself when it fits, else its pieces
         (pooled back into the row when the last one is answered). An unusable record fails."""
-        if not self._fits(item, text, exact):
+        problem = _problem(item, text)
+        if not self._fits(problem, exact):
             offsets, spans = self._cuts(text)
             self.reorder.expect_parts(unit, len(spans) - 1)
             return [self._piece(position, unit, n, text, offsets, s) for n, s in enumerate(spans)]
         sendable = "" if isinstance(item, Unusable) else item  # an Unusable is never sent
         tokens = min(tokens, self.spec.max_input_tokens)
         chunk = Chunk(unit, position, 0, sendable, tokens, 0, len(text), exact or 0)
-        if problem := _problem(item, text):
+        if problem is not None:
             self._fail(chunk, problem)
             return []
         return [chunk]
