@@ -15,7 +15,7 @@ from ._client import EmbeddingClient
 from ._config import RateLimits, Settings, load_settings
 from ._exceptions import SFEmbedError
 from ._job import JobSummary, dry_run, price_of, run_job
-from ._models import DEFAULT_CATALOG
+from ._pipeline import catalog_for
 from ._progress import TqdmProgress
 
 __all__ = ["main"]
@@ -193,18 +193,19 @@ def _count_lines(path: str) -> int | None:
 
 
 def _print_dry_run(args: argparse.Namespace, settings: Settings) -> int:
-    spec = DEFAULT_CATALOG.with_table(settings.models)[settings.model]
+    spec = catalog_for(settings)[settings.model]
+    # A prices file the user names must exist; the shipped default is used when present.
     prices = Path(args.prices) if args.prices else _PRICES
-    plan = dry_run(
-        args.input, settings, spec, price_of(spec.name, prices) if prices.exists() else 0.0
-    )
+    known = args.prices is not None or prices.exists()
+    plan = dry_run(args.input, settings, spec, price_of(spec.name, prices) if known else 0.0)
+    source = f"prices per million tokens from {prices}" if known else "no prices file found"
     rows = [
         ("records", f"{plan.records:,} ({plan.unusable:,} unusable)"),
         ("tokens (exact)", f"{plan.tokens:,}"),
         ("items after splitting", f"{plan.items:,}"),
         ("requests", f"{plan.requests:,}"),
         ("wall time at the limits", f"{plan.wall_s:,.0f} s ({plan.wall_s / 3600:.2f} h)"),
-        ("cost", f"{plan.cost:,.2f} (prices per million tokens from {prices})"),
+        ("cost", f"{plan.cost:,.2f} ({source})"),
     ]
     print("\n".join(f"  {name:<24}{value}" for name, value in rows))
     return EXIT_OK

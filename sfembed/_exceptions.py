@@ -87,6 +87,7 @@ class InputError(SFEmbedError, ValueError):
 
     def __init__(self, message: str, *, item: int | None = None) -> None:
         self.item = item
+        self.reason = message  # without the item prefix, for reports that name the item already
         prefix = f"input item {item}: " if item is not None else ""
         super().__init__(prefix + message)
 
@@ -102,6 +103,7 @@ class RecordError(InputError):
         places = (f"line {line}" if line else "", f"id {record_id!r}" if record_id else "")
         where = ", ".join(p for p in places if p)
         super().__init__(f"record ({where}): {message}" if where else message)
+        self.reason = message
 
 
 class APIError(SFEmbedError):

@@ -24,7 +24,7 @@ from ._config import Settings
 from ._exceptions import ConfigError
 from ._models import ModelSpec
 from ._packer import Packer
-from ._pipeline import JobStats, _catalog, embed_stream
+from ._pipeline import JobStats, catalog_for, embed_stream
 from ._readers import Record, read_records
 from ._reorder import EmbeddedBatch
 from ._tokens import counter_for
@@ -87,7 +87,7 @@ async def run_job(
     path with ``.errors.jsonl``), created only when something failed. Raises ConfigError for bad
     paths or formats, and an APIError that no retry can get past.
     """
-    spec = _catalog(settings, client.catalog)[settings.model]
+    spec = catalog_for(settings, client.catalog)[settings.model]
     records = _records(input_path, settings)
     errors = Path(errors_path) if errors_path else Path(f"{output_path}.errors.jsonl")
     summary = JobSummary(JobStats(), 0.0)

@@ -178,13 +178,14 @@ def _client_for(settings: Settings) -> EmbeddingClient:
         api_key_env=settings.api_key_env,
         base_url=settings.base_url,
         timeouts=settings.timeouts,
-        catalog=_catalog(settings),
+        catalog=catalog_for(settings),
         max_batch_items=settings.batch.max_items,
         max_connections=settings.concurrency,
     )
 
 
-def _catalog(settings: Settings, base: ModelCatalog = DEFAULT_CATALOG) -> ModelCatalog:
+def catalog_for(settings: Settings, base: ModelCatalog = DEFAULT_CATALOG) -> ModelCatalog:
+    """``base`` extended by the settings' ``[models]`` table."""
     return base.with_table(settings.models) if settings.models else base
 
 
@@ -199,7 +200,7 @@ class _Job:
         limiter: RateLimiter | None,
     ) -> None:
         self.settings = settings
-        self.spec: ModelSpec = _catalog(settings, client.catalog)[settings.model]
+        self.spec: ModelSpec = catalog_for(settings, client.catalog)[settings.model]
         self.client = client
         self.stats = stats
         self.limiter = limiter or RateLimiter(settings.rate)
@@ -417,8 +418,8 @@ class _Job:
         """Tokens one item may have by our exact count, narrowed each time the server refuses a
         text near the limit (it counts more than we do). The charge calibration says nothing
         here: it relates the server's count to the estimator's, not to the exact one."""
-        scale = self._item_scale
-        return max(self.spec.special_tokens + 1, int(self.spec.max_input_tokens * scale))
+        limit = int(self.spec.max_input_tokens * self._item_scale)
+        return max(self.spec.special_tokens + 1, limit)
 
     def _describe(self, unit: int, position: int, number: int, span: tuple[int, int]) -> None:
         if self.chunks_mode:
@@ -450,7 +451,7 @@ class _Job:
         except exc.InputError as error:
             if error.item is None:
                 raise  # an option, not an input: no request of this job can be sent
-            await self._drop(request, error.item, str(error).split(": ", 1)[-1])
+            await self._drop(request, error.item, error.reason)
         except exc.APIError as error:
             for chunk in request:
                 self._fail(chunk, f"gave up after retries: {error}")

@@ -96,6 +96,8 @@ class ReorderBuffer:
 
     def expect_parts(self, unit: int, parts: int) -> None:
         """Unit ``unit`` is made of ``parts`` more parts than the one it was planned with."""
+        if unit < self.emitted or unit in self._failed:
+            return  # its row is settled: a stale entry would only slow every later put
         entry = self._pending.get(unit)
         if entry is None:
             self._pending[unit] = _Pending(parts=parts + 1)

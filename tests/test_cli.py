@@ -174,3 +174,22 @@ def test_eta_follows_the_binding_limit() -> None:
     assert eta_s(stats, 1000) == pytest.approx(90.0)
     stats.pace_requests_per_s = 0.5  # requests now bind: 180 s
     assert eta_s(stats, 1000) == pytest.approx(180.0)
+
+
+def test_dry_run_refuses_a_missing_prices_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = _jsonl(tmp_path / "in.jsonl", _docs(3))
+    code = main(
+        [
+            "embed",
+            str(source),
+            "--out",
+            str(tmp_path / "o.npy"),
+            "--dry-run",
+            "--prices",
+            str(tmp_path / "nope.toml"),
+        ]
+    )
+    assert code == 1
+    assert "nope.toml" in capsys.readouterr().err

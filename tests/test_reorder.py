@@ -110,3 +110,13 @@ def test_embed_rows_fill_one_array_and_fall_back_when_rows_outnumber_inputs() ->
     unsized.add(batch(0, 1))
     assert unsized.result()[:, 0].tolist() == [0]
     assert _Rows(None).result().shape == (0, 0)
+
+
+async def test_more_parts_for_a_failed_unit_leave_nothing_pending() -> None:
+    ring = ReorderBuffer(dims=1, capacity=4)
+    unit = await ring.reserve(1)
+    ring.fail(Chunk(unit, 0, 0, "x", 1), "bad")
+    ring.expect_parts(unit, 1)
+    ring.take()
+    ring.expect_parts(unit, 1)  # after it left the ring, too
+    assert ring._pending == {}
