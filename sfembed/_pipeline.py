@@ -60,6 +60,12 @@ _BLOCK = 512  # records counted per tokenizer call: large enough to amortise, sm
 _IMAGE_TOKENS = 1024  # charged for an image before the server's count corrects it
 _ITEM_NARROWING = 0.9  # per lone text the server refused as too long by its count
 _MIN_ITEM_SCALE = 0.5
+
+
+class _Stopped(Exception):
+    """A request not started because the job was told to stop."""
+
+
 _FATAL = (
     exc.AuthenticationError,
     exc.PermissionDeniedError,
@@ -155,18 +161,22 @@ async def embed_stream(
     client: EmbeddingClient | None = None,
     stats: JobStats | None = None,
     limiter: RateLimiter | None = None,
+    stop: asyncio.Event | None = None,
     **options: Any,
 ) -> AsyncGenerator[EmbeddedBatch, None]:
     """Yield consecutive batches of rows in input order as they are ready.
 
     Failed inputs keep their place as NaN rows and are listed in ``stats.failures``. Close the
-    iterator (``contextlib.aclosing``) when leaving it early. Raises as :func:`embed`.
+    iterator (``contextlib.aclosing``) when leaving it early. Setting ``stop`` ends the stream
+    gracefully: no more input is read and no more requests start, requests in flight are awaited,
+    and the stream ends after the last row that has every row before it (a shorter output, never
+    a gap). Raises as :func:`embed`.
     """
     job_settings = dataclasses.replace(settings or load_settings(), model=model, **options)
     async with contextlib.AsyncExitStack() as stack:
         if client is None:
             client = await stack.enter_async_context(_client_for(job_settings))
-        job = _Job(job_settings, client, stats or JobStats(), limiter)
+        job = _Job(job_settings, client, stats or JobStats(), limiter, stop)
         # Closed with us, so its stages stop before we return (not later, from a GC finaliser).
         batches = await stack.enter_async_context(contextlib.aclosing(job.run(inputs)))
         async for batch in batches:
@@ -198,6 +208,7 @@ class _Job:
         client: EmbeddingClient,
         stats: JobStats,
         limiter: RateLimiter | None,
+        stop: asyncio.Event | None = None,
     ) -> None:
         self.settings = settings
         self.spec: ModelSpec = catalog_for(settings, client.catalog)[settings.model]
@@ -219,7 +230,9 @@ class _Job:
         )
         self.requests: asyncio.Queue[list[Chunk] | None] = asyncio.Queue(settings.concurrency)
         self.output: asyncio.Queue[EmbeddedBatch | BaseException | None] = asyncio.Queue(8)
-        self._senders_left = settings.concurrency
+        self.stop = stop
+        self._stopping = False
+        self._sending: set[asyncio.Task[Any] | None] = set()  # senders with a request out
         self._item_scale = 1.0
         self._calibrated = asyncio.Event()
         self._release_lock = asyncio.Lock()
@@ -239,9 +252,14 @@ class _Job:
         fatal error of any stage, unwrapped."""
         error: BaseException | None = None
         async with asyncio.TaskGroup() as group:
-            stages = [group.create_task(self._guard(self._intake(inputs)))]
-            for _ in range(self.settings.concurrency):
-                stages.append(group.create_task(self._guard(self._sender())))
+            intake = group.create_task(self._guard(self._intake(inputs)))
+            senders = [
+                group.create_task(self._guard(self._sender()))
+                for _ in range(self.settings.concurrency)
+            ]
+            stages = [intake, *senders, group.create_task(self._finish(senders))]
+            if self.stop is not None:
+                stages.append(group.create_task(self._watch(self.stop, intake, senders)))
             try:
                 while (item := await self.output.get()) is not None:
                     if isinstance(item, BaseException):
@@ -256,6 +274,24 @@ class _Job:
                     stage.cancel()
         if error is not None:
             raise error
+
+    async def _finish(self, senders: list[asyncio.Task[None]]) -> None:
+        """Once every sender is done (or was stopped), hand over the last rows and end."""
+        await asyncio.wait(senders)
+        await self._release()
+        await self.output.put(None)
+
+    async def _watch(
+        self, stop: asyncio.Event, intake: asyncio.Task[None], senders: list[asyncio.Task[None]]
+    ) -> None:
+        """On ``stop``: read no more input and start no more requests. Requests in flight are
+        answered and their rows handed over; the stream then ends after the last contiguous row."""
+        await stop.wait()
+        self._stopping = True
+        intake.cancel()
+        for sender in senders:
+            if sender not in self._sending:  # waiting for work, the limiter or a backoff
+                sender.cancel()
 
     async def _guard(self, stage: Coroutine[Any, Any, None]) -> None:
         try:
@@ -429,18 +465,23 @@ class _Job:
     # -- senders -----------------------------------------------------------------------------
 
     async def _sender(self) -> None:
-        while (request := await self.requests.get()) is not None:
-            await self._send(request)
-        self._senders_left -= 1
-        if self._senders_left == 0:
-            await self._release()
-            await self.output.put(None)
+        me = asyncio.current_task()
+        while not self._stopping and (request := await self.requests.get()) is not None:
+            try:
+                await self._send(request)
+            finally:
+                self._sending.discard(me)  # in flight from its first admission to its release
 
     async def _send(self, request: list[Chunk]) -> None:
         try:
             result = await call_with_retries(
-                lambda: self._attempt(request), self.settings.retry, on_retry=self._on_retry
+                lambda: self._attempt(request),
+                self.settings.retry,
+                on_retry=self._on_retry,
+                sleep=self._backoff,
             )
+        except _Stopped:
+            return  # left unanswered: the stream ends before these rows
         except _FATAL:
             raise
         except exc.BatchTooLargeError:
@@ -476,8 +517,14 @@ class _Job:
             self._calibrated.set()
 
     async def _paced_send(self, request: list[Chunk]) -> EmbeddingResult:
+        if self._stopping:
+            raise _Stopped  # a retry or a split after the stop: not in flight, not sent
         local = sum(chunk.tokens for chunk in request)
         ticket = await self.limiter.acquire(self.calibration.charge(local))
+        if self._stopping:
+            self.limiter.refund(ticket)
+            raise _Stopped
+        self._sending.add(asyncio.current_task())  # a stop lets this request finish
         self.stats.in_flight += 1
         try:
             result = await self.client.embed(
@@ -507,6 +554,14 @@ class _Job:
         self.stats.tokens += used
         self.stats.pace_tokens_per_s = self.limiter.tokens_per_s
         self.stats.pace_requests_per_s = self.limiter.requests_per_s
+
+    async def _backoff(self, wait_s: float) -> None:
+        """Sleep before a retry, cut short by a stop (the retry then finds the job stopping)."""
+        if self.stop is None:
+            await asyncio.sleep(wait_s)
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stop.wait(), wait_s)
 
     def _truncate(self) -> Any:
         if self.settings.long_mode != "truncate":

@@ -722,6 +722,61 @@ async def test_leaving_a_stream_early_leaves_nothing_running(make_server: MakeSe
     assert await settled(before) == set()
 
 
+@pytest.mark.parametrize("long_mode", ["pool", "chunks"])
+async def test_a_stop_ends_the_stream_after_requests_in_flight(
+    make_server: MakeServer, long_mode: str
+) -> None:
+    server = await make_server(faults=Faults(latency_s=0.05))
+    texts = [f"record {n}" for n in range(3000)]
+    stop = asyncio.Event()
+    settings = settings_for(server, batch=BatchLimits(max_items=8), concurrency=4)
+    before = asyncio.all_tasks()
+    rows: list[np.ndarray] = []
+    async with client_for(server) as client:
+        stream = embed_stream(
+            texts, model=M3, settings=settings, client=client, stop=stop, long_mode=long_mode
+        )
+        async with contextlib.aclosing(stream) as batches:
+            async for batch in batches:
+                assert batch.positions[0] == sum(len(r) for r in rows)  # no gap, no repeat
+                rows.append(batch.embeddings)
+                if not stop.is_set():
+                    stop.set()
+                    sent_at_stop = server.stats.requests
+        assert job_tasks() == []
+    done = np.concatenate(rows)
+    assert 0 < len(done) < len(texts)
+    assert_rows(done, M3, texts[: len(done)])
+    # Only the requests already out when the stop came were answered: nothing new started.
+    assert server.stats.requests <= sent_at_stop + settings.concurrency
+    assert await settled(before) == set()
+
+
+async def test_a_stop_during_a_retry_backoff_ends_the_stream(make_server: MakeServer) -> None:
+    server = await make_server()
+    server.inject("503", 50)  # every early attempt fails: senders sit in their backoff
+    stop = asyncio.Event()
+    retry = RetryPolicy(initial_backoff_s=600.0, max_backoff_s=600.0)  # only a stop ends it
+    settings = settings_for(server, batch=BatchLimits(max_items=8), concurrency=2, retry=retry)
+    stats = JobStats()
+    async with client_for(server) as client:
+        stream = embed_stream(
+            SHORT, model=M3, settings=settings, client=client, stop=stop, stats=stats
+        )
+
+        async def stop_in_backoff() -> None:
+            await until(lambda: stats.retries >= 1)  # the probe request sits in its backoff
+            stop.set()
+
+        async with contextlib.aclosing(stream) as batches, asyncio.TaskGroup() as group:
+            group.create_task(stop_in_backoff())
+            async with asyncio.timeout(30):  # a hang here means a backoff ignored the stop
+                got = [batch async for batch in batches]
+        assert job_tasks() == []
+    assert got == []  # nothing was answered, and nothing was failed for it either
+    assert stats.failures == []
+
+
 async def test_an_input_source_that_raises_stops_the_job(server: LocalServer) -> None:
     async def source() -> AsyncIterator[str]:
         for n in range(600):
