@@ -1,0 +1,378 @@
+"""EmbeddingCache: keys follow the normalisation, entries round-trip and persist, failures are never
+cached, the file holds no text, and cancellation or a second close leave it sound."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sfembed._cache import KEY_BYTES, SCHEMA_VERSION, EmbeddingCache, normalise
+from sfembed._exceptions import ConfigError
+
+MODEL = "BAAI/bge-m3"
+DIMS = 8
+
+
+def _rows(count: int, dims: int = DIMS, *, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((count, dims), dtype=np.float32)
+
+
+def _keys(count: int, prefix: str = "text") -> list[bytes]:
+    return [EmbeddingCache.key(f"{prefix} {i}") for i in range(count)]
+
+
+@pytest.fixture
+async def cache(tmp_path: Path) -> AsyncIterator[EmbeddingCache]:
+    async with EmbeddingCache(tmp_path / "cache.sqlite") as opened:
+        yield opened
+
+
+# --- keys ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("one", "other"),
+    [
+        ("caf\u00e9", "cafe\u0301"),  # NFC and NFD
+        ("\u00c5ngstr\u00f6m", "A\u030angstro\u0308m"),
+        ("line one\r\nline two", "line one\nline two"),
+        ("line one\rline two", "line one\nline two"),
+        ("a\r\n\r\nb", "a\n\nb"),
+        ("  padded text\t\n", "padded text"),
+        ("\u00a0\u3000wide\u2028", "wide"),  # NBSP, ideographic space, line separator
+        ("\r\n", ""),
+    ],
+)
+def test_equivalent_texts_share_a_key(one: str, other: str) -> None:
+    assert normalise(one) == normalise(other)
+    assert EmbeddingCache.key(one) == EmbeddingCache.key(other)
+
+
+@pytest.mark.parametrize(
+    ("one", "other"),
+    [
+        ("a b", "a  b"),  # inner whitespace is kept
+        ("a b", "a\tb"),
+        ("a b", "a\nb"),
+        ("Hello", "hello"),  # case is kept
+        ("caf\u00e9", "cafe"),
+        ("\ufb01le", "file"),  # a compatibility ligature: NFKC would merge these, NFC does not
+    ],
+)
+def test_different_texts_have_different_keys(one: str, other: str) -> None:
+    assert EmbeddingCache.key(one) != EmbeddingCache.key(other)
+
+
+async def test_keys_are_digests_of_the_normalised_text(cache: EmbeddingCache) -> None:
+    texts = ["plain ascii", "caf\u00e9", "  x\r\n", "", "\ud800 lone surrogate"]
+    keys = cache.keys(texts)
+    assert keys == [EmbeddingCache.key(text) for text in texts]
+    assert all(type(key) is bytes and len(key) == KEY_BYTES for key in keys)
+    assert len(set(keys)) == len(texts)
+
+
+def test_key_refuses_what_is_not_text() -> None:
+    with pytest.raises(TypeError, match="texts only"):
+        EmbeddingCache.key([1, 2, 3])  # type: ignore[arg-type]
+
+
+# --- round trip and isolation -------------------------------------------------------------
+
+
+async def test_stored_rows_round_trip(cache: EmbeddingCache) -> None:
+    keys, rows = _keys(5), _rows(5)
+    await cache.store(MODEL, DIMS, keys, rows)
+    found = await cache.lookup(MODEL, DIMS, [*keys, EmbeddingCache.key("never stored")])
+    assert set(found) == set(keys)
+    for key, row in zip(keys, rows, strict=True):
+        assert found[key].dtype == np.float32
+        assert found[key].shape == (DIMS,)
+        assert np.array_equal(found[key], row)
+    assert (cache.hits, cache.misses, cache.stored) == (5, 1, 5)
+
+
+async def test_lookup_counts_each_key_given(cache: EmbeddingCache) -> None:
+    keys = _keys(2)
+    await cache.store(MODEL, DIMS, keys, _rows(2))
+    found = await cache.lookup(MODEL, DIMS, [keys[0], keys[0], keys[1], _keys(1, "new")[0]])
+    assert len(found) == 2
+    assert (cache.hits, cache.misses) == (3, 1)
+
+
+async def test_model_and_dims_isolate_entries(cache: EmbeddingCache) -> None:
+    keys = _keys(3)
+    await cache.store(MODEL, DIMS, keys, _rows(3, seed=1))
+    await cache.store("Qwen/Qwen3-Embedding-8B", DIMS, keys, _rows(3, seed=2))
+    await cache.store(MODEL, 4, keys, _rows(3, 4, seed=3))
+    assert await cache.lookup("netease-youdao/bce-embedding-base_v1", DIMS, keys) == {}
+    assert await cache.lookup(MODEL, 16, keys) == {}
+    mine = await cache.lookup(MODEL, DIMS, keys)
+    theirs = await cache.lookup("Qwen/Qwen3-Embedding-8B", DIMS, keys)
+    short = await cache.lookup(MODEL, 4, keys)
+    assert np.array_equal(mine[keys[0]], _rows(3, seed=1)[0])
+    assert np.array_equal(theirs[keys[0]], _rows(3, seed=2)[0])
+    assert short[keys[0]].shape == (4,)
+
+
+async def test_failed_rows_are_never_stored(cache: EmbeddingCache) -> None:
+    keys, rows = _keys(4), _rows(4)
+    rows[1] = np.nan
+    rows[2, 3] = np.nan  # one NaN is enough to mark the row failed
+    rows[3, 0] = np.inf
+    await cache.store(MODEL, DIMS, keys, rows)
+    assert list(await cache.lookup(MODEL, DIMS, keys)) == [keys[0]]
+    assert cache.stored == 1
+
+
+async def test_existing_and_repeated_keys_are_replaced(cache: EmbeddingCache) -> None:
+    key = _keys(1)[0]
+    await cache.store(MODEL, DIMS, [key], _rows(1, seed=1))
+    await cache.store(MODEL, DIMS, [key, key], _rows(2, seed=2))
+    found = await cache.lookup(MODEL, DIMS, [key])
+    assert np.array_equal(found[key], _rows(2, seed=2)[1])  # the last row given wins
+
+
+async def test_store_converts_other_float_types(cache: EmbeddingCache) -> None:
+    keys, rows = _keys(2), _rows(2).astype(np.float64)
+    await cache.store(MODEL, DIMS, keys, rows)  # type: ignore[arg-type]
+    found = await cache.lookup(MODEL, DIMS, keys)
+    assert np.array_equal(found[keys[1]], rows[1].astype(np.float32))
+
+
+async def test_lookup_of_5000_keys_spans_several_statements(cache: EmbeddingCache) -> None:
+    # 5,000 keys exceed SQLite's variable limit of old versions (999) many times over.
+    keys, rows = _keys(5000), _rows(5000, 4)
+    await cache.store(MODEL, 4, keys[::2], rows[::2])
+    found = await cache.lookup(MODEL, 4, keys)
+    assert len(found) == 2500
+    assert all(
+        np.array_equal(found[key], row) for key, row in zip(keys[::2], rows[::2], strict=True)
+    )
+    assert (cache.hits, cache.misses) == (2500, 2500)
+
+
+async def test_empty_calls_do_nothing(cache: EmbeddingCache) -> None:
+    assert await cache.lookup(MODEL, DIMS, []) == {}
+    await cache.store(MODEL, DIMS, [], np.empty((0, DIMS), np.float32))
+    assert (cache.hits, cache.misses, cache.stored) == (0, 0, 0)
+
+
+async def test_concurrent_calls_are_served_in_order(cache: EmbeddingCache) -> None:
+    keys, rows = _keys(40), _rows(40)
+    stores = [
+        asyncio.create_task(cache.store(MODEL, DIMS, keys[i : i + 8], rows[i : i + 8]))
+        for i in range(0, 40, 8)
+    ]
+    lookup = asyncio.create_task(cache.lookup(MODEL, DIMS, keys))  # started after the stores
+    await asyncio.gather(*stores)
+    assert len(await lookup) == 40
+
+
+# --- validation ---------------------------------------------------------------------------
+
+
+async def test_store_refuses_rows_of_the_wrong_shape(cache: EmbeddingCache) -> None:
+    keys = _keys(3)
+    for rows in (_rows(2), _rows(3, DIMS + 1), _rows(3)[0]):
+        with pytest.raises(ValueError, match="shape"):
+            await cache.store(MODEL, DIMS, keys, rows)
+    assert cache.stored == 0
+
+
+async def test_keys_must_be_digests_and_are_never_echoed(cache: EmbeddingCache) -> None:
+    secret = "a text that must not appear in an error message"
+    for bad in ([secret], [secret.encode()], [b"short"]):
+        with pytest.raises(ValueError, match="digest") as raised:
+            await cache.store(MODEL, DIMS, bad, _rows(1))  # type: ignore[arg-type]
+        assert secret not in str(raised.value)
+        with pytest.raises(ValueError, match="digest"):
+            await cache.lookup(MODEL, DIMS, bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("model", "dims"), [("", DIMS), (MODEL, 0), (MODEL, -1), (MODEL, True)])
+async def test_bad_model_or_dims_are_refused(cache: EmbeddingCache, model: str, dims: int) -> None:
+    with pytest.raises(ValueError, match=r"model|dims"):
+        await cache.lookup(model, dims, _keys(1))
+    with pytest.raises(ValueError, match=r"model|dims"):
+        await cache.store(model, dims, _keys(1), _rows(1, max(int(dims), 1)))
+
+
+# --- the file -----------------------------------------------------------------------------
+
+
+async def test_entries_survive_a_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "cache.sqlite"
+    keys, rows = _keys(10), _rows(10)
+    async with EmbeddingCache(path) as cache:
+        await cache.store(MODEL, DIMS, keys, rows)
+    async with EmbeddingCache(str(path)) as cache:
+        found = await cache.lookup(MODEL, DIMS, keys)
+    assert all(np.array_equal(found[key], row) for key, row in zip(keys, rows, strict=True))
+
+
+async def test_the_file_is_wal_with_a_schema_version(cache: EmbeddingCache) -> None:
+    with sqlite3.connect(cache.path) as other:
+        assert other.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        meta = dict(other.execute("SELECT name, value FROM meta"))
+    other.close()
+    assert meta["schema_version"] == str(SCHEMA_VERSION)
+
+
+async def test_two_caches_share_one_file(tmp_path: Path) -> None:
+    path = tmp_path / "cache.sqlite"
+    keys = _keys(3)
+    async with EmbeddingCache(path) as writer, EmbeddingCache(path) as reader:
+        await writer.store(MODEL, DIMS, keys, _rows(3))
+        assert len(await reader.lookup(MODEL, DIMS, keys)) == 3
+
+
+def _file_bytes(path: Path) -> bytes:
+    """The database and its WAL (the WAL is gone after a clean close), as one byte string."""
+    wal = path.with_name(path.name + "-wal")
+    return path.read_bytes() + (wal.read_bytes() if wal.exists() else b"")
+
+
+async def test_the_file_holds_no_text(tmp_path: Path) -> None:
+    path = tmp_path / "cache.sqlite"
+    texts = [f"Zanzibar-quokka-7 distinctive input number {i}" for i in range(50)]
+    rows = _rows(50)
+    async with EmbeddingCache(path) as cache:
+        await cache.store(MODEL, DIMS, cache.keys(texts), rows)
+        assert len(await cache.lookup(MODEL, DIMS, cache.keys(texts))) == 50
+        while_open = _file_bytes(path)
+    after_close = _file_bytes(path)
+    for content in (while_open, after_close):
+        assert b"Zanzibar-quokka" not in content
+        assert "Zanzibar-quokka".encode("utf-16-le") not in content
+        # The search sees what is there: the model name and the vectors are found.
+        assert MODEL.encode() in content
+        assert rows[17].tobytes() in content
+
+
+async def test_a_damaged_vector_is_a_miss_and_a_store_mends_it(tmp_path: Path) -> None:
+    path = tmp_path / "cache.sqlite"
+    keys, rows = _keys(2), _rows(2)
+    async with EmbeddingCache(path) as cache:
+        await cache.store(MODEL, DIMS, keys, rows)
+    with sqlite3.connect(path) as other:
+        other.execute("UPDATE vectors SET vector = x'0000' WHERE key = ?", (keys[0],))
+    other.close()
+    async with EmbeddingCache(path) as cache:
+        assert list(await cache.lookup(MODEL, DIMS, keys)) == [keys[1]]
+        assert (cache.hits, cache.misses) == (1, 1)
+        await cache.store(MODEL, DIMS, keys[:1], rows[:1])
+        found = await cache.lookup(MODEL, DIMS, keys)
+    assert np.array_equal(found[keys[0]], rows[0])
+
+
+def test_a_file_that_is_not_sqlite_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "junk.sqlite"
+    junk = bytes(range(256)) * 64
+    path.write_bytes(junk)
+    with pytest.raises(ConfigError, match=r"junk\.sqlite"):
+        EmbeddingCache(path)
+    assert path.read_bytes() == junk
+
+
+def test_another_sqlite_file_is_refused_and_left_alone(tmp_path: Path) -> None:
+    path = tmp_path / "other.db"
+    with sqlite3.connect(path) as other:
+        other.execute("CREATE TABLE notes (body TEXT)")
+    other.close()
+    with pytest.raises(ConfigError, match=r"other\.db.*not an sfembed embedding cache"):
+        EmbeddingCache(path)
+    with sqlite3.connect(path) as other:
+        assert other.execute("PRAGMA journal_mode").fetchone() == ("delete",)  # not turned to WAL
+    other.close()
+
+
+async def test_a_newer_schema_version_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "cache.sqlite"
+    async with EmbeddingCache(path):
+        pass
+    with sqlite3.connect(path) as other:
+        other.execute(
+            "UPDATE meta SET value = ? WHERE name = 'schema_version'", (str(SCHEMA_VERSION + 1),)
+        )
+    other.close()
+    with pytest.raises(ConfigError, match=rf"cache\.sqlite.*schema version {SCHEMA_VERSION + 1}"):
+        EmbeddingCache(path)
+
+
+def test_a_path_that_cannot_be_opened_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="missing"):
+        EmbeddingCache(tmp_path / "missing" / "cache.sqlite")
+    with pytest.raises(ConfigError, match="cannot open"):
+        EmbeddingCache(tmp_path)  # a directory
+
+
+# --- cancellation and closing -------------------------------------------------------------
+
+
+async def test_cancelling_a_queued_lookup_leaves_the_cache_usable(cache: EmbeddingCache) -> None:
+    keys = _keys(3)
+    await cache.store(MODEL, DIMS, keys, _rows(3))
+    release = threading.Event()
+    blocker = asyncio.get_running_loop().run_in_executor(cache._worker, release.wait)
+    task = asyncio.create_task(cache.lookup(MODEL, DIMS, keys))
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    release.set()
+    await blocker
+    assert len(await cache.lookup(MODEL, DIMS, keys)) == 3
+    await cache.close()
+
+
+async def test_cancelling_a_running_lookup_leaves_the_cache_usable(
+    cache: EmbeddingCache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keys = _keys(3)
+    await cache.store(MODEL, DIMS, keys, _rows(3))
+    started, release = threading.Event(), threading.Event()
+    real = cache._lookup
+
+    def slow_lookup(*args: object) -> object:
+        started.set()
+        release.wait()
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(cache, "_lookup", slow_lookup)
+    task = asyncio.create_task(cache.lookup(MODEL, DIMS, keys))
+    await asyncio.to_thread(started.wait)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    release.set()
+    monkeypatch.undo()
+    assert len(await cache.lookup(MODEL, DIMS, keys)) == 3
+    await cache.close()
+
+
+async def test_close_waits_for_queued_stores(tmp_path: Path) -> None:
+    path = tmp_path / "cache.sqlite"
+    keys = _keys(100)
+    cache = EmbeddingCache(path)
+    store = asyncio.create_task(cache.store(MODEL, DIMS, keys, _rows(100)))
+    await asyncio.sleep(0)  # the store is queued on the worker
+    await cache.close()
+    await store
+    async with EmbeddingCache(path) as reopened:
+        assert len(await reopened.lookup(MODEL, DIMS, keys)) == 100
+
+
+async def test_close_is_idempotent_and_ends_use(cache: EmbeddingCache) -> None:
+    await cache.close()
+    await cache.close()
+    await asyncio.gather(cache.close(), cache.close())
+    with pytest.raises(ValueError, match="closed"):
+        await cache.lookup(MODEL, DIMS, _keys(1))
+    with pytest.raises(ValueError, match="closed"):
+        await cache.store(MODEL, DIMS, _keys(1), _rows(1))
