@@ -58,8 +58,6 @@ log = logging.getLogger("sfembed")
 
 _BLOCK = 512  # records counted per tokenizer call: large enough to amortise, small to stream
 _IMAGE_TOKENS = 1024  # charged for an image before the server's count corrects it
-_ITEM_NARROWING = 0.9  # per lone text the server refused as too long by its count
-_MIN_ITEM_SCALE = 0.5
 
 
 class _Stopped(Exception):
@@ -233,7 +231,6 @@ class _Job:
         self.stop = stop
         self._stopping = False
         self._sending: set[asyncio.Task[Any] | None] = set()  # senders with a request out
-        self._item_scale = 1.0
         self._calibrated = asyncio.Event()
         self._release_lock = asyncio.Lock()
         self._probing = False
@@ -451,11 +448,9 @@ class _Job:
         return Chunk(unit, position, number, piece, tokens, start, end, weight)
 
     def _item_limit(self) -> int:
-        """Tokens one item may have by our exact count, narrowed each time the server refuses a
-        text near the limit (it counts more than we do). The charge calibration says nothing
-        here: it relates the server's count to the estimator's, not to the exact one."""
-        limit = int(self.spec.max_input_tokens * self._item_scale)
-        return max(self.spec.special_tokens + 1, limit)
+        """Tokens one item may have by our exact count. Fixed, never learned from refusals: a
+        record's cuts, and so its vector, must not depend on what happened earlier in the job."""
+        return self.spec.max_input_tokens
 
     def _describe(self, unit: int, position: int, number: int, span: tuple[int, int]) -> None:
         if self.chunks_mode:
@@ -575,18 +570,22 @@ class _Job:
         )
 
     async def _narrow(self, request: list[Chunk], reason: str) -> None:
-        """A 400. Most often the server counted a text near the limit as over it, so every such
-        text is halved and the request sent once more, in one step; when none was near the limit,
-        or that is refused too, bisection finds the bad item."""
-        halved = [self._halves(chunk) for chunk in request]
-        if all(pieces is None for pieces in halved):
+        """A 400. Most often the server counted a text near the limit as over it. Each such text
+        is sent alone, and the rest together: a lone near-limit text refused is halved, anything
+        else refused is isolated by bisection.
+
+        Whether a text is halved thus depends on that text alone, never on which others shared
+        its request, so a text's vector is the same in every run (a resumed job's output is
+        byte-identical to an uninterrupted one's)."""
+        near = [chunk for chunk in request if self._near_limit(chunk)]
+        if not near:
             await self._bisect(request, reason)
-            return
-        # The server counts more than we do near the limit: cut later texts shorter too.
-        self._item_scale = max(_MIN_ITEM_SCALE, self._item_scale * _ITEM_NARROWING)
-        pieces = [p for c, h in zip(request, halved, strict=True) for p in (h or [c])]
-        for start in range(0, len(pieces), self.packer.max_items):
-            await self._send(pieces[start : start + self.packer.max_items])
+        elif len(request) == 1:
+            await self._send(await self._halves(request[0]))
+        else:
+            rest = [chunk for chunk in request if not self._near_limit(chunk)]
+            for part in ([rest] if rest else []) + [[chunk] for chunk in near]:
+                await self._send(part)
 
     async def _drop(self, request: list[Chunk], index: int, reason: str) -> None:
         """The client refused item ``index`` before sending (a content object to a text-only
@@ -608,16 +607,19 @@ class _Job:
             self._fail(request[0], reason)
             await self._release()
 
-    def _halves(self, chunk: Chunk) -> list[Chunk] | None:
-        """Two halves of a text near the per-item limit, or None for anything else."""
-        text = chunk.item
+    def _near_limit(self, chunk: Chunk) -> bool:
+        """True for a text over half the per-item limit, which halving can bring under it."""
         known = chunk.weight or chunk.tokens  # the exact count when we have one
-        if not isinstance(text, str) or known * 2 <= self.spec.max_input_tokens:
-            return None
-        offsets = (self._exact or self.estimator).spans(text)
+        return isinstance(chunk.item, str) and known * 2 > self.spec.max_input_tokens
+
+    async def _halves(self, chunk: Chunk) -> list[Chunk]:
+        """A near-limit text in two halves by exact tokens (one, if it is a single token)."""
+        text = chunk.item
+        assert isinstance(text, str)
+        offsets = (await self._exact_counter()).spans(text)
         middle = len(offsets) // 2
         if middle == 0:
-            return None
+            return [chunk]  # refused again, it is then isolated and fails
         self.reorder.expect_parts(chunk.unit, 1)
         halves = [
             self._piece(chunk.position, chunk.unit, chunk.number, text, offsets, span)
