@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +22,8 @@ from ._progress import TqdmProgress
 __all__ = ["main"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+#: A job stopped by a signal after a clean checkpoint: run it again with --resume (EX_TEMPFAIL).
+EXIT_STOPPED = 75
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -84,6 +87,9 @@ def _add_embed(commands: Any) -> None:
     embed.add_argument("--errors", help="errors file (default: OUT.errors.jsonl)")
     embed.add_argument("--prices", default=None, help="prices TOML for --dry-run")
     embed.add_argument("--no-progress", action="store_true")
+    embed.add_argument(
+        "--resume", action="store_true", help="continue the job OUT's manifest describes"
+    )
     for flag, key, kind in _FLAGS:
         embed.add_argument(
             flag, dest=key.replace(".", "__"), type=kind, default=None, help=f"config key {key}"
@@ -112,6 +118,8 @@ _FLAGS: tuple[tuple[str, str, Any], ...] = (
     ("--long", "long_mode", str),
     ("--overlap-tokens", "overlap_tokens", int),
     ("--truncate-side", "truncate_side", str),
+    ("--checkpoint-rows", "io.checkpoint_rows", int),
+    ("--grace-s", "timeouts.grace_s", float),
 )
 
 
@@ -165,23 +173,90 @@ def _client(settings: Settings) -> EmbeddingClient:
 
 async def _run(args: argparse.Namespace, settings: Settings, client: EmbeddingClient) -> int:
     progress = None if args.no_progress else TqdmProgress(total=_count_lines(args.input))
-    try:
-        summary = await run_job(
+    stop = asyncio.Event()
+    job = asyncio.ensure_future(
+        run_job(
             args.input,
             args.out,
             settings,
             client=client,
             errors_path=args.errors,
             on_batch=progress.update if progress else None,
+            resume=args.resume,
+            stop=stop,
         )
+    )
+    try:
+        with _Signals(stop, job, settings.timeouts.grace_s):
+            summary = await _outcome(job)
     finally:
         if progress is not None:
             progress.close(progress.last)
-    print(_summary(summary, settings.rate))
+    if summary is None:
+        print("sfembed: exited at once; run again with --resume to continue", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return _report(summary, settings.rate)
+
+
+async def _outcome(job: asyncio.Future[JobSummary]) -> JobSummary | None:
+    """The job's summary, or None when a second signal (or the grace period) cancelled it."""
+    try:
+        return await job
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise  # we are being cancelled ourselves, not just the job
+        return None
+
+
+def _report(summary: JobSummary, limits: RateLimits) -> int:
+    print(_summary(summary, limits))
     if summary.errors_path is not None:
         print(f"{summary.failed:,} record(s) failed: see {summary.errors_path}")
-        return EXIT_FAILED
-    return EXIT_OK
+    if summary.stopped:
+        print(
+            f"stopped after {summary.records:,} records; run again with --resume to continue",
+            file=sys.stderr,
+        )
+        return EXIT_STOPPED
+    return EXIT_FAILED if summary.errors_path is not None else EXIT_OK
+
+
+class _Signals:
+    """SIGINT and SIGTERM while a job runs: the first stops it gracefully (no new requests, those
+    in flight answered, a checkpoint, then exit) within ``grace_s`` seconds; a second cancels it
+    at once. Either way the manifest's last checkpoint leaves the job resumable."""
+
+    def __init__(self, stop: asyncio.Event, job: asyncio.Future[Any], grace_s: float) -> None:
+        self.stop = stop
+        self.job = job
+        self.grace_s = grace_s
+        self.loop = asyncio.get_running_loop()
+        self.deadline: asyncio.TimerHandle | None = None
+
+    def __enter__(self) -> _Signals:
+        for number in (signal.SIGINT, signal.SIGTERM):
+            self.loop.add_signal_handler(number, self._on_signal)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for number in (signal.SIGINT, signal.SIGTERM):
+            self.loop.remove_signal_handler(number)
+        if self.deadline is not None:
+            self.deadline.cancel()
+
+    def _on_signal(self) -> None:
+        if self.stop.is_set():
+            print("sfembed: second signal, exiting now", file=sys.stderr)
+            self.job.cancel()
+            return
+        print(
+            f"sfembed: stopping: waiting up to {self.grace_s:g} s for requests in flight "
+            "(Ctrl-C again to exit at once)",
+            file=sys.stderr,
+        )
+        self.stop.set()
+        self.deadline = self.loop.call_later(self.grace_s, self.job.cancel)
 
 
 def _count_lines(path: str) -> int | None:
@@ -219,7 +294,7 @@ def _summary(summary: JobSummary, limits: RateLimits) -> str:
     windows = summary.wall_s / limits.window_s
     utilisation = stats.tokens / (limits.tpm * windows) if windows else 0.0
     lines = [
-        ("records", f"{stats.records:,}"),
+        ("records", f"{summary.records:,}"),
         ("rows written", f"{summary.rows:,}"),
         ("chunks", f"{stats.chunks:,}"),
         ("tokens", f"{stats.tokens:,}"),
@@ -230,4 +305,6 @@ def _summary(summary: JobSummary, limits: RateLimits) -> str:
         ("wall time", f"{summary.wall_s:,.1f} s"),
         ("TPM utilisation", f"{utilisation:.1%}"),
     ]
+    if summary.resumed_records:
+        lines.insert(1, ("resumed after", f"{summary.resumed_records:,} records done earlier"))
     return "\n".join(f"  {name:<16}{value}" for name, value in lines)

@@ -72,10 +72,13 @@ class RetryPolicy:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Timeouts:
-    """Per-request timeouts in seconds: connecting, and waiting for each read of the answer."""
+    """Timeouts in seconds: connecting, and waiting for each read of the answer, per request;
+    and ``grace_s``, how long a job told to stop (Ctrl-C, SIGTERM) waits for the requests in
+    flight before it exits without them."""
 
     connect_s: float = 10.0
     read_s: float = 120.0
+    grace_s: float = 30.0
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -96,7 +99,8 @@ class IOSettings:
 
     ``None`` formats are inferred from the file suffix. ``dtype`` is ``float32`` or ``float16``
     (``.npy`` output only). ``image_field`` names a field holding an image URL, base64 data or a
-    path, for the multimodal model.
+    path, for the multimodal model. A job's progress is made durable, and resumable, every
+    ``checkpoint_rows`` rows (each checkpoint syncs the files to disk).
     """
 
     input_format: str | None = None
@@ -105,6 +109,11 @@ class IOSettings:
     image_field: str | None = None
     output_format: str | None = None
     dtype: str = "float32"
+    checkpoint_rows: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.checkpoint_rows <= 0:
+            raise ConfigError("io.checkpoint_rows must be positive")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

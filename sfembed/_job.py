@@ -8,20 +8,37 @@ failure, from the reader or the server, goes to the errors file with its id, lin
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import itertools
+import logging
 import math
+import os
 import time
 import tomllib
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
+import numpy as np
 import orjson
 
 from ._client import EmbeddingClient
 from ._config import Settings
 from ._exceptions import ConfigError
+from ._manifest import (
+    Checkpoint,
+    InputIdentity,
+    Manifest,
+    check_resumable,
+    identify,
+    load_manifest,
+    manifest_path_for,
+    output_settings,
+    save_manifest,
+)
 from ._models import ModelSpec
 from ._packer import Packer
 from ._pipeline import JobStats, catalog_for, embed_stream
@@ -29,7 +46,9 @@ from ._readers import Record, read_records
 from ._reorder import EmbeddedBatch
 from ._tokens import counter_for
 from ._types import Chunk, Unusable
-from ._writers import open_writer
+from ._writers import Committed, Writer, _reopen, format_of, open_writer
+
+log = logging.getLogger("sfembed")
 
 __all__ = ["DryRun", "JobSummary", "dry_run", "price_of", "run_job"]
 
@@ -38,13 +57,19 @@ _DRY_BLOCK = 2048  # records counted per tokenizer call in a dry run
 
 @dataclass(slots=True)
 class JobSummary:
-    """What a finished job did; ``failed`` counts entries written to the errors file."""
+    """What a job did. ``rows`` and ``failed`` (entries in the errors file) count the whole
+    output, a resumed run's earlier part included; ``resumed_records`` is how many records an
+    earlier run had done; ``stopped`` is true when a stop ended the job before the input did."""
 
     stats: JobStats
     wall_s: float
     rows: int = 0
     failed: int = 0
+    records: int = 0
+    resumed_records: int = 0
+    stopped: bool = False
     errors_path: Path | None = None
+    manifest_path: Path | None = None
 
 
 @dataclass(slots=True)
@@ -60,16 +85,64 @@ class _Ids:
             yield record.item if record.item is not None else Unusable(record.error or "unusable")
 
     def take(self, batch: EmbeddedBatch) -> list[tuple[str, int]]:
-        """The (id, line) of each row, dropping records whose last row this batch holds."""
+        """The (id, line) of each row, dropping the records this batch ends (it ends records
+        only: see ``_Carry``)."""
         ids = [self.pending[position - self.first] for position in batch.positions.tolist()]
-        self._drop_until(int(batch.positions[-1]) + (0 if batch.chunk_numbers is not None else 1))
+        for _ in range(int(batch.positions[-1]) + 1 - self.first):
+            self.pending.popleft()
+        self.first = int(batch.positions[-1]) + 1
         return ids
 
-    def _drop_until(self, position: int) -> None:
-        # In chunks mode the last record of a batch may continue in the next: keep it.
-        while self.first < position:
-            self.pending.popleft()
-            self.first += 1
+
+class _Carry:
+    """Batches cut at record ends. In ``chunks`` mode a record's rows may straddle two batches:
+    its first rows are held back until the rest arrive, so that every write, and so every
+    checkpoint, ends at a record boundary."""
+
+    def __init__(self, chunks_mode: bool) -> None:
+        self.chunks_mode = chunks_mode
+        self.held: EmbeddedBatch | None = None
+
+    def whole(self, batch: EmbeddedBatch) -> EmbeddedBatch | None:
+        """The records ``batch`` (after what was held) completes, or None."""
+        if not self.chunks_mode:
+            return batch
+        if self.held is not None:
+            batch = _joined(self.held, batch)
+        last = batch.positions == batch.positions[-1]
+        cut = int(np.argmax(last))  # the first row of the last record, which may go on
+        self.held = _rows(batch, cut, len(batch))
+        return _rows(batch, 0, cut) if cut else None
+
+    def rest(self) -> EmbeddedBatch | None:
+        """What is held, once the stream has ended: its record is whole."""
+        held, self.held = self.held, None
+        return held
+
+
+def _rows(batch: EmbeddedBatch, start: int, end: int) -> EmbeddedBatch:
+    """Rows [start, end) of a chunks-mode batch, with their failures."""
+    positions = batch.positions[start:end]
+    numbers = batch.chunk_numbers[start:end] if batch.chunk_numbers is not None else None
+    keep = set(
+        zip(positions.tolist(), numbers.tolist() if numbers is not None else [], strict=False)
+    )
+    failures = tuple(f for f in batch.failures if (f.position, f.chunk) in keep)
+    spans = batch.spans[start:end] if batch.spans is not None else None
+    return EmbeddedBatch(positions, batch.embeddings[start:end], numbers, spans, failures)
+
+
+def _joined(first: EmbeddedBatch, second: EmbeddedBatch) -> EmbeddedBatch:
+    def both(a: Any, b: Any) -> Any:
+        return None if a is None or b is None else np.concatenate([a, b])
+
+    return EmbeddedBatch(
+        np.concatenate([first.positions, second.positions]),
+        np.concatenate([first.embeddings, second.embeddings]),
+        both(first.chunk_numbers, second.chunk_numbers),
+        both(first.spans, second.spans),
+        first.failures + second.failures,
+    )
 
 
 async def run_job(
@@ -80,40 +153,177 @@ async def run_job(
     client: EmbeddingClient,
     errors_path: str | Path | None = None,
     on_batch: Callable[[JobStats], None] | None = None,
+    resume: bool = False,
+    stop: asyncio.Event | None = None,
 ) -> JobSummary:
     """Embed every record of ``input_path`` into ``output_path`` in input order.
 
     Failed records keep their row (NaN) and get a line in ``errors_path`` (default: the output
-    path with ``.errors.jsonl``), created only when something failed. Raises ConfigError for bad
-    paths or formats, and an APIError that no retry can get past.
+    path with ``.errors.jsonl``), created only when something failed. Progress is checkpointed
+    in ``<output>.manifest.json`` every ``io.checkpoint_rows`` rows and when the job ends in any
+    way, so that ``resume=True`` continues a job that was killed: records already done are not
+    sent again and the output ends byte-identical to an uninterrupted run's. ``stop`` ends the
+    job gracefully (see ``embed_stream``), leaving it resumable.
+
+    Raises ConfigError for bad paths or formats, or a resume whose settings or input differ from
+    the earlier run's (naming what differs); and an APIError that no retry can get past.
     """
-    spec = catalog_for(settings, client.catalog)[settings.model]
-    records = _records(input_path, settings)
-    errors = Path(errors_path) if errors_path else Path(f"{output_path}.errors.jsonl")
-    summary = JobSummary(JobStats(), 0.0)
-    ids = _Ids()
-    dims = spec.output_dimensions(settings.dimensions)
-    io = settings.io
-    with (
-        open_writer(output_path, format=io.output_format, dims=dims, dtype=io.dtype) as writer,
-        _ErrorLog(errors) as error_log,
-    ):
-        async for batch in embed_stream(
-            ids.feed(records),
-            model=spec.name,
-            settings=settings,
-            client=client,
-            stats=summary.stats,
+    job = _FileJob(input_path, output_path, settings, client, errors_path)
+    return await job.run(resume=resume, stop=stop, on_batch=on_batch)
+
+
+class _FileJob:
+    """One run of ``run_job``: its files, manifest and summary."""
+
+    def __init__(
+        self,
+        input_path: str | Path,
+        output_path: str | Path,
+        settings: Settings,
+        client: EmbeddingClient,
+        errors_path: str | Path | None,
+    ) -> None:
+        self.input_path = input_path
+        self.output_path = output_path
+        self.settings = settings
+        self.client = client
+        self.spec = catalog_for(settings, client.catalog)[settings.model]
+        self.errors = Path(errors_path) if errors_path else Path(f"{output_path}.errors.jsonl")
+        self.format = format_of(output_path, settings.io.output_format)
+        self.manifest_path = manifest_path_for(output_path) if self.format != "parquet" else None
+        self.summary = JobSummary(JobStats(), 0.0, errors_path=None)
+
+    async def run(
+        self,
+        *,
+        resume: bool,
+        stop: asyncio.Event | None,
+        on_batch: Callable[[JobStats], None] | None,
+    ) -> JobSummary:
+        if resume and self.manifest_path is None:
+            raise ConfigError("a Parquet file cannot be resumed: use .npy or .jsonl output")
+        identity = await identify(self.input_path)
+        wanted = output_settings(self.settings, self.format, self.errors)
+        earlier = self._earlier(identity, wanted) if resume else None
+        done = earlier.checkpoint if earlier is not None else Checkpoint()
+        manifest = Manifest(identity, wanted, done)
+        if earlier is not None and earlier.complete:
+            return self._finished(done)
+        await self._embed(manifest, earlier is not None, stop, on_batch)
+        return self._finished(None)
+
+    def _earlier(self, identity: InputIdentity, wanted: dict[str, Any]) -> Manifest | None:
+        assert self.manifest_path is not None
+        earlier = load_manifest(self.manifest_path)
+        if earlier is None:
+            log.info("no manifest at %s: starting from the first record", self.manifest_path)
+            return None
+        check_resumable(earlier, wanted, identity)
+        return earlier
+
+    def _finished(self, done: Checkpoint | None) -> JobSummary:
+        summary = self.summary
+        if done is not None:  # complete already: nothing to do
+            summary.rows, summary.failed, summary.records = done.rows, done.failed, done.records
+            summary.resumed_records = done.records
+        summary.wall_s = time.monotonic() - summary.stats.started_s
+        summary.errors_path = self.errors if summary.failed else None
+        summary.manifest_path = self.manifest_path
+        return summary
+
+    async def _embed(
+        self,
+        manifest: Manifest,
+        resumed: bool,
+        stop: asyncio.Event | None,
+        on_batch: Callable[[JobStats], None] | None,
+    ) -> None:
+        done = manifest.checkpoint
+        summary = self.summary
+        summary.rows, summary.failed = done.rows, done.failed
+        summary.records = summary.resumed_records = done.records
+        dims = self.spec.output_dimensions(self.settings.dimensions)
+        io = self.settings.io
+        committed = Committed(done.rows, done.lengths) if resumed else None
+        ids, carry = _Ids(), _Carry(self.settings.long_mode == "chunks")
+        records = itertools.islice(_records(self.input_path, self.settings), done.records, None)
+        with (
+            open_writer(
+                self.output_path,
+                format=self.format,
+                dims=dims,
+                dtype=io.dtype,
+                fsync=self.manifest_path is not None,
+                resume=committed,
+            ) as writer,
+            _ErrorLog(self.errors, done.lengths.get("errors", 0) if resumed else None) as errors,
         ):
-            where = ids.take(batch)
-            writer.write([record_id for record_id, _ in where], batch)
-            summary.failed += error_log.write(batch, where)
-            summary.rows += len(batch)
-            if on_batch is not None:
-                on_batch(summary.stats)
-    summary.wall_s = time.monotonic() - summary.stats.started_s
-    summary.errors_path = errors if summary.failed else None
-    return summary
+            checkpoints = _Checkpoints(self, manifest, writer, errors)
+            checkpoints.save(complete=False)
+            complete = False
+            try:
+                async for batch in embed_stream(
+                    ids.feed(records),
+                    model=self.spec.name,
+                    settings=self.settings,
+                    client=self.client,
+                    stats=summary.stats,
+                    stop=stop,
+                ):
+                    whole = carry.whole(batch)
+                    if whole is not None:
+                        self._write(whole, ids, writer, errors, done.records)
+                        checkpoints.maybe_save()
+                    if on_batch is not None:
+                        on_batch(summary.stats)
+                summary.stopped = stop is not None and stop.is_set()
+                rest = None if summary.stopped else carry.rest()  # a stop may cut a record
+                if rest is not None:
+                    self._write(rest, ids, writer, errors, done.records)
+                complete = not summary.stopped
+            finally:
+                checkpoints.save(complete=complete)
+
+    def _write(
+        self, batch: EmbeddedBatch, ids: _Ids, writer: Writer, errors: _ErrorLog, offset: int
+    ) -> None:
+        where = ids.take(batch)
+        placed = dataclasses.replace(batch, positions=batch.positions + offset)
+        writer.write([record_id for record_id, _ in where], placed)
+        self.summary.failed += errors.write(batch, where)
+        self.summary.rows += len(batch)
+        self.summary.records = offset + int(batch.positions[-1]) + 1
+
+
+class _Checkpoints:
+    """Saves the manifest after the files it describes are durable, every ``checkpoint_rows``."""
+
+    def __init__(self, job: _FileJob, manifest: Manifest, writer: Writer, errors: _ErrorLog):
+        self.job = job
+        self.manifest = manifest
+        self.writer = writer
+        self.errors = errors
+        self.every = job.settings.io.checkpoint_rows
+        self.saved_rows = job.summary.rows
+
+    def maybe_save(self) -> None:
+        if self.job.summary.rows - self.saved_rows >= self.every:
+            self.save(complete=False)
+
+    def save(self, *, complete: bool) -> None:
+        """Errors file, then output, then the manifest that points into both."""
+        path = self.job.manifest_path
+        if path is None:
+            return
+        errors_length = self.errors.commit()
+        committed = self.writer.commit()
+        summary = self.job.summary
+        lengths = {**committed.lengths, "errors": errors_length}
+        checkpoint = Checkpoint(summary.records, committed.rows, summary.failed, lengths)
+        save_manifest(
+            path, dataclasses.replace(self.manifest, checkpoint=checkpoint, complete=complete)
+        )
+        self.saved_rows = committed.rows
 
 
 def _records(input_path: str | Path, settings: Settings) -> Iterator[Record]:
@@ -128,11 +338,18 @@ def _records(input_path: str | Path, settings: Settings) -> Iterator[Record]:
 
 
 class _ErrorLog:
-    """The errors file: one JSON line per failure, opened on the first one."""
+    """The errors file: one JSON line per failure, opened on the first one.
 
-    def __init__(self, path: Path) -> None:
+    ``resume_length`` (bytes committed by an earlier run) reopens the file cut back to it; 0
+    removes what a crashed run may have left, as nothing of it was committed."""
+
+    def __init__(self, path: Path, resume_length: int | None = None) -> None:
         self.path = path
         self._file: IO[bytes] | None = None
+        if resume_length:
+            self._file = _reopen(path, resume_length)
+        elif resume_length == 0:
+            path.unlink(missing_ok=True)
 
     def __enter__(self) -> _ErrorLog:
         return self
@@ -143,6 +360,8 @@ class _ErrorLog:
 
     def write(self, batch: EmbeddedBatch, where: list[tuple[str, int]]) -> int:
         """Log the failures of this batch; returns how many."""
+        if not batch.failures:
+            return 0
         rows = {position: row for row, position in enumerate(batch.positions.tolist())}
         for failure in batch.failures:
             record_id, line = where[rows[failure.position]]
@@ -151,6 +370,14 @@ class _ErrorLog:
                 entry["chunk"] = failure.chunk
             self._out().write(orjson.dumps(entry) + b"\n")
         return len(batch.failures)
+
+    def commit(self) -> int:
+        """Make the entries written so far durable; returns the file's length in bytes."""
+        if self._file is None:
+            return 0
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        return self._file.tell()
 
     def _out(self) -> IO[bytes]:
         if self._file is None:

@@ -34,9 +34,11 @@ Formats (chosen from the suffix unless ``format`` is given):
 from __future__ import annotations
 
 import importlib
+import io
 import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType, TracebackType
 from typing import IO, Any, Protocol, Self
@@ -50,6 +52,7 @@ from ._reorder import EmbeddedBatch
 __all__ = [
     "DTYPES",
     "FORMATS",
+    "Committed",
     "JsonlWriter",
     "NpyWriter",
     "ParquetWriter",
@@ -68,6 +71,16 @@ _NPY_HEADER_BYTES = 128  # whole header, magic included; a multiple of 64 keeps 
 _NPY_PREAMBLE_BYTES = 10  # magic (6), version (2), header length (2) of format 1.0
 
 
+@dataclass(frozen=True, slots=True)
+class Committed:
+    """What a writer has made durable: ``rows`` rows, held by the first ``lengths[role]`` bytes of
+    each of its files (roles ``output`` and, for ``.npy``, ``ids``). Anything past those lengths
+    is a torn write; a writer resumed from a ``Committed`` cuts it off."""
+
+    rows: int
+    lengths: Mapping[str, int]
+
+
 class Writer(Protocol):
     """An open output file taking consecutive batches of rows; a context manager that closes."""
 
@@ -78,6 +91,10 @@ class Writer(Protocol):
 
     def close(self) -> None:
         """Finalise the file; idempotent."""
+
+    def commit(self) -> Committed:
+        """Make every row written so far durable and say where it ends. Raises ConfigError for
+        a format that cannot be resumed (Parquet), OSError when the disk refuses."""
 
     def __enter__(self) -> Self: ...
 
@@ -90,22 +107,32 @@ class Writer(Protocol):
 
 
 def open_writer(
-    path: str | Path, *, format: str | None = None, dims: int, dtype: str = "float32"
+    path: str | Path,
+    *,
+    format: str | None = None,
+    dims: int,
+    dtype: str = "float32",
+    fsync: bool = False,
+    resume: Committed | None = None,
 ) -> Writer:
     """Open ``path`` for rows of ``dims`` floats, in ``format`` or the one its suffix names.
 
-    ``dtype`` (``float32`` or ``float16``) applies to ``.npy`` output only. Raises ConfigError for
-    an unknown format or suffix, a bad ``dims`` or ``dtype``, a missing pyarrow (Parquet) or a
-    path that cannot be opened for writing.
+    ``dtype`` (``float32`` or ``float16``) applies to ``.npy`` output only. With ``fsync`` every
+    commit reaches the disk before it returns. With ``resume`` the files are reopened, cut back to
+    what was committed, and rows are appended after it. Raises ConfigError for an unknown format
+    or suffix, a bad ``dims`` or ``dtype``, a missing pyarrow (Parquet), a Parquet ``resume``, a
+    file that does not hold what ``resume`` says, or a path that cannot be opened for writing.
     """
     name = _format_of(Path(path), format)
     if dtype != "float32" and name != "npy":
         raise ConfigError(f"dtype {dtype!r} is for npy output only; {name} is written as float32")
+    if resume is not None and name == "parquet":
+        raise ConfigError("a Parquet file cannot be resumed: use .npy or .jsonl output")
     try:
         if name == "npy":
-            return NpyWriter(path, dims=dims, dtype=dtype)
+            return NpyWriter(path, dims=dims, dtype=dtype, fsync=fsync, resume=resume)
         if name == "jsonl":
-            return JsonlWriter(path, dims=dims)
+            return JsonlWriter(path, dims=dims, fsync=fsync, resume=resume)
         return ParquetWriter(path, dims=dims)
     except OSError as error:
         raise ConfigError(f"cannot write {os.fspath(path)!r}: {error.strerror or error}") from error
@@ -126,6 +153,35 @@ def _format_of(path: Path, format: str | None) -> str:
 def ids_path_for(path: str | Path) -> Path:
     """The id sidecar of an ``.npy`` output: ``out.npy`` -> ``out.ids.jsonl``."""
     return Path(path).with_suffix(".ids.jsonl")
+
+
+def format_of(path: str | Path, format: str | None = None) -> str:
+    """The output format ``open_writer`` would use for ``path``. Raises ConfigError."""
+    return _format_of(Path(path), format)
+
+
+def _reopen(path: Path, length: int) -> IO[bytes]:
+    """``path`` opened for appending after its first ``length`` bytes; the rest, a torn write,
+    is cut off. Raises ConfigError when the file is missing or shorter than ``length``."""
+    try:
+        file = open(path, "r+b")  # noqa: SIM115 - the caller owns it
+    except FileNotFoundError:
+        raise ConfigError(f"cannot resume: {str(path)!r} is missing") from None
+    size = os.fstat(file.fileno()).st_size
+    if size < length:
+        file.close()
+        raise ConfigError(
+            f"cannot resume: {str(path)!r} holds {size} bytes, fewer than the {length} "
+            "its checkpoint committed (it was changed or damaged); run again without --resume"
+        )
+    file.truncate(length)
+    file.seek(length)
+    return file
+
+
+def _sync(*files: IO[bytes]) -> None:
+    for file in files:
+        os.fsync(file.fileno())
 
 
 class _BaseWriter:
@@ -222,6 +278,7 @@ class NpyWriter(_BaseWriter):
         dtype: str = "float32",
         flush_rows: int = 8192,
         fsync: bool = False,
+        resume: Committed | None = None,
     ) -> None:
         super().__init__(path, dims)
         if dtype not in DTYPES:
@@ -232,15 +289,45 @@ class NpyWriter(_BaseWriter):
         self.ids_path = ids_path_for(path)
         self._flush_rows = flush_rows
         self._fsync = fsync
-        self._committed = 0
-        self._data = open(self.path, "wb")  # noqa: SIM115 - closed by close()
+        self._data: IO[bytes]
+        if resume is None:
+            self._data = open(self.path, "wb")  # noqa: SIM115 - closed by close()
+        else:
+            self._data = self._resumed(resume)
         try:
-            self._ids = open(self.ids_path, "wb")  # noqa: SIM115 - closed by close()
-            self._data.write(self._header(0))
-            self._data.flush()  # a reader may look before the first commit: show it a valid file
+            self._ids = self._open_ids(resume)
+            if resume is None:
+                self._data.write(self._header(0))
+            # A reader may look before the first flush: show it a valid file.
+            self._commit()
         except BaseException:
             self._data.close()
             raise
+
+    def _resumed(self, resume: Committed) -> IO[bytes]:
+        """The data file cut back to ``resume``; checks that its header and size agree."""
+        expected = _NPY_HEADER_BYTES + resume.rows * self.dims * self.dtype.itemsize
+        if resume.lengths.get("output") != expected:
+            raise ConfigError(f"cannot resume {str(self.path)!r}: its checkpoint is inconsistent")
+        data = _reopen(self.path, expected)
+        data.seek(0)
+        header = io.BytesIO(data.read(_NPY_HEADER_BYTES))
+        try:
+            np.lib.format.read_magic(header)
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(header)
+        except ValueError:
+            shape, fortran, dtype = (), True, None
+        if len(shape) != 2 or shape[1] != self.dims or fortran or dtype != self.dtype:
+            data.close()
+            raise ConfigError(f"cannot resume: {str(self.path)!r} is not the .npy this job wrote")
+        data.seek(expected)
+        self.rows = resume.rows
+        return data
+
+    def _open_ids(self, resume: Committed | None) -> IO[bytes]:
+        if resume is None:
+            return open(self.ids_path, "wb")
+        return _reopen(self.ids_path, resume.lengths.get("ids", -1))
 
     def write(self, ids: Sequence[str], batch: EmbeddedBatch) -> None:
         """Append ``batch`` (see ``_BaseWriter.write``), committing every ``flush_rows`` rows."""
@@ -262,22 +349,27 @@ class NpyWriter(_BaseWriter):
         self._data.write(rows.data.cast("B"))
         _write_sidecar(self._ids, self.rows, ids, batch)
 
+    def commit(self) -> Committed:
+        """Commit (see :meth:`flush`) and say what is durable. Raises as :meth:`flush`."""
+        self.flush()
+        return Committed(self.rows, {"output": self._data.tell(), "ids": self._ids.tell()})
+
     def _commit(self) -> None:
         self._data.flush()
         self._ids.flush()
         self._sync(self._data, self._ids)
         # Seeking a buffered file flushes it; go back to the end so the next rows append.
+        end = self._data.tell()
         self._data.seek(0)
         self._data.write(self._header(self.rows))
-        self._data.seek(0, os.SEEK_END)
+        self._data.seek(end)
         self._data.flush()
         self._sync(self._data)
         self._committed = self.rows
 
     def _sync(self, *files: IO[bytes]) -> None:
         if self._fsync:
-            for file in files:
-                os.fsync(file.fileno())
+            _sync(*files)
 
     def _finish(self) -> None:
         try:
@@ -339,15 +431,36 @@ class JsonlWriter(_BaseWriter):
     Raises ConfigError for a bad ``dims``, OSError if ``path`` cannot be created.
     """
 
-    def __init__(self, path: str | Path, *, dims: int) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        dims: int,
+        fsync: bool = False,
+        resume: Committed | None = None,
+    ) -> None:
         super().__init__(path, dims)
-        self._file = open(self.path, "wb")  # noqa: SIM115 - closed by close()
+        self._fsync = fsync
+        self._file: IO[bytes]
+        if resume is None:
+            self._file = open(self.path, "wb")  # noqa: SIM115 - closed by close()
+        else:
+            self._file = _reopen(self.path, resume.lengths.get("output", -1))
+            self.rows = resume.rows
 
     def flush(self) -> None:
-        """Hand the lines written so far to the OS. Raises ValueError when closed."""
+        """Hand the lines written so far to the OS (and the disk, with ``fsync``). Raises
+        ValueError when closed."""
         if self.closed:
             raise ValueError(f"flush of closed writer of {str(self.path)!r}")
         self._file.flush()
+        if self._fsync:
+            _sync(self._file)
+
+    def commit(self) -> Committed:
+        """Flush and say what is durable. Raises as :meth:`flush`."""
+        self.flush()
+        return Committed(self.rows, {"output": self._file.tell()})
 
     def _append(self, ids: Sequence[str], batch: EmbeddedBatch) -> None:
         rows = np.ascontiguousarray(batch.embeddings, dtype=np.float32)
@@ -406,6 +519,11 @@ class ParquetWriter(_BaseWriter):
         self._pooled_bytes = 0
         self._sink = self._pa.OSFile(os.fspath(self.path), "wb")
         self._writer: Any = None  # the pyarrow writer, made with the first batch's schema
+
+    def commit(self) -> Committed:
+        """Always raises ConfigError: a Parquet file is whole only once closed, so it cannot be
+        resumed."""
+        raise ConfigError("a Parquet file cannot be resumed: use .npy or .jsonl output")
 
     def flush(self) -> None:
         """Write the pooled rows as a row group now. Raises ValueError when closed."""

@@ -1,0 +1,205 @@
+"""The manifest of a file-to-file job: what it runs on, and how far it has durably got.
+
+A job writes ``<out>.manifest.json`` beside its output and rewrites it at every checkpoint::
+
+    {"format": "sfembed-manifest", "version": 1, "complete": false,
+     "input": {"path": "/data/docs.jsonl", "size": 10485760, "mtime_ns": ..., "sha256": "..."},
+     "settings": {"model": "BAAI/bge-m3", "dimensions": null, "encoding_format": "base64", ...},
+     "checkpoint": {"records": 81920, "rows": 81920, "failed": 3,
+                    "lengths": {"output": 335544448, "ids": 2457600, "errors": 311}}}
+
+``checkpoint`` says that the first ``records`` input records are done: their ``rows`` rows and
+``failed`` errors-file entries are held by the first ``lengths[role]`` bytes of each file, and
+those bytes reached the disk before the manifest did. A manifest is replaced atomically (written
+to a temporary file, synced, renamed over the old one, and the folder synced), so a crash leaves
+either the old checkpoint or the new one, never a mix. Whatever a file holds past its committed
+length is a torn write, and a resumed job cuts it off.
+
+``settings`` holds the options that change the output (model, dimensions, encoding, long-text
+handling, fields, formats) and the errors file's path. The API key is never part of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from ._config import Settings
+from ._exceptions import ConfigError
+
+__all__ = [
+    "Checkpoint",
+    "InputIdentity",
+    "Manifest",
+    "check_resumable",
+    "identify",
+    "load_manifest",
+    "manifest_path_for",
+    "output_settings",
+    "save_manifest",
+]
+
+_FORMAT = "sfembed-manifest"
+_VERSION = 1
+_HASH_PIECE = 4 << 20  # bytes hashed per read
+
+
+@dataclass(frozen=True, slots=True)
+class InputIdentity:
+    """An input file as it was when the job read it: absolute path, size in bytes, modification
+    time in nanoseconds, and the SHA-256 of its bytes."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    sha256: str
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """The first ``records`` records are done, as ``rows`` output rows and ``failed`` errors-file
+    entries, held by the first ``lengths[role]`` bytes of each file (``output``, ``ids``,
+    ``errors``)."""
+
+    records: int = 0
+    rows: int = 0
+    failed: int = 0
+    lengths: Mapping[str, int] = dataclasses.field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """A job's input, its output-changing settings, its last checkpoint, and whether it ended."""
+
+    input: InputIdentity
+    settings: Mapping[str, Any]
+    checkpoint: Checkpoint
+    complete: bool = False
+
+
+def manifest_path_for(output: str | Path) -> Path:
+    """``out.npy`` -> ``out.npy.manifest.json``."""
+    return Path(f"{os.fspath(output)}.manifest.json")
+
+
+def output_settings(settings: Settings, output_format: str, errors: Path) -> dict[str, Any]:
+    """The settings a resumed job must share with the run it continues, by their config keys."""
+    io = settings.io
+    return {
+        "model": settings.model,
+        "dimensions": settings.dimensions,
+        "encoding_format": settings.encoding_format,
+        "long_mode": settings.long_mode,
+        "truncate_side": settings.truncate_side,
+        "overlap_tokens": settings.overlap_tokens,
+        "io.input_format": io.input_format,
+        "io.id_field": io.id_field,
+        "io.text_field": io.text_field,
+        "io.image_field": io.image_field,
+        "io.output_format": output_format,
+        "io.dtype": io.dtype,
+        "errors file": os.path.abspath(errors),
+    }
+
+
+async def identify(path: str | Path) -> InputIdentity:
+    """The identity of the file at ``path``; its bytes are hashed on a worker thread (SHA-256
+    runs at about 1.4 GB/s here). Raises ConfigError when it cannot be read."""
+    try:
+        return await asyncio.to_thread(_identify, Path(path))
+    except OSError as error:
+        raise ConfigError(f"cannot read input {str(path)!r}: {error.strerror or error}") from None
+
+
+def _identify(path: Path) -> InputIdentity:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        status = os.fstat(file.fileno())
+        while piece := file.read(_HASH_PIECE):
+            digest.update(piece)
+    return InputIdentity(
+        str(path.resolve()), status.st_size, status.st_mtime_ns, digest.hexdigest()
+    )
+
+
+def check_resumable(manifest: Manifest, settings: Mapping[str, Any], input: InputIdentity) -> None:
+    """Raise ConfigError naming the first setting or input property that differs between the
+    manifest's run and this one."""
+    for key in sorted(set(manifest.settings) | set(settings)):
+        was, now = manifest.settings.get(key), settings.get(key)
+        if was != now:
+            raise ConfigError(_refusal(f"setting {key} was {was!r}, now {now!r}"))
+    for name in ("path", "size", "mtime_ns", "sha256"):
+        was, now = getattr(manifest.input, name), getattr(input, name)
+        if was != now:
+            raise ConfigError(_refusal(f"the input's {name} was {was!r}, now {now!r}"))
+
+
+def _refusal(difference: str) -> str:
+    return f"cannot resume: {difference}; run without --resume to start over"
+
+
+def load_manifest(path: Path) -> Manifest | None:
+    """The manifest at ``path``, or None when there is none. Raises ConfigError when it cannot
+    be read or is not a manifest this version understands."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        raise ConfigError(f"cannot read {str(path)!r}: {error.strerror or error}") from None
+    try:
+        return _from_json(orjson.loads(raw))
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+        raise ConfigError(f"{str(path)!r} is not a readable sfembed manifest: {error}") from None
+
+
+def _from_json(value: dict[str, Any]) -> Manifest:
+    if value.get("format") != _FORMAT or value.get("version") != _VERSION:
+        raise ValueError(f"format {value.get('format')!r} version {value.get('version')!r}")
+    checkpoint = value["checkpoint"]
+    return Manifest(
+        input=InputIdentity(**value["input"]),
+        settings=value["settings"],
+        checkpoint=Checkpoint(
+            records=int(checkpoint["records"]),
+            rows=int(checkpoint["rows"]),
+            failed=int(checkpoint["failed"]),
+            lengths={str(k): int(v) for k, v in checkpoint["lengths"].items()},
+        ),
+        complete=bool(value["complete"]),
+    )
+
+
+def save_manifest(path: Path, manifest: Manifest) -> None:
+    """Replace the manifest at ``path`` atomically and durably. Raises OSError."""
+    body = {"format": _FORMAT, "version": _VERSION, **dataclasses.asdict(manifest)}
+    temporary = path.with_name(f".{path.name}.tmp")
+    with open(temporary, "wb") as file:
+        file.write(orjson.dumps(body, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS))
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+    _sync_folder(path.parent)
+
+
+def _sync_folder(folder: Path) -> None:
+    # The rename itself is durable only once the folder's entry is; not every system allows it.
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
