@@ -20,7 +20,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 demo: $(STAMP)
 	mkdir -p out
 	$(BIN)/sfembed embed --local sfembed/data/sample.jsonl --out out/demo.npy \
-		--model BAAI/bge-m3 --rpm 600 --tpm 300000 --window-s 6
+		--model BAAI/bge-m3 --rpm 600 --tpm 300000 --window-s 6 --no-cache
 
 lint: $(STAMP)
 	$(BIN)/ruff check sfembed tests benchmarks

@@ -105,7 +105,7 @@ def child_main(url: str, input_path: str, output_path: str, concurrency: int) ->
 
 def _job(url: str, input_path: str, output_path: str, concurrency: int) -> dict[str, Any]:
     at_fork = _rss_mb()
-    from sfembed import EmbeddingClient, JobStats, RateLimits, load_settings
+    from sfembed import EmbeddingClient, IOSettings, JobStats, RateLimits, load_settings
     from sfembed._job import run_job
 
     settings = load_settings(
@@ -113,6 +113,7 @@ def _job(url: str, input_path: str, output_path: str, concurrency: int) -> dict[
         rate=RateLimits(rpm=10**9, tpm=10**12),
         encoding_format="base64",
         concurrency=concurrency,
+        io=IOSettings(cache=False),  # the job's own memory; the cache is measured on its own
     )
     samples: list[tuple[int, float]] = []
     calls = [0]

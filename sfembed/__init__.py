@@ -4,8 +4,17 @@ The names below are the public API; everything in a module whose name starts wit
 The local test server lives in :mod:`sfembed.testing`.
 """
 
+from ._cache import EmbeddingCache
 from ._client import EmbeddingClient
-from ._config import BatchLimits, RateLimits, RetryPolicy, Settings, Timeouts, load_settings
+from ._config import (
+    BatchLimits,
+    IOSettings,
+    RateLimits,
+    RetryPolicy,
+    Settings,
+    Timeouts,
+    load_settings,
+)
 from ._exceptions import (
     APIConnectionError,
     APIError,
@@ -49,10 +58,12 @@ __all__ = [
     "Clock",
     "ConfigError",
     "EmbeddedBatch",
+    "EmbeddingCache",
     "EmbeddingClient",
     "EmbeddingResult",
     "Failure",
     "GatewayTimeoutError",
+    "IOSettings",
     "InputError",
     "JobError",
     "JobStats",

@@ -90,6 +90,9 @@ def _add_embed(commands: Any) -> None:
     embed.add_argument(
         "--resume", action="store_true", help="continue the job OUT's manifest describes"
     )
+    embed.add_argument(
+        "--no-cache", action="store_true", help="neither read nor fill the cache (config io.cache)"
+    )
     for flag, key, kind in _FLAGS:
         embed.add_argument(
             flag, dest=key.replace(".", "__"), type=kind, default=None, help=f"config key {key}"
@@ -119,6 +122,7 @@ _FLAGS: tuple[tuple[str, str, Any], ...] = (
     ("--overlap-tokens", "overlap_tokens", int),
     ("--truncate-side", "truncate_side", str),
     ("--checkpoint-rows", "io.checkpoint_rows", int),
+    ("--cache", "io.cache_path", str),
     ("--grace-s", "timeouts.grace_s", float),
 )
 
@@ -130,7 +134,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         value = getattr(args, key.replace(".", "__"))
         if value is not None:
             settings = _replace(settings, key, value)
-    return settings
+    return _replace(settings, "io.cache", False) if args.no_cache else settings
 
 
 def _replace(settings: Settings, key: str, value: object) -> Settings:
@@ -299,6 +303,7 @@ def _summary(summary: JobSummary, limits: RateLimits) -> str:
         ("chunks", f"{stats.chunks:,}"),
         ("tokens", f"{stats.tokens:,}"),
         ("requests", f"{stats.requests:,}"),
+        ("from cache", f"{stats.cached:,} (and {stats.deduplicated:,} repeats sent once)"),
         ("429s", f"{stats.rate_limited:,}"),
         ("retries", f"{stats.retries:,}"),
         ("failures", f"{summary.failed:,}"),

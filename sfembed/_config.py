@@ -100,7 +100,9 @@ class IOSettings:
     ``None`` formats are inferred from the file suffix. ``dtype`` is ``float32`` or ``float16``
     (``.npy`` output only). ``image_field`` names a field holding an image URL, base64 data or a
     path, for the multimodal model. A job's progress is made durable, and resumable, every
-    ``checkpoint_rows`` rows (each checkpoint syncs the files to disk).
+    ``checkpoint_rows`` rows (each checkpoint syncs the files to disk). With ``cache``, vectors
+    are kept in an SQLite cache at ``cache_path`` (default: ``sfembed-cache.sqlite`` in the
+    output's folder) and a text it holds is not sent again.
     """
 
     input_format: str | None = None
@@ -110,6 +112,8 @@ class IOSettings:
     output_format: str | None = None
     dtype: str = "float32"
     checkpoint_rows: int = 8192
+    cache: bool = True
+    cache_path: str = ""
 
     def __post_init__(self) -> None:
         if self.checkpoint_rows <= 0:

@@ -9,6 +9,7 @@ failure, from the reader or the server, goes to the errors file with its id, lin
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -25,6 +26,7 @@ from typing import IO, Any
 import numpy as np
 import orjson
 
+from ._cache import EmbeddingCache
 from ._client import EmbeddingClient
 from ._config import Settings
 from ._exceptions import ConfigError
@@ -49,6 +51,9 @@ from ._types import Chunk, Unusable
 from ._writers import Committed, Writer, _reopen, format_of, open_writer
 
 log = logging.getLogger("sfembed")
+
+#: The cache's file name in the output's folder, unless ``io.cache_path`` names another.
+CACHE_NAME = "sfembed-cache.sqlite"
 
 __all__ = ["DryRun", "JobSummary", "dry_run", "price_of", "run_job"]
 
@@ -242,11 +247,34 @@ class _FileJob:
         summary = self.summary
         summary.rows, summary.failed = done.rows, done.failed
         summary.records = summary.resumed_records = done.records
+        io = self.settings.io
+        ids, carry = _Ids(), _Carry(self.settings.long_mode == "chunks")
+        records = itertools.islice(_records(self.input_path, self.settings), done.records, None)
+        async with contextlib.AsyncExitStack() as stack:
+            cache = await stack.enter_async_context(self._cache()) if io.cache else None
+            await self._stream(manifest, resumed, stop, on_batch, cache, ids, carry, records)
+
+    def _cache(self) -> EmbeddingCache:
+        """The cache at ``io.cache_path``, or in the output's folder."""
+        path = self.settings.io.cache_path
+        return EmbeddingCache(path or Path(self.output_path).parent / CACHE_NAME)
+
+    async def _stream(
+        self,
+        manifest: Manifest,
+        resumed: bool,
+        stop: asyncio.Event | None,
+        on_batch: Callable[[JobStats], None] | None,
+        cache: EmbeddingCache | None,
+        ids: _Ids,
+        carry: _Carry,
+        records: Iterator[Record],
+    ) -> None:
+        done = manifest.checkpoint
+        summary = self.summary
         dims = self.spec.output_dimensions(self.settings.dimensions)
         io = self.settings.io
         committed = Committed(done.rows, done.lengths) if resumed else None
-        ids, carry = _Ids(), _Carry(self.settings.long_mode == "chunks")
-        records = itertools.islice(_records(self.input_path, self.settings), done.records, None)
         with (
             open_writer(
                 self.output_path,
@@ -269,6 +297,7 @@ class _FileJob:
                     client=self.client,
                     stats=summary.stats,
                     stop=stop,
+                    cache=cache,
                 ):
                     whole = carry.whole(batch)
                     if whole is not None:

@@ -33,6 +33,7 @@ from typing import Any, cast
 import numpy as np
 
 from . import _exceptions as exc
+from ._cache import EmbeddingCache
 from ._chunker import char_range, split_spans
 from ._client import EmbeddingClient
 from ._config import Settings, load_settings
@@ -85,6 +86,8 @@ class JobStats:
     tokens: int = 0
     rate_limited: int = 0
     retries: int = 0
+    cached: int = 0  # items answered by the cache, not sent
+    deduplicated: int = 0  # items that repeated one already on its way, not sent again
     in_flight: int = 0
     pace_tokens_per_s: float = 0.0  # the limiter's current pace, for an ETA
     pace_requests_per_s: float = 0.0
@@ -160,6 +163,7 @@ async def embed_stream(
     stats: JobStats | None = None,
     limiter: RateLimiter | None = None,
     stop: asyncio.Event | None = None,
+    cache: EmbeddingCache | None = None,
     **options: Any,
 ) -> AsyncGenerator[EmbeddedBatch, None]:
     """Yield consecutive batches of rows in input order as they are ready.
@@ -168,13 +172,14 @@ async def embed_stream(
     iterator (``contextlib.aclosing``) when leaving it early. Setting ``stop`` ends the stream
     gracefully: no more input is read and no more requests start, requests in flight are awaited,
     and the stream ends after the last row that has every row before it (a shorter output, never
-    a gap). Raises as :func:`embed`.
+    a gap). With a ``cache``, texts it holds are not sent, a text repeated within the job is
+    sent once, and every vector received is stored in it. Raises as :func:`embed`.
     """
     job_settings = dataclasses.replace(settings or load_settings(), model=model, **options)
     async with contextlib.AsyncExitStack() as stack:
         if client is None:
             client = await stack.enter_async_context(_client_for(job_settings))
-        job = _Job(job_settings, client, stats or JobStats(), limiter, stop)
+        job = _Job(job_settings, client, stats or JobStats(), limiter, stop, cache)
         # Closed with us, so its stages stop before we return (not later, from a GC finaliser).
         batches = await stack.enter_async_context(contextlib.aclosing(job.run(inputs)))
         async for batch in batches:
@@ -207,8 +212,11 @@ class _Job:
         stats: JobStats,
         limiter: RateLimiter | None,
         stop: asyncio.Event | None = None,
+        cache: EmbeddingCache | None = None,
     ) -> None:
         self.settings = settings
+        self.cache = cache
+        self._waiting: dict[bytes, list[Chunk]] = {}  # key -> repeats of a text on its way
         self.spec: ModelSpec = catalog_for(settings, client.catalog)[settings.model]
         self.client = client
         self.stats = stats
@@ -334,7 +342,7 @@ class _Job:
             for i, (item, text) in enumerate(zip(block, texts, strict=True))
             for chunk in self._record(unit + i, first + i, item, text, tokens[i], exact.get(i))
         ]
-        await self._enqueue(self.packer.add(chunks))
+        await self._enqueue(self.packer.add(await self._uncached(chunks)))
 
     async def _intake_chunks(
         self,
@@ -351,10 +359,59 @@ class _Job:
                 unit = await self._reserve(1)
                 self._describe(unit, first + i, 0, (0, len(text)))
                 chunks = self._record(unit, first + i, item, text, tokens[i], exact.get(i))
-                await self._enqueue(self.packer.add(chunks))
+                await self._enqueue(self.packer.add(await self._uncached(chunks)))
             else:
                 offsets, spans = self._cuts(text)
                 await self._stream_chunks(first + i, text, offsets, spans)
+
+    async def _uncached(self, chunks: list[Chunk]) -> list[Chunk]:
+        """The chunks still to send. Those the cache holds are placed in the ring at once, and a
+        repeat of a text already on its way waits for that copy's answer (``_share``)."""
+        keyed = [chunk for chunk in chunks if self._cacheable(chunk)]
+        if self.cache is None or not keyed:
+            return chunks
+        keys = self.cache.keys([cast(str, chunk.item) for chunk in keyed])
+        hits = await self.cache.lookup(self.spec.name, self.reorder.dims, keys)
+        served: list[Chunk] = []
+        held: set[int] = set()
+        for chunk, key in zip(keyed, keys, strict=True):
+            chunk.key = key
+            if key in hits:
+                served.append(chunk)
+            elif key in self._waiting:
+                self._waiting[key].append(chunk)
+            else:
+                self._waiting[key] = []  # this copy is sent; later repeats wait for it
+                continue
+            held.add(id(chunk))
+        if served:
+            self.reorder.put(served, np.stack([hits[cast(bytes, c.key)] for c in served]))
+            self.stats.cached += len(served)
+            await self._release()
+        self.stats.deduplicated += len(held) - len(served)
+        return [chunk for chunk in chunks if id(chunk) not in held]
+
+    def _cacheable(self, chunk: Chunk) -> bool:
+        """A text whose vector depends on the text alone: in truncate mode, not one the server
+        might cut (its vector depends on the cut side)."""
+        if self.cache is None or not isinstance(chunk.item, str) or not chunk.item:
+            return False
+        truncating = self.settings.long_mode == "truncate"
+        return not truncating or upper_bound(chunk.item, self.spec) <= self.spec.max_input_tokens
+
+    def _share(self, request: list[Chunk], rows: FloatArray) -> None:
+        """Give each answered text's vector to the repeats waiting for it."""
+        for i, chunk in enumerate(request):
+            repeats = self._waiting.pop(chunk.key, None) if chunk.key is not None else None
+            if repeats:
+                self.reorder.put(repeats, np.repeat(rows[i : i + 1], len(repeats), axis=0))
+
+    async def _store(self, request: list[Chunk], rows: FloatArray) -> None:
+        """Keep the vectors of an answered request in the cache."""
+        keyed = [i for i, chunk in enumerate(request) if chunk.key is not None]
+        if self.cache is not None and keyed:
+            keys = [cast(bytes, request[i].key) for i in keyed]
+            await self.cache.store(self.spec.name, self.reorder.dims, keys, rows[keyed])
 
     async def _exact_counts(self, texts: Sequence[str]) -> dict[int, int]:
         """Exact counts of the texts that might be over the per-item limit, by index.
@@ -430,7 +487,7 @@ class _Job:
             unit = await self._reserve(1)
             chunk = self._piece(position, unit, number, text, offsets, span)
             self._describe(unit, position, number, (chunk.start, chunk.end))
-            await self._enqueue(self.packer.add([chunk]))
+            await self._enqueue(self.packer.add(await self._uncached([chunk])))
 
     def _piece(
         self,
@@ -494,7 +551,9 @@ class _Job:
             await self._release()
         else:
             self.reorder.put(request, result.embeddings)
+            self._share(request, result.embeddings)
             await self._release()
+            await self._store(request, result.embeddings)
 
     async def _attempt(self, request: list[Chunk]) -> EmbeddingResult:
         """One paced send. The job's first request goes alone: until the server's ``usage`` has
@@ -581,7 +640,15 @@ class _Job:
         if not near:
             await self._bisect(request, reason)
         elif len(request) == 1:
-            await self._send(await self._halves(request[0]))
+            # Repeats of the text waited for one vector; each is halved alike instead.
+            key = request[0].key
+            repeats = self._waiting.pop(key, []) if key is not None else []
+            for chunk in (request[0], *repeats):
+                halves = await self._uncached(await self._halves(chunk))
+                if halves:
+                    await self._send(halves)
+                else:
+                    await self._release()
         else:
             rest = [chunk for chunk in request if not self._near_limit(chunk)]
             for part in ([rest] if rest else []) + [[chunk] for chunk in near]:
@@ -633,6 +700,8 @@ class _Job:
     def _fail(self, chunk: Chunk, reason: str) -> None:
         log.warning("input %d failed: %s", chunk.position, reason)
         self.reorder.fail(chunk, reason)
+        for repeat in self._waiting.pop(chunk.key, ()) if chunk.key is not None else ():
+            self.reorder.fail(repeat, reason)
 
     async def _release(self) -> None:
         """Hand every finished contiguous run to the caller, with the failures it holds.

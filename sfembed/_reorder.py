@@ -70,6 +70,7 @@ class ReorderBuffer:
 
     def __init__(self, *, dims: int, capacity: int, with_chunks: bool = False) -> None:
         self.capacity = capacity
+        self.dims = dims
         self._rows = np.full((capacity, dims), np.nan, dtype=np.float32)
         self._done = np.zeros(capacity, dtype=bool)
         self._meta = np.zeros((capacity, 4), dtype=np.int64) if with_chunks else None

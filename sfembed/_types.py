@@ -101,7 +101,8 @@ class Chunk:
     ``unit`` is the output row it contributes to (the record's position in ``pool`` mode, the
     chunk's sequence number in ``chunks`` mode); ``tokens`` is the estimated count with special
     tokens (what requests are packed and charged by); ``start``/``end`` are its characters in the
-    record's text; ``weight`` is its exact token count when known, for pooling (0: use tokens).
+    record's text; ``weight`` is its exact token count when known, for pooling (0: use tokens);
+    ``key`` its cache key, when the job has a cache and the item can be cached.
     """
 
     unit: int
@@ -112,6 +113,7 @@ class Chunk:
     start: int = 0
     end: int = 0
     weight: int = 0
+    key: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)

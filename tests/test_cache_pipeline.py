@@ -1,0 +1,139 @@
+"""The cache in a job: what it holds is not sent, a repeat is sent once, rows stay right and in
+place, and a rerun of an unchanged corpus sends nothing. Against LocalServer over real HTTP."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from sfembed import DEFAULT_CATALOG, BatchLimits, EmbeddingClient, JobStats, embed, load_settings
+from sfembed._cache import EmbeddingCache
+from sfembed._tokens import counter_for
+from sfembed.testing import (
+    LocalServer,
+    count_tokens,
+    expected_embedding,
+    synthetic_corpus,
+)
+
+KEY = "sk-local-test"
+M3 = "BAAI/bge-m3"
+EN = "BAAI/bge-large-en-v1.5"
+UNLIMITED = {"rpm": 10**7, "tpm": 10**10}
+TEXTS = [f"document {n}: " + t[:300] for n, t in enumerate(synthetic_corpus(400, seed=11))]
+
+
+async def run(
+    server: LocalServer, texts: list[str], cache: EmbeddingCache | None, **options: Any
+) -> tuple[np.ndarray, JobStats]:
+    settings = load_settings(base_url=server.url, batch=BatchLimits(max_items=16))
+    settings = dataclasses.replace(settings, rate=dataclasses.replace(settings.rate, **UNLIMITED))
+    stats = JobStats()
+    async with EmbeddingClient(api_key=KEY, base_url=server.url) as client:
+        rows = await embed(
+            texts,
+            model=options.pop("model", M3),
+            settings=settings,
+            client=client,
+            stats=stats,
+            cache=cache,
+            errors="nan",
+            **options,
+        )
+    return rows, stats
+
+
+def expected(texts: list[str], model: str = M3) -> np.ndarray:
+    return np.stack([expected_embedding(model, text) for text in texts])
+
+
+def tokens_of(texts: list[str], model: str = M3) -> int:
+    return sum(count_tokens(text, DEFAULT_CATALOG[model]) for text in texts)
+
+
+async def test_a_rerun_of_an_unchanged_corpus_sends_nothing(
+    server: LocalServer, tmp_path: Path
+) -> None:
+    async with EmbeddingCache(tmp_path / "cache.sqlite") as cache:
+        first, _ = await run(server, TEXTS, cache)
+        sent = server.stats.requests
+        second, stats = await run(server, TEXTS, cache)
+    assert server.stats.requests == sent  # not one request
+    assert stats.cached == len(TEXTS)
+    np.testing.assert_array_equal(second, first)
+    np.testing.assert_allclose(second, expected(TEXTS), atol=1e-6)
+
+
+async def test_only_changed_texts_are_sent(server: LocalServer, tmp_path: Path) -> None:
+    changed = list(TEXTS)
+    edits = range(0, len(TEXTS), 50)  # 2%
+    for n in edits:
+        changed[n] = changed[n] + " (revised)"
+    async with EmbeddingCache(tmp_path / "cache.sqlite") as cache:
+        await run(server, TEXTS, cache)
+        before = server.stats.tokens_accepted
+        rows, stats = await run(server, changed, cache)
+    assert server.stats.tokens_accepted - before == tokens_of([changed[n] for n in edits])
+    assert stats.cached == len(TEXTS) - len(edits)
+    np.testing.assert_allclose(rows, expected(changed), atol=1e-6)
+
+
+async def test_repeats_within_a_job_are_sent_once(server: LocalServer, tmp_path: Path) -> None:
+    unique = TEXTS[:40]
+    texts = [unique[n % 40] for n in range(400)]  # each text ten times, interleaved
+    texts[47] = "  " + texts[47] + "\r\n"  # a repeat that differs only by normalisation
+    async with EmbeddingCache(tmp_path / "cache.sqlite") as cache:
+        rows, stats = await run(server, texts, cache)
+    assert server.stats.tokens_accepted == tokens_of(unique)
+    assert stats.deduplicated + stats.cached == len(texts) - len(unique)
+    np.testing.assert_allclose(rows, expected([unique[n % 40] for n in range(400)]), atol=1e-6)
+
+
+async def test_pieces_of_long_records_are_cached(server: LocalServer, tmp_path: Path) -> None:
+    spec = DEFAULT_CATALOG[EN]
+    counter = counter_for(spec)
+    texts = list(synthetic_corpus(300, seed=2, long_every=10))[:60]
+    assert max(counter.count(texts)) > spec.max_input_tokens  # some are split
+    async with EmbeddingCache(tmp_path / "cache.sqlite") as cache:
+        first, _ = await run(server, texts, cache, model=EN)
+        embedded = server.stats.tokens_accepted
+        second, stats = await run(server, texts, cache, model=EN)
+    # The server counts more than the exact tokenizer near the limit and refuses some pieces; a
+    # refused piece is refused again (nothing embedded, nothing charged), and its halves, like
+    # every other piece, come from the cache.
+    assert server.stats.tokens_accepted == embedded
+    assert stats.requests == 0  # answered requests: every vector came from the cache
+    np.testing.assert_array_equal(second, first)
+    assert not np.isnan(first).any()
+
+
+async def test_failures_are_not_cached_and_fail_their_repeats(
+    server: LocalServer, tmp_path: Path
+) -> None:
+    texts = ["alpha", "beta", "alpha", "gamma"]
+    server.inject("400", 3)  # the first requests are refused whatever they hold
+    async with EmbeddingCache(tmp_path / "cache.sqlite") as cache:
+        rows, stats = await run(server, texts, cache)
+        assert np.isnan(rows).all(axis=1).sum() >= 1
+        failed = {f.position for f in stats.failures}
+        assert (0 in failed) == (2 in failed)  # a repeat shares its copy's fate
+        again, stats = await run(server, texts, cache)
+    np.testing.assert_allclose(again, expected(texts), atol=1e-6)
+    assert stats.cached == len(texts) - len(failed)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+async def test_texts_the_server_may_truncate_are_not_cached(
+    server: LocalServer, tmp_path: Path, side: str
+) -> None:
+    spec = DEFAULT_CATALOG[EN]
+    long = " ".join(["word"] * (spec.max_input_tokens * 2))
+    texts = ["short text", long]
+    async with EmbeddingCache(tmp_path / "cache.sqlite") as cache:
+        await run(server, texts, cache, model=EN, long_mode="truncate", truncate_side=side)
+        _, stats = await run(server, texts, cache, model=EN, long_mode="truncate")
+    assert stats.cached == 1  # the short one only: the long one's vector depends on the side
