@@ -93,6 +93,12 @@ def _add_embed(commands: Any) -> None:
     embed.add_argument(
         "--no-cache", action="store_true", help="neither read nor fill the cache (config io.cache)"
     )
+    embed.add_argument(
+        "--allow-insecure-http",
+        action="store_true",
+        help="send the key over plain http to a host other than this machine "
+        "(config allow_insecure_http)",
+    )
     for flag, key, kind in _FLAGS:
         embed.add_argument(
             flag, dest=key.replace(".", "__"), type=kind, default=None, help=f"config key {key}"
@@ -134,6 +140,8 @@ def _settings(args: argparse.Namespace) -> Settings:
         value = getattr(args, key.replace(".", "__"))
         if value is not None:
             settings = _replace(settings, key, value)
+    if args.allow_insecure_http:
+        settings = _replace(settings, "allow_insecure_http", True)
     return _replace(settings, "io.cache", False) if args.no_cache else settings
 
 
@@ -170,7 +178,9 @@ def _client(settings: Settings) -> EmbeddingClient:
     return EmbeddingClient(
         api_key_env=settings.api_key_env,
         base_url=settings.base_url,
+        allow_insecure_http=settings.allow_insecure_http,
         timeouts=settings.timeouts,
+        catalog=catalog_for(settings),
         max_connections=settings.concurrency,
     )
 

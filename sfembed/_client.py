@@ -146,7 +146,10 @@ class EmbeddingClient:
             raise RuntimeError("use EmbeddingClient inside 'async with'")
         failure: exc.APIError
         try:
-            async with self._session.post(self._url, data=payload, headers=self._headers) as resp:
+            # Never follow a redirect: it would take the key to a URL the user did not configure.
+            async with self._session.post(
+                self._url, data=payload, headers=self._headers, allow_redirects=False
+            ) as resp:
                 raw = await resp.read()
                 trace_id = resp.headers.get(TRACE_HEADER)
                 if resp.status != 200:

@@ -127,6 +127,7 @@ class Settings:
     model: str = "BAAI/bge-m3"
     base_url: str = DEFAULT_BASE_URL
     api_key_env: str = DEFAULT_KEY_ENV
+    allow_insecure_http: bool = False  # the key over plain http to a host beyond this machine
     encoding_format: str = "base64"
     dimensions: int | None = None
     concurrency: int = 16

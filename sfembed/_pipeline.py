@@ -190,6 +190,7 @@ def _client_for(settings: Settings) -> EmbeddingClient:
     return EmbeddingClient(
         api_key_env=settings.api_key_env,
         base_url=settings.base_url,
+        allow_insecure_http=settings.allow_insecure_http,
         timeouts=settings.timeouts,
         catalog=catalog_for(settings),
         max_batch_items=settings.batch.max_items,
