@@ -1,0 +1,119 @@
+"""What does the cache save a nightly job? Three runs of one 100,000-document job, JSONL -> .npy.
+
+    python benchmarks/bench_cache.py [--count 100000] [--changed 0.02] [--workdir DIR]
+
+1. ``first``: an empty cache; every document is sent.
+2. ``unchanged``: the same file again: every vector should come from the cache, zero requests.
+3. ``changed``: a copy in which a fraction (2% by default) of the documents was edited: only
+   those should be sent.
+
+A local server with realistic limits for a small account (RPM 2,000 and TPM 2,000,000 per 60 s
+window would make the first run take minutes, so the window is 6 s: RPM 2,000, TPM 500,000 per 6
+s) runs in its own process and counts requests and embedded tokens. Each run's output is checked
+against the server's known vectors (row i is record i). Printed: requests, tokens embedded, texts
+from the cache, wall time and the output check, per run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _harness import server_process, table
+
+from sfembed import EmbeddingClient, RateLimits, load_settings, testing
+from sfembed._job import CACHE_NAME, JobSummary, run_job
+
+MODEL = "BAAI/bge-m3"
+KEY = "sk-local-test"
+WINDOW_S = 6.0
+RPM, TPM = 2_000, 500_000
+
+
+def corpus(count: int, seed: int) -> list[str]:
+    texts = testing.synthetic_corpus(count, seed=seed, long_every=0)
+    return [f"{n}: {text[:400]}" for n, text in enumerate(texts)]
+
+
+def write(path: Path, texts: list[str]) -> None:
+    with open(path, "wb") as out:
+        for n, text in enumerate(texts):
+            out.write(orjson.dumps({"id": f"doc-{n}", "text": text}) + b"\n")
+
+
+async def job(url: str, source: Path, out: Path) -> JobSummary:
+    rate = RateLimits(rpm=RPM, tpm=TPM, window_s=WINDOW_S)
+    settings = load_settings(base_url=url, rate=rate, model=MODEL)
+    async with EmbeddingClient(api_key=KEY, base_url=url) as client:
+        return await run_job(source, out, settings, client=client)
+
+
+def check(out: Path, texts: list[str], sample: int = 500) -> str:
+    rows = np.load(out, mmap_mode="r")
+    if rows.shape[0] != len(texts) or np.isnan(rows).any():
+        return "WRONG shape or NaN"
+    picks = random.Random(1).sample(range(len(texts)), min(sample, len(texts)))
+    wrong = sum(
+        not np.allclose(rows[i], testing.expected_embedding(MODEL, texts[i]), atol=1e-6)
+        for i in picks
+    )
+    return f"{len(picks) - wrong}/{len(picks)} sampled rows right"
+
+
+def run(name: str, source: Path, out: Path, texts: list[str]) -> dict[str, Any]:
+    config = testing.ServerConfig(
+        window_s=WINDOW_S, default_limits=testing.ModelLimits(rpm=RPM, tpm=TPM)
+    )
+    started = time.monotonic()
+    with server_process(config) as (url, box):
+        summary = asyncio.run(job(url, source, out))
+    wall = time.monotonic() - started
+    report = box[0]
+    return {
+        "run": name,
+        "records": f"{summary.records:,}",
+        "requests": f"{report.requests:,}",
+        "tokens embedded": f"{sum(tokens for _, tokens in report.accepted):,}",
+        "from cache": f"{summary.stats.cached:,}",
+        "wall s": f"{wall:.1f}",
+        "output": check(out, texts),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=100_000)
+    parser.add_argument("--changed", type=float, default=0.02)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/sfembed-bench-cache"))
+    args = parser.parse_args()
+    shutil.rmtree(args.workdir, ignore_errors=True)
+    args.workdir.mkdir(parents=True)
+    texts = corpus(args.count, seed=4)
+    edited = list(texts)
+    picks = random.Random(2).sample(range(args.count), int(args.count * args.changed))
+    for n in picks:
+        edited[n] = edited[n] + " (edited)"
+    write(args.workdir / "docs.jsonl", texts)
+    write(args.workdir / "docs-edited.jsonl", edited)
+    rows = [
+        run("first", args.workdir / "docs.jsonl", args.workdir / "a.npy", texts),
+        run("unchanged", args.workdir / "docs.jsonl", args.workdir / "b.npy", texts),
+        run("changed", args.workdir / "docs-edited.jsonl", args.workdir / "c.npy", edited),
+    ]
+    size = (args.workdir / CACHE_NAME).stat().st_size
+    print(f"{args.count:,} documents, {len(picks):,} edited; cache file {size / 2**20:,.0f} MiB")
+    print(table([tuple(row.values()) for row in rows], tuple(rows[0])))
+
+
+if __name__ == "__main__":
+    main()
