@@ -240,6 +240,7 @@ class _Job:
         self.stop = stop
         self._stopping = False
         self._sending: set[asyncio.Task[Any] | None] = set()  # senders with a request out
+        self._settled_in_intake = False  # rows failed or cached by intake, not yet released
         self._calibrated = asyncio.Event()
         self._release_lock = asyncio.Lock()
         self._probing = False
@@ -323,6 +324,7 @@ class _Job:
                 await self._intake_rows(position, block, texts, tokens, exact)
             position += len(block)
             self.stats.records += len(block)
+            await self._request_release()
         await self._enqueue(self.packer.flush())
         for _ in range(self.settings.concurrency):
             await self.requests.put(None)
@@ -388,7 +390,7 @@ class _Job:
         if served:
             self.reorder.put(served, np.stack([hits[cast(bytes, c.key)] for c in served]))
             self.stats.cached += len(served)
-            await self._release()
+            self._settled_in_intake = True
         self.stats.deduplicated += len(held) - len(served)
         return [chunk for chunk in chunks if id(chunk) not in held]
 
@@ -447,7 +449,17 @@ class _Job:
         # Send the open request before waiting for room: the oldest unfinished row may be in it.
         if not self.reorder.has_room(units):
             await self._enqueue(self.packer.flush())
+            await self._request_release()
         return await self.reorder.reserve(units)
+
+    async def _request_release(self) -> None:
+        """Have a sender hand over the rows intake settled itself (failed or cached): no request
+        will, when a long run of records needs none. Intake never releases rows itself: a stop
+        cancels it wherever it is, and rows taken from the ring but not yet handed over would
+        be lost (a gap in the output)."""
+        if self._settled_in_intake:
+            self._settled_in_intake = False
+            await self.requests.put([])
 
     def _fits(self, problem: str | None, exact: int | None) -> bool:
         """True when the record goes whole: unusable, proved short by its upper bound (``exact``
@@ -469,6 +481,7 @@ class _Job:
         chunk = Chunk(unit, position, 0, sendable, tokens, 0, len(text), exact or 0)
         if problem is not None:
             self._fail(chunk, problem)
+            self._settled_in_intake = True
             return []
         return [chunk]
 
@@ -521,7 +534,11 @@ class _Job:
         me = asyncio.current_task()
         while not self._stopping and (request := await self.requests.get()) is not None:
             try:
-                await self._send(request)
+                if request:
+                    await self._send(request)
+                else:  # intake asks for the rows it settled itself
+                    self._sending.add(me)
+                    await self._release()
             finally:
                 self._sending.discard(me)  # in flight from its first admission to its release
 

@@ -137,3 +137,17 @@ async def test_texts_the_server_may_truncate_are_not_cached(
         await run(server, texts, cache, model=EN, long_mode="truncate", truncate_side=side)
         _, stats = await run(server, texts, cache, model=EN, long_mode="truncate")
     assert stats.cached == 1  # the short one only: the long one's vector depends on the side
+
+
+async def test_a_cached_run_longer_than_the_ring_completes_in_order(
+    server: LocalServer, tmp_path: Path
+) -> None:
+    texts = [f"note {n}" for n in range(5000)]  # more rows than the reorder ring holds
+    async with EmbeddingCache(tmp_path / "cache.sqlite") as cache:
+        first, _ = await run(server, texts, cache)
+        sent = server.stats.requests
+        second, stats = await run(server, texts, cache)
+    assert server.stats.requests == sent
+    assert stats.cached == len(texts)
+    np.testing.assert_array_equal(second, first)
+    np.testing.assert_allclose(second[::499], expected(texts[::499]), atol=1e-6)

@@ -40,6 +40,7 @@ from sfembed import (
 )
 from sfembed._pipeline import _Job
 from sfembed._tokens import counter_for
+from sfembed._types import Unusable
 from sfembed.testing import (
     Faults,
     LocalServer,
@@ -775,6 +776,24 @@ async def test_a_stop_during_a_retry_backoff_ends_the_stream(make_server: MakeSe
         assert job_tasks() == []
     assert got == []  # nothing was answered, and nothing was failed for it either
     assert stats.failures == []
+
+
+async def test_a_run_of_unusable_records_longer_than_the_ring_completes(
+    server: LocalServer,
+) -> None:
+    # No request settles these rows; intake must still have them handed over, or the ring fills
+    # and the job waits for room forever.
+    inputs: list[Any] = [Unusable("bad line")] * 5000 + SHORT[:3]
+    settings = settings_for(server)
+    stats = JobStats()
+    async with client_for(server) as client:
+        rows = await embed(
+            inputs, model=M3, settings=settings, client=client, stats=stats, errors="nan"
+        )
+    assert rows.shape == (5003, 1024)
+    assert np.isnan(rows[:5000]).all()
+    assert_rows(rows[5000:], M3, SHORT[:3])
+    assert len(stats.failures) == 5000
 
 
 async def test_an_input_source_that_raises_stops_the_job(server: LocalServer) -> None:
