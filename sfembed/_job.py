@@ -48,7 +48,7 @@ from ._readers import Record, read_records
 from ._reorder import EmbeddedBatch
 from ._tokens import counter_for
 from ._types import Chunk, Unusable
-from ._writers import Committed, Writer, _reopen, format_of, open_writer
+from ._writers import Committed, Writer, _reopen, format_of, ids_path_for, open_writer
 
 log = logging.getLogger("sfembed")
 
@@ -247,12 +247,49 @@ class _FileJob:
         summary = self.summary
         summary.rows, summary.failed = done.rows, done.failed
         summary.records = summary.resumed_records = done.records
-        io = self.settings.io
-        ids, carry = _Ids(), _Carry(self.settings.long_mode == "chunks")
-        records = itertools.islice(_records(self.input_path, self.settings), done.records, None)
-        async with contextlib.AsyncExitStack() as stack:
-            cache = await stack.enter_async_context(self._cache()) if io.cache else None
-            await self._stream(manifest, resumed, stop, on_batch, cache, ids, carry, records)
+        if resumed:
+            self._check_lengths(done)  # before any file is cut back, so a refusal changes none
+        async with contextlib.AsyncExitStack() as files:
+            writer = files.enter_context(self._writer(done if resumed else None))
+            errors = files.enter_context(
+                _ErrorLog(self.errors, done.lengths.get("errors", 0) if resumed else None)
+            )
+            cache = None
+            if self.settings.io.cache:
+                cache = await files.enter_async_context(self._cache())
+            checkpoints = _Checkpoints(self, manifest, writer, errors)
+            checkpoints.save(complete=False)
+            complete = False
+            try:
+                await self._stream(done.records, writer, errors, checkpoints, cache, stop, on_batch)
+                complete = not summary.stopped
+            finally:
+                checkpoints.save(complete=complete)
+
+    def _check_lengths(self, done: Checkpoint) -> None:
+        """Raise ConfigError unless each file holds at least what the checkpoint committed."""
+        files = {"output": Path(self.output_path), "errors": self.errors}
+        if self.format == "npy":
+            files["ids"] = ids_path_for(self.output_path)
+        for role, path in files.items():
+            committed = done.lengths.get(role, 0)
+            size = path.stat().st_size if path.exists() else -1
+            if committed and size < committed:
+                raise ConfigError(
+                    f"cannot resume: {str(path)!r} holds {max(size, 0)} bytes, fewer than the "
+                    f"{committed} its checkpoint committed; run again without --resume"
+                )
+
+    def _writer(self, done: Checkpoint | None) -> Writer:
+        """The output, new or (``done``) reopened after an earlier run's last checkpoint."""
+        return open_writer(
+            self.output_path,
+            format=self.format,
+            dims=self.spec.output_dimensions(self.settings.dimensions),
+            dtype=self.settings.io.dtype,
+            fsync=self.manifest_path is not None,
+            resume=Committed(done.rows, done.lengths) if done is not None else None,
+        )
 
     def _cache(self) -> EmbeddingCache:
         """The cache at ``io.cache_path``, or in the output's folder."""
@@ -261,57 +298,37 @@ class _FileJob:
 
     async def _stream(
         self,
-        manifest: Manifest,
-        resumed: bool,
+        skip: int,
+        writer: Writer,
+        errors: _ErrorLog,
+        checkpoints: _Checkpoints,
+        cache: EmbeddingCache | None,
         stop: asyncio.Event | None,
         on_batch: Callable[[JobStats], None] | None,
-        cache: EmbeddingCache | None,
-        ids: _Ids,
-        carry: _Carry,
-        records: Iterator[Record],
     ) -> None:
-        done = manifest.checkpoint
+        """Embed the records after the first ``skip`` into ``writer``, record by whole record."""
         summary = self.summary
-        dims = self.spec.output_dimensions(self.settings.dimensions)
-        io = self.settings.io
-        committed = Committed(done.rows, done.lengths) if resumed else None
-        with (
-            open_writer(
-                self.output_path,
-                format=self.format,
-                dims=dims,
-                dtype=io.dtype,
-                fsync=self.manifest_path is not None,
-                resume=committed,
-            ) as writer,
-            _ErrorLog(self.errors, done.lengths.get("errors", 0) if resumed else None) as errors,
+        ids, carry = _Ids(), _Carry(self.settings.long_mode == "chunks")
+        records = itertools.islice(_records(self.input_path, self.settings), skip, None)
+        async for batch in embed_stream(
+            ids.feed(records),
+            model=self.spec.name,
+            settings=self.settings,
+            client=self.client,
+            stats=summary.stats,
+            stop=stop,
+            cache=cache,
         ):
-            checkpoints = _Checkpoints(self, manifest, writer, errors)
-            checkpoints.save(complete=False)
-            complete = False
-            try:
-                async for batch in embed_stream(
-                    ids.feed(records),
-                    model=self.spec.name,
-                    settings=self.settings,
-                    client=self.client,
-                    stats=summary.stats,
-                    stop=stop,
-                    cache=cache,
-                ):
-                    whole = carry.whole(batch)
-                    if whole is not None:
-                        self._write(whole, ids, writer, errors, done.records)
-                        checkpoints.maybe_save()
-                    if on_batch is not None:
-                        on_batch(summary.stats)
-                summary.stopped = stop is not None and stop.is_set()
-                rest = None if summary.stopped else carry.rest()  # a stop may cut a record
-                if rest is not None:
-                    self._write(rest, ids, writer, errors, done.records)
-                complete = not summary.stopped
-            finally:
-                checkpoints.save(complete=complete)
+            whole = carry.whole(batch)
+            if whole is not None:
+                self._write(whole, ids, writer, errors, skip)
+                checkpoints.maybe_save()
+            if on_batch is not None:
+                on_batch(summary.stats)
+        summary.stopped = stop is not None and stop.is_set()
+        rest = None if summary.stopped else carry.rest()  # a stop may cut a record short
+        if rest is not None:
+            self._write(rest, ids, writer, errors, skip)
 
     def _write(
         self, batch: EmbeddedBatch, ids: _Ids, writer: Writer, errors: _ErrorLog, offset: int
