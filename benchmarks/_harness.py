@@ -8,24 +8,43 @@ accepted requests (arrival time, tokens) and its status counts.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import multiprocessing as mp
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
+from urllib.parse import urlsplit
 
 from sfembed import testing
 
 
 @dataclass
 class ServerReport:
-    """What the server saw: accepted (time, tokens) pairs and answers by status."""
+    """What the server saw: accepted (time, tokens) pairs and answers by status; and every
+    request it received, of which ``resets`` were cut mid-answer and ``stalls`` held."""
 
     accepted: list[tuple[float, int]]
     by_status: Counter[int]
     rate_limited: int
+    requests: int = 0
+    resets: int = 0
+    stalls: int = 0
+
+
+def _report(stats: testing.ServerStats) -> ServerReport:
+    limited = stats.rate_limited_tpm + stats.rate_limited_rpm
+    return ServerReport(
+        list(stats.accepted),
+        Counter(stats.by_status),
+        limited,
+        stats.requests,
+        stats.resets,
+        stats.stalls,
+    )
 
 
 def _serve(config: testing.ServerConfig, conn: Connection) -> None:
@@ -33,9 +52,7 @@ def _serve(config: testing.ServerConfig, conn: Connection) -> None:
         async with testing.LocalServer(config) as server:
             conn.send(server.url)
             await asyncio.get_running_loop().run_in_executor(None, conn.recv)
-            stats = server.stats
-            limited = stats.rate_limited_tpm + stats.rate_limited_rpm
-            conn.send(ServerReport(list(stats.accepted), Counter(stats.by_status), limited))
+            conn.send(_report(server.stats))
 
     asyncio.run(run())
 
@@ -59,6 +76,74 @@ def server_process(
         process.join(timeout=10)
         if process.is_alive():
             process.kill()
+
+
+def _serve_until_killed(config: testing.ServerConfig, conn: Connection) -> None:
+    """Like ``_serve``, but on "kill" the report goes first and then the event loop is held (no
+    request is read or answered any more) until the parent kills the process."""
+
+    async def run() -> None:
+        async with testing.LocalServer(config) as server:
+            conn.send(server.url)
+            command = await asyncio.get_running_loop().run_in_executor(None, conn.recv)
+            conn.send(_report(server.stats))
+            if command == "kill":
+                # Blocks the loop on purpose: nothing is answered after the report.
+                time.sleep(3600)  # noqa: ASYNC251
+
+    asyncio.run(run())
+
+
+class KillableServer:
+    """The local server in a child process that can be killed mid-run (SIGKILL: every connection
+    and request in flight dies with it) and started again in a new process on the same port, as
+    a crash and a supervisor's restart would do. A context manager; ``reports`` holds what each
+    process saw, its last moment included, in order."""
+
+    def __init__(self, config: testing.ServerConfig) -> None:
+        self.config = config
+        self.url = ""
+        self.reports: list[ServerReport] = []
+        self.down_s = 0.0  # from the kill until the new process listened
+        self._process: Any = None
+        self._conn: Connection | None = None
+
+    def __enter__(self) -> KillableServer:
+        self._start(self.config)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._end("stop")
+
+    def kill_and_restart(self) -> None:
+        """Kill the server process and start a new one on its port. Blocks: call it from a
+        thread while a job runs."""
+        started = time.monotonic()
+        self._end("kill")
+        port = urlsplit(self.url).port
+        self._start(dataclasses.replace(self.config, port=port or 0))
+        self.down_s = time.monotonic() - started
+
+    def _start(self, config: testing.ServerConfig) -> None:
+        self._conn, child = mp.Pipe()
+        context = mp.get_context("spawn")
+        self._process = context.Process(
+            target=_serve_until_killed, args=(config, child), daemon=True
+        )
+        self._process.start()
+        self.url = self._conn.recv()
+
+    def _end(self, command: str) -> None:
+        assert self._conn is not None
+        try:
+            self._conn.send(command)
+            self.reports.append(self._conn.recv())
+        finally:
+            if command == "kill":
+                self._process.kill()
+            self._process.join(timeout=10)
+            if self._process.is_alive():
+                self._process.kill()
 
 
 def windows(accepted: list[tuple[float, int]], window_s: float) -> list[tuple[int, int]]:

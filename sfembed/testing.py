@@ -669,9 +669,12 @@ class LocalServer:
         self.stats.max_in_flight_seen = max(self.stats.max_in_flight_seen, self._in_flight)
         try:
             response = await self._respond(request)
-            # Latency follows the decision, so admission and rate limits act at arrival time.
-            if self._faults.latency_s > 0 and not response.prepared:
-                await asyncio.sleep(self._faults.latency_s)
+            if not response.prepared:  # a reset (prepared, then aborted) is no answer
+                # Latency follows the decision, so admission and rate limits act at arrival
+                # time; the answer counts only after it, as a stop may still drop the request.
+                if self._faults.latency_s > 0:
+                    await asyncio.sleep(self._faults.latency_s)
+                self.stats.by_status[response.status] += 1
             return response
         finally:
             self._in_flight -= 1
@@ -779,7 +782,6 @@ class LocalServer:
         return headers
 
     def _answer(self, status: int, body: bytes, content_type: str = _JSON) -> web.Response:
-        self.stats.by_status[status] += 1
         return web.Response(status=status, body=body, headers=self._headers(status, content_type))
 
 
