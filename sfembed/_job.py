@@ -246,7 +246,7 @@ class _FileJob:
         done = manifest.checkpoint
         summary = self.summary
         summary.rows, summary.failed = done.rows, done.failed
-        summary.records = summary.resumed_records = done.records
+        summary.records = summary.resumed_records = summary.stats.resumed = done.records
         if resumed:
             self._check_lengths(done)  # before any file is cut back, so a refusal changes none
         async with contextlib.AsyncExitStack() as files:

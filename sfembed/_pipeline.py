@@ -86,6 +86,7 @@ class JobStats:
     tokens: int = 0
     rate_limited: int = 0
     retries: int = 0
+    resumed: int = 0  # records an earlier run of the job had done (progress counts from there)
     cached: int = 0  # items answered by the cache, not sent
     deduplicated: int = 0  # items that repeated one already on its way, not sent again
     in_flight: int = 0

@@ -41,8 +41,9 @@ class TqdmProgress:
             failed=len(stats.failures),
             refresh=False,
         )
-        self._bar.update(stats.rows - self._shown)
-        self._shown = stats.rows
+        done = stats.resumed + stats.rows
+        self._bar.update(done - self._shown)
+        self._shown = done
 
     def close(self, stats: JobStats) -> None:
         self.update(stats)
@@ -54,7 +55,7 @@ def eta_s(stats: JobStats, total: int | None) -> float | None:
     record seen so far, over the pace of whichever limit binds. None before anything is known."""
     if not total or not stats.rows or not stats.pace_tokens_per_s:
         return None
-    left = max(total - stats.rows, 0)
+    left = max(total - stats.resumed - stats.rows, 0)
     by_tokens = left * stats.tokens / stats.rows / stats.pace_tokens_per_s
     by_requests = left * stats.requests / stats.rows / max(stats.pace_requests_per_s, 1e-9)
     return max(by_tokens, by_requests)

@@ -174,6 +174,21 @@ def test_eta_follows_the_binding_limit() -> None:
     assert eta_s(stats, 1000) == pytest.approx(90.0)
     stats.pace_requests_per_s = 0.5  # requests now bind: 180 s
     assert eta_s(stats, 1000) == pytest.approx(180.0)
+    stats.resumed = 500  # an earlier run did 500: 400 left, 80 s
+    assert eta_s(stats, 1000) == pytest.approx(80.0)
+
+
+def test_the_bar_of_a_resumed_job_counts_from_the_records_done_before() -> None:
+    import io
+
+    from sfembed import JobStats
+    from sfembed._progress import TqdmProgress
+
+    out = io.StringIO()
+    bar = TqdmProgress(total=1000, file=out)
+    bar.update(JobStats(rows=100, resumed=600))
+    bar.close(JobStats(rows=400, resumed=600))
+    assert "1000/1000" in out.getvalue()
 
 
 def test_dry_run_refuses_a_missing_prices_file(
