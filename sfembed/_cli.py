@@ -16,6 +16,7 @@ from ._client import EmbeddingClient
 from ._config import RateLimits, Settings, load_settings
 from ._exceptions import SFEmbedError
 from ._job import JobSummary, dry_run, price_of, run_job
+from ._manifest import load_manifest, manifest_path_for
 from ._pipeline import catalog_for
 from ._progress import TqdmProgress
 
@@ -201,19 +202,36 @@ async def _run(args: argparse.Namespace, settings: Settings, client: EmbeddingCl
         )
     )
     try:
-        with _Signals(stop, job, settings.timeouts.grace_s):
+        with _Signals(stop, job, settings.timeouts.grace_s) as signals:
             summary = await _outcome(job)
     finally:
         if progress is not None:
             progress.close(progress.last)
-    if summary is None:
+    if summary is not None:
+        return _report(summary, settings.rate)
+    if signals.forced:
         print("sfembed: exited at once; run again with --resume to continue", file=sys.stderr)
         return EXIT_INTERRUPTED
-    return _report(summary, settings.rate)
+    grace = f"the {settings.timeouts.grace_s:g} s grace period ended with requests in flight"
+    print(
+        f"sfembed: stopped after {_records_done(args.out)} records ({grace}); "
+        "run again with --resume to continue",
+        file=sys.stderr,
+    )
+    return EXIT_STOPPED
+
+
+def _records_done(out: str) -> str:
+    """The records the last checkpoint of the job writing ``out`` holds, as text."""
+    try:
+        manifest = load_manifest(manifest_path_for(out))
+    except SFEmbedError:
+        manifest = None
+    return "?" if manifest is None else f"{manifest.checkpoint.records:,}"
 
 
 async def _outcome(job: asyncio.Future[JobSummary]) -> JobSummary | None:
-    """The job's summary, or None when a second signal (or the grace period) cancelled it."""
+    """The job's summary, or None when a second signal or the grace period cancelled it."""
     try:
         return await job
     except asyncio.CancelledError:
@@ -247,6 +265,7 @@ class _Signals:
         self.grace_s = grace_s
         self.loop = asyncio.get_running_loop()
         self.deadline: asyncio.TimerHandle | None = None
+        self.forced = False  # a second signal, not the grace period, cancelled the job
 
     def __enter__(self) -> _Signals:
         for number in (signal.SIGINT, signal.SIGTERM):
@@ -262,6 +281,7 @@ class _Signals:
     def _on_signal(self) -> None:
         if self.stop.is_set():
             print("sfembed: second signal, exiting now", file=sys.stderr)
+            self.forced = True
             self.job.cancel()
             return
         print(

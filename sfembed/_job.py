@@ -40,6 +40,7 @@ from ._manifest import (
     manifest_path_for,
     output_settings,
     save_manifest,
+    sync_folder,
 )
 from ._models import ModelSpec
 from ._packer import Packer
@@ -212,10 +213,23 @@ class _FileJob:
         earlier = self._earlier(identity, wanted) if resume else None
         done = earlier.checkpoint if earlier is not None else Checkpoint()
         manifest = Manifest(identity, wanted, done)
-        if earlier is not None and earlier.complete:
-            return self._finished(done)
+        if earlier is not None:
+            self._check_lengths(done)  # before any file is cut back, so a refusal changes none
+            if earlier.complete:
+                return self._finished(done)
+        else:
+            self._forget_earlier_run()
         await self._embed(manifest, earlier is not None, stop, on_batch)
         return self._finished(None)
+
+    def _forget_earlier_run(self) -> None:
+        """A run from scratch drops an earlier run's manifest before truncating its files: a
+        crash in between must not leave a manifest that vouches for emptied files. A stale
+        errors file goes too (one is written only if this run has failures)."""
+        if self.manifest_path is not None and self.manifest_path.exists():
+            self.manifest_path.unlink()
+            sync_folder(self.manifest_path.parent)
+        self.errors.unlink(missing_ok=True)
 
     def _earlier(self, identity: InputIdentity, wanted: dict[str, Any]) -> Manifest | None:
         assert self.manifest_path is not None
@@ -247,8 +261,6 @@ class _FileJob:
         summary = self.summary
         summary.rows, summary.failed = done.rows, done.failed
         summary.records = summary.resumed_records = summary.stats.resumed = done.records
-        if resumed:
-            self._check_lengths(done)  # before any file is cut back, so a refusal changes none
         async with contextlib.AsyncExitStack() as files:
             writer = files.enter_context(self._writer(done if resumed else None))
             errors = files.enter_context(

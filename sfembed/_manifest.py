@@ -45,6 +45,7 @@ __all__ = [
     "manifest_path_for",
     "output_settings",
     "save_manifest",
+    "sync_folder",
 ]
 
 _FORMAT = "sfembed-manifest"
@@ -188,11 +189,11 @@ def save_manifest(path: Path, manifest: Manifest) -> None:
         file.flush()
         os.fsync(file.fileno())
     os.replace(temporary, path)
-    _sync_folder(path.parent)
+    sync_folder(path.parent)
 
 
-def _sync_folder(folder: Path) -> None:
-    # The rename itself is durable only once the folder's entry is; not every system allows it.
+def sync_folder(folder: Path) -> None:
+    """Make a rename or removal in ``folder`` durable, where the system allows it."""
     try:
         descriptor = os.open(folder, os.O_RDONLY)
     except OSError:

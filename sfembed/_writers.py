@@ -160,9 +160,10 @@ def format_of(path: str | Path, format: str | None = None) -> str:
     return _format_of(Path(path), format)
 
 
-def _reopen(path: Path, length: int) -> IO[bytes]:
+def _reopen(path: Path, length: int, *, cut: bool = True) -> IO[bytes]:
     """``path`` opened for appending after its first ``length`` bytes; the rest, a torn write,
-    is cut off. Raises ConfigError when the file is missing or shorter than ``length``."""
+    is cut off (with ``cut`` false, later by ``_cut``, once every check has passed). Raises
+    ConfigError when the file is missing or shorter than ``length``."""
     try:
         file = open(path, "r+b")  # noqa: SIM115 - the caller owns it
     except FileNotFoundError:
@@ -174,9 +175,14 @@ def _reopen(path: Path, length: int) -> IO[bytes]:
             f"cannot resume: {str(path)!r} holds {size} bytes, fewer than the {length} "
             "its checkpoint committed (it was changed or damaged); run again without --resume"
         )
+    if cut:
+        _cut(file, length)
+    return file
+
+
+def _cut(file: IO[bytes], length: int) -> None:
     file.truncate(length)
     file.seek(length)
-    return file
 
 
 def _sync(*files: IO[bytes]) -> None:
@@ -305,22 +311,29 @@ class NpyWriter(_BaseWriter):
             raise
 
     def _resumed(self, resume: Committed) -> IO[bytes]:
-        """The data file cut back to ``resume``; checks that its header and size agree."""
+        """The data file cut back to ``resume``, once its header and size and the sidecar's size
+        agree with it: a refused resume cuts nothing (the file may not be this job's)."""
         expected = _NPY_HEADER_BYTES + resume.rows * self.dims * self.dtype.itemsize
         if resume.lengths.get("output") != expected:
             raise ConfigError(f"cannot resume {str(self.path)!r}: its checkpoint is inconsistent")
-        data = _reopen(self.path, expected)
-        data.seek(0)
-        header = io.BytesIO(data.read(_NPY_HEADER_BYTES))
+        data = _reopen(self.path, expected, cut=False)
         try:
-            np.lib.format.read_magic(header)
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(header)
-        except ValueError:
-            shape, fortran, dtype = (), True, None
-        if len(shape) != 2 or shape[1] != self.dims or fortran or dtype != self.dtype:
+            header = io.BytesIO(data.read(_NPY_HEADER_BYTES))
+            try:
+                np.lib.format.read_magic(header)
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(header)
+            except ValueError:
+                shape, fortran, dtype = (), True, None
+            if len(shape) != 2 or shape[1] != self.dims or fortran or dtype != self.dtype:
+                raise ConfigError(
+                    f"cannot resume: {str(self.path)!r} is not the .npy this job wrote"
+                )
+            # The sidecar too is checked before either file is cut.
+            _reopen(self.ids_path, resume.lengths.get("ids", -1), cut=False).close()
+        except BaseException:
             data.close()
-            raise ConfigError(f"cannot resume: {str(self.path)!r} is not the .npy this job wrote")
-        data.seek(expected)
+            raise
+        _cut(data, expected)
         self.rows = resume.rows
         return data
 

@@ -67,13 +67,13 @@ async def test_no_file_a_job_writes_and_nothing_it_prints_holds_the_key(
     (tmp_path / "in.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     out = tmp_path / "out" / "vectors.npy"
     out.parent.mkdir()
+    (tmp_path / "wrong").mkdir()
     base = ["--out", str(out), "--base-url", keyed_server.url, "--batch-size", "8"]
     code, printed = await run_cli(str(tmp_path / "in.jsonl"), *base)  # with the progress bar
     assert code == 1, printed.decode()  # the bad line
     code_again, printed_again = await run_cli(str(tmp_path / "in.jsonl"), *base, "--resume")
-    code_wrong, printed_wrong = await run_cli(
-        str(tmp_path / "in.jsonl"), *base, "--no-cache", key=SECRET[::-1]
-    )
+    wrong = ["--out", str(tmp_path / "wrong" / "vectors.npy"), "--base-url", keyed_server.url]
+    code_wrong, printed_wrong = await run_cli(str(tmp_path / "in.jsonl"), *wrong, key=SECRET[::-1])
     assert code_again == 1
     assert code_wrong == 1
     assert b"401" in printed_wrong or b"Invalid token" in printed_wrong
