@@ -772,10 +772,12 @@ def _is_image(item: object) -> bool:
 
 def _problem(item: object, text: str) -> str | None:
     """Why an input cannot be sent at all, or None."""
+    if type(item) is str:  # the usual case first; isspace, unlike strip, copies nothing
+        return None if item and not item.isspace() else "empty text"
     if isinstance(item, Unusable):
         return item.reason
     if isinstance(item, str):
-        return None if item.strip() else "empty text"
+        return None if item and not item.isspace() else "empty text"
     if _is_image(item) or (isinstance(item, dict) and text):
         return None
     return f"unsupported input of type {type(item).__name__}"
