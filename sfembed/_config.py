@@ -77,7 +77,9 @@ class Timeouts:
     flight before it exits without them."""
 
     connect_s: float = 10.0
-    read_s: float = 120.0
+    # A stalled answer holds up every row after it (rows leave in order from a bounded ring),
+    # so the wait is kept short: an embedding request is answered in seconds.
+    read_s: float = 30.0
     grace_s: float = 30.0
 
 

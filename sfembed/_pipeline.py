@@ -121,6 +121,11 @@ async def embed(
         rows.add(batch.embeddings)
     if job_stats.failures and errors == "raise":
         raise exc.JobError(job_stats.failures)
+    if rows.filled == 0:  # no input: still the model's width, so results stack with others
+        job_settings = settings or load_settings()
+        spec = catalog_for(job_settings, client.catalog if client else DEFAULT_CATALOG)[model]
+        dims = spec.output_dimensions(options.get("dimensions", job_settings.dimensions))
+        return np.empty((0, dims), dtype=np.float32)
     return rows.result()
 
 

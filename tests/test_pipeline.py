@@ -260,7 +260,12 @@ async def test_dimensions_option_reaches_the_server(server: LocalServer) -> None
 async def test_empty_input_gives_no_rows(server: LocalServer) -> None:
     async with client_for(server) as client:
         rows = await embed([], model=M3, settings=settings_for(server), client=client)
-    assert len(rows) == 0
+        narrow = await embed(
+            [], model=SMALL, settings=settings_for(server), client=client, dimensions=256
+        )
+    assert rows.shape == (0, 1024)  # the model's width: it stacks with other results
+    assert rows.dtype == np.float32
+    assert narrow.shape == (0, 256)
     assert server.stats.requests == 0
 
 
