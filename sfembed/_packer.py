@@ -19,18 +19,25 @@ class Packer:
     """Greedy packing of chunks into requests of at most ``max_items`` and ``max_tokens``.
 
     A chunk larger than ``max_tokens`` on its own travels alone (the chunker has already kept it
-    under the model's per-item limit).
+    under the model's per-item limit), and so does one of more than ``alone_over`` tokens (by
+    its exact count when known): a server that counts a near-limit text as over the limit
+    refuses the whole request, and alone, only that text is sent again.
     """
 
-    def __init__(self, *, max_items: int, max_tokens: int) -> None:
+    def __init__(self, *, max_items: int, max_tokens: int, alone_over: int | None = None) -> None:
         self.max_items = max_items
         self.max_tokens = max_tokens
+        self.alone_over = alone_over
         self._open: list[Chunk] = []
         self._tokens = 0
 
     def add(self, chunks: Sequence[Chunk]) -> Iterator[list[Chunk]]:
         """Add chunks in order; yields each request as it fills."""
         for chunk in chunks:
+            if self.alone_over is not None and (chunk.weight or chunk.tokens) > self.alone_over:
+                yield from self.flush()
+                yield [chunk]
+                continue
             if self._open and not self._fits(chunk):
                 yield self._close()
             self._open.append(chunk)

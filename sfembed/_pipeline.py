@@ -234,7 +234,11 @@ class _Job:
         self.estimator = CharClassEstimator(self.spec.special_tokens, family=family)
         self.calibration = Calibration(exact=False)
         self._exact: TokenCounter | None = None
-        self.packer = Packer(max_items=settings.batch.max_items, max_tokens=self._request_tokens())
+        self.packer = Packer(
+            max_items=settings.batch.max_items,
+            max_tokens=self._request_tokens(),
+            alone_over=self.spec.max_input_tokens // 2,  # what _narrow would halve
+        )
         self.chunks_mode = settings.long_mode == "chunks"
         self.reorder = ReorderBuffer(
             dims=self.spec.output_dimensions(settings.dimensions),

@@ -41,3 +41,11 @@ def test_halve_and_bisect() -> None:
     left, right = bisect(_chunks([1] * 5))
     assert [c.unit for c in left] == [0, 1]
     assert [c.unit for c in right] == [2, 3, 4]
+
+
+def test_near_limit_chunks_travel_alone_by_their_exact_count() -> None:
+    packer = Packer(max_items=64, max_tokens=10_000, alone_over=500)
+    chunks = _chunks([10, 600, 10, 10, 400, 10])
+    chunks[4].weight = 510  # the estimate says 400; the exact count says over half the limit
+    requests = [*packer.add(chunks), *packer.flush()]
+    assert [[c.unit for c in r] for r in requests] == [[0], [1], [2, 3], [4], [5]]
