@@ -198,6 +198,7 @@ class _FileJob:
         self.format = format_of(output_path, settings.io.output_format)
         self.manifest_path = manifest_path_for(output_path) if self.format != "parquet" else None
         self.summary = JobSummary(JobStats(), 0.0, errors_path=None)
+        self.writing = False  # a batch is half written: the files and the counts disagree
 
     async def run(
         self,
@@ -208,6 +209,8 @@ class _FileJob:
     ) -> JobSummary:
         if resume and self.manifest_path is None:
             raise ConfigError("a Parquet file cannot be resumed: use .npy or .jsonl output")
+        if not self.errors.parent.is_dir():  # found now, not at the first failure hours in
+            raise ConfigError(f"the errors file's folder {str(self.errors.parent)!r} is missing")
         identity = await identify(self.input_path)
         wanted = output_settings(self.settings, self.format, self.errors)
         earlier = self._earlier(identity, wanted) if resume else None
@@ -345,12 +348,16 @@ class _FileJob:
     def _write(
         self, batch: EmbeddedBatch, ids: _Ids, writer: Writer, errors: _ErrorLog, offset: int
     ) -> None:
+        # Until the counts below are updated, the files hold more than they say: a checkpoint
+        # taken now (by an error's cleanup) would make a resume write these rows twice.
+        self.writing = True
         where = ids.take(batch)
+        self.summary.failed += errors.write(batch, where)
         placed = dataclasses.replace(batch, positions=batch.positions + offset)
         writer.write([record_id for record_id, _ in where], placed)
-        self.summary.failed += errors.write(batch, where)
         self.summary.rows += len(batch)
         self.summary.records = offset + int(batch.positions[-1]) + 1
+        self.writing = False
 
 
 class _Checkpoints:
@@ -372,6 +379,9 @@ class _Checkpoints:
         """Errors file, then output, then the manifest that points into both."""
         path = self.job.manifest_path
         if path is None:
+            return
+        if self.job.writing:
+            log.warning("a batch was left half written: the last checkpoint stands")
             return
         errors_length = self.errors.commit()
         committed = self.writer.commit()

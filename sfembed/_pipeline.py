@@ -33,7 +33,7 @@ from typing import Any, cast
 import numpy as np
 
 from . import _exceptions as exc
-from ._cache import EmbeddingCache
+from ._cache import EmbeddingCache, normalise
 from ._chunker import char_range, split_spans
 from ._client import EmbeddingClient
 from ._config import Settings, load_settings
@@ -486,7 +486,7 @@ class _Job:
             offsets, spans = self._cuts(text)
             self.reorder.expect_parts(unit, len(spans) - 1)
             return [self._piece(position, unit, n, text, offsets, s) for n, s in enumerate(spans)]
-        sendable = "" if isinstance(item, Unusable) else item  # an Unusable is never sent
+        sendable = "" if isinstance(item, Unusable) else _sent(item)  # an Unusable never is
         tokens = min(tokens, self.spec.max_input_tokens)
         chunk = Chunk(unit, position, 0, sendable, tokens, 0, len(text), exact or 0)
         if problem is not None:
@@ -523,7 +523,7 @@ class _Job:
         span: tuple[int, int],
     ) -> Chunk:
         start, end = char_range(offsets, span)
-        piece = text[start:end]
+        piece = normalise(text[start:end])
         weight = span[1] - span[0] + self.spec.special_tokens  # exact: pooling is by real tokens
         tokens = self.estimator.count([piece])[0]  # the charge basis, as for every item
         return Chunk(unit, position, number, piece, tokens, start, end, weight)
@@ -773,6 +773,14 @@ def _text_of(item: object) -> str:
     if isinstance(item, dict) and isinstance(item.get("text"), str):
         return str(item["text"])
     return ""
+
+
+def _sent(item: str | dict[str, str]) -> str | dict[str, str]:
+    """What is sent for an input: a text normalised (see ``_cache``), anything else as it is.
+
+    Always, with a cache or without: a text's vector is then a function of the key the cache
+    files it under, so the cache never changes a job's output."""
+    return normalise(item) if isinstance(item, str) else item
 
 
 def _is_image(item: object) -> bool:

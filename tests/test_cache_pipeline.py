@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from sfembed import DEFAULT_CATALOG, BatchLimits, EmbeddingClient, JobStats, embed, load_settings
-from sfembed._cache import EmbeddingCache
+from sfembed._cache import EmbeddingCache, normalise
 from sfembed._tokens import counter_for
 from sfembed.testing import (
     LocalServer,
@@ -48,7 +48,8 @@ async def run(
 
 
 def expected(texts: list[str], model: str = M3) -> np.ndarray:
-    return np.stack([expected_embedding(model, text) for text in texts])
+    """The server's vectors for the texts as sent: normalised, cache or no cache."""
+    return np.stack([expected_embedding(model, normalise(text)) for text in texts])
 
 
 def tokens_of(texts: list[str], model: str = M3) -> int:
@@ -151,3 +152,16 @@ async def test_a_cached_run_longer_than_the_ring_completes_in_order(
     assert stats.cached == len(texts)
     np.testing.assert_array_equal(second, first)
     np.testing.assert_allclose(second[::499], expected(texts[::499]), atol=1e-6)
+
+
+async def test_the_cache_never_changes_a_jobs_output(server: LocalServer, tmp_path: Path) -> None:
+    # Texts that differ only by normalisation share a key: each is sent normalised, cache or no
+    # cache, so its vector never depends on which variant the cache met first.
+    variants = ["alpha beta\r\n", "  alpha beta", "cafe\u0301 au lait", "café au lait "]
+    plain = ["alpha beta", "alpha beta", "café au lait", "café au lait"]
+    without, _ = await run(server, plain, None)
+    async with EmbeddingCache(tmp_path / "cache.sqlite") as cache:
+        await run(server, variants, cache)
+        cached, stats = await run(server, plain, cache)
+    assert stats.cached == len(plain)
+    np.testing.assert_array_equal(cached, without)

@@ -828,3 +828,27 @@ async def test_resume_without_a_manifest_leaves_no_stale_errors_file(
 
     assert summary.failed == 0
     assert outputs(out) == expected
+
+
+async def test_a_job_that_fails_while_writing_leaves_a_checkpoint_a_resume_can_trust(
+    server: LocalServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lines = corpus(300, seed=31)  # bad lines among them: the errors file is written mid-batch
+    source = write_lines(tmp_path / "in.jsonl", lines)
+    settings = settings_for(server, model=M3)
+    expected = await reference(server, source, tmp_path / "ref" / "out.npy", settings)
+    out = tmp_path / "job" / "out.npy"
+
+    def full_disk(self: Any) -> Any:
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr("sfembed._job._ErrorLog._out", full_disk)
+        with pytest.raises(OSError, match="No space"):
+            await job(server, source, out, settings)
+    # The checkpoint taken as the job unwound counts only whole batches: had it counted the
+    # rows of the batch that failed midway, a resume would write them a second time.
+    checkpoint = manifest_of(out).checkpoint
+    assert checkpoint.rows == checkpoint.records < len(lines)
+    await job(server, source, out, settings, resume=True)
+    assert outputs(out) == expected
