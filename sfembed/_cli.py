@@ -246,10 +246,8 @@ def _report(summary: JobSummary, limits: RateLimits) -> int:
     if summary.errors_path is not None:
         print(f"{summary.failed:,} record(s) failed: see {summary.errors_path}")
     if summary.stopped:
-        print(
-            f"stopped after {summary.records:,} records; run again with --resume to continue",
-            file=sys.stderr,
-        )
+        again = "with --resume to continue" if summary.manifest_path else "to start over"
+        print(f"stopped after {summary.records:,} records; run again {again}", file=sys.stderr)
         return EXIT_STOPPED
     return EXIT_FAILED if summary.errors_path is not None else EXIT_OK
 

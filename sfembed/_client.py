@@ -66,6 +66,7 @@ class EmbeddingClient:
             raise exc.ConfigError(f"no API key: set the environment variable {api_key_env}")
         _check_url(base_url, allow_insecure_http)
         self._headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+        self._key_bytes = key.encode()
         self._url = base_url.rstrip("/") + "/embeddings"
         self._timeouts = timeouts or Timeouts()
         self._catalog = catalog
@@ -153,6 +154,8 @@ class EmbeddingClient:
                 raw = await resp.read()
                 trace_id = resp.headers.get(TRACE_HEADER)
                 if resp.status != 200:
+                    # A proxy may echo the request, key and all, in its error body: never keep it.
+                    raw = raw.replace(self._key_bytes, b"[redacted]")
                     raise _status_error(resp.status, raw, resp.headers, trace_id)
                 return raw, trace_id
         except (TimeoutError, aiohttp.ServerTimeoutError) as error:

@@ -212,7 +212,7 @@ class _FileJob:
         if not self.errors.parent.is_dir():  # found now, not at the first failure hours in
             raise ConfigError(f"the errors file's folder {str(self.errors.parent)!r} is missing")
         identity = await identify(self.input_path)
-        wanted = output_settings(self.settings, self.format, self.errors)
+        wanted = output_settings(self.settings, self.spec, self.format, self.errors)
         earlier = self._earlier(identity, wanted) if resume else None
         done = earlier.checkpoint if earlier is not None else Checkpoint()
         manifest = Manifest(identity, wanted, done)
@@ -325,7 +325,7 @@ class _FileJob:
         summary = self.summary
         ids, carry = _Ids(), _Carry(self.settings.long_mode == "chunks")
         records = itertools.islice(_records(self.input_path, self.settings), skip, None)
-        async for batch in embed_stream(
+        stream = embed_stream(
             ids.feed(records),
             model=self.spec.name,
             settings=self.settings,
@@ -333,13 +333,15 @@ class _FileJob:
             stats=summary.stats,
             stop=stop,
             cache=cache,
-        ):
-            whole = carry.whole(batch)
-            if whole is not None:
-                self._write(whole, ids, writer, errors, skip)
-                checkpoints.maybe_save()
-            if on_batch is not None:
-                on_batch(summary.stats)
+        )
+        async with contextlib.aclosing(stream) as batches:
+            async for batch in batches:
+                whole = carry.whole(batch)
+                if whole is not None:
+                    self._write(whole, ids, writer, errors, skip)
+                    checkpoints.maybe_save()
+                if on_batch is not None:
+                    on_batch(summary.stats)
         summary.stopped = stop is not None and stop.is_set()
         rest = None if summary.stopped else carry.rest()  # a stop may cut a record short
         if rest is not None:

@@ -34,6 +34,7 @@ import orjson
 
 from ._config import Settings
 from ._exceptions import ConfigError
+from ._models import ModelSpec
 
 __all__ = [
     "Checkpoint",
@@ -91,11 +92,15 @@ def manifest_path_for(output: str | Path) -> Path:
     return Path(f"{os.fspath(output)}.manifest.json")
 
 
-def output_settings(settings: Settings, output_format: str, errors: Path) -> dict[str, Any]:
-    """The settings a resumed job must share with the run it continues, by their config keys."""
+def output_settings(
+    settings: Settings, spec: ModelSpec, output_format: str, errors: Path
+) -> dict[str, Any]:
+    """The settings a resumed job must share with the run it continues, by their config keys.
+    The model's limits count too: a catalogue entry overridden in ``[models]`` moves the cuts."""
     io = settings.io
     return {
         "model": settings.model,
+        "model limits": [spec.max_input_tokens, spec.special_tokens, str(spec.tokenizer)],
         "dimensions": settings.dimensions,
         "encoding_format": settings.encoding_format,
         "long_mode": settings.long_mode,

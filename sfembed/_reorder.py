@@ -63,6 +63,7 @@ class _Pending:
     parts: int
     vectors: list[FloatArray] = field(default_factory=list)
     weights: list[float] = field(default_factory=list)
+    starts: list[int] = field(default_factory=list)
 
 
 class ReorderBuffer:
@@ -161,9 +162,14 @@ class ReorderBuffer:
         entry = self._pending[chunk.unit]
         entry.vectors.append(row)
         entry.weights.append(float(max(chunk.weight or chunk.tokens, 1)))
+        entry.starts.append(chunk.start)
         if len(entry.vectors) == entry.parts:
             del self._pending[chunk.unit]
-            self._finish(chunk.unit, pool(np.stack(entry.vectors), entry.weights))
+            # Pooled in text order, not arrival order: a float sum's last bits depend on its
+            # order, and a record's vector must be the same in every run.
+            order = np.argsort(entry.starts, kind="stable")
+            vectors = np.stack(entry.vectors)[order]
+            self._finish(chunk.unit, pool(vectors, [entry.weights[i] for i in order]))
 
     def _finish(self, unit: int, row: FloatArray | None) -> None:
         slot = unit % self.capacity

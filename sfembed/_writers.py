@@ -164,6 +164,8 @@ def _reopen(path: Path, length: int, *, cut: bool = True) -> IO[bytes]:
     """``path`` opened for appending after its first ``length`` bytes; the rest, a torn write,
     is cut off (with ``cut`` false, later by ``_cut``, once every check has passed). Raises
     ConfigError when the file is missing or shorter than ``length``."""
+    if length < 0:
+        raise ConfigError(f"cannot resume: the checkpoint holds no length for {str(path)!r}")
     try:
         file = open(path, "r+b")  # noqa: SIM115 - the caller owns it
     except FileNotFoundError:

@@ -167,3 +167,26 @@ async def test_the_cli_refuses_plain_http_to_a_remote_host_unless_allowed(tmp_pa
     assert b"http" in printed
     assert SECRET.encode() not in printed
     assert not (tmp_path / "out.npy").exists()  # refused before anything was written
+
+
+async def test_an_error_body_that_echoes_the_key_is_redacted() -> None:
+    async def echo(request: web.Request) -> web.Response:
+        # A misconfigured proxy answering with the request it received, headers included.
+        echoed = f"bad gateway: got Authorization: {request.headers['Authorization']}"
+        return web.json_response({"code": 50000, "message": echoed}, status=502)
+
+    app = web.Application()
+    app.router.add_post("/v1/embeddings", echo)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
+        async with EmbeddingClient(api_key=SECRET, base_url=url) as client:
+            with pytest.raises(APIStatusError) as raised:
+                await client.embed("a", model="BAAI/bge-m3")
+    finally:
+        await runner.cleanup()
+    assert "[redacted]" in str(raised.value)
+    assert SECRET not in str(raised.value) + repr(vars(raised.value))
