@@ -380,8 +380,10 @@ class _Job:
     async def _uncached(self, chunks: list[Chunk]) -> list[Chunk]:
         """The chunks still to send. Those the cache holds are placed in the ring at once, and a
         repeat of a text already on its way waits for that copy's answer (``_share``)."""
+        if self.cache is None:
+            return chunks
         keyed = [chunk for chunk in chunks if self._cacheable(chunk)]
-        if self.cache is None or not keyed:
+        if not keyed:
             return chunks
         keys = self.cache.keys([cast(str, chunk.item) for chunk in keyed])
         hits = await self.cache.lookup(self.spec.name, self.reorder.dims, keys)
@@ -414,6 +416,8 @@ class _Job:
 
     def _share(self, request: list[Chunk], rows: FloatArray) -> None:
         """Give each answered text's vector to the repeats waiting for it."""
+        if not self._waiting:
+            return
         for i, chunk in enumerate(request):
             repeats = self._waiting.pop(chunk.key, None) if chunk.key is not None else None
             if repeats:
@@ -421,8 +425,10 @@ class _Job:
 
     async def _store(self, request: list[Chunk], rows: FloatArray) -> None:
         """Keep the vectors of an answered request in the cache."""
+        if self.cache is None:
+            return
         keyed = [i for i, chunk in enumerate(request) if chunk.key is not None]
-        if self.cache is not None and keyed:
+        if keyed:
             keys = [cast(bytes, request[i].key) for i in keyed]
             await self.cache.store(self.spec.name, self.reorder.dims, keys, rows[keyed])
 
