@@ -17,7 +17,7 @@ from ._config import RateLimits, Settings, load_settings
 from ._exceptions import SFEmbedError
 from ._job import JobSummary, dry_run, price_of, run_job
 from ._manifest import load_manifest, manifest_path_for
-from ._pipeline import catalog_for
+from ._pipeline import catalog_for, client_for
 from ._progress import TqdmProgress
 
 __all__ = ["main"]
@@ -161,7 +161,7 @@ async def _embed(args: argparse.Namespace) -> int:
     if args.dry_run:
         return _print_dry_run(args, settings)
     if not args.local:
-        async with _client(settings) as client:
+        async with client_for(settings) as client:
             return await _run(args, settings, client)
     limits = testing.ModelLimits(rpm=settings.rate.rpm, tpm=settings.rate.tpm)
     config = testing.ServerConfig(window_s=settings.rate.window_s, default_limits=limits)
@@ -173,17 +173,6 @@ async def _embed(args: argparse.Namespace) -> int:
         local = dataclasses.replace(settings, base_url=server.url)
         async with EmbeddingClient(api_key=config.api_key, base_url=server.url) as client:
             return await _run(args, local, client)
-
-
-def _client(settings: Settings) -> EmbeddingClient:
-    return EmbeddingClient(
-        api_key_env=settings.api_key_env,
-        base_url=settings.base_url,
-        allow_insecure_http=settings.allow_insecure_http,
-        timeouts=settings.timeouts,
-        catalog=catalog_for(settings),
-        max_connections=settings.concurrency,
-    )
 
 
 async def _run(args: argparse.Namespace, settings: Settings, client: EmbeddingClient) -> int:

@@ -53,7 +53,7 @@ from ._tokens import (
 )
 from ._types import Chunk, EmbeddingResult, FloatArray, InputItem, Unusable
 
-__all__ = ["JobStats", "embed", "embed_stream"]
+__all__ = ["JobStats", "catalog_for", "client_for", "embed", "embed_stream"]
 
 log = logging.getLogger("sfembed")
 
@@ -184,7 +184,7 @@ async def embed_stream(
     job_settings = dataclasses.replace(settings or load_settings(), model=model, **options)
     async with contextlib.AsyncExitStack() as stack:
         if client is None:
-            client = await stack.enter_async_context(_client_for(job_settings))
+            client = await stack.enter_async_context(client_for(job_settings))
         job = _Job(job_settings, client, stats or JobStats(), limiter, stop, cache)
         # Closed with us, so its stages stop before we return (not later, from a GC finaliser).
         batches = await stack.enter_async_context(contextlib.aclosing(job.run(inputs)))
@@ -192,7 +192,8 @@ async def embed_stream(
             yield batch
 
 
-def _client_for(settings: Settings) -> EmbeddingClient:
+def client_for(settings: Settings) -> EmbeddingClient:
+    """A client as the settings describe it (key, URL, timeouts, catalogue, caps); not opened."""
     return EmbeddingClient(
         api_key_env=settings.api_key_env,
         base_url=settings.base_url,
