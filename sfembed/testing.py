@@ -635,8 +635,16 @@ class LocalServer:
     async def stop(self) -> None:
         """Close the port and every connection; requests still in flight are dropped."""
         runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()
+        if runner is None:
+            return
+        # Stop listening first and let connections accepted just before reach the server: the
+        # server's shutdown closes only the connections it knows when it starts, and one made
+        # meanwhile would be left open (a ResourceWarning when it is collected).
+        for site in list(runner.sites):
+            await site.stop()
+        for _ in range(3):
+            await asyncio.sleep(0)
+        await runner.cleanup()
 
     async def restart(self) -> None:
         """Stop, then start again on the same port (a crash a retrying client can survive)."""
