@@ -36,6 +36,7 @@ import numpy.typing as npt
 import orjson
 import pybase64
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
 from ._corpus import synthetic_corpus
 from ._models import DEFAULT_CATALOG, ModelCatalog, ModelSpec
@@ -575,6 +576,29 @@ class _Window:
         return None
 
 
+class _Server(web.Server):
+    """aiohttp's low-level server, remembering every connection it makes so that a stop can
+    close them all."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._handlers: set[RequestHandler] = set()
+
+    def __call__(self) -> RequestHandler:
+        handler = super().__call__()
+        self._handlers.add(handler)
+        return handler
+
+    def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
+        self._handlers.discard(handler)
+        super().connection_lost(handler, exc)
+
+    def close_all(self) -> None:
+        for handler in list(self._handlers):
+            handler.force_close()
+        self._handlers.clear()
+
+
 class LocalServer:
     """A SiliconFlow-compatible server on real HTTP; an async context manager (start/stop).
 
@@ -619,7 +643,7 @@ class LocalServer:
         if self._runner is not None:
             raise RuntimeError("the server is already running")
         runner = web.ServerRunner(
-            web.Server(self._handle, access_log=None), shutdown_timeout=_SHUTDOWN_S
+            _Server(self._handle, access_log=None), shutdown_timeout=_SHUTDOWN_S
         )
         await runner.setup()
         port = self.config.port if self._port is None else self._port
@@ -637,14 +661,13 @@ class LocalServer:
         runner, self._runner = self._runner, None
         if runner is None:
             return
-        # Stop listening first and let connections accepted just before reach the server: the
-        # server's shutdown closes only the connections it knows when it starts, and one made
-        # meanwhile would be left open (a ResourceWarning when it is collected).
-        for site in list(runner.sites):
-            await site.stop()
-        for _ in range(3):
-            await asyncio.sleep(0)
+        server = runner.server
         await runner.cleanup()
+        # aiohttp's shutdown closes only the connections it knew when it began; one accepted
+        # meanwhile would stay open until collected (a ResourceWarning). Close every one made.
+        if isinstance(server, _Server):
+            server.close_all()
+        await asyncio.sleep(0)  # closing completes on the next turn of the loop
 
     async def restart(self) -> None:
         """Stop, then start again on the same port (a crash a retrying client can survive)."""
