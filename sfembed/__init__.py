@@ -37,11 +37,11 @@ from ._exceptions import (
     ServerError,
     SFEmbedError,
 )
-from ._limiter import Clock, LoopClock, ManualClock, RateLimiter
+from ._limiter import Clock, Limiter, LoopClock, ManualClock, RateLimiter
 from ._models import DEFAULT_CATALOG, ModelCatalog, ModelSpec
 from ._pipeline import JobStats, embed, embed_stream
 from ._reorder import EmbeddedBatch, Failure
-from ._types import EmbeddingResult
+from ._types import EmbeddingResult, Ticket
 
 __version__ = "0.1.0"
 
@@ -67,6 +67,7 @@ __all__ = [
     "InputError",
     "JobError",
     "JobStats",
+    "Limiter",
     "LoopClock",
     "MalformedResponseError",
     "ManualClock",
@@ -84,6 +85,7 @@ __all__ = [
     "SFEmbedError",
     "ServerError",
     "Settings",
+    "Ticket",
     "Timeouts",
     "embed",
     "embed_stream",

@@ -1,6 +1,12 @@
-"""RateLimiter: holds one model's RPM and TPM at once, FIFO-fair, driven by timers on a clock.
+"""The limiter: what the engine waits on before each request, and its local implementation.
 
-Two rules must both allow a request before it is admitted:
+:class:`Limiter` is the interface the engine sees: acquire a ticket for a request's tokens and one
+request, settle it to the server's count, refund it when the model never ran, and slow down after
+a 429. Its methods are coroutines so that an implementation may keep its state elsewhere (the
+shared limiter keeps it in Redis, for many processes on one quota).
+
+:class:`RateLimiter` is the local implementation: it holds one model's RPM and TPM at once,
+FIFO-fair, driven by timers on a clock. Two rules must both allow a request before it is admitted:
 
 * a sliding log of admissions (time, tokens) never holds more than the effective limit within any
   ``window_s`` seconds: this is the hard guarantee, whatever the pace does;
@@ -23,12 +29,22 @@ import itertools
 import math
 from collections import deque
 from collections.abc import Callable
-from typing import Literal, Protocol
+from typing import Protocol
 
 from ._config import RateLimits
 from ._exceptions import ConfigError, InputError
+from ._types import Ticket
 
-__all__ = ["Clock", "LoopClock", "ManualClock", "RateLimiter", "Ticket", "TimerHandle"]
+__all__ = [
+    "Clock",
+    "Limiter",
+    "LocalTicket",
+    "LoopClock",
+    "ManualClock",
+    "RateLimiter",
+    "Ticket",
+    "TimerHandle",
+]
 
 #: A 429 multiplies the named pace by this factor ...
 _CUT = 0.8
@@ -37,6 +53,46 @@ _FLOOR = 0.25
 #: At most one cut per this fraction of a window: a burst of 429s answers one overshoot, and
 #: cutting once per response would collapse the pace to the floor at once.
 _CUT_SPACING = 0.1
+
+
+class Limiter(Protocol):
+    """Admits requests under a quota of tokens and requests per window (TPM and RPM together).
+
+    The engine calls :meth:`acquire` before each send and, for every ticket it got, exactly one
+    of :meth:`settle` (the server answered and counted) or :meth:`refund` (the request was
+    refused before the model ran, or never sent); calling either again changes nothing.
+    """
+
+    @property
+    def tokens_per_s(self) -> float:
+        """The current token pace in tokens per second, for an ETA."""
+        ...
+
+    @property
+    def requests_per_s(self) -> float:
+        """The current request pace in requests per second, for an ETA."""
+        ...
+
+    async def acquire(self, tokens: int) -> Ticket:
+        """Wait until one request of ``tokens`` tokens may be sent, and charge it. Raises
+        ConfigError when such a request could never pass, InputError for a negative count. A
+        caller cancelled while waiting is charged nothing."""
+        ...
+
+    async def settle(self, ticket: Ticket, used_tokens: int) -> None:
+        """Correct ``ticket``'s charge to ``used_tokens``, the server's count. Idempotent, and
+        nothing for a refunded ticket. Raises InputError for a negative count."""
+        ...
+
+    async def refund(self, ticket: Ticket) -> None:
+        """Remove ``ticket``'s whole charge: the request was refused before the model ran, or
+        never sent. Idempotent."""
+        ...
+
+    async def on_rate_limited(self, limit: str | None, retry_after_s: float | None) -> None:
+        """A 429 came anyway: slow the pace named by ``limit`` (``"tpm"`` or ``"rpm"``; None,
+        or anything else, both); with ``retry_after_s`` (seconds), admit nothing for that long."""
+        ...
 
 
 class TimerHandle(Protocol):
@@ -118,25 +174,19 @@ class ManualClock:
         self._now = max(self._now, when)
 
 
-class Ticket:
-    """One admitted request: ``tokens`` and ``requests`` are what it is charged now (corrected by
-    ``settle``, zero after ``refund``); ``admitted_at`` is the limiter's clock time in seconds."""
+class LocalTicket(Ticket):
+    """A ticket of :class:`RateLimiter`; ``admitted_at`` is the limiter's clock time in seconds."""
 
-    __slots__ = ("_limiter", "_live", "admitted_at", "requests", "tokens")
+    __slots__ = ("_limiter", "_live", "admitted_at")
 
-    def __init__(self, limiter: RateLimiter, tokens: int, admitted_at: float) -> None:
+    def __init__(self, limiter: RateLimiter, id: str, tokens: int, admitted_at: float) -> None:
+        super().__init__(id, tokens)
         self._limiter = limiter
         self._live = True  # still inside the sliding log (admitted less than a window ago)
         self.admitted_at = admitted_at
-        self.tokens = tokens
-        self.requests = 1
-
-    @property
-    def refunded(self) -> bool:
-        return self.requests == 0
 
     def __repr__(self) -> str:
-        return f"Ticket(tokens={self.tokens}, requests={self.requests}, at={self.admitted_at})"
+        return f"LocalTicket(tokens={self.tokens}, requests={self.requests}, at={self.admitted_at})"
 
 
 class _Pace:
@@ -198,11 +248,11 @@ class _Log:
 
     def __init__(self, window_s: float) -> None:
         self.window_s = window_s
-        self.entries: deque[Ticket] = deque()
+        self.entries: deque[LocalTicket] = deque()
         self.tokens = 0
         self.requests = 0
 
-    def add(self, ticket: Ticket) -> None:
+    def add(self, ticket: LocalTicket) -> None:
         self.entries.append(ticket)
         self.tokens += ticket.tokens
         self.requests += ticket.requests
@@ -236,7 +286,7 @@ class _Log:
 class _Waiter:
     __slots__ = ("future", "queued", "tokens")
 
-    def __init__(self, tokens: int, future: asyncio.Future[Ticket]) -> None:
+    def __init__(self, tokens: int, future: asyncio.Future[LocalTicket]) -> None:
         self.tokens = tokens
         self.future = future
         self.queued = True
@@ -249,7 +299,8 @@ def _effective(nominal: int, headroom: float) -> int:
 
 
 class RateLimiter:
-    """Admits requests of one model under its RPM and TPM (see the module docstring).
+    """The local :class:`Limiter`: admits requests of one model under its RPM and TPM, within
+    one process (see the module docstring).
 
     ``limits`` gives the nominal limits per ``window_s`` seconds; the effective ones are
     nominal * (1 - headroom), rounded down. ``clock`` defaults to the running loop's clock.
@@ -267,6 +318,7 @@ class RateLimiter:
         self._hold_until = -math.inf
         self._timer: TimerHandle | None = None
         self._timer_at = math.nan
+        self._ids = itertools.count()
 
     # -- what progress bars and ETAs read ----------------------------------------------------
 
@@ -287,7 +339,7 @@ class RateLimiter:
 
     # -- admission -------------------------------------------------------------------------
 
-    async def acquire(self, tokens: int) -> Ticket:
+    async def acquire(self, tokens: int) -> LocalTicket:
         """Wait, in arrival order, until one request of ``tokens`` tokens may be sent; the ticket
         is charged from then on. Raises ConfigError if ``tokens`` exceeds the effective TPM of a
         whole window (it could never pass) and InputError if it is negative. If cancelled, the
@@ -328,8 +380,8 @@ class RateLimiter:
             self._log.ready_at(tokens, self.max_tokens, self.max_requests, now),
         )
 
-    def _admit(self, tokens: int, now: float) -> Ticket:
-        ticket = Ticket(self, tokens, now)
+    def _admit(self, tokens: int, now: float) -> LocalTicket:
+        ticket = LocalTicket(self, str(next(self._ids)), tokens, now)
         self._log.add(ticket)
         self._rpm.charge(1, now)
         self._tpm.charge(tokens, now)
@@ -341,7 +393,7 @@ class RateLimiter:
             self._queue.remove(waiter)
             waiter.queued = False
         elif waiter.future.done() and not waiter.future.cancelled():
-            self.refund(waiter.future.result())  # admitted, but the request will not be sent
+            self._refund(waiter.future.result())  # admitted, but the request will not be sent
             return
         self._pump()
 
@@ -381,31 +433,34 @@ class RateLimiter:
 
     # -- after the response ------------------------------------------------------------------
 
-    def settle(self, ticket: Ticket, actual_tokens: int) -> None:
-        """Correct ``ticket``'s charge to ``actual_tokens``, the server's count, in both the window
+    async def settle(self, ticket: Ticket, used_tokens: int) -> None:
+        """Correct ``ticket``'s charge to ``used_tokens``, the server's count, in both the window
         and the pace; may admit waiters if the charge fell. Does nothing for a refunded ticket.
         Raises InputError for a negative count and ValueError for another limiter's ticket."""
-        self._own(ticket)
-        if actual_tokens < 0:
-            raise InputError(f"a response cannot have a negative token count ({actual_tokens})")
-        if not ticket.refunded:
-            self._recharge(ticket, actual_tokens, ticket.requests)
+        own = self._own(ticket)
+        if used_tokens < 0:
+            raise InputError(f"a response cannot have a negative token count ({used_tokens})")
+        if not own.refunded:
+            self._recharge(own, used_tokens, own.requests)
             self._pump()
 
-    def refund(self, ticket: Ticket) -> None:
+    async def refund(self, ticket: Ticket) -> None:
         """Remove ``ticket``'s whole charge: its request never reached the server (connection
         refused, cancelled before sending). Idempotent; raises ValueError for another limiter's
         ticket."""
-        self._own(ticket)
+        self._refund(self._own(ticket))
+
+    def _refund(self, ticket: LocalTicket) -> None:
         if not ticket.refunded:
             self._recharge(ticket, 0, 0)
             self._pump()
 
-    def _own(self, ticket: Ticket) -> None:
-        if ticket._limiter is not self:
+    def _own(self, ticket: Ticket) -> LocalTicket:
+        if not isinstance(ticket, LocalTicket) or ticket._limiter is not self:
             raise ValueError("this ticket was issued by another RateLimiter")
+        return ticket
 
-    def _recharge(self, ticket: Ticket, tokens: int, requests: int) -> None:
+    def _recharge(self, ticket: LocalTicket, tokens: int, requests: int) -> None:
         # Only a ticket still in the log matters: an older one has left both the window and,
         # since its pace was spent long ago, any debt worth correcting.
         if ticket._live:
@@ -417,17 +472,17 @@ class RateLimiter:
         ticket.tokens = tokens
         ticket.requests = requests
 
-    def on_rate_limited(
-        self, kind: Literal["tpm", "rpm"] | None = None, retry_after_s: float | None = None
+    async def on_rate_limited(
+        self, limit: str | None = None, retry_after_s: float | None = None
     ) -> None:
-        """React to a 429 that came anyway: slow the named pace (None: both) to 0.8 of its current
-        rate (at least 0.25 of the effective limit, at most one cut per tenth of a window), which
-        then climbs back linearly to full over one window. With ``retry_after_s`` (seconds), hold
-        every admission until that long from now."""
+        """React to a 429 that came anyway: slow the named pace (``"tpm"`` or ``"rpm"``; None or
+        anything else: both) to 0.8 of its current rate (at least 0.25 of the effective limit, at
+        most one cut per tenth of a window), which then climbs back linearly to full over one
+        window. With ``retry_after_s`` (seconds), hold every admission until that long from now."""
         now = self._clock.now()
-        if kind in ("tpm", None):
+        if limit != "rpm":
             self._tpm.cut(now)
-        if kind in ("rpm", None):
+        if limit != "tpm":
             self._rpm.cut(now)
         if retry_after_s is not None and retry_after_s > 0:
             self._hold_until = max(self._hold_until, now + retry_after_s)

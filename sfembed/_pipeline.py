@@ -37,7 +37,7 @@ from ._cache import EmbeddingCache, normalise
 from ._chunker import char_range, split_spans
 from ._client import EmbeddingClient
 from ._config import Settings, load_settings
-from ._limiter import RateLimiter
+from ._limiter import Limiter, RateLimiter
 from ._models import DEFAULT_CATALOG, ModelCatalog, ModelSpec
 from ._packer import Packer, bisect
 from ._reorder import EmbeddedBatch, Failure, ReorderBuffer
@@ -51,7 +51,7 @@ from ._tokens import (
     counter_for,
     upper_bound,
 )
-from ._types import Chunk, EmbeddingResult, FloatArray, InputItem, Unusable
+from ._types import Chunk, EmbeddingResult, FloatArray, InputItem, Ticket, Unusable
 
 __all__ = ["JobStats", "catalog_for", "client_for", "embed", "embed_stream"]
 
@@ -167,7 +167,7 @@ async def embed_stream(
     settings: Settings | None = None,
     client: EmbeddingClient | None = None,
     stats: JobStats | None = None,
-    limiter: RateLimiter | None = None,
+    limiter: Limiter | None = None,
     stop: asyncio.Event | None = None,
     cache: EmbeddingCache | None = None,
     **options: Any,
@@ -218,7 +218,7 @@ class _Job:
         settings: Settings,
         client: EmbeddingClient,
         stats: JobStats,
-        limiter: RateLimiter | None,
+        limiter: Limiter | None,
         stop: asyncio.Event | None = None,
         cache: EmbeddingCache | None = None,
     ) -> None:
@@ -228,7 +228,7 @@ class _Job:
         self.spec: ModelSpec = catalog_for(settings, client.catalog)[settings.model]
         self.client = client
         self.stats = stats
-        self.limiter = limiter or RateLimiter(settings.rate)
+        self.limiter: Limiter = limiter or RateLimiter(settings.rate)
         # Charges are always priced by the estimator, so one calibration against the server's
         # usage holds for every request; exact counts decide only where texts are cut.
         family = FAMILIES.get(self.spec.tokenizer or "")
@@ -611,7 +611,7 @@ class _Job:
         local = sum(chunk.tokens for chunk in request)
         ticket = await self.limiter.acquire(self.calibration.charge(local))
         if self._stopping:
-            self.limiter.refund(ticket)
+            await self.limiter.refund(ticket)
             raise _Stopped
         self._sending.add(asyncio.current_task())  # a stop lets this request finish
         self.stats.in_flight += 1
@@ -625,19 +625,21 @@ class _Job:
             )
         except exc.RateLimitError as error:
             self.stats.rate_limited += 1
-            self.limiter.on_rate_limited(error.limit, error.retry_after_s)
+            await self.limiter.on_rate_limited(error.limit, error.retry_after_s)
             raise
         except (exc.ServerError, exc.BadRequestError, exc.BatchTooLargeError, exc.InputError):
-            self.limiter.refund(ticket)  # refused or failed before the model ran: no quota used
+            await self.limiter.refund(
+                ticket
+            )  # refused or failed before the model ran: no quota used
             raise
         finally:
             self.stats.in_flight -= 1
-        self._account(ticket, local, result)
+        await self._account(ticket, local, result)
         return result
 
-    def _account(self, ticket: Any, local: int, result: EmbeddingResult) -> None:
+    async def _account(self, ticket: Ticket, local: int, result: EmbeddingResult) -> None:
         used = result.usage["total_tokens"]
-        self.limiter.settle(ticket, used)
+        await self.limiter.settle(ticket, used)
         self.calibration.observe(local, used)
         self.stats.requests += 1
         self.stats.tokens += used

@@ -15,6 +15,7 @@ __all__ = [
     "ImageInput",
     "InputItem",
     "TextInput",
+    "Ticket",
     "Truncate",
     "Unusable",
     "Usage",
@@ -125,3 +126,31 @@ class Unusable:
     """
 
     reason: str
+
+
+class Ticket:
+    """One request admitted by a limiter, and what it is charged now.
+
+    ``id`` is chosen by the process that asked, unique among that limiter's tickets, so that a
+    shared store can make settling and refunding idempotent. ``tokens`` and ``requests`` start at
+    the charge asked for and one; ``settle`` corrects ``tokens`` to the server's count, and
+    ``refund`` sets both to zero. Every limiter issues its own subclass; a ticket is only ever
+    handed back to the limiter that issued it.
+    """
+
+    __slots__ = ("id", "requests", "tokens")
+
+    def __init__(self, id: str, tokens: int, requests: int = 1) -> None:
+        self.id = id
+        self.tokens = tokens
+        self.requests = requests
+
+    @property
+    def refunded(self) -> bool:
+        """True once the ticket was refunded: it holds no charge."""
+        return self.requests == 0
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(id={self.id!r}, tokens={self.tokens}, requests={self.requests})"
+        )

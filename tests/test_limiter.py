@@ -18,7 +18,8 @@ import pytest
 
 from sfembed._config import RateLimits
 from sfembed._exceptions import ConfigError, InputError
-from sfembed._limiter import ManualClock, RateLimiter, Ticket, TimerHandle
+from sfembed._limiter import Limiter, LocalTicket, ManualClock, RateLimiter, TimerHandle
+from sfembed._types import Ticket
 
 # -- helpers ---------------------------------------------------------------------------------
 
@@ -60,11 +61,11 @@ def make(clock: ManualClock, **limits: Any) -> RateLimiter:
     return RateLimiter(RateLimits(**{"headroom": 0.0, **limits}), clock)
 
 
-def start(coro: Coroutine[Any, Any, Ticket]) -> asyncio.Task[Ticket]:
+def start(coro: Coroutine[Any, Any, LocalTicket]) -> asyncio.Task[LocalTicket]:
     return asyncio.create_task(coro)
 
 
-def window_sums(tickets: list[Ticket], window_s: float) -> tuple[int, int]:
+def window_sums(tickets: list[LocalTicket], window_s: float) -> tuple[int, int]:
     """The largest (tokens, requests) charged within any window_s seconds ending at an
     admission; same expiry rule as the limiter (``at + window_s > t`` is still inside)."""
     times = sorted({t.admitted_at for t in tickets})
@@ -76,9 +77,9 @@ def window_sums(tickets: list[Ticket], window_s: float) -> tuple[int, int]:
 
 async def saturate(
     limiter: RateLimiter, clock: ManualClock, size: Callable[[], int], workers: int, until: float
-) -> list[Ticket]:
+) -> list[LocalTicket]:
     """``workers`` callers that ask again as soon as they are admitted, until ``until`` s."""
-    admitted: list[Ticket] = []
+    admitted: list[LocalTicket] = []
 
     async def worker() -> None:
         while True:
@@ -92,7 +93,7 @@ async def saturate(
     return admitted
 
 
-def per_window(tickets: list[Ticket], window_s: float, count: int, tokens: bool) -> list[int]:
+def per_window(tickets: list[LocalTicket], window_s: float, count: int, tokens: bool) -> list[int]:
     sums = [0] * count
     for ticket in tickets:
         k = int(ticket.admitted_at // window_s)
@@ -157,9 +158,24 @@ async def test_foreign_ticket_is_refused() -> None:
     mine, other = make(clock), make(clock)
     ticket = await other.acquire(5)
     with pytest.raises(ValueError, match="another RateLimiter"):
-        mine.settle(ticket, 3)
+        await mine.settle(ticket, 3)
     with pytest.raises(ValueError, match="another RateLimiter"):
-        mine.refund(ticket)
+        await mine.refund(ticket)
+
+
+async def test_local_limiter_is_a_limiter_with_unique_ticket_ids() -> None:
+    clock = ManualClock()
+    limiter: Limiter = make(clock)  # the interface the engine is written against
+    waiting = [start(limiter.acquire(10)) for _ in range(5)]
+    await run_until(clock, 60.0)
+    tickets = [task.result() for task in waiting]
+    assert len({ticket.id for ticket in tickets}) == 5
+    assert all(isinstance(ticket, Ticket) and ticket.tokens == 10 for ticket in tickets)
+    await limiter.settle(tickets[0], 7)
+    await limiter.settle(tickets[0], 7)  # settling twice to the same count changes nothing
+    assert (tickets[0].tokens, tickets[0].requests) == (7, 1)
+    with pytest.raises(ValueError, match="another RateLimiter"):
+        await limiter.refund(Ticket("made-up", 10))  # not one it issued
 
 
 # -- pacing and utilisation ------------------------------------------------------------------
@@ -246,7 +262,7 @@ async def test_fifo_large_request_is_not_starved_by_small_ones() -> None:
     limiter = make(clock, rpm=1000, tpm=1000, window_s=10.0, burst_s=10.0)
     order: list[str] = []
 
-    async def ask(name: str, tokens: int) -> Ticket:
+    async def ask(name: str, tokens: int) -> LocalTicket:
         ticket = await limiter.acquire(tokens)
         order.append(name)
         return ticket
@@ -273,7 +289,7 @@ async def test_settle_down_admits_a_waiter_at_once() -> None:
     waiter = start(limiter.acquire(400))
     await spin()
     assert not waiter.done()
-    limiter.settle(first, 500)
+    await limiter.settle(first, 500)
     await spin()
     assert waiter.result().admitted_at == 0.0
     assert first.tokens == 500
@@ -283,7 +299,7 @@ async def test_settle_up_delays_the_next_request() -> None:
     clock = ManualClock()
     limiter = make(clock, rpm=100, tpm=1000, window_s=10.0, burst_s=10.0)
     first = await limiter.acquire(500)
-    limiter.settle(first, 900)
+    await limiter.settle(first, 900)
     waiter = start(limiter.acquire(200))
     await run_until(clock, 9.99)
     assert not waiter.done()
@@ -298,12 +314,12 @@ async def test_refund_removes_tokens_and_the_request() -> None:
     waiter = start(limiter.acquire(1000))
     await spin()
     assert not waiter.done()
-    limiter.refund(first)
+    await limiter.refund(first)
     await spin()
     assert waiter.result().admitted_at == 0.0
     assert (first.tokens, first.requests, first.refunded) == (0, 0, True)
-    limiter.refund(first)  # idempotent
-    limiter.settle(first, 700)  # a refunded request never reached the server
+    await limiter.refund(first)  # idempotent
+    await limiter.settle(first, 700)  # a refunded request never reached the server
     assert first.tokens == 0
 
 
@@ -312,7 +328,9 @@ async def test_settle_after_the_window_changes_nothing_live() -> None:
     limiter = make(clock, rpm=100, tpm=1000, window_s=10.0, burst_s=10.0)
     old = await limiter.acquire(1000)
     clock.advance(10.0)
-    limiter.settle(old, 400)  # left the window already: must not give back room it never holds
+    await limiter.settle(
+        old, 400
+    )  # left the window already: must not give back room it never holds
     assert old.tokens == 400
     await limiter.acquire(1000)
     waiter = start(limiter.acquire(1))
@@ -329,16 +347,16 @@ async def test_rate_limited_cuts_only_the_named_limit_then_recovers() -> None:
     clock = ManualClock()
     limiter = RateLimiter(RateLimits(), clock)
     tokens, requests = limiter.tokens_per_s, limiter.requests_per_s
-    limiter.on_rate_limited("tpm")
+    await limiter.on_rate_limited("tpm")
     assert limiter.tokens_per_s == pytest.approx(0.8 * tokens)
     assert limiter.requests_per_s == requests
-    limiter.on_rate_limited("tpm")  # same moment: one overshoot, one cut
+    await limiter.on_rate_limited("tpm")  # same moment: one overshoot, one cut
     assert limiter.tokens_per_s == pytest.approx(0.8 * tokens)
     clock.advance(30.0)
     assert limiter.tokens_per_s == pytest.approx(0.9 * tokens)
     clock.advance(30.0)
     assert limiter.tokens_per_s == tokens
-    limiter.on_rate_limited("rpm")
+    await limiter.on_rate_limited("rpm")
     assert limiter.tokens_per_s == tokens
     assert limiter.requests_per_s == pytest.approx(0.8 * requests)
 
@@ -347,13 +365,13 @@ async def test_repeated_429s_cut_step_by_step_down_to_a_floor() -> None:
     clock = ManualClock()
     limiter = RateLimiter(RateLimits(window_s=60.0), clock)
     nominal = limiter.tokens_per_s
-    limiter.on_rate_limited(None)
+    await limiter.on_rate_limited(None)
     clock.advance(6.0)  # one tenth of a window later: climbed to 0.82, cut to 0.656
-    limiter.on_rate_limited(None)
+    await limiter.on_rate_limited(None)
     assert limiter.tokens_per_s == pytest.approx(0.656 * nominal)
     for _ in range(100):
         clock.advance(6.0)
-        limiter.on_rate_limited("tpm")
+        await limiter.on_rate_limited("tpm")
     assert limiter.tokens_per_s >= 0.25 * nominal - 1e-9
     assert limiter.tokens_per_s < 0.3 * nominal
 
@@ -365,7 +383,7 @@ async def test_tpm_cut_does_not_slow_an_rpm_bound_job_but_rpm_cut_does() -> None
         clock, rng = ManualClock(), random.Random(7)
         limiter = RateLimiter(RateLimits(rpm=300, tpm=1_000_000, burst_s=0.0), clock)
         if kind is not None:
-            limiter.on_rate_limited(kind)
+            await limiter.on_rate_limited(kind)
         size = functools.partial(rng.randint, 100, 500)
         admitted = await saturate(limiter, clock, size, 8, 30.0)
         counts.append(len(admitted))
@@ -377,7 +395,7 @@ async def test_tpm_cut_does_not_slow_an_rpm_bound_job_but_rpm_cut_does() -> None
 async def test_retry_after_holds_every_admission() -> None:
     clock = ManualClock()
     limiter = RateLimiter(RateLimits(), clock)
-    limiter.on_rate_limited(None, retry_after_s=5.0)
+    await limiter.on_rate_limited(None, retry_after_s=5.0)
     waiter = start(limiter.acquire(10))
     await run_until(clock, 4.999)
     assert not waiter.done()
@@ -427,11 +445,11 @@ class Journal:
     """What the simulated callers saw: per ticket, its first charge and its one later change."""
 
     asked: itertools.count[int] = field(default_factory=itertools.count)
-    calls: list[tuple[int, Ticket]] = field(default_factory=list)
+    calls: list[tuple[int, LocalTicket]] = field(default_factory=list)
     first: dict[int, tuple[int, int]] = field(default_factory=dict)
     change: dict[int, tuple[float, int, int]] = field(default_factory=dict)
 
-    def seen(self, ticket: Ticket, at: float) -> tuple[int, int]:
+    def seen(self, ticket: LocalTicket, at: float) -> tuple[int, int]:
         """The charge the limiter held for ``ticket`` at time ``at`` (the smaller one if it
         changed at that very instant, as the order within an instant is not recorded)."""
         before = self.first[id(ticket)]
@@ -456,9 +474,9 @@ async def caller(
     await clock_sleep(clock, rng.uniform(0.0, 4.0))
     action = rng.random()
     if action < 0.6:
-        limiter.settle(ticket, int(tokens * rng.uniform(0.5, 1.4)))
+        await limiter.settle(ticket, int(tokens * rng.uniform(0.5, 1.4)))
     elif action < 0.75:
-        limiter.refund(ticket)
+        await limiter.refund(ticket)
     else:
         return  # the server's count matched the estimate
     journal.change[id(ticket)] = (clock.now(), ticket.tokens, ticket.requests)
@@ -498,7 +516,7 @@ async def test_loop_clock_smoke() -> None:
     tickets = await asyncio.gather(*(limiter.acquire(50) for _ in range(12)))
     assert [t.admitted_at for t in tickets] == sorted(t.admitted_at for t in tickets)
     assert window_sums(list(tickets), limits.window_s)[1] <= 5
-    limiter.settle(tickets[-1], 10)
-    limiter.on_rate_limited("rpm")
+    await limiter.settle(tickets[-1], 10)
+    await limiter.on_rate_limited("rpm")
     assert limiter.requests_per_s < 5 / 0.05
     assert limiter.queued == 0
