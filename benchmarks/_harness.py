@@ -33,6 +33,7 @@ class ServerReport:
     requests: int = 0
     resets: int = 0
     stalls: int = 0
+    first_request_at: float | None = None  # time.monotonic() of the first request
 
 
 def _report(stats: testing.ServerStats) -> ServerReport:
@@ -44,6 +45,7 @@ def _report(stats: testing.ServerStats) -> ServerReport:
         stats.requests,
         stats.resets,
         stats.stalls,
+        stats.first_request_at,
     )
 
 

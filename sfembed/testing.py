@@ -92,7 +92,8 @@ class Faults:
     ``rate_503`` / ``rate_504``: answer with that status. ``rate_reset``: send the headers and part
     of the body, then abort the connection. ``rate_stall``: hold the request ``stall_s`` seconds
     (past a client's read timeout) before answering it normally. ``latency_s`` seconds are added to
-    every response. Over ``max_in_flight`` concurrent requests the extra ones get 503 (code 50505).
+    every response, and ``latency_per_1k_tokens_s`` seconds per 1,000 tokens to each accepted
+    request (a model's time grows with its input: 0.030 and 0.005 are a plausible shape). Over ``max_in_flight`` concurrent requests the extra ones get 503 (code 50505).
     With ``retry_after_s`` set, 429 and 503 answers carry ``Retry-After`` (whole seconds, rounded
     up) and ``retry-after-ms``.
     """
@@ -103,6 +104,7 @@ class Faults:
     rate_stall: float = 0.0
     stall_s: float = 30.0
     latency_s: float = 0.0
+    latency_per_1k_tokens_s: float = 0.0
     max_in_flight: int | None = None
     retry_after_s: float | None = None
     seed: int = 0
@@ -111,6 +113,8 @@ class Faults:
         rates = (self.rate_503, self.rate_504, self.rate_reset, self.rate_stall)
         if min(rates) < 0 or sum(rates) > 1:
             raise ValueError("fault rates must be >= 0 and sum to at most 1")
+        if self.latency_s < 0 or self.latency_per_1k_tokens_s < 0:
+            raise ValueError("latencies must be >= 0")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -145,9 +149,11 @@ class ServerStats:
     ``requests`` counts every request; ``by_status`` every complete answer (resets and requests
     dropped by a stop are not answers). ``accepted`` holds one ``(time.monotonic(), tokens)`` per
     request admitted by the rate limiter, from which per-window utilisation can be computed.
+    ``first_request_at`` is the ``time.monotonic()`` of the first request to the embeddings path.
     """
 
     requests: int = 0
+    first_request_at: float | None = None
     by_status: Counter[int] = field(default_factory=Counter)
     rate_limited_tpm: int = 0
     rate_limited_rpm: int = 0
@@ -713,6 +719,8 @@ class LocalServer:
     async def _respond(self, request: web.BaseRequest) -> web.StreamResponse:
         if request.method != "POST" or request.path != _PATH:
             return self._answer(404, _NOT_FOUND, _TEXT)
+        if self.stats.first_request_at is None:
+            self.stats.first_request_at = time.monotonic()
         raw = await request.content.read()  # not request.read(): no 1 MiB cap for image inputs
         injected = self._injected.popleft() if self._injected else None
         if injected is not None and injected != "stall":
@@ -725,7 +733,7 @@ class LocalServer:
             await asyncio.sleep(self._faults.stall_s)
         elif fault is not None:
             return await self._fault(fault, request, raw)
-        return self._embed(raw)
+        return await self._embed(raw)
 
     def _authorized(self, header: str) -> bool:
         scheme, _, token = header.partition(" ")
@@ -780,7 +788,7 @@ class LocalServer:
             request.transport.abort()
         return response
 
-    def _embed(self, raw: bytes) -> web.Response:
+    async def _embed(self, raw: bytes) -> web.Response:
         try:
             job = _parse_job(raw, self.config)
         except _Reject as reject:
@@ -788,6 +796,10 @@ class LocalServer:
         refused = self._refusal(job)
         if refused is not None:
             return refused
+        # The model's time, after admission: a limit acts at arrival, as the provider's does.
+        work_s = job.tokens / 1000 * self._faults.latency_per_1k_tokens_s
+        if work_s > 0:
+            await asyncio.sleep(work_s)
         return self._answer(200, _success_body(job))
 
     def _refusal(self, job: _Job) -> web.Response | None:

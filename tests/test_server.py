@@ -413,6 +413,25 @@ async def test_stall_outlasts_a_read_timeout(make_server, http):
     assert server.stats.stalls == 1
 
 
+async def test_model_time_grows_with_tokens_and_follows_admission(make_server, http):
+    # 1,000 s per 1,000 tokens: a 3-token request is still being "embedded" at the read timeout,
+    # but it was admitted (and charged) on arrival, as the provider's limits act.
+    server = await make_server(faults=Faults(latency_per_1k_tokens_s=1000.0))
+    assert server.stats.first_request_at is None
+    timeout = aiohttp.ClientTimeout(sock_read=0.1)
+    with pytest.raises(asyncio.TimeoutError):
+        await post(http, server, {"model": BGE, "input": "x"}, timeout=timeout)
+    assert server.stats.tokens_accepted == count_tokens("x", DEFAULT_CATALOG[BGE])
+    assert server.stats.first_request_at is not None
+    assert server.stats.by_status == {}
+
+
+@pytest.mark.parametrize("field", ["latency_s", "latency_per_1k_tokens_s"])
+def test_negative_latency_is_refused(field):
+    with pytest.raises(ValueError, match="latencies"):
+        Faults(**{field: -0.1})
+
+
 async def test_injected_stall_then_a_normal_answer(make_server, http):
     server = await make_server(faults=Faults(stall_s=0.1))
     server.inject("stall")

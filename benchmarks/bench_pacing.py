@@ -1,0 +1,229 @@
+"""Does `sfembed embed`, as a user runs it, finish at the speed of the quota? Four account profiles.
+
+    python benchmarks/bench_pacing.py [--profile tpm,rpm,faults,large] [--repeat 1] [--workdir DIR]
+
+Each profile runs the local server in a process of its own, shaped like the provider: a sliding
+6 s window, an answer in 30 ms + 5 ms per 1,000 tokens, and a token count of its own (about 14%
+over XLM-R's on this corpus, so no client tokenizer agrees with it). The job is the command line
+with its defaults (cache on, progress bar on), started as a separate process: the clock runs from
+just before that process is started until it has exited, so interpreter start-up, imports,
+tokenizer loading, input hashing and the last answer all count.
+
+Per profile it prints:
+
+* whole-run ratio: the ideal time (tokens the server accepted / TPM per second; requests / RPM per
+  second for the RPM-bound profile) over the time from process start to exit;
+* the share of the limit the server accepted in each whole window after the first, from the first
+  accepted request;
+* 429s, requests the server saw, time from process start to the first request the server saw;
+* rows wrong: each row must be exactly the server's vector for its record's text, with its id;
+* the job process's peak RSS and CPU time (user + system).
+
+Profiles:
+
+* ``tpm``: 2,000 documents (median ~150 tokens, max ~2,700, 20% Chinese), BAAI/bge-m3, 60,000 TPM
+  and 200 RPM per 6 s window;
+* ``rpm``: 4,000 tiny documents, BAAI/bge-large-en-v1.5, 10 RPM per 6 s window;
+* ``faults``: ``tpm`` plus 3% 503, 1% 504, 1% connection resets and 0.5% answers stalled for 30 s;
+* ``large``: 12,000 documents of the ``tpm`` mix on 600,000 TPM and 2,000 RPM per 6 s window.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from _harness import ServerReport, max_sliding, server_process, table, windows
+
+from sfembed import testing
+from sfembed._cache import normalise
+
+KEY = "sk-local-test"
+WINDOW_S = 6.0
+LATENCY_S = 0.030
+LATENCY_PER_1K_S = 0.005
+_WORDS = (
+    "the of and to in is that for it as was with be by on not he this are or his from at which "
+    "but have an they you were her she there been one all we their has would when if so no will "
+    "data model vector search index query token window request limit batch order record nightly "
+    "embedding corpus document server client retry quota minute second latency stream output "
+    "river mountain winter library harbour engine garden market signal theory history village"
+).split()
+_HANZI = (
+    "的一是在不了有和人这中大为上个国我以要他时来用们生到作地于出就分对成会可主发年动同工也能下过"
+    "子说产种面而方后多定行学法所民得经十三之进着等部度家电力里如水化高自二理起小物现实加量都两体"
+)
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    model: str
+    documents: int
+    rpm: int
+    tpm: int
+    bound: str  # "tpm" or "rpm": which limit the ideal time is computed from
+    tiny: bool = False
+    faults: dict[str, float] = field(default_factory=dict)
+
+
+PROFILES = {
+    "tpm": Profile("tpm", "BAAI/bge-m3", 2_000, rpm=200, tpm=60_000, bound="tpm"),
+    "rpm": Profile(
+        "rpm", "BAAI/bge-large-en-v1.5", 4_000, rpm=10, tpm=10_000_000, bound="rpm", tiny=True
+    ),
+    "faults": Profile(
+        "faults",
+        "BAAI/bge-m3",
+        2_000,
+        rpm=200,
+        tpm=60_000,
+        bound="tpm",
+        faults={"rate_503": 0.03, "rate_504": 0.01, "rate_reset": 0.01, "rate_stall": 0.005},
+    ),
+    "large": Profile("large", "BAAI/bge-m3", 12_000, rpm=2_000, tpm=600_000, bound="tpm"),
+}
+
+
+def mixed_text(rng: random.Random) -> str:
+    """A document for the TPM-bound profiles: 80% English (a word is about a token), 20%
+    Chinese (a character is a token); lengths log-normal, median ~150, at most ~2,700."""
+    tokens = min(2_100, max(4, int(rng.lognormvariate(4.8, 0.9))))
+    if rng.random() < 0.2:
+        return "".join(rng.choices(_HANZI, k=tokens))
+    words = rng.choices(_WORDS, k=tokens)
+    return " ".join(words).capitalize() + "."
+
+
+def documents(profile: Profile) -> list[str]:
+    rng = random.Random(11)
+    if profile.tiny:
+        return [f"item {i}: {rng.choice(_WORDS)}" for i in range(profile.documents)]
+    return [mixed_text(rng) for _ in range(profile.documents)]
+
+
+@dataclass
+class Run:
+    wall_s: float
+    cpu_s: float
+    peak_rss_mb: float
+    exit_code: int
+    report: ServerReport
+    first_request_s: float
+    rows_wrong: int
+
+
+def run_profile(profile: Profile, texts: list[str], workdir: Path) -> Run:
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    source = workdir / "in.jsonl"
+    with open(source, "w", encoding="utf-8") as out:
+        for i, text in enumerate(texts):
+            out.write(json.dumps({"id": f"d{i}", "text": text}, ensure_ascii=False) + "\n")
+    faults = testing.Faults(
+        latency_s=LATENCY_S, latency_per_1k_tokens_s=LATENCY_PER_1K_S, **profile.faults
+    )
+    limits = testing.ModelLimits(rpm=profile.rpm, tpm=profile.tpm)
+    config = testing.ServerConfig(window_s=WINDOW_S, default_limits=limits, faults=faults)
+    with server_process(config) as (url, box):
+        command = [
+            *(sys.executable, "-m", "sfembed", "embed", str(source)),
+            *("--out", str(workdir / "out.npy"), "--base-url", url, "--model", profile.model),
+            *("--rpm", str(profile.rpm), "--tpm", str(profile.tpm), "--window-s", str(WINDOW_S)),
+        ]
+        env = {**os.environ, "SILICONFLOW_API_KEY": KEY}
+        with open(workdir / "stdout.txt", "wb") as out, open(workdir / "stderr.txt", "wb") as err:
+            started = time.monotonic()
+            process = subprocess.Popen(command, env=env, stdout=out, stderr=err)
+            _, status, usage = os.wait4(process.pid, 0)
+            ended = time.monotonic()
+            process.returncode = os.waitstatus_to_exitcode(status)
+    report: ServerReport = box[0]
+    first = report.first_request_at - started if report.first_request_at else float("nan")
+    return Run(
+        wall_s=ended - started,
+        cpu_s=usage.ru_utime + usage.ru_stime,
+        peak_rss_mb=usage.ru_maxrss / 1024,
+        exit_code=process.returncode,
+        report=report,
+        first_request_s=first,
+        rows_wrong=rows_wrong(profile.model, texts, workdir / "out.npy"),
+    )
+
+
+def rows_wrong(model: str, texts: list[str], path: Path) -> int:
+    """Rows that are missing, extra, or not exactly the server's vector for their text and id."""
+    if not path.exists():
+        return len(texts)
+    rows = np.load(path, mmap_mode="r")
+    ids = [json.loads(line)["id"] for line in path.with_suffix(".ids.jsonl").open()]
+    wrong = abs(len(rows) - len(texts))
+    for i, (row, text) in enumerate(zip(rows, texts, strict=False)):
+        expected = testing.expected_embedding(model, normalise(text))
+        ok = i < len(ids) and ids[i] == f"d{i}" and np.array_equal(row, expected)
+        wrong += not ok
+    return wrong
+
+
+def summarise(profile: Profile, run: Run) -> dict[str, str]:
+    report = run.report
+    tokens = sum(size for _, size in report.accepted)
+    requests = len(report.accepted)
+    if profile.bound == "tpm":
+        ideal_s = tokens / (profile.tpm / WINDOW_S)
+    else:
+        ideal_s = requests / (profile.rpm / WINDOW_S)
+    limit = profile.tpm if profile.bound == "tpm" else profile.rpm
+    per_window = windows(report.accepted, WINDOW_S)
+    shares = [(t if profile.bound == "tpm" else r) / limit for t, r in per_window[1:]]
+    peak_tokens, peak_requests = max_sliding(report.accepted, WINDOW_S)
+    peak = peak_tokens / profile.tpm if profile.bound == "tpm" else peak_requests / profile.rpm
+    return {
+        "whole-run ratio": f"{ideal_s / run.wall_s:.3f}",
+        "wall s (ideal s)": f"{run.wall_s:.1f} ({ideal_s:.1f})",
+        "windows after the first: min / mean": (
+            f"{min(shares):.1%} / {statistics.fmean(shares):.1%}" if shares else "-"
+        ),
+        "each window": " ".join(f"{share:.0%}" for share in shares) or "-",
+        "peak sliding window": f"{peak:.1%}",
+        "429s": f"{report.rate_limited}",
+        "requests seen": f"{report.requests:,}",
+        "first request after start": f"{run.first_request_s:.2f} s",
+        "rows wrong": f"{run.rows_wrong}",
+        "exit code": f"{run.exit_code}",
+        "peak RSS": f"{run.peak_rss_mb:.0f} MB",
+        "client CPU": f"{run.cpu_s:.1f} s",
+        "server tokens": f"{tokens:,}",
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--profile", default="tpm,rpm,faults,large", help="comma-separated")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per profile")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/sfembed-bench-pacing"))
+    args = parser.parse_args()
+    results: list[tuple[str, dict[str, str]]] = []
+    for name in args.profile.split(","):
+        profile = PROFILES[name]
+        texts = documents(profile)
+        for number in range(args.repeat):
+            summary = summarise(profile, run_profile(profile, texts, args.workdir / name))
+            results.append((f"{name}" + (f" #{number + 1}" if args.repeat > 1 else ""), summary))
+            print(f"{name}: {summary}", file=sys.stderr, flush=True)
+    figures = list(results[0][1])
+    print(table([(f, *(s[f] for _, s in results)) for f in figures], ("", *(n for n, _ in results))))
+
+
+if __name__ == "__main__":
+    main()
