@@ -52,13 +52,14 @@ KEY = "sk-local-test"
 WINDOW_S = 6.0
 LATENCY_S = 0.030
 LATENCY_PER_1K_S = 0.005
-_WORDS = (
+_WORD_LIST = (
     "the of and to in is that for it as was with be by on not he this are or his from at which "
     "but have an they you were her she there been one all we their has would when if so no will "
     "data model vector search index query token window request limit batch order record nightly "
     "embedding corpus document server client retry quota minute second latency stream output "
     "river mountain winter library harbour engine garden market signal theory history village"
-).split()
+)
+_WORDS = _WORD_LIST.split()
 _HANZI = (
     "的一是在不了有和人这中大为上个国我以要他时来用们生到作地于出就分对成会可主发年动同工也能下过"
     "子说产种面而方后多定行学法所民得经十三之进着等部度家电力里如水化高自二理起小物现实加量都两体"
@@ -222,7 +223,8 @@ def main() -> None:
             results.append((f"{name}" + (f" #{number + 1}" if args.repeat > 1 else ""), summary))
             print(f"{name}: {summary}", file=sys.stderr, flush=True)
     figures = list(results[0][1])
-    print(table([(f, *(s[f] for _, s in results)) for f in figures], ("", *(n for n, _ in results))))
+    rows = [(figure, *(summary[figure] for _, summary in results)) for figure in figures]
+    print(table(rows, ("", *(name for name, _ in results))))
 
 
 if __name__ == "__main__":
