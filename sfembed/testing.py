@@ -93,7 +93,8 @@ class Faults:
     of the body, then abort the connection. ``rate_stall``: hold the request ``stall_s`` seconds
     (past a client's read timeout) before answering it normally. ``latency_s`` seconds are added to
     every response, and ``latency_per_1k_tokens_s`` seconds per 1,000 tokens to each accepted
-    request (a model's time grows with its input: 0.030 and 0.005 are a plausible shape). Over ``max_in_flight`` concurrent requests the extra ones get 503 (code 50505).
+    request (a model's time grows with its input: 0.030 and 0.005 are a plausible shape). Over
+    ``max_in_flight`` concurrent requests the extra ones get 503 (code 50505).
     With ``retry_after_s`` set, 429 and 503 answers carry ``Retry-After`` (whole seconds, rounded
     up) and ``retry-after-ms``.
     """
