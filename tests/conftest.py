@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
 
-from sfembed.testing import LocalServer, ServerConfig
+from sfembed.testing import LocalServer, RedisServer, ServerConfig
 
 #: ``await make_server(**ServerConfig fields)`` -> a started LocalServer, stopped at teardown.
 MakeServer = Callable[..., Awaitable[LocalServer]]
@@ -34,3 +34,10 @@ async def make_server() -> AsyncIterator[MakeServer]:
     yield make
     for running in started:
         await running.stop()
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A private Redis-compatible server on a free port (no persistence), stopped at teardown."""
+    with RedisServer() as running:
+        yield running

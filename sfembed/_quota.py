@@ -1,0 +1,328 @@
+"""SharedLimiter: one account's quota for a model, shared through Redis by many processes and hosts.
+
+The rules are the local limiter's (a sliding log of admissions and an even pace per resource, RPM
+and TPM together, a 429 cutting the pace), held in Redis and decided by one Lua script per call
+(``_quota_script.lua``) on the server's own clock (``TIME``), so that hosts' clocks are never
+compared. Every ticket has an id chosen here, so that a retried or repeated settle or refund
+never counts twice.
+
+The script may book a request a little ahead (``lead_s``) and says how long to wait; a refused
+request is told when to ask again. Each wait is one timer, never a polling loop. Within a process
+callers ask in arrival order, one at a time.
+
+Keys live under ``sfembed:{account}:{model}`` (the braces make them one Redis Cluster slot) and
+expire a window after the last call, so a killed worker leaks nothing: its admissions leave the log
+as they leave the server's window. When Redis cannot be reached, the limiter paces locally at the
+limits divided by the live workers it last saw, says so once on the log, and goes back to Redis as
+soon as it answers again (it asks again at most every ``min(1 s, window / 20)``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import importlib
+import itertools
+import logging
+import math
+import uuid
+from importlib import resources
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from ._config import RateLimits
+from ._exceptions import ConfigError, InputError
+from ._limiter import Clock, LoopClock, RateLimiter
+from ._limiter import Ticket as LocalTicket
+
+__all__ = ["SharedLimiter", "SharedTicket"]
+
+log = logging.getLogger("sfembed")
+
+_US = 1_000_000
+
+
+def _import_redis() -> Any:
+    """redis.asyncio, or a ConfigError naming the extra to install."""
+    try:
+        return importlib.import_module("redis.asyncio")
+    except ImportError as error:
+        raise ConfigError("a shared quota needs redis-py: pip install 'sfembed[redis]'") from error
+
+
+def _effective(nominal: int, headroom: float) -> int:
+    # As the local limiter rounds: whole units, never below one.
+    return max(1, math.floor(nominal * (1.0 - headroom) + 1e-9))
+
+
+def _where(url: str) -> str:
+    """host:port/db of a Redis URL, without a password, for log lines and errors."""
+    parts = urlsplit(url)
+    return f"{parts.hostname or 'localhost'}:{parts.port or 6379}{parts.path or '/0'}"
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class SharedTicket:
+    """One admitted request: ``id`` names it in Redis, ``tokens`` is its charge now. A ticket
+    issued while Redis was unreachable belongs to the local stand-in (``local``)."""
+
+    id: str
+    tokens: int
+    requests: int = 1
+    local: LocalTicket | None = None
+    _fallback: RateLimiter | None = None
+    _asked: bool = False  # the script may have booked it
+
+
+class SharedLimiter:
+    """Admits requests of one model under the account's RPM and TPM, shared by every process that
+    uses the same Redis, ``account`` and ``model`` (see the module docstring).
+
+    ``limits`` are the account's nominal limits per ``window_s``; the effective ones are nominal *
+    (1 - headroom) as for the local limiter. ``lead_s`` is how far ahead the script may book a
+    request (default window / 20); ``timeout_s`` bounds each Redis call before the local stand-in
+    takes over. Raises ConfigError without redis-py. Close with :meth:`aclose` (or ``async with``).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        limits: RateLimits,
+        *,
+        model: str,
+        account: str = "default",
+        clock: Clock | None = None,
+        lead_s: float | None = None,
+        timeout_s: float = 2.0,
+    ) -> None:
+        if not account or any(c in account for c in "{}"):
+            raise ConfigError(f"quota account label {account!r}: must be non-empty, without braces")
+        self._redis = self._connect(url, timeout_s)
+        self._where = _where(url)
+        self._limits = limits
+        self._clock: Clock = clock if clock is not None else LoopClock()
+        self.max_tokens = _effective(limits.tpm, limits.headroom)
+        self.max_requests = _effective(limits.rpm, limits.headroom)
+        window_us = int(limits.window_s * _US)
+        lead = lead_s if lead_s is not None else limits.window_s / 20
+        self._head = [window_us, self.max_tokens, self.max_requests]
+        self._head += [int(limits.burst_allowance_s * _US), int(lead * _US)]
+        prefix = f"sfembed:{{{account}}}:{model}"
+        self._keys = [
+            f"{prefix}:{name}" for name in ("state", "log", "charges", "workers", "line", "due")
+        ]
+        source = resources.files(__package__).joinpath("_quota_script.lua").read_text("utf-8")
+        self._script = self._redis.register_script(source)
+        self._worker = uuid.uuid4().hex
+        self._ids = itertools.count()
+        self._turn = asyncio.Lock()  # callers of this process ask Redis in arrival order
+        self._factors = (1.0, 1.0)
+        self._fallback: RateLimiter | None = None
+        self._retry_at = -math.inf
+        self._probe_s = min(1.0, limits.window_s / 20)
+        # A waiter late by more than this loses its place in the line (its process died); the
+        # absolute part covers an event loop that fires its timers late.
+        self._grace_us = int((lead + 0.1) * _US)
+        self.workers = 1  # live workers (processes) the script saw at the last admission
+        self.max_workers = 1  # the most seen at once
+        self.round_trips = 0  # calls to Redis, answered or not
+        self.fallbacks = 0  # times Redis was found unreachable and the local stand-in took over
+
+    @staticmethod
+    def _connect(url: str, timeout_s: float) -> Any:
+        redis = _import_redis()
+        backoff = importlib.import_module("redis.backoff")
+        retry = importlib.import_module("redis.asyncio.retry")
+        try:
+            # One quick retry (a pooled connection the server dropped), then the stand-in.
+            return redis.from_url(
+                url,
+                socket_timeout=timeout_s,
+                socket_connect_timeout=timeout_s,
+                retry=retry.Retry(backoff.NoBackoff(), 1),
+            )
+        except ValueError as error:
+            raise ConfigError(f"quota URL {_where(url)!r}: {error}") from None
+
+    async def __aenter__(self) -> SharedLimiter:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connections to Redis."""
+        await self._redis.aclose()
+
+    # -- what progress bars and ETAs read ----------------------------------------------------
+
+    @property
+    def shared(self) -> bool:
+        """False while the local stand-in paces (Redis unreachable)."""
+        return self._fallback is None
+
+    @property
+    def tokens_per_s(self) -> float:
+        """This worker's share of the token pace, in tokens per second."""
+        if self._fallback is not None:
+            return self._fallback.tokens_per_s
+        return self.max_tokens * self._factors[0] / self._limits.window_s / self.workers
+
+    @property
+    def requests_per_s(self) -> float:
+        """This worker's share of the request pace, in requests per second."""
+        if self._fallback is not None:
+            return self._fallback.requests_per_s
+        return self.max_requests * self._factors[1] / self._limits.window_s / self.workers
+
+    # -- admission -------------------------------------------------------------------------
+
+    async def acquire(self, tokens: int) -> SharedTicket:
+        """Wait, behind this process's earlier callers, until one request of ``tokens`` tokens may
+        be sent under the shared limits. Raises ConfigError if ``tokens`` exceeds the effective
+        TPM of a whole window and InputError if negative. If cancelled, whatever was booked for
+        the call is given back."""
+        if tokens < 0:
+            raise InputError(f"a request cannot have a negative token count ({tokens})")
+        if tokens > self.max_tokens:
+            raise ConfigError(
+                f"a request of {tokens} tokens exceeds the effective TPM of {self.max_tokens} "
+                f"per {self._limits.window_s:g} s window: it could never be admitted"
+            )
+        ticket = SharedTicket(id=f"{self._worker}:{next(self._ids)}", tokens=tokens)
+        admitted = False
+        try:
+            async with self._turn:
+                wait_s = await self._book(ticket)
+            await self._sleep(wait_s)
+            admitted = True
+            return ticket
+        finally:
+            if not admitted and (ticket._asked or ticket.local is not None):
+                await self.refund(ticket)
+
+    async def _book(self, ticket: SharedTicket) -> float:
+        """Book ``ticket``; returns the seconds to wait before sending it."""
+        while True:
+            if self._fallback is not None and self._clock.now() < self._retry_at:
+                await self._book_locally(ticket, self._fallback)
+                return 0.0
+            ticket._asked = True
+            reply = await self._call(
+                "acquire", ticket.id, ticket.tokens, self._worker, self._grace_us
+            )
+            if reply is None:
+                continue  # unreachable: the stand-in books it
+            admitted, wait_us, workers, tpm_factor, rpm_factor = (int(x) for x in reply)
+            self.workers = max(1, workers)
+            self.max_workers = max(self.max_workers, self.workers)
+            self._factors = (tpm_factor / _US, rpm_factor / _US)
+            if admitted:
+                return wait_us / _US
+            await self._sleep(wait_us / _US)
+
+    async def _book_locally(self, ticket: SharedTicket, fallback: RateLimiter) -> None:
+        ticket.local = await _maybe_await(fallback.acquire(min(ticket.tokens, fallback.max_tokens)))
+        ticket._fallback = fallback
+
+    async def _sleep(self, delay_s: float) -> None:
+        """One timer on the clock, ``delay_s`` seconds from now."""
+        if delay_s <= 0:
+            return
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        handle = self._clock.call_at(
+            self._clock.now() + delay_s, lambda: done.done() or done.set_result(None)
+        )
+        try:
+            await done
+        finally:
+            handle.cancel()
+
+    # -- after the response ------------------------------------------------------------------
+
+    async def settle(self, ticket: SharedTicket, used_tokens: int) -> None:
+        """Correct ``ticket``'s charge to ``used_tokens``, the server's count. Idempotent; does
+        nothing for a refunded ticket or one older than the window. Raises InputError for a
+        negative count."""
+        if used_tokens < 0:
+            raise InputError(f"a response cannot have a negative token count ({used_tokens})")
+        if ticket.requests == 0:
+            return
+        if ticket.local is not None and ticket._fallback is not None:
+            await _maybe_await(ticket._fallback.settle(ticket.local, used_tokens))
+        else:
+            await self._call("settle", ticket.id, used_tokens)
+        ticket.tokens = used_tokens
+
+    async def refund(self, ticket: SharedTicket) -> None:
+        """Remove ``ticket``'s whole charge: its request never reached the model. Idempotent."""
+        if ticket.requests == 0:
+            return
+        if ticket.local is not None and ticket._fallback is not None:
+            await _maybe_await(ticket._fallback.refund(ticket.local))
+        else:
+            await self._call("refund", ticket.id, ticket.tokens)
+        ticket.tokens = ticket.requests = 0
+
+    async def on_rate_limited(
+        self, limit: Literal["tpm", "rpm"] | str | None = None, retry_after_s: float | None = None
+    ) -> None:
+        """A 429 came anyway: cut the shared pace named by ``limit`` (None: both), at most once
+        per tenth of a window for all workers together, and with ``retry_after_s`` hold every
+        admission that long."""
+        if self._fallback is not None:
+            kind = limit if limit in ("tpm", "rpm") else None
+            await _maybe_await(self._fallback.on_rate_limited(kind, retry_after_s))  # type: ignore[arg-type]
+            return
+        kind = limit if limit in ("tpm", "rpm") else ""
+        await self._call("cut", kind, int((retry_after_s or 0) * _US))
+
+    # -- Redis, and the stand-in when it is gone --------------------------------------------
+
+    async def _call(self, *args: object) -> list[Any] | None:
+        """One run of the script; None (and the local stand-in) when Redis is unreachable."""
+        errors = _unreachable()
+        self.round_trips += 1
+        try:
+            reply: list[Any] = await self._script(
+                keys=self._keys, args=[args[0], *self._head, *args[1:]]
+            )
+        except errors as error:
+            self._fall_back(error)
+            return None
+        if self._fallback is not None:
+            log.warning("shared quota: Redis at %s answers again; pacing shared", self._where)
+            self._fallback = None
+        return reply
+
+    def _fall_back(self, error: BaseException) -> None:
+        self._retry_at = self._clock.now() + self._probe_s
+        if self._fallback is not None:
+            return
+        share = self.workers
+        limits = dataclasses.replace(
+            self._limits,
+            tpm=max(1, self._limits.tpm // share),
+            rpm=max(1, self._limits.rpm // share),
+        )
+        self._fallback = RateLimiter(limits, clock=self._clock)
+        self.fallbacks += 1
+        log.warning(
+            "shared quota: Redis at %s unreachable (%s); pacing locally at 1/%d of the limits "
+            "until it answers",
+            self._where,
+            type(error).__name__,
+            share,
+        )
+
+
+def _unreachable() -> tuple[type[BaseException], ...]:
+    exceptions = importlib.import_module("redis.exceptions")
+    return (exceptions.ConnectionError, exceptions.TimeoutError, OSError)
+
+
+async def _maybe_await(value: Any) -> Any:
+    # The local limiter's settle, refund and cut are plain calls today; awaited once they are not.
+    if asyncio.iscoroutine(value) or isinstance(value, asyncio.Future):
+        return await value
+    return value

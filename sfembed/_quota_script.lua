@@ -1,0 +1,190 @@
+-- One decision of the shared quota, atomically, on the server's own clock (TIME).
+--
+-- KEYS: 1 state (hash: running sums, the two paces, the hold), 2 log (zset: ticket id ->
+-- admission time), 3 charges (hash: ticket id -> tokens charged), 4 workers (zset: worker id ->
+-- last seen), 5 line (zset: "id|tokens" -> first refusal), 6 due (zset: "id|tokens" -> time by
+-- which it must be back). Times are microseconds of the server's clock.
+-- ARGV: 1 op, 2 window, 3 max tokens, 4 max requests, 5 burst, 6 lead, then the op's own:
+--   acquire ticket tokens worker grace
+--       -> {admitted 0/1, wait (us), live workers, tpm factor, rpm factor}
+--       admitted: the request may be sent after `wait`; refused: it has a place in the line and
+--       must ask again after `wait` (and within `grace` of it, or lose its place)
+--   settle ticket tokens         -> {1 if the ticket was still in the window, else 0}
+--   refund ticket tokens         -> {1 if the ticket was still in the window, else 0}
+--   cut kind retry_after         -> {1}       kind: "tpm", "rpm" or "" (both)
+-- Factors are in millionths.
+
+local CUT, FLOOR, CUT_SPACING = 0.8, 0.25, 0.1
+
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local op = ARGV[1]
+local window = tonumber(ARGV[2])
+local max_t, max_r = tonumber(ARGV[3]), tonumber(ARGV[4])
+local burst, lead = tonumber(ARGV[5]), tonumber(ARGV[6])
+
+-- Numbers handed to redis.call are otherwise printed with 14 digits, which loses microseconds.
+local function int(x) return string.format('%.0f', x) end
+local function real(x) return string.format('%.17g', x) end
+
+local fields = {'tokens', 'requests', 't_tat', 'r_tat', 't_cut', 'r_cut', 't_cut_at', 'r_cut_at', 'hold'}
+local raw = redis.call('HMGET', KEYS[1], unpack(fields))
+local s = {}
+for i, name in ipairs(fields) do s[name] = tonumber(raw[i]) end
+s.tokens = s.tokens or 0
+s.requests = s.requests or 0
+s.t_tat = s.t_tat or -1e300
+s.r_tat = s.r_tat or -1e300
+s.t_cut = s.t_cut or 1
+s.r_cut = s.r_cut or 1
+s.t_cut_at = s.t_cut_at or -1e300
+s.r_cut_at = s.r_cut_at or -1e300
+s.hold = s.hold or -1e300
+
+-- Admissions older than a window leave the log (unpack is kept under Lua's stack limit).
+local function each_chunk(list, fn)
+  for i = 1, #list, 1000 do fn({unpack(list, i, math.min(i + 999, #list))}) end
+end
+local old = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', int(now - window))
+if #old > 0 then
+  each_chunk(old, function(ids)
+    for _, charge in ipairs(redis.call('HMGET', KEYS[3], unpack(ids))) do
+      s.tokens = s.tokens - (tonumber(charge) or 0)
+    end
+    redis.call('HDEL', KEYS[3], unpack(ids))
+  end)
+  s.requests = s.requests - #old
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', int(now - window))
+end
+
+-- The pace (GCRA) of one resource: its rate climbs back linearly over a window after a cut.
+local function factor(kind, at)
+  local cut = s[kind .. '_cut']
+  if cut >= 1 then return 1 end
+  return math.min(1, cut + (1 - cut) * ((at - s[kind .. '_cut_at']) / window))
+end
+local function rate(kind, limit, at) return limit * factor(kind, at) / window end
+
+-- When enough old admissions will have left the window for one more request of `tokens`.
+local function log_ready(tokens)
+  local extra_t = s.tokens + tokens - max_t
+  local extra_r = s.requests + 1 - max_r
+  if extra_t <= 0 and extra_r <= 0 then return now end
+  local entries = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
+  local freed_t, freed_r = 0, 0
+  for i = 1, #entries, 2 do
+    freed_t = freed_t + (tonumber(redis.call('HGET', KEYS[3], entries[i])) or 0)
+    freed_r = freed_r + 1
+    if freed_t >= extra_t and freed_r >= extra_r then return tonumber(entries[i + 1]) + window end
+  end
+  return now + window
+end
+
+local function save()
+  redis.call('HSET', KEYS[1], 'tokens', int(s.tokens), 'requests', int(s.requests),
+    't_tat', real(s.t_tat), 'r_tat', real(s.r_tat), 't_cut', real(s.t_cut), 'r_cut', real(s.r_cut),
+    't_cut_at', int(s.t_cut_at), 'r_cut_at', int(s.r_cut_at), 'hold', int(s.hold))
+  -- Nothing outlives the window it describes: the state is gone a window after the last call.
+  local ttl = int(math.ceil((window + lead + math.max(0, s.hold - now)) / 1000))
+  for i = 1, #KEYS do redis.call('PEXPIRE', KEYS[i], ttl) end
+end
+
+-- Move a live ticket's charge to `tokens` and `requests` in the sums and the paces.
+local function recharge(id, tokens, requests)
+  local charged = tonumber(redis.call('HGET', KEYS[3], id))
+  if charged == nil then return 0 end
+  s.tokens = s.tokens + tokens - charged
+  s.requests = s.requests + requests - 1
+  s.t_tat = s.t_tat + (tokens - charged) / rate('t', max_t, now)
+  s.r_tat = s.r_tat + (requests - 1) / rate('r', max_r, now)
+  if requests == 0 then
+    redis.call('HDEL', KEYS[3], id)
+    redis.call('ZREM', KEYS[2], id)
+  else
+    redis.call('HSET', KEYS[3], id, int(tokens))
+  end
+  save()
+  return 1
+end
+
+-- The line: requests refused for now, in order of first refusal (KEYS[5], member "id|tokens"),
+-- and when each must be back (KEYS[6]); one that is not back in time (its process died) leaves.
+local function prune_line()
+  local late = redis.call('ZRANGEBYSCORE', KEYS[6], '-inf', int(now))
+  if #late > 0 then
+    each_chunk(late, function(members) redis.call('ZREM', KEYS[5], unpack(members)) end)
+    redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', int(now))
+  end
+end
+
+-- When the request at `rank` in line will be due: the head's time plus the pace of those ahead.
+local function due_at(at, rank)
+  if rank == 0 then return at end
+  local t_rate, r_rate = rate('t', max_t, now), rate('r', max_r, now)
+  for _, member in ipairs(redis.call('ZRANGE', KEYS[5], 0, rank - 1)) do
+    local tokens = tonumber(string.match(member, '|(%d+)$')) or 0
+    at = at + math.max(tokens / t_rate, 1 / r_rate)
+  end
+  return at
+end
+
+if op == 'acquire' then
+  local id, tokens, worker, grace = ARGV[7], tonumber(ARGV[8]), ARGV[9], tonumber(ARGV[10])
+  local member = id .. '|' .. ARGV[8]
+  redis.call('ZADD', KEYS[4], int(now), worker)
+  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', int(now - window))
+  local workers = redis.call('ZCARD', KEYS[4])
+  local factors = {int(factor('t', now) * 1e6), int(factor('r', now) * 1e6)}
+  local booked = redis.call('ZSCORE', KEYS[2], id)
+  if booked then  -- asked again after a lost answer: the same booking
+    return {1, int(math.max(0, tonumber(booked) - now)), workers, factors[1], factors[2]}
+  end
+  prune_line()
+  local rank = redis.call('ZRANK', KEYS[5], member)
+  if not rank and redis.call('ZCARD', KEYS[5]) > 0 then  -- others are waiting: behind them
+    redis.call('ZADD', KEYS[5], int(now), member)
+    rank = redis.call('ZRANK', KEYS[5], member)
+  end
+  local at = math.max(now, s.hold, s.t_tat - burst, s.r_tat - burst, log_ready(tokens))
+  if (not rank or rank == 0) and at <= now + lead then
+    redis.call('ZREM', KEYS[5], member)
+    redis.call('ZREM', KEYS[6], member)
+    redis.call('ZADD', KEYS[2], int(at), id)
+    redis.call('HSET', KEYS[3], id, int(tokens))
+    s.tokens = s.tokens + tokens
+    s.requests = s.requests + 1
+    s.t_tat = math.max(s.t_tat, at) + tokens / rate('t', max_t, at)
+    s.r_tat = math.max(s.r_tat, at) + 1 / rate('r', max_r, at)
+    save()
+    return {1, int(at - now), workers, factors[1], factors[2]}
+  end
+  if not rank then
+    redis.call('ZADD', KEYS[5], int(now), member)
+    rank = 0
+  end
+  local back = math.max(now, due_at(at, rank) - lead)
+  redis.call('ZADD', KEYS[6], int(back + grace), member)
+  save()
+  return {0, int(back - now), workers, factors[1], factors[2]}
+elseif op == 'settle' then
+  return {recharge(ARGV[7], tonumber(ARGV[8]), 1)}
+elseif op == 'refund' then  -- also leaves the line (a caller cancelled while waiting)
+  local member = ARGV[7] .. '|' .. ARGV[8]
+  redis.call('ZREM', KEYS[5], member)
+  redis.call('ZREM', KEYS[6], member)
+  return {recharge(ARGV[7], 0, 0)}
+elseif op == 'cut' then
+  local kind, retry_after = ARGV[7], tonumber(ARGV[8])
+  for _, k in ipairs({'t', 'r'}) do
+    if (kind == '' or kind == k .. 'pm') and now - s[k .. '_cut_at'] >= CUT_SPACING * window then
+      s[k .. '_cut'] = math.max(FLOOR, factor(k, now) * CUT)
+      s[k .. '_cut_at'] = now
+      -- Credit banked while idle would let a burst through right after the server said no.
+      s[k .. '_tat'] = math.max(s[k .. '_tat'], now)
+    end
+  end
+  if retry_after > 0 then s.hold = math.max(s.hold, now + retry_after) end
+  save()
+  return {1}
+end
+return redis.error_reply('unknown operation ' .. tostring(op))

@@ -1,0 +1,353 @@
+"""SharedLimiter against a real Redis-compatible server (a private one per test, no persistence).
+
+Redis decides on its own clock (TIME), which cannot be moved by hand: the windows here are short
+(a second or less) so that waits stay short, and nothing asserts how long anything took. What is
+checked is the shared state in Redis itself: the running sums, the log, the keys' expiry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+import textwrap
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+import redis.asyncio as redis
+
+from sfembed._config import RateLimits
+from sfembed._exceptions import ConfigError, InputError
+from sfembed._quota import SharedLimiter
+from sfembed.testing import RedisServer
+
+MODEL = "BAAI/bge-m3"
+PREFIX = f"sfembed:{{default}}:{MODEL}"
+
+
+def limits(**overrides: Any) -> RateLimits:
+    return RateLimits(
+        **{"rpm": 1000, "tpm": 100_000, "window_s": 1.0, "headroom": 0.0, **overrides}
+    )
+
+
+@pytest.fixture
+async def inspect(redis_server: RedisServer) -> AsyncIterator[redis.Redis]:
+    """A plain client to read the shared state with."""
+    client = redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+async def make_limiter(redis_server: RedisServer) -> AsyncIterator[Callable[..., SharedLimiter]]:
+    made: list[SharedLimiter] = []
+
+    def make(rate: RateLimits | None = None, **options: Any) -> SharedLimiter:
+        limiter = SharedLimiter(redis_server.url, rate or limits(), model=MODEL, **options)
+        made.append(limiter)
+        return limiter
+
+    yield make
+    for limiter in made:
+        await limiter.aclose()
+
+
+async def sums(client: redis.Redis) -> tuple[int, int, int]:
+    """(tokens, requests) in the shared window, and the entries in its log."""
+    tokens, requests = await client.hmget(f"{PREFIX}:state", ["tokens", "requests"])
+    return int(tokens or 0), int(requests or 0), await client.zcard(f"{PREFIX}:log")
+
+
+async def until_gone(client: redis.Redis, seconds: float) -> list[str]:
+    """The quota's keys still there after waiting (at most ``seconds``) for them to expire."""
+    keys: list[str] = []
+    for _ in range(int(seconds / 0.05)):
+        keys = await client.keys("sfembed:*")
+        if not keys:
+            break
+        await asyncio.sleep(0.05)
+    return keys
+
+
+# -- charging, settling, refunding -------------------------------------------------------------
+
+
+async def test_a_ticket_is_charged_then_settled_to_the_servers_count(
+    make_limiter: Callable[..., SharedLimiter], inspect: redis.Redis
+) -> None:
+    limiter = make_limiter()
+    ticket = await limiter.acquire(400)
+    assert await sums(inspect) == (400, 1, 1)
+    await limiter.settle(ticket, 650)
+    assert await sums(inspect) == (650, 1, 1)
+    await limiter.settle(ticket, 650)  # a repeated settle changes nothing
+    assert await sums(inspect) == (650, 1, 1)
+    await limiter.settle(ticket, 300)  # a correction is to the count, never added to it
+    assert await sums(inspect) == (300, 1, 1)
+    assert ticket.tokens == 300
+
+
+async def test_a_refund_removes_the_charge_once_and_settles_after_it_do_nothing(
+    make_limiter: Callable[..., SharedLimiter], inspect: redis.Redis
+) -> None:
+    limiter = make_limiter()
+    kept = await limiter.acquire(100)
+    refunded = await limiter.acquire(200)
+    assert await sums(inspect) == (300, 2, 2)
+    await limiter.refund(refunded)
+    await limiter.refund(refunded)
+    await limiter.settle(refunded, 999)
+    assert await sums(inspect) == (100, 1, 1)
+    await limiter.settle(kept, 120)
+    assert await sums(inspect) == (120, 1, 1)
+
+
+async def test_a_repeated_booking_by_ticket_id_is_charged_once(
+    make_limiter: Callable[..., SharedLimiter], inspect: redis.Redis
+) -> None:
+    """An answer lost on the way back makes the client ask again with the same ticket id."""
+    limiter = make_limiter()
+    first = await limiter._call("acquire", "lost-answer", 500, "worker-a")
+    again = await limiter._call("acquire", "lost-answer", 500, "worker-a")
+    assert first is not None and again is not None
+    assert first[0] == again[0] == 1
+    assert await sums(inspect) == (500, 1, 1)
+
+
+async def test_requests_beyond_the_window_wait_and_no_window_holds_more(
+    make_limiter: Callable[..., SharedLimiter], inspect: redis.Redis
+) -> None:
+    rate = limits(rpm=4, tpm=100_000, window_s=0.5)
+    first, second = make_limiter(rate), make_limiter(rate)
+    seen: dict[str, float] = {}  # every admission: ticket id -> its time on the server's clock
+
+    async def take(limiter: SharedLimiter) -> None:
+        for _ in range(5):
+            await limiter.acquire(10)
+            seen.update(await inspect.zrange(f"{PREFIX}:log", 0, -1, withscores=True))
+
+    await asyncio.gather(take(first), take(second))
+    times = sorted(seen.values())
+    assert len(times) == 10
+    window_us = 0.5 * 1_000_000
+    assert max(sum(1 for t in times if start <= t < start + window_us) for start in times) <= 4
+    assert {first.workers, second.workers} == {2}
+
+
+async def test_oversized_and_negative_requests_are_refused(
+    make_limiter: Callable[..., SharedLimiter],
+) -> None:
+    limiter = make_limiter(limits(tpm=1000))
+    with pytest.raises(ConfigError, match="1001 tokens exceeds the effective TPM of 1000"):
+        await limiter.acquire(1001)
+    with pytest.raises(InputError, match="negative"):
+        await limiter.acquire(-1)
+    ticket = await limiter.acquire(10)
+    with pytest.raises(InputError, match="negative"):
+        await limiter.settle(ticket, -5)
+
+
+def test_an_account_label_with_braces_is_refused(redis_server: RedisServer) -> None:
+    with pytest.raises(ConfigError, match="account label"):
+        SharedLimiter(redis_server.url, limits(), model=MODEL, account="a}b")
+
+
+def test_without_redis_py_the_error_names_the_extra(
+    monkeypatch: pytest.MonkeyPatch, redis_server: RedisServer
+) -> None:
+    monkeypatch.setitem(sys.modules, "redis.asyncio", None)
+    with pytest.raises(ConfigError, match=r"pip install 'sfembed\[redis\]'"):
+        SharedLimiter(redis_server.url, limits(), model=MODEL)
+
+
+# -- 429s --------------------------------------------------------------------------------------
+
+
+async def test_a_429_seen_by_every_worker_cuts_the_shared_pace_once(
+    make_limiter: Callable[..., SharedLimiter], inspect: redis.Redis
+) -> None:
+    workers = [make_limiter(limits(window_s=30.0)) for _ in range(3)]
+    for limiter in workers:
+        await limiter.acquire(10)
+    await asyncio.gather(*(limiter.on_rate_limited("tpm", None) for limiter in workers))
+    t_cut, r_cut = await inspect.hmget(f"{PREFIX}:state", ["t_cut", "r_cut"])
+    assert float(t_cut) == pytest.approx(0.8)
+    assert float(r_cut) == 1.0
+    await workers[0].acquire(10)  # the next admission reports the cut pace
+    assert workers[0].tokens_per_s < 100_000 / 30.0 / 3
+
+
+async def test_a_retry_after_holds_every_worker(
+    make_limiter: Callable[..., SharedLimiter], inspect: redis.Redis
+) -> None:
+    first, second = make_limiter(), make_limiter()
+    await first.acquire(10)
+    await first.on_rate_limited(None, 0.3)
+    hold = int(await inspect.hget(f"{PREFIX}:state", "hold") or 0)
+    await second.acquire(10)
+    (_, booked), *_ = await inspect.zrange(f"{PREFIX}:log", -1, -1, withscores=True)
+    assert booked >= hold
+
+
+# -- cancellation ------------------------------------------------------------------------------
+
+
+async def test_a_caller_cancelled_while_waiting_leaves_no_charge(
+    make_limiter: Callable[..., SharedLimiter], inspect: redis.Redis
+) -> None:
+    limiter = make_limiter(limits(rpm=2, window_s=5.0))
+    await limiter.acquire(10)
+    await limiter.acquire(10)
+    waiting = asyncio.create_task(limiter.acquire(10))
+    queued = asyncio.create_task(limiter.acquire(10))  # behind it, in this process's line
+    await asyncio.sleep(0.1)
+    assert not waiting.done()
+    waiting.cancel()
+    queued.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await waiting
+    with contextlib.suppress(asyncio.CancelledError):
+        await queued
+    assert await sums(inspect) == (20, 2, 2)
+
+
+async def test_a_caller_cancelled_after_its_booking_gives_it_back(
+    make_limiter: Callable[..., SharedLimiter], inspect: redis.Redis
+) -> None:
+    # A lead of a whole window lets the script book the third request well ahead of its time.
+    limiter = make_limiter(limits(rpm=2, window_s=1.0), lead_s=1.0)
+    await limiter.acquire(10)
+    await limiter.acquire(10)
+    booked = asyncio.create_task(limiter.acquire(10))
+    while (await sums(inspect))[2] < 3:
+        await asyncio.sleep(0.01)
+    booked.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await booked
+    assert await sums(inspect) == (20, 2, 2)
+
+
+# -- workers that die, a server that goes away, a flushed server -------------------------------
+
+WORKER = textwrap.dedent(
+    """
+    import asyncio, sys
+    from sfembed import RateLimits
+    from sfembed._quota import SharedLimiter
+
+    async def main():
+        rate = RateLimits(rpm=6, tpm=100_000, window_s=1.0, headroom=0.0)
+        limiter = SharedLimiter(sys.argv[1], rate, model="BAAI/bge-m3")
+        for _ in range(6):
+            await limiter.acquire(100)
+        print("charged", flush=True)
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+    """
+)
+
+
+async def test_a_killed_worker_leaks_nothing_and_its_share_returns_within_a_window(
+    redis_server: RedisServer, make_limiter: Callable[..., SharedLimiter], inspect: redis.Redis
+) -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", WORKER, redis_server.url, stdout=asyncio.subprocess.PIPE
+    )
+    assert process.stdout is not None
+    assert await process.stdout.readline() == b"charged\n"
+    process.send_signal(signal.SIGKILL)
+    await process.wait()
+    assert await sums(inspect) == (600, 6, 6)  # the whole window is the dead worker's
+
+    survivor = make_limiter(limits(rpm=6, window_s=1.0))
+    for _ in range(6):  # the dead worker's charges leave with the window: a full window's worth
+        await survivor.acquire(100)
+    ours = [
+        i for i in await inspect.zrange(f"{PREFIX}:log", 0, -1) if i.startswith(survivor._worker)
+    ]
+    assert len(ours) == 6
+    assert await until_gone(inspect, 10.0) == []  # and the state expires a window after the run
+
+
+async def test_redis_going_away_falls_back_locally_once_and_returns(
+    redis_server: RedisServer,
+    make_limiter: Callable[..., SharedLimiter],
+    inspect: redis.Redis,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="sfembed")
+    limiter = make_limiter(limits(window_s=1.0))
+    other = make_limiter(limits(window_s=1.0))
+    await other.acquire(10)
+    ticket = await limiter.acquire(10)
+    assert limiter.shared and limiter.workers == 2
+    redis_server.stop()
+
+    local = [await limiter.acquire(10) for _ in range(3)]
+    await limiter.settle(ticket, 12)  # a ticket of the shared limiter, settled while it is gone
+    assert not limiter.shared
+    assert limiter.tokens_per_s == pytest.approx(100_000 / 2)  # half: it last saw two workers
+    gone = [r.getMessage() for r in caplog.records if "unreachable" in r.getMessage()]
+    assert len(gone) == 1
+    assert "1/2 of the limits" in gone[0]
+    assert "127.0.0.1" in gone[0]
+    for local_ticket in local:
+        await limiter.settle(local_ticket, 9)
+
+    redis_server.start()  # same port, empty: as a restart without persistence
+    for _ in range(200):
+        await limiter.acquire(10)
+        if limiter.shared:
+            break
+        await asyncio.sleep(0.01)
+    assert limiter.shared
+    assert [r for r in caplog.records if "answers again" in r.getMessage()]
+    assert (await sums(inspect))[1] >= 1
+
+
+async def test_a_flushall_in_the_middle_loses_only_the_window(
+    make_limiter: Callable[..., SharedLimiter], inspect: redis.Redis
+) -> None:
+    limiter = make_limiter()
+    before = [await limiter.acquire(100) for _ in range(3)]
+    await inspect.flushall()
+    for ticket in before[:2]:
+        await limiter.settle(ticket, 150)  # unknown now: nothing to correct, no error
+    await limiter.refund(before[2])
+    assert await sums(inspect) == (0, 0, 0)
+    after = await limiter.acquire(100)
+    await limiter.settle(after, 80)
+    assert await sums(inspect) == (80, 1, 1)
+    assert limiter.shared
+
+
+async def test_callers_of_two_processes_with_equal_demand_get_equal_shares(
+    make_limiter: Callable[..., SharedLimiter],
+) -> None:
+    rate = limits(rpm=60, tpm=100_000, window_s=0.5)
+    first, second = make_limiter(rate), make_limiter(rate)
+    counts = {first: 0, second: 0}
+    done = asyncio.Event()
+
+    async def caller(limiter: SharedLimiter) -> None:
+        while not done.is_set():
+            await limiter.acquire(10)
+            counts[limiter] += 1
+            if sum(counts.values()) >= 90:
+                done.set()
+
+    callers = [asyncio.create_task(caller(lim)) for lim in (first, second) for _ in range(4)]
+    await done.wait()
+    for task in callers:
+        task.cancel()
+    await asyncio.gather(*callers, return_exceptions=True)
+    a, b = counts.values()
+    jain = (a + b) ** 2 / (2 * (a * a + b * b))
+    assert jain >= 0.9, counts
