@@ -40,6 +40,7 @@ from ._exceptions import (
 from ._limiter import Clock, Limiter, LoopClock, ManualClock, RateLimiter
 from ._models import DEFAULT_CATALOG, ModelCatalog, ModelSpec
 from ._pipeline import JobStats, embed, embed_stream
+from ._quota import SharedLimiter
 from ._reorder import EmbeddedBatch, Failure
 from ._types import EmbeddingResult, Ticket
 
@@ -85,6 +86,7 @@ __all__ = [
     "SFEmbedError",
     "ServerError",
     "Settings",
+    "SharedLimiter",
     "Ticket",
     "Timeouts",
     "embed",

@@ -27,13 +27,13 @@ import logging
 import math
 import uuid
 from importlib import resources
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import urlsplit
 
 from ._config import RateLimits
 from ._exceptions import ConfigError, InputError
 from ._limiter import Clock, LoopClock, RateLimiter
-from ._limiter import Ticket as LocalTicket
+from ._types import Ticket
 
 __all__ = ["SharedLimiter", "SharedTicket"]
 
@@ -61,17 +61,17 @@ def _where(url: str) -> str:
     return f"{parts.hostname or 'localhost'}:{parts.port or 6379}{parts.path or '/0'}"
 
 
-@dataclasses.dataclass(slots=True, eq=False)
-class SharedTicket:
-    """One admitted request: ``id`` names it in Redis, ``tokens`` is its charge now. A ticket
-    issued while Redis was unreachable belongs to the local stand-in (``local``)."""
+class SharedTicket(Ticket):
+    """A ticket of :class:`SharedLimiter`: ``id`` names it in Redis. One issued while Redis was
+    unreachable holds the local stand-in's ticket (``local``) and its issuer."""
 
-    id: str
-    tokens: int
-    requests: int = 1
-    local: LocalTicket | None = None
-    _fallback: RateLimiter | None = None
-    _asked: bool = False  # the script may have booked it
+    __slots__ = ("_asked", "_fallback", "local")
+
+    def __init__(self, id: str, tokens: int) -> None:
+        super().__init__(id, tokens)
+        self.local: Ticket | None = None
+        self._fallback: RateLimiter | None = None
+        self._asked = False  # the script may have booked it
 
 
 class SharedLimiter:
@@ -222,7 +222,7 @@ class SharedLimiter:
             await self._sleep(wait_us / _US)
 
     async def _book_locally(self, ticket: SharedTicket, fallback: RateLimiter) -> None:
-        ticket.local = await _maybe_await(fallback.acquire(min(ticket.tokens, fallback.max_tokens)))
+        ticket.local = await fallback.acquire(min(ticket.tokens, fallback.max_tokens))
         ticket._fallback = fallback
 
     async def _sleep(self, delay_s: float) -> None:
@@ -230,9 +230,12 @@ class SharedLimiter:
         if delay_s <= 0:
             return
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        handle = self._clock.call_at(
-            self._clock.now() + delay_s, lambda: done.done() or done.set_result(None)
-        )
+
+        def wake() -> None:
+            if not done.done():
+                done.set_result(None)
+
+        handle = self._clock.call_at(self._clock.now() + delay_s, wake)
         try:
             await done
         finally:
@@ -240,39 +243,45 @@ class SharedLimiter:
 
     # -- after the response ------------------------------------------------------------------
 
-    async def settle(self, ticket: SharedTicket, used_tokens: int) -> None:
+    async def settle(self, ticket: Ticket, used_tokens: int) -> None:
         """Correct ``ticket``'s charge to ``used_tokens``, the server's count. Idempotent; does
         nothing for a refunded ticket or one older than the window. Raises InputError for a
         negative count."""
         if used_tokens < 0:
             raise InputError(f"a response cannot have a negative token count ({used_tokens})")
-        if ticket.requests == 0:
+        ticket = self._own(ticket)
+        if ticket.refunded:
             return
         if ticket.local is not None and ticket._fallback is not None:
-            await _maybe_await(ticket._fallback.settle(ticket.local, used_tokens))
+            await ticket._fallback.settle(ticket.local, used_tokens)
         else:
             await self._call("settle", ticket.id, used_tokens)
         ticket.tokens = used_tokens
 
-    async def refund(self, ticket: SharedTicket) -> None:
+    async def refund(self, ticket: Ticket) -> None:
         """Remove ``ticket``'s whole charge: its request never reached the model. Idempotent."""
-        if ticket.requests == 0:
+        ticket = self._own(ticket)
+        if ticket.refunded:
             return
         if ticket.local is not None and ticket._fallback is not None:
-            await _maybe_await(ticket._fallback.refund(ticket.local))
+            await ticket._fallback.refund(ticket.local)
         else:
             await self._call("refund", ticket.id, ticket.tokens)
         ticket.tokens = ticket.requests = 0
 
+    def _own(self, ticket: Ticket) -> SharedTicket:
+        if not isinstance(ticket, SharedTicket) or not ticket.id.startswith(self._worker):
+            raise ValueError("this ticket was issued by another limiter")
+        return ticket
+
     async def on_rate_limited(
-        self, limit: Literal["tpm", "rpm"] | str | None = None, retry_after_s: float | None = None
+        self, limit: str | None = None, retry_after_s: float | None = None
     ) -> None:
         """A 429 came anyway: cut the shared pace named by ``limit`` (None: both), at most once
         per tenth of a window for all workers together, and with ``retry_after_s`` hold every
         admission that long."""
         if self._fallback is not None:
-            kind = limit if limit in ("tpm", "rpm") else None
-            await _maybe_await(self._fallback.on_rate_limited(kind, retry_after_s))  # type: ignore[arg-type]
+            await self._fallback.on_rate_limited(limit, retry_after_s)
             return
         kind = limit if limit in ("tpm", "rpm") else ""
         await self._call("cut", kind, int((retry_after_s or 0) * _US))
@@ -319,10 +328,3 @@ class SharedLimiter:
 def _unreachable() -> tuple[type[BaseException], ...]:
     exceptions = importlib.import_module("redis.exceptions")
     return (exceptions.ConnectionError, exceptions.TimeoutError, OSError)
-
-
-async def _maybe_await(value: Any) -> Any:
-    # The local limiter's settle, refund and cut are plain calls today; awaited once they are not.
-    if asyncio.iscoroutine(value) or isinstance(value, asyncio.Future):
-        return await value
-    return value

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import os
 import signal
 import sys
 import textwrap
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import redis.asyncio as redis
 
@@ -115,7 +119,8 @@ async def test_a_repeated_booking_by_ticket_id_is_charged_once(
     limiter = make_limiter()
     first = await limiter._call("acquire", "lost-answer", 500, "worker-a")
     again = await limiter._call("acquire", "lost-answer", 500, "worker-a")
-    assert first is not None and again is not None
+    assert first is not None
+    assert again is not None
     assert first[0] == again[0] == 1
     assert await sums(inspect) == (500, 1, 1)
 
@@ -151,6 +156,17 @@ async def test_oversized_and_negative_requests_are_refused(
     ticket = await limiter.acquire(10)
     with pytest.raises(InputError, match="negative"):
         await limiter.settle(ticket, -5)
+
+
+async def test_a_ticket_of_another_limiter_is_refused(
+    make_limiter: Callable[..., SharedLimiter],
+) -> None:
+    first, second = make_limiter(), make_limiter()
+    ticket = await first.acquire(10)
+    with pytest.raises(ValueError, match="another limiter"):
+        await second.settle(ticket, 10)
+    with pytest.raises(ValueError, match="another limiter"):
+        await second.refund(ticket)
 
 
 def test_an_account_label_with_braces_is_refused(redis_server: RedisServer) -> None:
@@ -225,7 +241,9 @@ async def test_a_caller_cancelled_after_its_booking_gives_it_back(
     await limiter.acquire(10)
     await limiter.acquire(10)
     booked = asyncio.create_task(limiter.acquire(10))
-    while (await sums(inspect))[2] < 3:
+    for _ in range(500):
+        if (await sums(inspect))[2] == 3:
+            break
         await asyncio.sleep(0.01)
     booked.cancel()
     with contextlib.suppress(asyncio.CancelledError):
@@ -287,7 +305,8 @@ async def test_redis_going_away_falls_back_locally_once_and_returns(
     other = make_limiter(limits(window_s=1.0))
     await other.acquire(10)
     ticket = await limiter.acquire(10)
-    assert limiter.shared and limiter.workers == 2
+    assert limiter.shared
+    assert limiter.workers == 2
     redis_server.stop()
 
     local = [await limiter.acquire(10) for _ in range(3)]
@@ -351,3 +370,61 @@ async def test_callers_of_two_processes_with_equal_demand_get_equal_shares(
     a, b = counts.values()
     jain = (a + b) ** 2 / (2 * (a * a + b * b))
     assert jain >= 0.9, counts
+
+
+# -- several real processes on one quota -------------------------------------------------------
+
+SHARD_JOB = textwrap.dedent(
+    """
+    import asyncio, json, sys
+    import numpy as np
+    from sfembed import BatchLimits, JobStats, RateLimits, SharedLimiter, embed, load_settings
+    from sfembed import testing
+
+    async def main(url, quota, shard, out):
+        texts = list(testing.synthetic_corpus(240, seed=7, long_every=0))[shard::3]
+        rate = RateLimits(rpm=30, tpm=6_000, window_s=1.0)
+        settings = load_settings(base_url=url, rate=rate, batch=BatchLimits(max_items=8))
+        stats = JobStats()
+        async with SharedLimiter(quota, rate, model="BAAI/bge-m3") as limiter:
+            rows = await embed(texts, model="BAAI/bge-m3", settings=settings, stats=stats,
+                               limiter=limiter, api_key_env="SFEMBED_TEST_KEY")
+        np.save(out, rows)
+        print(json.dumps({"rate_limited": stats.rate_limited, "workers": limiter.max_workers}))
+
+    asyncio.run(main(*sys.argv[1:3], int(sys.argv[3]), sys.argv[4]))
+    """
+)
+
+
+@pytest.mark.timeout(120)
+async def test_three_processes_on_one_quota_stay_under_it_with_every_row_right(
+    make_server: Any, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    from sfembed.testing import ModelLimits, expected_embedding, synthetic_corpus
+
+    server = await make_server(
+        window_s=1.0, limits={MODEL: ModelLimits(rpm=30, tpm=6_000)}, max_batch_items=8
+    )
+    env = {**os.environ, "SFEMBED_TEST_KEY": "sk-local-test"}
+    jobs = [
+        await asyncio.create_subprocess_exec(
+            *(sys.executable, "-W", "error", "-c", SHARD_JOB, server.url, redis_server.url),
+            *(str(shard), str(tmp_path / f"{shard}.npy")),
+            stdout=asyncio.subprocess.PIPE,
+            env=env,
+        )
+        for shard in range(3)
+    ]
+    outputs = [await job.communicate() for job in jobs]
+    assert [job.returncode for job in jobs] == [0, 0, 0]
+    reports = [json.loads(out) for out, _ in outputs]
+    assert all(report["workers"] >= 2 for report in reports)
+    texts = list(synthetic_corpus(240, seed=7, long_every=0))
+    for shard in range(3):
+        rows = np.load(tmp_path / f"{shard}.npy")
+        expected = np.stack([expected_embedding(MODEL, text) for text in texts[shard::3]])
+        np.testing.assert_array_equal(rows, expected)
+    refused = server.stats.rate_limited_tpm + server.stats.rate_limited_rpm
+    assert refused <= 2, server.stats.by_status
+    assert sum(report["rate_limited"] for report in reports) == refused
