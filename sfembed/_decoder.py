@@ -6,9 +6,10 @@ lists go through orjson and one numpy conversion. No per-float Python work happe
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
+import numpy.typing as npt
 import orjson
 import pybase64
 
@@ -17,7 +18,8 @@ from ._types import EncodingFormat, FloatArray, Usage
 
 __all__ = ["DecodedBody", "decode_body"]
 
-DecodedBody = tuple[FloatArray, Usage, str]
+#: (rows, usage or ``None`` when the answer carried none that can be trusted, model name).
+DecodedBody = tuple[FloatArray, Usage | None, str]
 
 
 def decode_body(
@@ -32,7 +34,11 @@ def decode_body(
 
     ``dimensions`` is the expected vector length (``None``: take it from the answer). Row i holds
     the vector whose ``index`` is i. Raises MalformedResponseError for a body that is not JSON,
-    lacks ``data``, has a missing, duplicate or out-of-range index, or a vector of the wrong length.
+    lacks ``data``, has a missing, duplicate or out-of-range index, a vector of the wrong length,
+    or a value that is not a finite number (NaN, infinity, a string, a boolean, null).
+
+    Usage is ``None`` when the answer has none, or one that is not a count (negative, not an
+    integer): some gateways strip it, and the vectors are good all the same.
     """
     payload = _parse(body, trace_id)
     data = payload["data"]
@@ -43,13 +49,9 @@ def decode_body(
         raise _malformed("an embedding lacks its 'embedding'", trace_id) from None
     except (ValueError, TypeError) as exc:
         raise _malformed(f"bad embedding values: {exc}", trace_id) from None
-    try:
-        usage = _usage(payload)
-    except (AttributeError, ValueError, TypeError):
-        raise _malformed("bad 'usage'", trace_id) from None
     out = np.empty(rows.shape, dtype=np.float32)
     out[order] = rows  # scatter by index: row i of out belongs to input item i
-    return out, usage, str(payload.get("model", ""))
+    return out, _usage(payload), str(payload.get("model", ""))
 
 
 def _parse(body: bytes, trace_id: str | None) -> dict[str, Any]:
@@ -58,8 +60,17 @@ def _parse(body: bytes, trace_id: str | None) -> dict[str, Any]:
     except orjson.JSONDecodeError:
         raise _malformed("response body is not valid JSON", trace_id) from None
     if not isinstance(payload, dict) or not isinstance(payload.get("data"), list):
-        raise _malformed("response has no 'data' list", trace_id)
+        raise _malformed(_no_data(payload), trace_id)
     return payload
+
+
+def _no_data(payload: object) -> str:
+    """Why a 200 body has no vectors; a gateway may send its error with status 200."""
+    if isinstance(payload, dict) and payload.get("message"):
+        code = payload.get("code")
+        where = f" (code {code})" if isinstance(code, int) and not isinstance(code, bool) else ""
+        return f"a 200 answer holding an error: {str(payload['message'])[:300]}{where}"
+    return "response has no 'data' list"
 
 
 def _indices(data: list[Any], items: int, trace_id: str | None) -> np.ndarray[Any, Any]:
@@ -78,25 +89,55 @@ def _indices(data: list[Any], items: int, trace_id: str | None) -> np.ndarray[An
 
 def _rows(data: list[Any], encoding_format: EncodingFormat, dimensions: int | None) -> FloatArray:
     if encoding_format == "base64":
-        chunks = [pybase64.b64decode(entry["embedding"]) for entry in data]
+        chunks = [pybase64.b64decode(entry["embedding"], validate=True) for entry in data]
         if len({len(chunk) for chunk in chunks}) > 1:
             raise ValueError("vectors differ in length")
         rows = np.frombuffer(b"".join(chunks), dtype="<f4").reshape(len(data), -1)
     else:
-        rows = np.asarray([entry["embedding"] for entry in data], dtype=np.float32)
+        rows = _float_rows([entry["embedding"] for entry in data])
     if rows.ndim != 2 or (dimensions is not None and rows.shape[1] != dimensions):
         raise ValueError(f"vectors have shape {rows.shape[1:]}, expected ({dimensions},)")
+    if not np.isfinite(rows).all():
+        raise ValueError("a vector holds NaN or infinity")
     return rows
 
 
-def _usage(payload: dict[str, Any]) -> Usage:
-    usage = payload.get("usage") or {}
-    prompt = int(usage.get("prompt_tokens", 0))
-    return Usage(
-        prompt_tokens=prompt,
-        completion_tokens=int(usage.get("completion_tokens", 0)),
-        total_tokens=int(usage.get("total_tokens", prompt)),
+def _float_rows(lists: list[Any]) -> FloatArray:
+    """JSON number lists -> float32, refusing strings, booleans and nulls.
+
+    The dtype is inferred, not forced: forcing float32 would turn "1.5" into 1.5 and true into
+    1.0 without a word. Inference gives a string or object array for strings and nulls; a boolean
+    among floats becomes 0.0 or 1.0, so only entries equal to 0 or 1 have their type checked."""
+    wide: npt.NDArray[Any] = np.asarray(lists)
+    if wide.dtype.kind not in "fi":
+        raise ValueError(f"vectors hold {_kind_name(wide.dtype.kind)}, not numbers")
+    for row, column in np.argwhere((wide == 0) | (wide == 1)).tolist():
+        if type(lists[row][column]) is bool:
+            raise ValueError("vectors hold booleans, not numbers")
+    with np.errstate(over="ignore"):  # a value beyond float32 becomes inf, refused by the caller
+        return wide.astype(np.float32)
+
+
+def _kind_name(kind: str) -> str:
+    return {"U": "strings", "S": "strings", "b": "booleans", "O": "nulls or mixed values"}.get(
+        kind, f"values of kind {kind!r}"
     )
+
+
+def _usage(payload: dict[str, Any]) -> Usage | None:
+    usage = payload.get("usage")
+    if not isinstance(usage, dict):
+        return None
+    total = usage.get("total_tokens", usage.get("prompt_tokens"))
+    prompt = usage.get("prompt_tokens", total)
+    completion = usage.get("completion_tokens", 0)
+    if not (_is_count(prompt) and _is_count(total) and _is_count(completion)):
+        return None
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=total)
+
+
+def _is_count(value: object) -> TypeGuard[int]:
+    return type(value) is int and value >= 0
 
 
 def _malformed(message: str, trace_id: str | None) -> MalformedResponseError:

@@ -87,10 +87,12 @@ class EmbeddingResult:
 
     ``embeddings`` is C-contiguous float32 of shape (items, dimensions), row i for input item i
     (ordered by the response's ``index``). ``trace_id`` comes from ``x-siliconcloud-trace-id``.
+    ``usage`` is the server's count, or ``None`` when the answer carried none that can be true
+    (missing, as some gateways strip it; negative; more than the request's items could hold).
     """
 
     embeddings: FloatArray
-    usage: Usage
+    usage: Usage | None
     model: str
     trace_id: str | None
 
