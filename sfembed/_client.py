@@ -6,9 +6,14 @@ which sends a retry back through the limiter. The API key lives only in the requ
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
+import html
 import ipaddress
+import math
 import os
+import re
 from collections.abc import Sequence
 from email.utils import parsedate_to_datetime
 from types import TracebackType
@@ -31,6 +36,7 @@ TRACE_HEADER = "x-siliconcloud-trace-id"
 
 _STATUS_ERRORS: dict[int, type[exc.APIStatusError]] = {
     400: exc.BadRequestError,
+    422: exc.BadRequestError,  # some compatible gateways refuse an input so
     401: exc.AuthenticationError,
     403: exc.PermissionDeniedError,
     404: exc.NotFoundError,
@@ -39,14 +45,20 @@ _STATUS_ERRORS: dict[int, type[exc.APIStatusError]] = {
     503: exc.OverloadedError,
     504: exc.GatewayTimeoutError,
 }
+#: Statuses a later attempt may get past although no narrower class covers them.
+_RETRYABLE_STATUSES = frozenset({408, 425})
+_TITLE = re.compile(rb"<title[^>]*>(.*?)</title>", re.IGNORECASE | re.DOTALL)
 
 
 class EmbeddingClient:
     """An async context manager owning one pooled aiohttp session to a SiliconFlow-compatible API.
 
-    The key is ``api_key`` or the environment variable named by ``api_key_env``. Plain ``http`` to
-    a host other than loopback is refused (the key would cross the network in clear) unless
-    ``allow_insecure_http``. Raises ConfigError for a missing key or such a URL.
+    The key is ``api_key`` or the environment variable named by ``api_key_env``, without the
+    whitespace around it (a key file's trailing newline). Plain ``http`` to a host other than
+    loopback is refused (the key would cross the network in clear) unless
+    ``allow_insecure_http``. Raises ConfigError for a missing key, one a header cannot carry,
+    or a base URL with credentials, a query or a fragment; no message holds the key or the
+    credentials.
     """
 
     def __init__(
@@ -61,9 +73,7 @@ class EmbeddingClient:
         max_connections: int = 64,
         allow_insecure_http: bool = False,
     ) -> None:
-        key = api_key if api_key is not None else os.environ.get(api_key_env)
-        if not key:
-            raise exc.ConfigError(f"no API key: set the environment variable {api_key_env}")
+        key = _checked_key(api_key, api_key_env)
         _check_url(base_url, allow_insecure_http)
         self._headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
         self._key_bytes = key.encode()
@@ -80,6 +90,11 @@ class EmbeddingClient:
     @property
     def catalog(self) -> ModelCatalog:
         return self._catalog
+
+    @property
+    def endpoint(self) -> str:
+        """The URL requests go to (``{base_url}/embeddings``); it never holds credentials."""
+        return self._url
 
     async def __aenter__(self) -> Self:
         connector = aiohttp.TCPConnector(limit=self._max_connections)
@@ -132,7 +147,7 @@ class EmbeddingClient:
             truncate=truncate,
         )
         expected = None if spec is None else spec.output_dimensions(dimensions)
-        raw, trace_id = await self._post(orjson.dumps(body))
+        raw, trace_id = await self._post(_dumps(body))
         vectors, usage, answered = decode_body(
             raw,
             items=items,
@@ -140,31 +155,98 @@ class EmbeddingClient:
             encoding_format=encoding_format,
             trace_id=trace_id,
         )
+        if usage is not None and not _plausible(usage["total_tokens"], items, spec):
+            usage = None
         return EmbeddingResult(vectors, usage, answered or model, trace_id)
 
     async def _post(self, payload: bytes) -> tuple[bytes, str | None]:
         if self._session is None:
             raise RuntimeError("use EmbeddingClient inside 'async with'")
         failure: exc.APIError
+        deadline = asyncio.timeout(self._timeouts.request_s)
         try:
-            # Never follow a redirect: it would take the key to a URL the user did not configure.
-            async with self._session.post(
-                self._url, data=payload, headers=self._headers, allow_redirects=False
-            ) as resp:
-                raw = await resp.read()
-                trace_id = resp.headers.get(TRACE_HEADER)
-                if resp.status != 200:
-                    # A proxy may echo the request, key and all, in its error body: never keep it.
-                    raw = raw.replace(self._key_bytes, b"[redacted]")
-                    raise _status_error(resp.status, raw, resp.headers, trace_id)
-                return raw, trace_id
+            # The per-read timeout never fires for an answer that trickles in byte by byte: the
+            # whole exchange has a deadline of its own.
+            async with deadline:
+                return await self._exchange(self._session, payload)
         except (TimeoutError, aiohttp.ServerTimeoutError) as error:
-            failure = exc.APITimeoutError(f"request timed out: {type(error).__name__}")
+            if deadline.expired():
+                failure = exc.APITimeoutError(
+                    f"no full answer within {self._timeouts.request_s:g} s (timeouts.request_s)"
+                )
+            else:
+                failure = exc.APITimeoutError(f"request timed out: {type(error).__name__}")
         except aiohttp.ClientError as error:
             failure = exc.APIConnectionError(f"connection failed: {_describe(error)}")
         # Raised outside the handlers so that neither __cause__ nor __context__ holds the aiohttp
         # error: some (ClientResponseError) carry the request info, headers and all, with the key.
         raise failure
+
+    async def _exchange(
+        self, session: aiohttp.ClientSession, payload: bytes
+    ) -> tuple[bytes, str | None]:
+        # Never follow a redirect: it would take the key to a URL the user did not configure.
+        async with session.post(
+            self._url, data=payload, headers=self._headers, allow_redirects=False
+        ) as resp:
+            raw = await resp.read()
+            trace_id = resp.headers.get(TRACE_HEADER)
+            if resp.status != 200:
+                # A proxy may echo the request, key and all, in its error body: never keep it.
+                raw = raw.replace(self._key_bytes, b"[redacted]")
+                raise _status_error(resp.status, raw, resp.headers, trace_id)
+            return raw, trace_id
+
+
+def _plausible(tokens: int, items: int, spec: ModelSpec | None) -> bool:
+    """Whether a usage count can be true: every item costs a token at least, and none more than
+    the model's per-item limit (a longer one is refused or cut)."""
+    return items <= tokens and (spec is None or tokens <= items * spec.max_input_tokens)
+
+
+def _dumps(body: object) -> bytes:
+    """The request's JSON. A text that is not valid Unicode (a lone surrogate, say) is an
+    InputError naming its item, so that one bad text fails alone instead of its whole request."""
+    try:
+        return orjson.dumps(body)
+    except orjson.JSONEncodeError:
+        items = body.get("input") if isinstance(body, dict) else None
+        for index, item in enumerate(items if isinstance(items, list) else []):
+            if _unencodable(item):
+                raise exc.InputError(
+                    "text is not valid Unicode (a lone surrogate?)", item=index
+                ) from None
+        raise exc.InputError("the request cannot be written as JSON") from None
+
+
+def _unencodable(item: object) -> bool:
+    text = item.get("text") if isinstance(item, dict) else item
+    if not isinstance(text, str):
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _checked_key(api_key: str | None, api_key_env: str) -> str:
+    """The key without surrounding whitespace. Never echoes it: a wrong key is still a secret."""
+    source = "the api_key argument" if api_key is not None else f"${api_key_env}"
+    key = (api_key if api_key is not None else os.environ.get(api_key_env) or "").strip()
+    if not key:
+        if api_key is not None:
+            raise exc.ConfigError("the API key given is empty")
+        raise exc.ConfigError(f"no API key: set the environment variable {api_key_env}")
+    bad = next(
+        (i for i, char in enumerate(key) if not (char.isascii() and char.isprintable())), None
+    )
+    if bad is not None:
+        raise exc.ConfigError(
+            f"the API key in {source} has a character an HTTP header cannot carry "
+            f"(at position {bad} of {len(key)}); check how the key was copied"
+        )
+    return key
 
 
 def _describe(error: BaseException) -> str:
@@ -173,9 +255,25 @@ def _describe(error: BaseException) -> str:
 
 
 def _check_url(base_url: str, allow_insecure_http: bool) -> None:
-    parts = urlsplit(base_url)
+    try:
+        parts = urlsplit(base_url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        raise exc.ConfigError("base URL is not a valid URL") from None
+    if "@" in parts.netloc:
+        # Credentials in the URL would go out with every request and into every log line.
+        raise exc.ConfigError(
+            "base URL must not hold credentials (user:password@): the API key goes in "
+            "SILICONFLOW_API_KEY (or the variable named by api_key_env)"
+        )
+    shown = f"{parts.scheme}://{parts.netloc}{parts.path}"
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise exc.ConfigError(f"base URL must be http(s)://host/..., not {base_url!r}")
+        raise exc.ConfigError(f"base URL must be http(s)://host/..., not {shown!r}")
+    if parts.query or parts.fragment or base_url.endswith(("?", "#")):
+        raise exc.ConfigError(
+            f"base URL must not have a query or fragment (requests go to {{base URL}}/embeddings): "
+            f"use {shown!r}"
+        )
     if parts.scheme == "http" and not allow_insecure_http and not _is_loopback(parts.hostname):
         raise exc.ConfigError(
             f"refusing to send the API key over plain http to {parts.hostname}: use https "
@@ -199,20 +297,40 @@ def _status_error(
     cls = _STATUS_ERRORS.get(status, exc.ServerError if status >= 500 else exc.APIStatusError)
     if status == 400 and code == 20012:
         cls = exc.ModelNotFoundError
-    return cls(
+    if 300 <= status < 400:
+        message = _redirect_message(headers.get("Location"))
+    error = cls(
         message or f"HTTP {status}",
         status=status,
         code=code,
         trace_id=trace_id,
         retry_after_s=_retry_after(headers),
     )
+    if status in _RETRYABLE_STATUSES:
+        error.retryable = True
+    return error
+
+
+def _redirect_message(location: str | None) -> str:
+    """A redirect is never followed (it would take the key elsewhere): say where it points,
+    without any credentials or query it carries."""
+    if not location:
+        return "the server answered with a redirect: check the base URL"
+    parts = urlsplit(location)
+    where = f"{parts.scheme}://{parts.hostname or ''}{parts.path}" if parts.scheme else parts.path
+    return f"the server redirects to {where!r}: set the base URL to where it points"
 
 
 def _error_fields(raw: bytes) -> tuple[int | None, str]:
-    """(provider code, message) from a JSON object, a JSON string, or plain text."""
+    """(provider code, message) from a JSON object, a JSON string, an HTML page or plain text."""
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
+        if raw.lstrip()[:1] == b"<":  # a proxy's HTML error page: its title says enough
+            found = _TITLE.search(raw)
+            title = found[1].decode("utf-8", "replace") if found else ""
+            text = " ".join(html.unescape(title).split())[:200]
+            return None, f"an HTML error page: {text}" if text else "an HTML error page"
         return None, raw.decode("utf-8", "replace").strip()[:500]
     if isinstance(body, dict):
         code = body.get("code")
@@ -223,17 +341,17 @@ def _error_fields(raw: bytes) -> tuple[int | None, str]:
 def _retry_after(headers: Any) -> float | None:
     """Seconds to wait from ``retry-after-ms`` or ``Retry-After`` (seconds or an HTTP date)."""
     if (millis := headers.get("retry-after-ms")) is not None:
-        try:
-            return max(0.0, float(millis) / 1000)
-        except ValueError:
-            pass
+        with contextlib.suppress(ValueError):
+            if math.isfinite(wait_ms := float(millis)):
+                return max(0.0, wait_ms / 1000)
     value = headers.get("Retry-After")
     if value is None:
         return None
     try:
-        return max(0.0, float(value))
+        wait_s = float(value)
     except ValueError:
         return _seconds_until(value)
+    return max(0.0, wait_s) if math.isfinite(wait_s) else None
 
 
 def _seconds_until(http_date: str) -> float | None:

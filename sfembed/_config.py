@@ -73,13 +73,16 @@ class RetryPolicy:
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Timeouts:
     """Timeouts in seconds: connecting, and waiting for each read of the answer, per request;
-    and ``grace_s``, how long a job told to stop (Ctrl-C, SIGTERM) waits for the requests in
-    flight before it exits without them."""
+    ``request_s``, the whole of one request from sending to the last byte of its answer (an
+    answer trickling in byte by byte never trips the per-read limit); and ``grace_s``, how long
+    a job told to stop (Ctrl-C, SIGTERM) waits for the requests in flight before it exits
+    without them."""
 
     connect_s: float = 10.0
     # A stalled answer holds up every row after it (rows leave in order from a bounded ring),
     # so the wait is kept short: an embedding request is answered in seconds.
     read_s: float = 30.0
+    request_s: float = 120.0
     grace_s: float = 30.0
 
 
