@@ -2,9 +2,10 @@
 
 Only errors whose ``retryable`` is true are retried (429, 5xx, timeouts, resets, malformed 200s);
 a 4xx is final. Waits are exponential with full jitter, or the server's ``Retry-After`` when it
-sent one, and the whole is bounded by attempts and by total time. The caller's attempt function
-goes back through the limiter each time, so a retry is paced like any request and there is one
-retry layer only.
+sent one, never longer than the policy's longest backoff (a proxy's ``Retry-After: 3600``
+must not freeze a job), and the whole is bounded by attempts and by total time. The caller's
+attempt function goes back through the limiter each time, so a retry is paced like any request
+and there is one retry layer only.
 """
 
 from __future__ import annotations
@@ -19,13 +20,35 @@ import tenacity
 from ._config import RetryPolicy
 from ._exceptions import SFEmbedError
 
-__all__ = ["RetryHook", "call_with_retries", "is_retryable"]
+__all__ = ["RetryHook", "call_with_retries", "honoured_wait_s", "is_retryable"]
 
 log = logging.getLogger("sfembed")
 T = TypeVar("T")
 
 #: Called before each wait with the error, the failed attempt (1-based) and the wait in seconds.
 RetryHook = Callable[[BaseException, int, float], None]
+
+
+def honoured_wait_s(
+    error: BaseException, policy: RetryPolicy, *, quiet: bool = False
+) -> float | None:
+    """The wait the server asked for (``retry_after_s``), capped at ``policy.max_backoff_s``;
+    ``None`` when it asked for none. A longer request is logged (unless ``quiet``) with the wait
+    kept."""
+    asked = getattr(error, "retry_after_s", None)
+    if not isinstance(asked, int | float):
+        return None
+    if asked > policy.max_backoff_s:
+        if quiet:
+            return policy.max_backoff_s
+        log.warning(
+            "the server asked to wait %.0f s before retrying (Retry-After); waiting %.0f s, "
+            "the retry policy's longest backoff (retry.max_backoff_s)",
+            asked,
+            policy.max_backoff_s,
+        )
+        return policy.max_backoff_s
+    return float(asked)
 
 
 def is_retryable(error: BaseException) -> bool:
@@ -68,14 +91,14 @@ class _Wait(tenacity.wait.wait_base):
         self._jitter = tenacity.wait_random_exponential(
             multiplier=policy.initial_backoff_s, max=policy.max_backoff_s
         )
-        self._cap_s = policy.max_total_s
+        self._policy = policy
 
     def __call__(self, retry_state: tenacity.RetryCallState) -> float:
         outcome = retry_state.outcome
         error = outcome.exception() if outcome is not None else None
-        after = getattr(error, "retry_after_s", None)
-        if isinstance(after, int | float):
-            return min(float(after), self._cap_s)
+        after = honoured_wait_s(error, self._policy) if error is not None else None
+        if after is not None:
+            return after
         return float(self._jitter(retry_state))
 
 
