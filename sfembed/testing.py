@@ -18,6 +18,8 @@ so the server stays an independent judge of what a client sends.
 from __future__ import annotations
 
 import asyncio
+import email.utils
+import gzip
 import hashlib
 import importlib.util
 import math
@@ -34,7 +36,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cache, lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -70,6 +72,11 @@ IMAGE_TOKENS = 256
 INJECT_KINDS = frozenset(
     {"400", "model", "401", "403", "404", "413", "429-tpm", "429-rpm", "503", "504"}
     | {"reset", "stall", "bad-json", "no-data"}
+    | {"405", "redirect", "html-502", "html-200", "error-200", "429-hour", "429-date"}
+    | {"no-usage", "negative-usage", "huge-usage", "zero-usage"}
+    | {"nan", "inf", "string-floats", "bool-floats"}
+    | {"missing-item", "extra-item", "duplicate-index", "wrong-dims"}
+    | {"gzip", "trickle"}
 )
 
 _JSON = "application/json; charset=utf-8"
@@ -97,7 +104,8 @@ class Faults:
 
     ``rate_503`` / ``rate_504``: answer with that status. ``rate_reset``: send the headers and part
     of the body, then abort the connection. ``rate_stall``: hold the request ``stall_s`` seconds
-    (past a client's read timeout) before answering it normally. ``latency_s`` seconds are added to
+    (past a client's read timeout) before answering it normally. A scripted ``trickle`` sends its
+    answer one byte every ``trickle_s`` seconds. ``latency_s`` seconds are added to
     every response, and ``latency_per_1k_tokens_s`` seconds per 1,000 tokens to each accepted
     request (a model's time grows with its input: 0.030 and 0.005 are a plausible shape). Over
     ``max_in_flight`` concurrent requests the extra ones get 503 (code 50505).
@@ -110,6 +118,7 @@ class Faults:
     rate_reset: float = 0.0
     rate_stall: float = 0.0
     stall_s: float = 30.0
+    trickle_s: float = 0.05
     latency_s: float = 0.0
     latency_per_1k_tokens_s: float = 0.0
     max_in_flight: int | None = None
@@ -193,6 +202,13 @@ _TPM = _rate_limited("TPM")
 _RPM = _rate_limited("RPM")
 _NOT_FOUND = b"404 page not found"
 _GATEWAY_TIMEOUT = b"upstream request timeout"
+_HTML = "text/html; charset=utf-8"
+_BAD_GATEWAY_PAGE = (
+    b"<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n"
+    b"<center><h1>502 Bad Gateway</h1></center>\r\n<hr><center>nginx</center>\r\n"
+    b"</body>\r\n</html>\r\n"
+)
+_REDIRECT_TO = "https://api.example.com/v1/embeddings"
 
 # (status, body, content type) of the outcomes that need nothing from the request.
 _STATIC: dict[str, tuple[int, bytes, str]] = {
@@ -205,7 +221,22 @@ _STATIC: dict[str, tuple[int, bytes, str]] = {
     "429-rpm": (429, _RPM, _JSON),
     "503": (503, _OVERLOADED, _JSON),
     "504": (504, _GATEWAY_TIMEOUT, _TEXT),
+    "405": (405, b"405 method not allowed", _TEXT),
+    "redirect": (301, b"", _TEXT),
+    "html-502": (502, _BAD_GATEWAY_PAGE, _HTML),
+    "html-200": (200, _BAD_GATEWAY_PAGE, _HTML),
+    "error-200": (200, _OVERLOADED, _JSON),
+    "429-hour": (429, _TPM, _JSON),
+    "429-date": (429, _TPM, _JSON),
 }
+#: Scripted outcomes that answer a valid request with an altered success body (see _altered_body).
+_ALTERED = frozenset(
+    {"no-usage", "negative-usage", "huge-usage", "zero-usage"}
+    | {"nan", "inf", "string-floats", "bool-floats"}
+    | {"missing-item", "extra-item", "duplicate-index", "wrong-dims"}
+)
+#: Scripted outcomes for which the request is still checked (and charged) as usual.
+_ANSWERED = _ALTERED | {"stall", "trickle", "gzip"}
 
 
 class _Reject(ValueError):
@@ -515,7 +546,10 @@ def _vectors(job: _Job) -> list[FloatArray]:
 
 
 def _success_body(job: _Job) -> bytes:
-    vectors: list[Any] = _vectors(job)
+    return orjson.dumps(_success_payload(job, _vectors(job)), option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def _success_payload(job: _Job, vectors: list[Any]) -> dict[str, Any]:
     if job.base64:
         vectors = [pybase64.b64encode_as_string(v.astype("<f4", copy=False).data) for v in vectors]
     # Reversed on purpose: a client must place vectors by "index", never by position.
@@ -524,8 +558,38 @@ def _success_body(job: _Job) -> bytes:
         for index in reversed(range(len(vectors)))
     ]
     usage = {"prompt_tokens": job.tokens, "completion_tokens": 0, "total_tokens": job.tokens}
-    body = {"object": "list", "model": job.model, "data": data, "usage": usage}
-    return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
+    return {"object": "list", "model": job.model, "data": data, "usage": usage}
+
+
+def _altered_body(job: _Job, kind: str) -> bytes:
+    """A success body damaged as ``kind`` says (see :meth:`LocalServer.inject`)."""
+    vectors: list[Any] = [v.copy() for v in _vectors(job)]
+    first = vectors[0]
+    if kind in ("nan", "inf"):
+        first[0] = np.nan if kind == "nan" else np.inf
+    elif kind == "wrong-dims":
+        vectors[0] = first[:-1]
+    payload = _success_payload(job, vectors)
+    if kind in ("string-floats", "bool-floats"):  # a list even for base64: the list is the damage
+        values: list[Any] = first.tolist()
+        values[:2] = ["0.5", "0.25"] if kind == "string-floats" else [True, False]
+        payload["data"][-1]["embedding"] = values  # data is reversed: the last is index 0
+    data, usage = payload["data"], payload["usage"]
+    if kind == "missing-item":
+        data.pop()
+    elif kind == "extra-item":
+        data.append(dict(data[0], index=len(data)))
+    elif kind == "duplicate-index":  # one item alone: its index is out of range instead
+        data[0]["index"] = data[-1]["index"] if len(data) > 1 else 1
+    elif kind == "no-usage":
+        del payload["usage"]
+    elif kind.endswith("-usage"):
+        tokens = {"negative": -job.tokens, "huge": 10**6 * len(job.items), "zero": 0}[kind[:-6]]
+        usage.update(prompt_tokens=tokens, total_tokens=tokens)
+    raw = orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
+    if kind == "inf" and not job.base64:
+        raw = raw.replace(b"null", b"1e39", 1)  # JSON has no infinity; orjson wrote null
+    return raw
 
 
 # --- public helpers -----------------------------------------------------------------------------
@@ -698,6 +762,19 @@ class LocalServer:
         Kinds: ``400`` (code 20015), ``model`` (400, code 20012), ``401``, ``403``, ``404``,
         ``413``, ``429-tpm``, ``429-rpm``, ``503``, ``504``, ``reset``, ``stall`` (then a normal
         answer), ``bad-json`` (200 with truncated JSON), ``no-data`` (200 JSON without ``data``).
+
+        Gateways and proxies: ``405``; ``redirect`` (301 to another host); ``html-502`` and
+        ``html-200`` (an HTML error page); ``error-200`` (a 503's error JSON with status 200);
+        ``429-hour`` and ``429-date`` (a 429 asking to wait an hour, in seconds or as an HTTP
+        date); ``gzip`` (a normal answer, gzip-encoded); ``trickle`` (a normal answer sent one
+        byte every ``Faults.trickle_s`` seconds).
+
+        A valid request answered with a damaged success body: ``no-usage``, ``negative-usage``,
+        ``huge-usage`` (a million tokens per item), ``zero-usage``; ``nan`` and ``inf`` in the
+        first vector (``null`` and ``1e39`` in a float answer, as JSON has neither);
+        ``string-floats`` and ``bool-floats`` (a float vector holding strings or booleans);
+        ``missing-item``, ``extra-item``, ``duplicate-index`` (two vectors share an index; a
+        lone one gets index 1) and ``wrong-dims`` (the first vector one value short).
         """
         if kind not in INJECT_KINDS:
             raise ValueError(f"unknown fault {kind!r}; one of {sorted(INJECT_KINDS)}")
@@ -730,7 +807,7 @@ class LocalServer:
             self.stats.first_request_at = time.monotonic()
         raw = await request.content.read()  # not request.read(): no 1 MiB cap for image inputs
         injected = self._injected.popleft() if self._injected else None
-        if injected is not None and injected != "stall":
+        if injected is not None and injected not in _ANSWERED:
             return await self._fault(injected, request, raw)
         if not self._authorized(request.headers.get("Authorization", "")):
             return self._answer(401, b'"Invalid token"')
@@ -738,9 +815,12 @@ class LocalServer:
         if fault == "stall":
             self.stats.stalls += 1
             await asyncio.sleep(self._faults.stall_s)
-        elif fault is not None:
+        elif fault is not None and fault not in _ANSWERED:
             return await self._fault(fault, request, raw)
-        return await self._embed(raw)
+        response = await self._embed(raw, fault)
+        if fault == "trickle" and response.status == 200:
+            return await self._trickle(request, response)
+        return response
 
     def _authorized(self, header: str) -> bool:
         scheme, _, token = header.partition(" ")
@@ -769,7 +849,7 @@ class LocalServer:
         if kind in _STATIC:
             status, body, content_type = _STATIC[kind]
             self._count_refusal(kind)
-            return self._answer(status, body, content_type)
+            return self._answer(status, body, content_type, kind)
         if kind == "reset":
             return await self._reset(request)
         if kind == "413":
@@ -778,10 +858,23 @@ class LocalServer:
         return self._answer(200, _broken_body(kind, raw))
 
     def _count_refusal(self, kind: str) -> None:
-        if kind == "429-tpm":
+        if kind in ("429-tpm", "429-hour", "429-date"):
             self.stats.rate_limited_tpm += 1
         elif kind == "429-rpm":
             self.stats.rate_limited_rpm += 1
+
+    async def _trickle(self, request: web.BaseRequest, answer: web.Response) -> web.StreamResponse:
+        """``answer`` one byte at a time, until done or the client leaves."""
+        response = web.StreamResponse(status=answer.status, headers=answer.headers)
+        body = bytes(cast(bytes, answer.body))
+        response.content_length = len(body)
+        await response.prepare(request)
+        for offset in range(len(body)):
+            if request.transport is None or request.transport.is_closing():
+                break  # the client gave up: the answer is never completed
+            await response.write(body[offset : offset + 1])
+            await asyncio.sleep(self._faults.trickle_s)
+        return response
 
     async def _reset(self, request: web.BaseRequest) -> web.StreamResponse:
         """Headers and a part of the body, then an aborted connection: the client must see an
@@ -795,7 +888,7 @@ class LocalServer:
             request.transport.abort()
         return response
 
-    async def _embed(self, raw: bytes) -> web.Response:
+    async def _embed(self, raw: bytes, fault: str | None = None) -> web.Response:
         try:
             job = _parse_job(raw, self.config)
         except _Reject as reject:
@@ -807,7 +900,13 @@ class LocalServer:
         work_s = job.tokens / 1000 * self._faults.latency_per_1k_tokens_s
         if work_s > 0:
             await asyncio.sleep(work_s)
-        return self._answer(200, _success_body(job))
+        if fault in _ALTERED:
+            return self._answer(200, _altered_body(job, fault))
+        response = self._answer(200, _success_body(job))
+        if fault == "gzip":
+            response.body = gzip.compress(cast(bytes, response.body))
+            response.headers["Content-Encoding"] = "gzip"
+        return response
 
     def _refusal(self, job: _Job) -> web.Response | None:
         """A 429 if ``job`` is over its model's quota; otherwise it is charged to the quota."""
@@ -823,16 +922,25 @@ class LocalServer:
         self.stats.accepted.append((now, job.tokens))
         return None
 
-    def _headers(self, status: int, content_type: str) -> dict[str, str]:
+    def _headers(self, status: int, content_type: str, kind: str = "") -> dict[str, str]:
         headers = {"Content-Type": content_type, TRACE_HEADER: uuid.uuid4().hex}
+        if kind == "redirect":
+            headers["Location"] = _REDIRECT_TO
+        elif kind == "429-hour":
+            headers["Retry-After"] = "3600"
+        elif kind == "429-date":
+            headers["Retry-After"] = email.utils.formatdate(time.time() + 3600, usegmt=True)
         wait_s = self._faults.retry_after_s
         if wait_s is not None and status in (429, 503):
             headers["Retry-After"] = str(math.ceil(wait_s))  # the header takes whole seconds
             headers["retry-after-ms"] = str(round(wait_s * 1000))
         return headers
 
-    def _answer(self, status: int, body: bytes, content_type: str = _JSON) -> web.Response:
-        return web.Response(status=status, body=body, headers=self._headers(status, content_type))
+    def _answer(
+        self, status: int, body: bytes, content_type: str = _JSON, kind: str = ""
+    ) -> web.Response:
+        headers = self._headers(status, content_type, kind)
+        return web.Response(status=status, body=body, headers=headers)
 
 
 def _broken_body(kind: str, raw: bytes) -> bytes:
