@@ -13,7 +13,11 @@ one entry, and nothing else:
 Inner whitespace and case are kept: ``"a  b"``, ``"a b"`` and ``"A b"`` are three texts. Changing
 any of these rules, or the digest, changes every key and needs a new ``SCHEMA_VERSION``.
 
-The file holds model names, dims, digests and vectors, never a text and never an API key. Tables::
+The engine files a vector under its model *and the endpoint that made it* (:func:`scope`): vectors
+from a local test server, or from another gateway, are never served to a run against the provider.
+
+The file holds model names, endpoints, dims, digests and vectors, never a text and never an API key
+(an endpoint never holds credentials: the client refuses a base URL with them). Tables::
 
     meta(name TEXT PRIMARY KEY, value TEXT)          -- format name and schema version
     vectors(model TEXT, dims INTEGER, key BLOB, vector BLOB,
@@ -48,7 +52,7 @@ import numpy.typing as npt
 from ._exceptions import ConfigError
 from ._types import FloatArray
 
-__all__ = ["KEY_BYTES", "SCHEMA_VERSION", "EmbeddingCache", "normalise"]
+__all__ = ["KEY_BYTES", "SCHEMA_VERSION", "EmbeddingCache", "normalise", "scope"]
 
 #: Bytes of a key: 128 bits make a collision among even 10**12 texts vanishingly unlikely.
 KEY_BYTES = 16
@@ -71,6 +75,11 @@ _SELECT = "SELECT key, vector FROM vectors WHERE model = ? AND dims = ? AND key 
 _INSERT = "INSERT OR REPLACE INTO vectors (model, dims, key, vector) VALUES (?, ?, ?, ?)"
 
 _T = TypeVar("_T")
+
+
+def scope(model: str, endpoint: str) -> str:
+    """The name the engine files ``model``'s vectors under when they come from ``endpoint``."""
+    return f"{model} @ {endpoint}"
 
 
 def normalise(text: str) -> str:

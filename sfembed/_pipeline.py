@@ -33,7 +33,7 @@ from typing import Any, cast
 import numpy as np
 
 from . import _exceptions as exc
-from ._cache import EmbeddingCache, normalise
+from ._cache import EmbeddingCache, normalise, scope
 from ._chunker import char_range, split_spans
 from ._client import EmbeddingClient
 from ._config import Settings, load_settings
@@ -41,7 +41,7 @@ from ._limiter import Limiter, RateLimiter
 from ._models import DEFAULT_CATALOG, ModelCatalog, ModelSpec
 from ._packer import Packer, bisect
 from ._reorder import EmbeddedBatch, Failure, ReorderBuffer
-from ._retry import call_with_retries
+from ._retry import call_with_retries, honoured_wait_s
 from ._tokens import (
     FAMILIES,
     Calibration,
@@ -108,11 +108,14 @@ async def embed(
 ) -> FloatArray:
     """Embed ``inputs`` and return one float32 row per input (per chunk in ``chunks`` mode).
 
+    A bare ``str`` (or content object) is one input: ``embed("hello")`` gives one row.
+
     ``options`` override ``settings`` fields (``encoding_format``, ``dimensions``, ``long_mode``,
     ``concurrency``, ``rate``, ...). With ``errors="raise"`` (default) an input that could not be
     embedded raises JobError listing every failure; with ``errors="nan"`` its row is NaN.
     Raises ConfigError, or an APIError that no retry can get past (a wrong key, say).
     """
+    inputs = _as_inputs(inputs)
     job_stats = stats if stats is not None else JobStats()
     rows = _Rows(len(inputs) if isinstance(inputs, Sized) else None)
     async for batch in embed_stream(
@@ -181,6 +184,7 @@ async def embed_stream(
     a gap). With a ``cache``, texts it holds are not sent, a text repeated within the job is
     sent once, and every vector received is stored in it. Raises as :func:`embed`.
     """
+    inputs = _as_inputs(inputs)
     job_settings = dataclasses.replace(settings or load_settings(), model=model, **options)
     async with contextlib.AsyncExitStack() as stack:
         if client is None:
@@ -190,6 +194,17 @@ async def embed_stream(
         batches = await stack.enter_async_context(contextlib.aclosing(job.run(inputs)))
         async for batch in batches:
             yield batch
+
+
+def _as_inputs(
+    inputs: Iterable[Input] | AsyncIterable[Input],
+) -> Iterable[Input] | AsyncIterable[Input]:
+    """A bare text or content object is one input, not a sequence of characters or keys."""
+    if isinstance(inputs, str | dict):
+        return [inputs]
+    if isinstance(inputs, bytes | bytearray | memoryview):
+        raise TypeError("inputs must be texts (str), not bytes: decode them first")
+    return inputs
 
 
 def client_for(settings: Settings) -> EmbeddingClient:
@@ -227,6 +242,7 @@ class _Job:
         self._waiting: dict[bytes, list[Chunk]] = {}  # key -> repeats of a text on its way
         self.spec: ModelSpec = catalog_for(settings, client.catalog)[settings.model]
         self.client = client
+        self._cache_scope = scope(self.spec.name, client.endpoint)  # whose vectors these are
         self.stats = stats
         self.limiter: Limiter = limiter or RateLimiter(settings.rate)
         # Charges are always priced by the estimator, so one calibration against the server's
@@ -255,6 +271,7 @@ class _Job:
         self._calibrated = asyncio.Event()
         self._release_lock = asyncio.Lock()
         self._probing = False
+        self._usage_missing = False  # warned once that answers lack a usable usage
 
     def _request_tokens(self) -> int:
         # A request far above the per-second pace would make the limiter lurch; 1/32 of
@@ -387,7 +404,7 @@ class _Job:
         if not keyed:
             return chunks
         keys = self.cache.keys([cast(str, chunk.item) for chunk in keyed])
-        hits = await self.cache.lookup(self.spec.name, self.reorder.dims, keys)
+        hits = await self.cache.lookup(self._cache_scope, self.reorder.dims, keys)
         served: list[Chunk] = []
         held: set[int] = set()
         for chunk, key in zip(keyed, keys, strict=True):
@@ -431,7 +448,7 @@ class _Job:
         keyed = [i for i, chunk in enumerate(request) if chunk.key is not None]
         if keyed:
             keys = [cast(bytes, request[i].key) for i in keyed]
-            await self.cache.store(self.spec.name, self.reorder.dims, keys, rows[keyed])
+            await self.cache.store(self._cache_scope, self.reorder.dims, keys, rows[keyed])
 
     async def _exact_counts(self, texts: Sequence[str]) -> dict[int, int]:
         """Exact counts of the texts that might be over the per-item limit, by index.
@@ -625,7 +642,9 @@ class _Job:
             )
         except exc.RateLimitError as error:
             self.stats.rate_limited += 1
-            await self.limiter.on_rate_limited(error.limit, error.retry_after_s)
+            await self.limiter.on_rate_limited(
+                error.limit, honoured_wait_s(error, self.settings.retry, quiet=True)
+            )
             raise
         except (exc.ServerError, exc.BadRequestError, exc.BatchTooLargeError, exc.InputError):
             await self.limiter.refund(
@@ -638,13 +657,25 @@ class _Job:
         return result
 
     async def _account(self, ticket: Ticket, local: int, result: EmbeddingResult) -> None:
-        used = result.usage["total_tokens"]
+        if result.usage is None:  # no count to trust: the charge stands, calibration learns nothing
+            used = ticket.tokens
+            self._warn_no_usage()
+        else:
+            used = result.usage["total_tokens"]
+            self.calibration.observe(local, used)
         await self.limiter.settle(ticket, used)
-        self.calibration.observe(local, used)
         self.stats.requests += 1
         self.stats.tokens += used
         self.stats.pace_tokens_per_s = self.limiter.tokens_per_s
         self.stats.pace_requests_per_s = self.limiter.requests_per_s
+
+    def _warn_no_usage(self) -> None:
+        if not self._usage_missing:
+            self._usage_missing = True
+            log.warning(
+                "an answer carried no usable 'usage' (missing, negative or impossibly large): "
+                "such requests are paced by local token estimates"
+            )
 
     async def _backoff(self, wait_s: float) -> None:
         """Sleep before a retry, cut short by a stop (the retry then finds the job stopping)."""

@@ -1,0 +1,329 @@
+"""Hostile server answers, against sfembed.testing.LocalServer over real HTTP.
+
+Gateways and proxies in front of the provider answer in ways the provider never does: a 200 that
+holds an error or an HTML page, vectors with NaN, strings or booleans in them, the wrong number of
+vectors, no ``usage`` or an impossible one, a gzip-encoded body, an answer that trickles in byte
+by byte, a 405 or a redirect, a ``Retry-After`` of an hour. Each is refused, retried, tolerated or
+stops the job with one clear message, as it deserves; a job's rows + failures always equal its
+records.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from sfembed import (
+    APIStatusError,
+    APITimeoutError,
+    BatchLimits,
+    EmbeddingCache,
+    EmbeddingClient,
+    JobStats,
+    MalformedResponseError,
+    RateLimits,
+    RetryPolicy,
+    ServerError,
+    Settings,
+    Timeouts,
+    embed,
+    embed_stream,
+    load_settings,
+)
+from sfembed._cache import normalise
+from sfembed._limiter import RateLimiter, Ticket
+from sfembed._retry import call_with_retries
+from sfembed.testing import Faults, LocalServer, expected_embedding, synthetic_corpus
+
+#: The ``make_server`` fixture of conftest: ``await make_server(**ServerConfig fields)``.
+MakeServer = Callable[..., Awaitable[LocalServer]]
+
+KEY = "sk-local-test"
+M3 = "BAAI/bge-m3"
+UNLIMITED = RateLimits(rpm=10**7, tpm=10**10)
+FAST_RETRY = RetryPolicy(max_attempts=3, initial_backoff_s=0.01, max_backoff_s=0.05)
+TEXTS = [f"record {n}: {text[:160]}" for n, text in enumerate(synthetic_corpus(40, seed=5))]
+
+
+def settings_for(server: LocalServer, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {"rate": UNLIMITED, "retry": FAST_RETRY, "concurrency": 4}
+    values["batch"] = BatchLimits(max_items=4)
+    return load_settings(base_url=server.url, **(values | overrides))
+
+
+def client_for(server: LocalServer, **options: Any) -> EmbeddingClient:
+    return EmbeddingClient(api_key=KEY, base_url=server.url, **options)
+
+
+def expected_rows(items: Sequence[str], model: str = M3) -> np.ndarray:
+    return np.stack([expected_embedding(model, normalise(item)) for item in items])
+
+
+# --- one request: damaged answers are refused, retryable ----------------------------------------
+
+DAMAGED = ["nan", "inf", "string-floats", "bool-floats"]
+DAMAGED += ["missing-item", "extra-item", "duplicate-index", "wrong-dims"]
+
+
+@pytest.mark.parametrize("encoding", ["float", "base64"])
+@pytest.mark.parametrize("kind", DAMAGED)
+async def test_a_damaged_answer_is_refused_as_malformed(
+    server: LocalServer, kind: str, encoding: str
+) -> None:
+    server.inject(kind)
+    async with client_for(server) as client:
+        with pytest.raises(MalformedResponseError) as info:
+            await client.embed(["one", "two", "three"], model=M3, encoding_format=encoding)  # type: ignore[arg-type]
+        assert info.value.retryable
+        assert info.value.status == 200
+        assert info.value.trace_id
+        # The session is still good, and the next answer is taken.
+        result = await client.embed(["one"], model=M3, encoding_format=encoding)  # type: ignore[arg-type]
+    np.testing.assert_array_equal(result.embeddings, expected_rows(["one"]))
+
+
+@pytest.mark.parametrize(
+    ("kind", "words"),
+    [
+        ("nan", "nulls"),  # JSON has no NaN: encoders write null
+        ("inf", "NaN or infinity"),
+        ("string-floats", "strings"),
+        ("bool-floats", "booleans"),
+    ],
+)
+async def test_a_refusal_of_values_says_what_was_wrong(
+    server: LocalServer, kind: str, words: str
+) -> None:
+    server.inject(kind)
+    async with client_for(server) as client:
+        with pytest.raises(MalformedResponseError, match=words):
+            await client.embed(["one", "two"], model=M3, encoding_format="float")
+
+
+async def test_a_200_holding_an_error_says_so(server: LocalServer) -> None:
+    server.inject("error-200")
+    async with client_for(server) as client:
+        with pytest.raises(MalformedResponseError, match="holding an error: Model service over"):
+            await client.embed("one", model=M3)
+
+
+async def test_an_html_page_is_named_by_its_title(server: LocalServer) -> None:
+    server.inject("html-502")
+    server.inject("html-200")
+    async with client_for(server) as client:
+        with pytest.raises(ServerError) as info:
+            await client.embed("one", model=M3)
+        assert info.value.retryable
+        assert info.value.message == "an HTML error page: 502 Bad Gateway"
+        with pytest.raises(MalformedResponseError, match="not valid JSON"):
+            await client.embed("one", model=M3)
+
+
+@pytest.mark.parametrize("kind", ["no-usage", "negative-usage", "huge-usage", "zero-usage"])
+async def test_an_answer_without_a_true_usage_keeps_its_vectors(
+    server: LocalServer, kind: str
+) -> None:
+    server.inject(kind)
+    async with client_for(server) as client:
+        result = await client.embed(["one", "two"], model=M3)
+    assert result.usage is None
+    np.testing.assert_array_equal(result.embeddings, expected_rows(["one", "two"]))
+
+
+async def test_a_gzip_encoded_answer_is_read(server: LocalServer) -> None:
+    server.inject("gzip")
+    async with client_for(server) as client:
+        result = await client.embed(["one", "two"], model=M3)
+    np.testing.assert_array_equal(result.embeddings, expected_rows(["one", "two"]))
+    assert result.usage is not None
+
+
+async def test_an_answer_that_trickles_in_meets_the_request_deadline(
+    make_server: MakeServer,
+) -> None:
+    server = await make_server(faults=Faults(trickle_s=0.02))
+    server.inject("trickle")
+    # Each byte comes well within the read timeout: only the whole-request deadline can end it.
+    async with client_for(server, timeouts=Timeouts(read_s=10.0, request_s=0.3)) as client:
+        with pytest.raises(APITimeoutError, match=r"request_s"):
+            await client.embed("one", model=M3)
+        result = await client.embed("one", model=M3)
+    np.testing.assert_array_equal(result.embeddings, expected_rows(["one"]))
+
+
+@pytest.mark.parametrize("kind", ["405", "redirect"])
+async def test_a_request_wide_status_is_final(server: LocalServer, kind: str) -> None:
+    server.inject(kind)
+    async with client_for(server) as client:
+        with pytest.raises(APIStatusError) as info:
+            await client.embed("one", model=M3)
+    assert not info.value.retryable
+    assert server.stats.requests == 1  # a redirect is never followed
+    if kind == "redirect":
+        assert info.value.status == 301
+        assert "api.example.com/v1/embeddings" in info.value.message
+
+
+@pytest.mark.parametrize("kind", ["429-hour", "429-date"])
+async def test_a_long_retry_after_is_capped_by_the_policy(
+    server: LocalServer, kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    server.inject(kind)
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+
+    policy = RetryPolicy(max_attempts=3, max_backoff_s=7.0)
+    async with client_for(server) as client:
+        with caplog.at_level(logging.WARNING, logger="sfembed"):
+            result = await call_with_retries(
+                lambda: client.embed("one", model=M3), policy, sleep=sleep
+            )
+    np.testing.assert_array_equal(result.embeddings, expected_rows(["one"]))
+    assert waits == [7.0]
+    assert "asked to wait 3" in caplog.text  # 3600 s, or a few seconds less for a date
+    assert "waiting 7 s" in caplog.text
+
+
+# --- a job: what each answer costs ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["nan", "inf", "string-floats", "bool-floats", "wrong-dims"])
+@pytest.mark.parametrize("encoding", ["float", "base64"])
+async def test_a_job_retries_a_damaged_answer_and_fails_it_with_a_reason(
+    server: LocalServer, kind: str, encoding: str
+) -> None:
+    texts = TEXTS[:6]
+    server.inject(kind, FAST_RETRY.max_attempts)  # the first request, every attempt
+    stats = JobStats()
+    settings = settings_for(server, concurrency=1, encoding_format=encoding)
+    async with client_for(server) as client:
+        rows = await embed(
+            texts, model=M3, settings=settings, client=client, stats=stats, errors="nan"
+        )
+    failed = [failure.position for failure in stats.failures]
+    # rows + errors = records: each failed record is listed, and its row is NaN, not a vector.
+    assert failed == [0, 1, 2, 3]  # the first request's items
+    assert all("bad embedding values" in failure.reason for failure in stats.failures)
+    assert np.isnan(rows[:4]).all()
+    np.testing.assert_array_equal(rows[4:], expected_rows(texts[4:]))
+    assert stats.retries == FAST_RETRY.max_attempts - 1
+
+
+async def test_a_damaged_answer_once_costs_one_retry(server: LocalServer) -> None:
+    server.inject("nan")
+    stats = JobStats()
+    async with client_for(server) as client:
+        rows = await embed(
+            TEXTS, model=M3, settings=settings_for(server), client=client, stats=stats
+        )
+    np.testing.assert_array_equal(rows, expected_rows(TEXTS))
+    assert not np.isnan(rows).any()
+    assert stats.failures == []
+    assert stats.retries == 1
+
+
+class RecordingLimiter(RateLimiter):
+    """A local limiter that keeps every charge asked for and every ticket issued."""
+
+    def __init__(self, rate: RateLimits) -> None:
+        super().__init__(rate)
+        self.asked: list[int] = []
+        self.tickets: list[Ticket] = []
+
+    async def acquire(self, tokens: int) -> Ticket:
+        self.asked.append(tokens)
+        ticket = await super().acquire(tokens)
+        self.tickets.append(ticket)
+        return ticket
+
+
+@pytest.mark.parametrize("kind", ["no-usage", "negative-usage", "huge-usage", "zero-usage"])
+async def test_answers_without_a_true_usage_keep_their_charge(
+    server: LocalServer, kind: str
+) -> None:
+    server.inject(kind, 10_000)  # every answer
+    limiter = RecordingLimiter(RateLimits(rpm=10**6, tpm=10**9))
+    stats = JobStats()
+    settings = settings_for(server, batch=BatchLimits(max_items=2))
+    async with client_for(server) as client:
+        rows: list[np.ndarray] = []
+        async for batch in embed_stream(
+            TEXTS, model=M3, settings=settings, client=client, stats=stats, limiter=limiter
+        ):
+            rows.append(batch.embeddings)
+    np.testing.assert_array_equal(np.concatenate(rows), expected_rows(TEXTS))
+    assert stats.failures == []
+    assert len(limiter.tickets) == stats.requests == len(TEXTS) // 2
+    # Never settled at 0 (or below): each request keeps what it was charged, and the charges
+    # of the last requests are no smaller than a local estimate (calibration never fell to 0).
+    assert all(ticket.tokens > 0 for ticket in limiter.tickets)
+    assert min(limiter.asked) > 0
+    assert stats.tokens == sum(ticket.tokens for ticket in limiter.tickets)
+
+
+async def test_a_long_retry_after_does_not_freeze_the_job(server: LocalServer) -> None:
+    server.inject("429-hour")
+    server.inject("429-date")
+    stats = JobStats()
+    async with client_for(server) as client:
+        rows = await embed(
+            TEXTS, model=M3, settings=settings_for(server), client=client, stats=stats
+        )
+    np.testing.assert_array_equal(rows, expected_rows(TEXTS))
+    assert stats.rate_limited == 2
+
+
+async def test_a_trickling_answer_is_retried_in_a_job(make_server: MakeServer) -> None:
+    server = await make_server(faults=Faults(trickle_s=0.02))
+    server.inject("trickle")
+    stats = JobStats()
+    timeouts = Timeouts(read_s=10.0, request_s=0.3)
+    async with client_for(server, timeouts=timeouts) as client:
+        rows = await embed(
+            TEXTS, model=M3, settings=settings_for(server), client=client, stats=stats
+        )
+    np.testing.assert_array_equal(rows, expected_rows(TEXTS))
+    assert stats.retries == 1
+
+
+# --- the cache knows which server made a vector -------------------------------------------------
+
+
+async def test_vectors_of_one_server_are_not_served_for_another(
+    make_server: MakeServer, tmp_path: Path
+) -> None:
+    trial = await make_server()  # a --local trial run
+    real = await make_server()  # then the run against the real endpoint
+    path = tmp_path / "cache.sqlite"
+    for server in (trial, real):
+        stats = JobStats()
+        async with EmbeddingCache(path) as cache, client_for(server) as client:
+            rows = [
+                batch.embeddings
+                async for batch in embed_stream(
+                    TEXTS,
+                    model=M3,
+                    settings=settings_for(server),
+                    client=client,
+                    stats=stats,
+                    cache=cache,
+                )
+            ]
+        np.testing.assert_array_equal(np.concatenate(rows), expected_rows(TEXTS))
+        assert stats.cached == 0
+    assert trial.stats.tokens_accepted == real.stats.tokens_accepted > 0
+    # The same server's vectors are found again.
+    stats = JobStats()
+    async with EmbeddingCache(path) as cache, client_for(real) as client:
+        async for _ in embed_stream(
+            TEXTS, model=M3, settings=settings_for(real), client=client, stats=stats, cache=cache
+        ):
+            pass
+    assert stats.cached == len(TEXTS)
