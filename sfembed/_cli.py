@@ -17,8 +17,9 @@ from ._config import RateLimits, Settings, load_settings
 from ._exceptions import SFEmbedError
 from ._job import JobSummary, dry_run, price_of, run_job
 from ._manifest import load_manifest, manifest_path_for
-from ._pipeline import catalog_for, client_for
+from ._pipeline import catalog_for, client_for, shared_limiter_for
 from ._progress import TqdmProgress
+from ._quota import SharedLimiter
 
 __all__ = ["main"]
 
@@ -102,7 +103,11 @@ def _add_embed(commands: Any) -> None:
     )
     for flag, key, kind in _FLAGS:
         embed.add_argument(
-            flag, dest=key.replace(".", "__"), type=kind, default=None, help=f"config key {key}"
+            flag,
+            dest=key.replace(".", "__"),
+            type=kind,
+            default=None,
+            help=_FLAG_HELP.get(key, f"config key {key}"),
         )
     embed.set_defaults(run=_embed)
 
@@ -131,7 +136,16 @@ _FLAGS: tuple[tuple[str, str, Any], ...] = (
     ("--checkpoint-rows", "io.checkpoint_rows", int),
     ("--cache", "io.cache_path", str),
     ("--grace-s", "timeouts.grace_s", float),
+    ("--quota", "quota", str),
+    ("--quota-account", "quota_account", str),
 )
+
+_FLAG_HELP = {
+    "quota": "share the account's limits with every other worker on this Redis, e.g. "
+    "redis://host:6379/0 (config key quota; default: pace alone); needs sfembed[redis]",
+    "quota_account": "the label of the account whose quota is shared: workers with the same "
+    "label and model share one quota (config key quota_account; default: default)",
+}
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -176,6 +190,18 @@ async def _embed(args: argparse.Namespace) -> int:
 
 
 async def _run(args: argparse.Namespace, settings: Settings, client: EmbeddingClient) -> int:
+    if not settings.quota:
+        return await _run_with(args, settings, client, None)
+    async with shared_limiter_for(settings) as limiter:
+        return await _run_with(args, settings, client, limiter)
+
+
+async def _run_with(
+    args: argparse.Namespace,
+    settings: Settings,
+    client: EmbeddingClient,
+    limiter: SharedLimiter | None,
+) -> int:
     progress = None if args.no_progress else TqdmProgress(total=_count_lines(args.input))
     stop = asyncio.Event()
     job = asyncio.ensure_future(
@@ -188,6 +214,7 @@ async def _run(args: argparse.Namespace, settings: Settings, client: EmbeddingCl
             on_batch=progress.update if progress else None,
             resume=args.resume,
             stop=stop,
+            limiter=limiter,
         )
     )
     try:
@@ -197,7 +224,7 @@ async def _run(args: argparse.Namespace, settings: Settings, client: EmbeddingCl
         if progress is not None:
             progress.close(progress.last)
     if summary is not None:
-        return _report(summary, settings.rate)
+        return _report(summary, settings.rate, limiter)
     if signals.forced:
         print("sfembed: exited at once; run again with --resume to continue", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -230,8 +257,10 @@ async def _outcome(job: asyncio.Future[JobSummary]) -> JobSummary | None:
         return None
 
 
-def _report(summary: JobSummary, limits: RateLimits) -> int:
+def _report(summary: JobSummary, limits: RateLimits, limiter: SharedLimiter | None) -> int:
     print(_summary(summary, limits))
+    if limiter is not None:
+        print(f"  {'quota':<16}{_shared(limiter)}")
     if summary.errors_path is not None:
         print(f"{summary.failed:,} record(s) failed: see {summary.errors_path}")
     if summary.stopped:
@@ -308,6 +337,13 @@ def _print_dry_run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 _PRICES = Path("configs/prices.toml")
+
+
+def _shared(limiter: SharedLimiter) -> str:
+    said = f"shared through {limiter.where}, {limiter.max_workers:,} worker(s) seen at once"
+    if limiter.fallbacks:
+        said += f"; paced alone {limiter.fallbacks:,} time(s) while Redis was unreachable"
+    return said
 
 
 def _summary(summary: JobSummary, limits: RateLimits) -> str:

@@ -145,6 +145,10 @@ class Settings:
     batch: BatchLimits = field(default_factory=BatchLimits)
     io: IOSettings = field(default_factory=IOSettings)
     models: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # A Redis URL (redis://host:6379/0) holding the quota shared by every worker that names the
+    # same account label and model; empty: this process paces alone.
+    quota: str = ""
+    quota_account: str = "default"
 
 
 _T = TypeVar("_T")

@@ -30,6 +30,7 @@ from ._cache import EmbeddingCache
 from ._client import EmbeddingClient
 from ._config import Settings
 from ._exceptions import ConfigError
+from ._limiter import Limiter
 from ._manifest import (
     Checkpoint,
     InputIdentity,
@@ -161,6 +162,7 @@ async def run_job(
     on_batch: Callable[[JobStats], None] | None = None,
     resume: bool = False,
     stop: asyncio.Event | None = None,
+    limiter: Limiter | None = None,
 ) -> JobSummary:
     """Embed every record of ``input_path`` into ``output_path`` in input order.
 
@@ -169,12 +171,13 @@ async def run_job(
     in ``<output>.manifest.json`` every ``io.checkpoint_rows`` rows and when the job ends in any
     way, so that ``resume=True`` continues a job that was killed: records already done are not
     sent again and the output ends byte-identical to an uninterrupted run's. ``stop`` ends the
-    job gracefully (see ``embed_stream``), leaving it resumable.
+    job gracefully (see ``embed_stream``), leaving it resumable. ``limiter`` paces the requests
+    (default: as ``embed_stream`` chooses).
 
     Raises ConfigError for bad paths or formats, or a resume whose settings or input differ from
     the earlier run's (naming what differs); and an APIError that no retry can get past.
     """
-    job = _FileJob(input_path, output_path, settings, client, errors_path)
+    job = _FileJob(input_path, output_path, settings, client, errors_path, limiter)
     return await job.run(resume=resume, stop=stop, on_batch=on_batch)
 
 
@@ -188,6 +191,7 @@ class _FileJob:
         settings: Settings,
         client: EmbeddingClient,
         errors_path: str | Path | None,
+        limiter: Limiter | None = None,
     ) -> None:
         self.input_path = input_path
         self.output_path = output_path
@@ -199,6 +203,7 @@ class _FileJob:
         self.manifest_path = manifest_path_for(output_path) if self.format != "parquet" else None
         self.summary = JobSummary(JobStats(), 0.0, errors_path=None)
         self.writing = False  # a batch is half written: the files and the counts disagree
+        self.limiter = limiter
 
     async def run(
         self,
@@ -333,6 +338,7 @@ class _FileJob:
             stats=summary.stats,
             stop=stop,
             cache=cache,
+            limiter=self.limiter,
         )
         async with contextlib.aclosing(stream) as batches:
             async for batch in batches:

@@ -40,6 +40,7 @@ from ._config import Settings, load_settings
 from ._limiter import Limiter, RateLimiter
 from ._models import DEFAULT_CATALOG, ModelCatalog, ModelSpec
 from ._packer import Packer, bisect
+from ._quota import SharedLimiter
 from ._reorder import EmbeddedBatch, Failure, ReorderBuffer
 from ._retry import call_with_retries, honoured_wait_s
 from ._tokens import (
@@ -53,7 +54,14 @@ from ._tokens import (
 )
 from ._types import Chunk, EmbeddingResult, FloatArray, InputItem, Ticket, Unusable
 
-__all__ = ["JobStats", "catalog_for", "client_for", "embed", "embed_stream"]
+__all__ = [
+    "JobStats",
+    "catalog_for",
+    "client_for",
+    "embed",
+    "embed_stream",
+    "shared_limiter_for",
+]
 
 log = logging.getLogger("sfembed")
 
@@ -182,13 +190,17 @@ async def embed_stream(
     gracefully: no more input is read and no more requests start, requests in flight are awaited,
     and the stream ends after the last row that has every row before it (a shorter output, never
     a gap). With a ``cache``, texts it holds are not sent, a text repeated within the job is
-    sent once, and every vector received is stored in it. Raises as :func:`embed`.
+    sent once, and every vector received is stored in it. ``limiter`` paces the requests (any
+    :class:`Limiter`); without one, the quota shared through Redis at ``settings.quota`` if set
+    (:class:`SharedLimiter`), else a local :class:`RateLimiter`. Raises as :func:`embed`.
     """
     inputs = _as_inputs(inputs)
     job_settings = dataclasses.replace(settings or load_settings(), model=model, **options)
     async with contextlib.AsyncExitStack() as stack:
         if client is None:
             client = await stack.enter_async_context(client_for(job_settings))
+        if limiter is None and job_settings.quota:
+            limiter = await stack.enter_async_context(shared_limiter_for(job_settings))
         job = _Job(job_settings, client, stats or JobStats(), limiter, stop, cache)
         # Closed with us, so its stages stop before we return (not later, from a GC finaliser).
         batches = await stack.enter_async_context(contextlib.aclosing(job.run(inputs)))
@@ -217,6 +229,14 @@ def client_for(settings: Settings) -> EmbeddingClient:
         catalog=catalog_for(settings),
         max_batch_items=settings.batch.max_items,
         max_connections=settings.concurrency,
+    )
+
+
+def shared_limiter_for(settings: Settings) -> SharedLimiter:
+    """The shared quota at ``settings.quota`` for the settings' model and account; not opened.
+    Raises ConfigError without redis-py or for a bad URL."""
+    return SharedLimiter(
+        settings.quota, settings.rate, model=settings.model, account=settings.quota_account
     )
 
 

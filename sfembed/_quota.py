@@ -98,7 +98,7 @@ class SharedLimiter:
         if not account or any(c in account for c in "{}"):
             raise ConfigError(f"quota account label {account!r}: must be non-empty, without braces")
         self._redis = self._connect(url, timeout_s)
-        self._where = _where(url)
+        self.where = _where(url)  # host:port/db, without a password
         self._limits = limits
         self._clock: Clock = clock if clock is not None else LoopClock()
         self.max_tokens = _effective(limits.tpm, limits.headroom)
@@ -300,7 +300,7 @@ class SharedLimiter:
             self._fall_back(error)
             return None
         if self._fallback is not None:
-            log.warning("shared quota: Redis at %s answers again; pacing shared", self._where)
+            log.warning("shared quota: Redis at %s answers again; pacing shared", self.where)
             self._fallback = None
         return reply
 
@@ -319,7 +319,7 @@ class SharedLimiter:
         log.warning(
             "shared quota: Redis at %s unreachable (%s); pacing locally at 1/%d of the limits "
             "until it answers",
-            self._where,
+            self.where,
             type(error).__name__,
             share,
         )

@@ -27,6 +27,7 @@ from sfembed._config import RateLimits
 from sfembed._exceptions import ConfigError, InputError
 from sfembed._quota import SharedLimiter
 from sfembed.testing import RedisServer
+from sfembed.testing import expected_embedding as expected
 
 MODEL = "BAAI/bge-m3"
 PREFIX = f"sfembed:{{default}}:{MODEL}"
@@ -428,3 +429,80 @@ async def test_three_processes_on_one_quota_stay_under_it_with_every_row_right(
     refused = server.stats.rate_limited_tpm + server.stats.rate_limited_rpm
     assert refused <= 2, server.stats.by_status
     assert sum(report["rate_limited"] for report in reports) == refused
+
+
+# -- the command line and the settings --------------------------------------------------------
+
+
+def _corpus(path: Path, count: int) -> Path:
+    lines = [json.dumps({"id": f"d{i}", "text": f"document number {i}"}) for i in range(count)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+async def _log_keys(url: str) -> list[str]:
+    client = redis.from_url(url, decode_responses=True)
+    try:
+        return sorted(await client.keys("sfembed:*:log"))
+    finally:
+        await client.aclose()
+
+
+def test_the_cli_shares_the_quota_and_says_so(
+    redis_server: RedisServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sfembed._cli import main
+
+    source = _corpus(tmp_path / "in.jsonl", 40)
+    out = tmp_path / "out.npy"
+    args = ["embed", str(source), "--out", str(out), "--local", "--no-progress"]
+    args += ["--quota", redis_server.url, "--window-s", "2", "--batch-size", "8"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    quota = next(line for line in printed.splitlines() if line.strip().startswith("quota"))
+    assert f"shared through 127.0.0.1:{redis_server.port}/0" in quota
+    assert "1 worker(s) seen" in quota
+    assert asyncio.run(_log_keys(redis_server.url)) == [f"{PREFIX}:log"]
+    rows = np.load(out)
+    np.testing.assert_array_equal(rows[3], expected(MODEL, "document number 3"))
+
+
+def test_the_config_key_names_the_quota_and_its_account(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    from sfembed._cli import main
+
+    config = tmp_path / "job.toml"
+    config.write_text(f'quota = "{redis_server.url}"\nquota_account = "nightly"\n')
+    source = _corpus(tmp_path / "in.jsonl", 10)
+    args = ["embed", str(source), "--out", str(tmp_path / "o.npy"), "--local", "--no-progress"]
+    assert main([*args, "--config", str(config), "--window-s", "2"]) == 0
+    assert asyncio.run(_log_keys(redis_server.url)) == [f"sfembed:{{nightly}}:{MODEL}:log"]
+
+
+def test_a_quota_url_that_is_not_redis_is_refused_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sfembed._cli import main
+
+    source = _corpus(tmp_path / "in.jsonl", 3)
+    args = ["embed", str(source), "--out", str(tmp_path / "o.npy"), "--local", "--no-progress"]
+    assert main([*args, "--quota", "http://user:secret@quota.example:80/0"]) != 0
+    error = capsys.readouterr().err
+    assert "quota URL 'quota.example:80/0'" in error
+    assert "secret" not in error
+
+
+async def test_embed_with_settings_quota_paces_through_redis(
+    server: Any, redis_server: RedisServer, inspect: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sfembed import embed, load_settings
+
+    monkeypatch.setenv("SFEMBED_TEST_KEY", "sk-local-test")
+    settings = load_settings(base_url=server.url, quota=redis_server.url)
+    texts = [f"text {i}" for i in range(20)]
+    rows = await embed(texts, model=MODEL, settings=settings, api_key_env="SFEMBED_TEST_KEY")
+    np.testing.assert_array_equal(rows[5], expected(MODEL, "text 5"))
+    tokens, requests, entries = await sums(inspect)
+    assert requests == entries >= 1
+    assert tokens > 0
