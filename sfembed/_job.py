@@ -46,8 +46,8 @@ from ._manifest import (
 from ._models import ModelSpec
 from ._packer import Packer
 from ._pipeline import JobStats, catalog_for, embed_stream
-from ._readers import Record, read_records
 from ._reorder import EmbeddedBatch
+from ._sources import Record, read_records
 from ._tokens import counter_for
 from ._types import Chunk, Unusable
 from ._writers import Committed, Writer, _reopen, format_of, ids_path_for, open_writer
@@ -83,7 +83,7 @@ class JobSummary:
 class _Ids:
     """(id, line) of records whose rows are still in flight, in input order."""
 
-    pending: deque[tuple[str, int]] = field(default_factory=deque)
+    pending: deque[tuple[str | None, int]] = field(default_factory=deque)
     first: int = 0  # input position of pending[0]
 
     def feed(self, records: Iterator[Record]) -> Iterator[str | dict[str, str] | Unusable]:
@@ -91,7 +91,7 @@ class _Ids:
             self.pending.append((record.id, record.line))
             yield record.item if record.item is not None else Unusable(record.error or "unusable")
 
-    def take(self, batch: EmbeddedBatch) -> list[tuple[str, int]]:
+    def take(self, batch: EmbeddedBatch) -> list[tuple[str | None, int]]:
         """The (id, line) of each row, dropping the records this batch ends (it ends records
         only: see ``_Carry``)."""
         ids = [self.pending[position - self.first] for position in batch.positions.tolist()]
@@ -434,7 +434,7 @@ class _ErrorLog:
         if self._file is not None:
             self._file.close()
 
-    def write(self, batch: EmbeddedBatch, where: list[tuple[str, int]]) -> int:
+    def write(self, batch: EmbeddedBatch, where: list[tuple[str | None, int]]) -> int:
         """Log the failures of this batch; returns how many."""
         if not batch.failures:
             return 0

@@ -86,7 +86,7 @@ class Writer(Protocol):
 
     rows: int  # rows written so far
 
-    def write(self, ids: Sequence[str], batch: EmbeddedBatch) -> None:
+    def write(self, ids: Sequence[str | None], batch: EmbeddedBatch) -> None:
         """Append ``batch``; ``ids[i]`` is the record id of its row i."""
 
     def close(self) -> None:
@@ -216,7 +216,7 @@ class _BaseWriter:
         # Close on errors too: the rows written so far are complete and worth keeping.
         self.close()
 
-    def write(self, ids: Sequence[str], batch: EmbeddedBatch) -> None:
+    def write(self, ids: Sequence[str | None], batch: EmbeddedBatch) -> None:
         """Append ``batch``; ``ids[i]`` is the record id of its row i.
 
         Raises ValueError when the writer is closed, the rows are not (n, dims), ``ids`` does not
@@ -233,13 +233,13 @@ class _BaseWriter:
             self.closed = True
             self._finish()
 
-    def _append(self, ids: Sequence[str], batch: EmbeddedBatch) -> None:
+    def _append(self, ids: Sequence[str | None], batch: EmbeddedBatch) -> None:
         raise NotImplementedError
 
     def _finish(self) -> None:
         raise NotImplementedError
 
-    def _check(self, ids: Sequence[str], batch: EmbeddedBatch) -> None:
+    def _check(self, ids: Sequence[str | None], batch: EmbeddedBatch) -> None:
         if self.closed:
             raise ValueError(f"write to closed writer of {str(self.path)!r}")
         shape = batch.embeddings.shape
@@ -344,7 +344,7 @@ class NpyWriter(_BaseWriter):
             return open(self.ids_path, "wb")
         return _reopen(self.ids_path, resume.lengths.get("ids", -1))
 
-    def write(self, ids: Sequence[str], batch: EmbeddedBatch) -> None:
+    def write(self, ids: Sequence[str | None], batch: EmbeddedBatch) -> None:
         """Append ``batch`` (see ``_BaseWriter.write``), committing every ``flush_rows`` rows."""
         super().write(ids, batch)
         if self.rows - self._committed >= self._flush_rows:
@@ -359,7 +359,7 @@ class NpyWriter(_BaseWriter):
             raise ValueError(f"flush of closed writer of {str(self.path)!r}")
         self._commit()
 
-    def _append(self, ids: Sequence[str], batch: EmbeddedBatch) -> None:
+    def _append(self, ids: Sequence[str | None], batch: EmbeddedBatch) -> None:
         rows = np.ascontiguousarray(batch.embeddings, dtype=self.dtype)
         self._data.write(rows.data.cast("B"))
         _write_sidecar(self._ids, self.rows, ids, batch)
@@ -405,12 +405,16 @@ class NpyWriter(_BaseWriter):
         return np.lib.format.magic(1, 0) + struct.pack("<H", room) + text
 
 
-def _write_sidecar(file: IO[bytes], first: int, ids: Sequence[str], batch: EmbeddedBatch) -> None:
+def _write_sidecar(
+    file: IO[bytes], first: int, ids: Sequence[str | None], batch: EmbeddedBatch
+) -> None:
     """Write the sidecar lines of ``batch``, whose first row is row ``first`` of the output."""
     rows = range(first, first + len(ids))
     meta = _chunk_meta(batch)
     if meta is None:
-        lines = [{"row": row, "id": id_} for row, id_ in zip(rows, ids, strict=True)]
+        lines: list[dict[str, object]] = [
+            {"row": row, "id": id_} for row, id_ in zip(rows, ids, strict=True)
+        ]
         _write_json_lines(file, lines)
         return
     columns = zip(rows, ids, batch.positions.tolist(), *meta, strict=True)
@@ -477,7 +481,7 @@ class JsonlWriter(_BaseWriter):
         self.flush()
         return Committed(self.rows, {"output": self._file.tell()})
 
-    def _append(self, ids: Sequence[str], batch: EmbeddedBatch) -> None:
+    def _append(self, ids: Sequence[str | None], batch: EmbeddedBatch) -> None:
         rows = np.ascontiguousarray(batch.embeddings, dtype=np.float32)
         failed = _failed_rows(rows).tolist()
         meta = _chunk_meta(batch)
@@ -546,7 +550,7 @@ class ParquetWriter(_BaseWriter):
             raise ValueError(f"flush of closed writer of {str(self.path)!r}")
         self._write_group()
 
-    def _append(self, ids: Sequence[str], batch: EmbeddedBatch) -> None:
+    def _append(self, ids: Sequence[str | None], batch: EmbeddedBatch) -> None:
         # A copy: the pooled rows outlive this call and the caller may reuse its buffer.
         rows = np.array(batch.embeddings, dtype=np.float32, order="C", copy=True)
         record = self._record(ids, batch, rows)
@@ -558,7 +562,9 @@ class ParquetWriter(_BaseWriter):
         if self._pooled_rows >= self._group_rows or self._pooled_bytes >= self._group_bytes:
             self._write_group()
 
-    def _record(self, ids: Sequence[str], batch: EmbeddedBatch, rows: np.ndarray[Any, Any]) -> Any:
+    def _record(
+        self, ids: Sequence[str | None], batch: EmbeddedBatch, rows: np.ndarray[Any, Any]
+    ) -> Any:
         pa = self._pa
         columns = {"id": pa.array(list(ids), type=pa.string())}
         if batch.chunk_numbers is not None and batch.spans is not None:

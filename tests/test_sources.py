@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import os
 import random
@@ -14,7 +15,7 @@ import orjson
 import pytest
 
 from sfembed._exceptions import ConfigError
-from sfembed._readers import FORMATS, Record, read_records
+from sfembed._sources import FORMATS, Record, read_records
 
 PIXEL = b"\x89PNG\r\n\x1a\n-not-decoded-by-anyone"
 
@@ -29,7 +30,10 @@ def jsonl(*values: Any) -> bytes:
 
 
 def read(path: Path, **options: Any) -> list[Record]:
-    return list(read_records(path, **options))
+    """The records of ``path``, with their source checked and then left out (to compare)."""
+    records = list(read_records(path, **options))
+    assert {record.source for record in records} <= {str(path)}
+    return [dataclasses.replace(record, source="") for record in records]
 
 
 def errors(records: list[Record]) -> dict[int, str]:
@@ -96,7 +100,7 @@ def test_a_long_line_is_reported_and_skipped_to_its_end(tmp_path: Path) -> None:
     path = write(tmp_path / "in.jsonl", b"\n".join([b'{"text": "a"}', long, b'{"text": "b"}']))
     records = read(path, max_line_bytes=1000)
     assert [record.item for record in records] == ["a", None, "b"]
-    assert records[1] == Record("2", None, 2, f"line longer than 1000 bytes ({len(long)} bytes)")
+    assert records[1] == Record(None, None, 2, f"line longer than 1000 bytes ({len(long)} bytes)")
 
 
 def test_a_line_of_exactly_the_limit_is_read(tmp_path: Path) -> None:
@@ -202,11 +206,11 @@ def test_csv_problems_keep_the_record_count_and_first_lines(tmp_path: Path) -> N
     data = b'id,text\na,"ok\nstill"\n\nb\nc,\n"d,\xff",x\ne,"z\x00"\nf,last\n'
     assert [(r.id, r.line, r.error) for r in read(write(tmp_path / "in.csv", data))] == [
         ("a", 2, None),
-        ("4", 4, "blank line"),
+        (None, 4, "blank line"),
         ("b", 5, "missing text field 'text'"),
         ("c", 6, "empty text in field 'text'"),
-        ("7", 7, "invalid UTF-8 (invalid start byte) at byte 3 of the line"),
-        ("8", 8, "NUL byte at character 4 of the line"),
+        (None, 7, "invalid UTF-8 (invalid start byte) at byte 3 of the line"),
+        (None, 8, "NUL byte at character 4 of the line"),
         ("f", 9, None),
     ]
 
@@ -214,7 +218,7 @@ def test_csv_problems_keep_the_record_count_and_first_lines(tmp_path: Path) -> N
 def test_malformed_csv_is_one_record_and_parsing_resumes(tmp_path: Path) -> None:
     path = write(tmp_path / "in.csv", "id,text\n1,a\rb\n2,ok\n")
     assert read(path) == [
-        Record("2", None, 2, "malformed CSV: new-line character seen in unquoted field"),
+        Record(None, None, 2, "malformed CSV: new-line character seen in unquoted field"),
         Record("2", "ok", 3),
     ]
 
@@ -228,9 +232,9 @@ def test_csv_long_lines_and_records_do_not_lose_the_quoting(tmp_path: Path) -> N
     records = read(path, max_line_bytes=100)
     assert [(r.id, r.line, r.item) for r in records] == [
         ("1", 2, "short"),
-        ("3", 3, None),
-        ("4", 4, None),
-        ("7", 7, None),
+        (None, 3, None),
+        (None, 4, None),
+        (None, 7, None),
         ("5", 68, "end"),
     ]
     assert [r.error for r in records[1:4]] == [
@@ -342,12 +346,12 @@ def test_unreadable_paths_fail_at_once(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"cannot read input .*No such file"):
         read_records(tmp_path / "absent.jsonl")
     (tmp_path / "dir.txt").mkdir()
-    with pytest.raises(ConfigError, match="Is a directory"):
+    with pytest.raises(ConfigError, match=r"input folder .*dir.txt' holds no input file"):
         read_records(tmp_path / "dir.txt")
 
 
 def test_large_input_streams_without_reading_ahead(tmp_path: Path) -> None:
     path = write(tmp_path / "in.jsonl", jsonl(*({"text": f"doc {n}"} for n in range(50_000))))
     records = read_records(path)
-    assert next(records) == Record("1", "doc 0", 1)
+    assert next(records) == Record("1", "doc 0", 1, None, str(path))
     assert sum(1 for _ in records) == 49_999
