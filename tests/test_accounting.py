@@ -49,6 +49,10 @@ def bad_lines(folder: Path) -> dict[int, tuple[bytes, str]]:
     }
 
 
+#: Lines whose id cannot be read: their errors-file entry has a null id (never a made-up one).
+UNPARSED = {3, 31, 38, 52}
+
+
 def write_input(folder: Path, count: int) -> tuple[Path, list[str | None]]:
     """``count`` records, good ones interleaved with the bad; the text of each good one."""
     bad = bad_lines(folder)
@@ -99,7 +103,7 @@ async def test_rows_plus_errors_equal_records_under_bad_input_and_faults(
     assert sorted(entry["line"] for entry in errors) == sorted(bad)
     for entry in errors:
         assert bad[entry["line"]][1] in entry["reason"], entry
-        assert entry["id"]
+        assert entry["id"] is None if entry["line"] in UNPARSED else entry["id"]
         assert np.isnan(rows[entry["line"] - 1]).all()  # row i is still record i
     for number, text in enumerate(texts):
         if text is not None:

@@ -57,8 +57,8 @@ def test_embed_local_writes_rows_in_order_and_reports_bad_lines(
     errors = [
         orjson.loads(line) for line in (tmp_path / "out.npy.errors.jsonl").read_bytes().splitlines()
     ]
-    # A malformed line has no readable id: it is named by its line number.
-    assert [(e["id"], e["line"]) for e in errors] == [("8", 8), ("d20", 21)]
+    # A malformed line has no readable id: it is null, named by its line number alone.
+    assert [(e["id"], e["line"]) for e in errors] == [(None, 8), ("d20", 21)]
     assert all(e["reason"] for e in errors)
     assert "failures" in capsys.readouterr().out
 

@@ -292,18 +292,20 @@ BAD_LINES: list[tuple[bytes, str, str]] = [
 ]
 
 
-def mixed_input(texts: Sequence[str], every: int) -> tuple[list[bytes], dict[int, tuple[str, str]]]:
+def mixed_input(
+    texts: Sequence[str], every: int
+) -> tuple[list[bytes], dict[int, tuple[str | None, str]]]:
     """Good records with a bad line after every ``every``-th, cycling through BAD_LINES; and for
     each bad line number (1-based) its expected (id, reason words)."""
     lines: list[bytes] = []
-    bad: dict[int, tuple[str, str]] = {}
+    bad: dict[int, tuple[str | None, str]] = {}
     cycle = _cycle(BAD_LINES)
     for good in records(texts):
         lines.append(good)
         if len(lines) % every == 0:
             raw, ident, reason = next(cycle)
             lines.append(raw)
-            bad[len(lines)] = (str(len(lines)) if ident == "#" else ident, reason)
+            bad[len(lines)] = (None if ident == "#" else ident, reason)  # "#": no readable id
     return lines, bad
 
 
