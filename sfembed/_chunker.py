@@ -14,7 +14,7 @@ import numpy as np
 
 from ._types import FloatArray
 
-__all__ = ["Span", "char_range", "pool", "split_spans"]
+__all__ = ["Span", "char_range", "drop_blank", "pool", "split_spans"]
 
 #: A chunk as (first token, end token) indices into the token list, end exclusive.
 Span = tuple[int, int]
@@ -46,6 +46,21 @@ def split_spans(
             break
         start = max(end - overlap, start + 1)
     return spans
+
+
+def drop_blank(text: str, offsets: Sequence[tuple[int, int]], spans: list[Span]) -> list[Span]:
+    """``spans`` without those covering whitespace alone.
+
+    A long whitespace run (byte-level BPE gives a token per few blanks) can fill whole pieces.
+    Such a piece is sent stripped, as the empty string no server embeds, and it carries none of
+    the record's meaning: it is dropped, and the record is the pool of its other pieces."""
+    kept = [span for span in spans if not _blank(text, char_range(offsets, span))]
+    return kept or spans[:1]  # a text of blanks alone is refused before it is ever cut
+
+
+def _blank(text: str, chars: tuple[int, int]) -> bool:
+    start, end = chars
+    return end <= start or text[start:end].isspace()
 
 
 def _natural_cut(text: str, offsets: Sequence[tuple[int, int]], start: int, end: int) -> int:

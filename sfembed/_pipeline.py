@@ -34,7 +34,7 @@ import numpy as np
 
 from . import _exceptions as exc
 from ._cache import EmbeddingCache, normalise, scope
-from ._chunker import char_range, split_spans
+from ._chunker import char_range, drop_blank, split_spans
 from ._client import EmbeddingClient
 from ._config import Settings, load_settings
 from ._limiter import Limiter, RateLimiter
@@ -544,7 +544,8 @@ class _Job:
         assert self._exact is not None  # loaded by _exact_counts before any text is cut
         offsets = self._exact.spans(text)
         limit = self._item_limit() - self.spec.special_tokens
-        return offsets, split_spans(text, offsets, limit, overlap=self.settings.overlap_tokens)
+        spans = split_spans(text, offsets, limit, overlap=self.settings.overlap_tokens)
+        return offsets, drop_blank(text, offsets, spans)
 
     async def _stream_chunks(
         self, position: int, text: str, offsets: Offsets, spans: Sequence[tuple[int, int]]
@@ -733,10 +734,11 @@ class _Job:
             repeats = self._waiting.pop(key, []) if key is not None else []
             for chunk in (request[0], *repeats):
                 halves = await self._uncached(await self._halves(chunk))
-                if halves:
-                    await self._send(halves)
-                else:
+                if not halves:
                     await self._release()
+                # Within the item cap: with a cap of one, each half goes alone.
+                for start in range(0, len(halves), self.packer.max_items):
+                    await self._send(halves[start : start + self.packer.max_items])
         else:
             rest = [chunk for chunk in request if not self._near_limit(chunk)]
             for part in ([rest] if rest else []) + [[chunk] for chunk in near]:
@@ -775,10 +777,11 @@ class _Job:
         middle = len(offsets) // 2
         if middle == 0:
             return [chunk]  # refused again, it is then isolated and fails
-        self.reorder.expect_parts(chunk.unit, 1)
+        spans = drop_blank(text, offsets, [(0, middle), (middle, len(offsets))])
+        self.reorder.expect_parts(chunk.unit, len(spans) - 1)
         halves = [
             self._piece(chunk.position, chunk.unit, chunk.number, text, offsets, span)
-            for span in ((0, middle), (middle, len(offsets)))
+            for span in spans
         ]
         return [
             dataclasses.replace(h, start=chunk.start + h.start, end=chunk.start + h.end)

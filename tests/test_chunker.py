@@ -60,3 +60,13 @@ def test_pool_is_token_weighted_and_normalised() -> None:
     expected = np.array([3, 1], dtype=np.float64) / np.sqrt(10)
     np.testing.assert_allclose(pooled, expected, rtol=1e-6)
     assert pooled.dtype == np.float32
+
+
+def test_drop_blank_keeps_pieces_with_text_only() -> None:
+    from sfembed._chunker import drop_blank
+
+    text = "ab" + " " * 6 + "cd"
+    offsets = [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10)]
+    spans = [(0, 1), (1, 3), (3, 5)]
+    assert drop_blank(text, offsets, spans) == [(0, 1), (3, 5)]
+    assert drop_blank("    ", [(0, 2), (2, 4)], [(0, 1), (1, 2)]) == [(0, 1)]

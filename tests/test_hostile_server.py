@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from sfembed import (
+    DEFAULT_CATALOG,
     APIStatusError,
     APITimeoutError,
     BatchLimits,
@@ -38,7 +39,14 @@ from sfembed import (
 from sfembed._cache import normalise
 from sfembed._limiter import RateLimiter, Ticket
 from sfembed._retry import call_with_retries
-from sfembed.testing import Faults, LocalServer, expected_embedding, synthetic_corpus
+from sfembed._tokens import counter_for
+from sfembed.testing import (
+    Faults,
+    LocalServer,
+    count_tokens,
+    expected_embedding,
+    synthetic_corpus,
+)
 
 #: The ``make_server`` fixture of conftest: ``await make_server(**ServerConfig fields)``.
 MakeServer = Callable[..., Awaitable[LocalServer]]
@@ -327,3 +335,61 @@ async def test_vectors_of_one_server_are_not_served_for_another(
         ):
             pass
     assert stats.cached == len(TEXTS)
+
+
+# --- refusals the engine narrows: the item cap and blank pieces hold ------------------------------
+
+EN = "BAAI/bge-large-en-v1.5"  # bert-en, 512 tokens
+EN_COUNTER = counter_for(DEFAULT_CATALOG[EN])
+_WORDS = " ".join(t for t in synthetic_corpus(600, seed=3, long_every=0) if t.isascii()).split()
+
+
+def english(tokens: int, start: int = 0) -> str:
+    """English text of at most ``tokens`` tokens by bge-large-en's count, as long as allowed."""
+    low, high = 1, len(_WORDS) - start
+    while low < high:
+        middle = (low + high + 1) // 2
+        if EN_COUNTER.count([" ".join(_WORDS[start : start + middle])])[0] <= tokens:
+            low = middle
+        else:
+            high = middle - 1
+    return " ".join(_WORDS[start : start + low])
+
+
+async def test_a_refused_near_limit_text_is_halved_within_a_batch_size_of_one(
+    server: LocalServer,
+) -> None:
+    near = english(505, start=900)  # within the limit by our count, over it by the server's
+    assert EN_COUNTER.count([near])[0] <= 512 < count_tokens(near, DEFAULT_CATALOG[EN])
+    texts = ["first", near, "last"]
+    stats = JobStats()
+    settings = settings_for(server, batch=BatchLimits(max_items=1))
+    async with client_for(server) as client:
+        rows = await embed(texts, model=EN, settings=settings, client=client, stats=stats)
+    assert stats.failures == []
+    assert server.stats.by_status[400] == 1
+    np.testing.assert_array_equal(rows[[0, 2]], expected_rows(["first", "last"], EN))
+    np.testing.assert_allclose(np.linalg.norm(rows[1]), 1.0, atol=1e-5)
+    assert stats.requests == 4  # first, the two halves of near (one each), last
+
+
+QWEN = "Qwen/Qwen3-Embedding-0.6B"  # byte-level BPE, 32768 tokens
+
+
+@pytest.mark.parametrize("mode", ["pool", "chunks"])
+async def test_a_long_whitespace_run_does_not_fail_its_record(
+    server: LocalServer, mode: str
+) -> None:
+    words = " ".join(synthetic_corpus(3000, seed=3, long_every=0))
+    # " \t" is a token per pair for Qwen3: 80,000 of them fill whole pieces with blanks alone.
+    long = words[:60000] + " \t" * 80000 + words[60000:120000]
+    stats = JobStats()
+    settings = settings_for(server, long_mode=mode)
+    async with client_for(server) as client:
+        rows = await embed(
+            [long, "short"], model=QWEN, settings=settings, client=client, stats=stats
+        )
+    assert stats.failures == []
+    assert not np.isnan(rows).any()
+    np.testing.assert_array_equal(rows[-1], expected_rows(["short"], QWEN)[0])
+    assert len(rows) == (2 if mode == "pool" else stats.chunks)
