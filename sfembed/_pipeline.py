@@ -42,7 +42,13 @@ from ._models import DEFAULT_CATALOG, ModelCatalog, ModelSpec
 from ._packer import Packer, bisect
 from ._quota import SharedLimiter
 from ._reorder import EmbeddedBatch, Failure, ReorderBuffer
-from ._retry import call_with_retries, honoured_wait_s
+from ._retry import (
+    FailureStreak,
+    call_with_retries,
+    honoured_wait_s,
+    request_wide,
+    stopping_error,
+)
 from ._tokens import (
     FAMILIES,
     Calibration,
@@ -292,6 +298,7 @@ class _Job:
         self._release_lock = asyncio.Lock()
         self._probing = False
         self._usage_missing = False  # warned once that answers lack a usable usage
+        self._streak = FailureStreak()  # the same error for every request stops the job
 
     def _request_tokens(self) -> int:
         # A request far above the per-second pace would make the limiter lurch; 1/32 of
@@ -613,16 +620,20 @@ class _Job:
             self.packer.halve()
             await self._bisect(request, "the server refused the batch as too large")
         except exc.BadRequestError as error:
-            await self._narrow(request, error.message or "refused by the server")
+            await self._narrow(request, error.message or "refused by the server", error)
         except exc.InputError as error:
             if error.item is None:
                 raise  # an option, not an input: no request of this job can be sent
             await self._drop(request, error.item, error.reason)
         except exc.APIError as error:
+            if request_wide(error):  # no request can get past it: one error, not one per record
+                raise stopping_error(error) from None
+            self._streak.gave_up(error)
             for chunk in request:
                 self._fail(chunk, f"gave up after retries: {error}")
             await self._release()
         else:
+            self._streak.success()
             self.reorder.put(request, result.embeddings)
             self._share(request, result.embeddings)
             await self._release()
@@ -717,7 +728,9 @@ class _Job:
             "retrying after %s (attempt %d, wait %.2f s)", type(error).__name__, attempt, wait_s
         )
 
-    async def _narrow(self, request: list[Chunk], reason: str) -> None:
+    async def _narrow(
+        self, request: list[Chunk], reason: str, error: exc.APIError | None = None
+    ) -> None:
         """A 400. Most often the server counted a text near the limit as over it. Each such text
         is sent alone, and the rest together: a lone near-limit text refused is halved, anything
         else refused is isolated by bisection.
@@ -727,7 +740,7 @@ class _Job:
         byte-identical to an uninterrupted one's)."""
         near = [chunk for chunk in request if self._near_limit(chunk)]
         if not near:
-            await self._bisect(request, reason)
+            await self._bisect(request, reason, error)
         elif len(request) == 1:
             # Repeats of the text waited for one vector; each is halved alike instead.
             key = request[0].key
@@ -754,13 +767,17 @@ class _Job:
         else:
             await self._release()
 
-    async def _bisect(self, request: list[Chunk], reason: str) -> None:
+    async def _bisect(
+        self, request: list[Chunk], reason: str, error: exc.APIError | None = None
+    ) -> None:
         """Send each half of a refused request; a lone refused item fails with ``reason``."""
         if len(request) > 1:
             left, right = bisect(request)
             await self._send(left)
             await self._send(right)
         else:
+            if error is not None:
+                self._streak.refused(error)  # raises when every request is refused alike
             self._fail(request[0], reason)
             await self._release()
 

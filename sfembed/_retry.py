@@ -18,9 +18,17 @@ from typing import TypeVar
 import tenacity
 
 from ._config import RetryPolicy
-from ._exceptions import SFEmbedError
+from ._exceptions import APIError, APIStatusError, SFEmbedError
 
-__all__ = ["RetryHook", "call_with_retries", "honoured_wait_s", "is_retryable"]
+__all__ = [
+    "FailureStreak",
+    "RetryHook",
+    "call_with_retries",
+    "honoured_wait_s",
+    "is_retryable",
+    "request_wide",
+    "stopping_error",
+]
 
 log = logging.getLogger("sfembed")
 T = TypeVar("T")
@@ -113,3 +121,62 @@ def _before_sleep(hook: RetryHook | None) -> Callable[[tenacity.RetryCallState],
             hook(error, state.attempt_number, wait_s)
 
     return before_sleep
+
+
+def request_wide(error: BaseException) -> bool:
+    """True for an answer about the request itself, never about its inputs: a status that no
+    class of its own covers and no retry gets past (a redirect, 405, 406, ...). Every other
+    request would get it too."""
+    return type(error) is APIStatusError and not error.retryable
+
+
+class FailureStreak:
+    """Stops a job that fails every request the same way.
+
+    A settings or endpoint problem (a gateway that refuses every body, an outage outlasting the
+    retries) fails request after request with one error. Failing each record for it would write
+    an error line per record of the corpus, and narrowing each refused request down to single
+    items would send two requests per record. So the same error (class, status, code, message)
+    ending ``refused_limit`` items refused alone, or ``gave_up_limit`` requests out of retries,
+    in a row, with no success between, stops the job with one error that says so.
+    """
+
+    def __init__(self, *, refused_limit: int = 16, gave_up_limit: int = 4) -> None:
+        self._limits = {"refused": refused_limit, "gave up": gave_up_limit}
+        self._key: tuple[object, ...] | None = None
+        self._count = 0
+
+    def success(self) -> None:
+        """A request was answered: whatever failed before was not about every request."""
+        self._key = None
+        self._count = 0
+
+    def refused(self, error: APIError) -> None:
+        """An item sent alone was refused with ``error``. Raises when the streak is complete."""
+        self._add("refused", error)
+
+    def gave_up(self, error: APIError) -> None:
+        """A request ran out of retries on ``error``. Raises when the streak is complete."""
+        self._add("gave up", error)
+
+    def _add(self, kind: str, error: APIError) -> None:
+        key = (kind, type(error), error.status, error.code, error.message)
+        self._count = self._count + 1 if key == self._key else 1
+        self._key = key
+        if self._count >= self._limits[kind]:
+            what = "inputs sent alone were refused" if kind == "refused" else "requests failed"
+            why = f"{self._count} {what} in a row with the same error, and none succeeded: "
+            raise stopping_error(error, why)
+
+
+def stopping_error(error: APIError, why: str = "") -> APIError:
+    """``error`` restated as the one error that stops a job: it concerns every request."""
+    stop = type(error)(
+        f"{why}{error.message}. It concerns every request, not their inputs (check the base "
+        "URL, the model and its options, or the server's state); the job stops here",
+        status=error.status,
+        code=error.code,
+        trace_id=error.trace_id,
+    )
+    stop.retryable = False
+    return stop

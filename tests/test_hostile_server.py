@@ -10,18 +10,26 @@ records.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+import socket
+import threading
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 import pytest
 
 from sfembed import (
     DEFAULT_CATALOG,
+    APIConnectionError,
+    APIError,
     APIStatusError,
     APITimeoutError,
+    BadRequestError,
     BatchLimits,
     EmbeddingCache,
     EmbeddingClient,
@@ -37,6 +45,7 @@ from sfembed import (
     load_settings,
 )
 from sfembed._cache import normalise
+from sfembed._cli import main
 from sfembed._limiter import RateLimiter, Ticket
 from sfembed._retry import call_with_retries
 from sfembed._tokens import counter_for
@@ -393,3 +402,148 @@ async def test_a_long_whitespace_run_does_not_fail_its_record(
     assert not np.isnan(rows).any()
     np.testing.assert_array_equal(rows[-1], expected_rows(["short"], QWEN)[0])
     assert len(rows) == (2 if mode == "pool" else stats.chunks)
+
+
+# --- request-wide errors stop the job with one message ------------------------------------------
+
+RECORDS = [f"record {n}: {text[:80]}" for n, text in enumerate(synthetic_corpus(200, seed=9))]
+
+
+@pytest.mark.parametrize("kind", ["405", "redirect"])
+async def test_a_request_wide_status_stops_the_job_at_once(server: LocalServer, kind: str) -> None:
+    server.inject(kind, 10_000)
+    stats = JobStats()
+    async with client_for(server) as client:
+        with pytest.raises(APIStatusError, match="the job stops here") as info:
+            await embed(
+                RECORDS, model=M3, settings=settings_for(server), client=client, stats=stats
+            )
+    assert not info.value.retryable
+    assert stats.failures == []  # not one error line per record
+    assert server.stats.requests <= 1 + settings_for(server).concurrency
+
+
+async def test_a_400_for_every_request_stops_the_job_without_walking_the_corpus(
+    server: LocalServer,
+) -> None:
+    server.inject("400", 100_000)
+    stats = JobStats()
+    settings = settings_for(server, batch=BatchLimits(max_items=16))
+    async with client_for(server) as client:
+        with pytest.raises(BadRequestError, match="in a row with the same error") as info:
+            await embed(RECORDS, model=M3, settings=settings, client=client, stats=stats)
+    assert "parameter is invalid" in str(info.value)
+    # Far fewer requests than the two per record that narrowing each refusal down would take.
+    assert server.stats.requests < len(RECORDS) // 2
+    assert len(stats.failures) < 16 + settings.concurrency * 2
+
+
+@pytest.mark.parametrize("kind", ["503", "html-502", "reset"])
+async def test_an_outage_outlasting_the_retries_stops_the_job(
+    server: LocalServer, kind: str
+) -> None:
+    server.inject(kind, 100_000)
+    stats = JobStats()
+    async with client_for(server) as client:
+        with pytest.raises(APIError, match="requests failed in a row") as info:
+            await embed(
+                RECORDS, model=M3, settings=settings_for(server), client=client, stats=stats
+            )
+    assert not info.value.retryable
+    assert len(stats.failures) < len(RECORDS) // 4
+
+
+async def test_a_refused_connection_at_the_start_stops_the_job() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/v1"
+    settings = load_settings(base_url=url, rate=UNLIMITED, retry=FAST_RETRY)
+    async with EmbeddingClient(api_key=KEY, base_url=url) as client:
+        with pytest.raises(APIConnectionError, match="requests failed in a row"):
+            await embed(RECORDS, model=M3, settings=settings, client=client)
+
+
+async def test_inputs_refused_one_by_one_among_good_ones_do_not_stop_the_job(
+    server: LocalServer,
+) -> None:
+    vl = "Qwen/Qwen3-VL-Embedding-8B"
+    items: list[Any] = list(RECORDS[:120])
+    bad = list(range(0, 120, 3))  # 40 bad inputs, each refused alone by the server (400)
+    for n in bad:
+        items[n] = {"image": "not base64!!"}
+    stats = JobStats()
+    settings = settings_for(server, batch=BatchLimits(max_items=8), concurrency=1)
+    async with client_for(server) as client:
+        rows = await embed(
+            items, model=vl, settings=settings, client=client, stats=stats, errors="nan"
+        )
+    assert [failure.position for failure in stats.failures] == bad
+    assert np.isnan(rows[bad]).all()
+    assert not np.isnan(np.delete(rows, bad, axis=0)).any()
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def threaded_server() -> Iterator[LocalServer]:
+    """A LocalServer on a loop of its own thread: the command line runs ``asyncio.run`` (and
+    installs signal handlers) in the main thread."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    server = LocalServer()
+    asyncio.run_coroutine_threadsafe(server.start(), loop).result(timeout=30)
+    try:
+        yield server
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(), loop).result(timeout=30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=30)
+        loop.close()
+
+
+def _records_file(path: Path, count: int) -> Path:
+    lines = [orjson.dumps({"id": f"d{n}", "text": RECORDS[n]}) for n in range(count)]
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+@pytest.mark.parametrize("kind", ["405", "400"])
+def test_the_command_line_reports_a_request_wide_error_once(
+    tmp_path: Path,
+    kind: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("SILICONFLOW_API_KEY", KEY)
+    source = _records_file(tmp_path / "in.jsonl", 200)
+    with threaded_server() as server:
+        server.inject(kind, 100_000)
+        argv = ["embed", str(source), "--out", str(tmp_path / "out.npy"), "--no-progress"]
+        code = main([*argv, "--base-url", server.url, "--batch-size", "8", "--concurrency", "2"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.count("sfembed: error:") == 1
+    assert "the job stops here" in err
+    assert "Traceback" not in err
+    assert KEY not in err
+    errors = tmp_path / "out.npy.errors.jsonl"
+    assert not errors.exists() or len(errors.read_bytes().splitlines()) < 40
+
+
+def test_a_run_after_a_local_trial_takes_no_local_vectors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SILICONFLOW_API_KEY", KEY)
+    source = _records_file(tmp_path / "in.jsonl", 30)
+    trial = ["embed", str(source), "--out", str(tmp_path / "out.npy"), "--no-progress"]
+    assert main([*trial, "--local"]) == 0
+    assert (tmp_path / "sfembed-cache.sqlite").exists()
+    real = ["embed", str(source), "--out", str(tmp_path / "real.npy"), "--no-progress"]
+    with threaded_server() as server:
+        assert main([*real, "--base-url", server.url]) == 0
+    assert server.stats.by_status[200] > 0
+    assert server.stats.tokens_accepted > 0  # every record was sent, none taken from the cache
+    np.testing.assert_array_equal(np.load(tmp_path / "real.npy"), expected_rows(RECORDS[:30]))

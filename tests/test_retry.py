@@ -101,3 +101,27 @@ async def test_cancelling_during_a_backoff_stops_the_retries() -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert script.calls == 1
+
+
+def test_a_failure_streak_stops_only_the_same_error_in_a_row() -> None:
+    from sfembed._exceptions import BadRequestError, ServerError
+    from sfembed._retry import FailureStreak
+
+    refused = BadRequestError("invalid", status=400, code=20015)
+    other = BadRequestError("other", status=400, code=20015)
+    streak = FailureStreak(refused_limit=3, gave_up_limit=2)
+    streak.refused(refused)
+    streak.refused(refused)
+    streak.success()  # a success between: the count starts again
+    streak.refused(refused)
+    streak.refused(other)  # another error: so does it
+    streak.refused(refused)
+    streak.refused(refused)
+    with pytest.raises(BadRequestError, match="3 inputs sent alone were refused") as info:
+        streak.refused(refused)
+    assert not info.value.retryable
+    assert info.value.code == 20015
+    down = ServerError("overloaded", status=503)
+    streak.gave_up(down)
+    with pytest.raises(ServerError, match="2 requests failed in a row"):
+        streak.gave_up(down)
