@@ -15,6 +15,7 @@ from ._config import (
     Timeouts,
     load_settings,
 )
+from ._engine import embed, embed_stream
 from ._exceptions import (
     APIConnectionError,
     APIError,
@@ -39,10 +40,8 @@ from ._exceptions import (
 )
 from ._limiter import Clock, Limiter, LoopClock, ManualClock, RateLimiter
 from ._models import DEFAULT_CATALOG, ModelCatalog, ModelSpec
-from ._pipeline import JobStats, embed, embed_stream
 from ._quota import SharedLimiter
-from ._reorder import EmbeddedBatch, Failure
-from ._types import EmbeddingResult, Ticket
+from ._types import EmbeddedBatch, EmbeddingResult, Failure, JobStats, Ticket
 
 __version__ = "0.1.0"
 

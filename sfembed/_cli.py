@@ -14,10 +14,10 @@ from typing import Any
 from . import testing
 from ._client import EmbeddingClient
 from ._config import RateLimits, Settings, load_settings
+from ._engine import catalog_for, client_for, shared_limiter_for
 from ._exceptions import SFEmbedError
 from ._job import JobSummary, dry_run, price_of, run_job
 from ._manifest import load_manifest, manifest_path_for
-from ._pipeline import catalog_for, client_for, shared_limiter_for
 from ._progress import TqdmProgress
 from ._quota import SharedLimiter
 

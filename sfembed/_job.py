@@ -29,6 +29,7 @@ import orjson
 from ._cache import EmbeddingCache
 from ._client import EmbeddingClient
 from ._config import Settings
+from ._engine import catalog_for, embed_stream
 from ._exceptions import ConfigError
 from ._limiter import Limiter
 from ._manifest import (
@@ -45,11 +46,9 @@ from ._manifest import (
 )
 from ._models import ModelSpec
 from ._packer import Packer
-from ._pipeline import JobStats, catalog_for, embed_stream
-from ._reorder import EmbeddedBatch
 from ._sources import Record, read_records
 from ._tokens import counter_for
-from ._types import Chunk, Unusable
+from ._types import Chunk, EmbeddedBatch, JobStats, Unusable
 from ._writers import Committed, Writer, _reopen, format_of, ids_path_for, open_writer
 
 log = logging.getLogger("sfembed")

@@ -7,7 +7,7 @@ from typing import Protocol, TextIO
 
 from tqdm import tqdm
 
-from ._pipeline import JobStats
+from ._types import JobStats
 
 __all__ = ["ProgressHook", "TqdmProgress", "eta_s"]
 

@@ -16,44 +16,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ._chunker import pool
-from ._types import Chunk, FloatArray
+from ._types import Chunk, EmbeddedBatch, Failure, FloatArray, IntArray, MetaArray
 
-__all__ = ["EmbeddedBatch", "Failure", "ReorderBuffer"]
-
-IntArray = np.ndarray[tuple[int], np.dtype[np.int64]]
-MetaArray = np.ndarray[tuple[int, int], np.dtype[np.int64]]
-
-
-@dataclass(frozen=True, slots=True)
-class Failure:
-    """A record (or, in ``chunks`` mode, a chunk) that could not be embedded, and why."""
-
-    position: int
-    reason: str
-    chunk: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class EmbeddedBatch:
-    """Consecutive output rows: ``positions[i]`` is the input position of ``embeddings[i]``.
-
-    Unpacks as ``positions, embeddings``. In ``chunks`` mode ``chunk_numbers`` and ``spans``
-    (character start and end in the record) describe each row. A failed row is NaN, and
-    ``failures`` says why for each failed row of this batch.
-    """
-
-    positions: IntArray
-    embeddings: FloatArray
-    chunk_numbers: IntArray | None = None
-    spans: MetaArray | None = None
-    failures: tuple[Failure, ...] = ()
-
-    def __iter__(self):  # type: ignore[no-untyped-def]
-        yield self.positions
-        yield self.embeddings
-
-    def __len__(self) -> int:
-        return len(self.positions)
+__all__ = ["ReorderBuffer"]
 
 
 @dataclass(slots=True)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, NotRequired, TypeAlias, TypedDict
 
@@ -10,10 +12,18 @@ import numpy as np
 import numpy.typing as npt
 
 __all__ = [
+    "Chunk",
+    "EmbeddedBatch",
     "EmbeddingResult",
     "EncodingFormat",
+    "Failure",
+    "FloatArray",
     "ImageInput",
     "InputItem",
+    "IntArray",
+    "JobStats",
+    "MetaArray",
+    "Span",
     "TextInput",
     "Ticket",
     "Truncate",
@@ -27,6 +37,11 @@ __all__ = [
 EncodingFormat: TypeAlias = Literal["float", "base64"]
 Truncate: TypeAlias = Literal["left", "right"]
 FloatArray: TypeAlias = npt.NDArray[np.float32]
+IntArray: TypeAlias = npt.NDArray[np.int64]
+#: Rows of (position, chunk number, start, end), one per output row in ``chunks`` mode.
+MetaArray: TypeAlias = npt.NDArray[np.int64]
+#: A half-open range [start, end) of characters or tokens.
+Span: TypeAlias = tuple[int, int]
 
 
 class TextInput(TypedDict):
@@ -156,3 +171,56 @@ class Ticket:
         return (
             f"{type(self).__name__}(id={self.id!r}, tokens={self.tokens}, requests={self.requests})"
         )
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """A record (or, in ``chunks`` mode, a chunk) that could not be embedded, and why."""
+
+    position: int
+    reason: str
+    chunk: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddedBatch:
+    """Consecutive output rows: ``positions[i]`` is the input position of ``embeddings[i]``.
+
+    Unpacks as ``positions, embeddings``. In ``chunks`` mode ``chunk_numbers`` and ``spans``
+    (character start and end in the record) describe each row. A failed row is NaN, and
+    ``failures`` says why for each failed row of this batch.
+    """
+
+    positions: IntArray
+    embeddings: FloatArray
+    chunk_numbers: IntArray | None = None
+    spans: MetaArray | None = None
+    failures: tuple[Failure, ...] = ()
+
+    def __iter__(self) -> Iterator[IntArray | FloatArray]:
+        yield self.positions
+        yield self.embeddings
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+
+@dataclass(slots=True)
+class JobStats:
+    """Live counters of a job, read by progress hooks and the summary. Tokens are the server's."""
+
+    records: int = 0
+    chunks: int = 0
+    rows: int = 0
+    requests: int = 0
+    tokens: int = 0
+    rate_limited: int = 0
+    retries: int = 0
+    resumed: int = 0  # records an earlier run of the job had done (progress counts from there)
+    cached: int = 0  # items answered by the cache, not sent
+    deduplicated: int = 0  # items that repeated one already on its way, not sent again
+    in_flight: int = 0
+    pace_tokens_per_s: float = 0.0  # the limiter's current pace, for an ETA
+    pace_requests_per_s: float = 0.0
+    failures: list[Failure] = field(default_factory=list)
+    started_s: float = field(default_factory=time.monotonic)

@@ -47,7 +47,7 @@ import numpy as np
 import orjson
 
 from ._exceptions import ConfigError
-from ._reorder import EmbeddedBatch
+from ._types import EmbeddedBatch
 
 __all__ = [
     "DTYPES",

@@ -21,7 +21,7 @@ from sfembed import (
     EmbeddingClient,
     load_settings,
 )
-from sfembed._pipeline import embed
+from sfembed._engine import embed
 from sfembed.testing import Faults, LocalServer, ServerConfig
 
 SECRET = "sk-test-9f8e7d6c5b4a39281706f5e4d3c2b1a0"

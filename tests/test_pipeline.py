@@ -39,7 +39,7 @@ from sfembed import (
     load_settings,
 )
 from sfembed._cache import normalise
-from sfembed._pipeline import _Job
+from sfembed._engine import Engine
 from sfembed._tokens import counter_for
 from sfembed._types import Unusable
 from sfembed.testing import (
@@ -134,7 +134,7 @@ def job_tasks() -> list[asyncio.Task[Any]]:
     return [
         task
         for task in asyncio.all_tasks()
-        if not task.done() and "_Job" in getattr(task.get_coro(), "__qualname__", "")
+        if not task.done() and task.get_name().startswith("sfembed:")
     ]
 
 
@@ -571,7 +571,7 @@ async def test_a_batch_too_large_halves_the_item_cap(server: LocalServer) -> Non
     settings = settings_for(server, batch=BatchLimits(max_items=6), concurrency=2)
     stats = JobStats()
     async with client_for(server) as client:
-        job = _Job(settings, client, stats, None)
+        job = Engine(settings, client, stats, None)
         batches = await collect(job.run(SHORT))
     assert job.packer.max_items == 3
     assert_rows(np.concatenate([b.embeddings for b in batches]), M3, SHORT)

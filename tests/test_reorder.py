@@ -93,7 +93,7 @@ async def test_cancelled_reserve_takes_nothing() -> None:
 
 
 def test_embed_rows_fill_one_array_and_fall_back_when_rows_outnumber_inputs() -> None:
-    from sfembed._pipeline import _Rows
+    from sfembed._engine import _Rows
 
     def batch(start: int, count: int) -> np.ndarray:
         return np.arange(start, start + count, dtype=np.float32).repeat(2).reshape(count, 2)

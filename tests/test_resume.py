@@ -179,7 +179,7 @@ def job_tasks() -> list[asyncio.Task[Any]]:
     return [
         task
         for task in asyncio.all_tasks()
-        if not task.done() and "_Job" in getattr(task.get_coro(), "__qualname__", "")
+        if not task.done() and task.get_name().startswith("sfembed:")
     ]
 
 

@@ -1,0 +1,107 @@
+"""The stage in front of dispatch: texts already embedded, or already on their way, are not sent.
+
+Intake passes every chunk through :meth:`Dedup.admit` before packing. A chunk the cache holds is
+answered at once from it; a text repeated within the job waits for the vector of the copy that is
+sent (:meth:`Dedup.answered` hands it over, :meth:`Dedup.repeats_of` gives the waiting repeats
+to a copy that failed or was cut in two). Vectors received are stored in the cache. Without a
+cache the stage lets everything through and costs nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, cast
+
+import numpy as np
+
+from ._cache import EmbeddingCache
+from ._models import ModelSpec
+from ._tokens import upper_bound
+from ._types import Chunk, FloatArray, JobStats
+
+__all__ = ["Dedup", "RowSink"]
+
+
+class RowSink(Protocol):
+    """Where settled rows go (the delivery stage's ring)."""
+
+    def put(self, chunks: list[Chunk], rows: FloatArray) -> None: ...
+
+
+class Dedup:
+    """Cache lookups and in-job deduplication for one job. Vectors are filed under ``scope``
+    (the model and the endpoint that made them); ``truncating`` is ``long_mode == truncate``
+    (the server may cut a text, so only texts it cannot cut are cached)."""
+
+    def __init__(
+        self,
+        cache: EmbeddingCache | None,
+        spec: ModelSpec,
+        dims: int,
+        stats: JobStats,
+        *,
+        scope: str,
+        truncating: bool,
+    ) -> None:
+        self.cache = cache
+        self.scope = scope
+        self.spec = spec
+        self.dims = dims
+        self.stats = stats
+        self.truncating = truncating
+        self._waiting: dict[bytes, list[Chunk]] = {}  # key -> repeats of a text on its way
+
+    async def admit(self, chunks: list[Chunk], rows: RowSink) -> list[Chunk]:
+        """The chunks still to send. Those the cache holds are put in ``rows`` at once, and a
+        repeat of a text already on its way waits for that copy's answer."""
+        if self.cache is None:
+            return chunks
+        keyed = [chunk for chunk in chunks if self._cacheable(chunk)]
+        if not keyed:
+            return chunks
+        keys = self.cache.keys([cast(str, chunk.item) for chunk in keyed])
+        hits = await self.cache.lookup(self.scope, self.dims, keys)
+        served: list[Chunk] = []
+        held: set[int] = set()
+        for chunk, key in zip(keyed, keys, strict=True):
+            chunk.key = key
+            if key in hits:
+                served.append(chunk)
+            elif key in self._waiting:
+                self._waiting[key].append(chunk)
+            else:
+                self._waiting[key] = []  # this copy is sent; later repeats wait for it
+                continue
+            held.add(id(chunk))
+        if served:
+            rows.put(served, np.stack([hits[cast(bytes, c.key)] for c in served]))
+            self.stats.cached += len(served)
+        self.stats.deduplicated += len(held) - len(served)
+        return [chunk for chunk in chunks if id(chunk) not in held]
+
+    def _cacheable(self, chunk: Chunk) -> bool:
+        """A text whose vector depends on the text alone: in truncate mode, not one the server
+        might cut (its vector depends on the cut side)."""
+        if not isinstance(chunk.item, str) or not chunk.item:
+            return False
+        limit = self.spec.max_input_tokens
+        return not self.truncating or upper_bound(chunk.item, self.spec) <= limit
+
+    def repeats_of(self, chunk: Chunk) -> list[Chunk]:
+        """The repeats waiting for ``chunk``'s vector, which no longer wait: the caller fails
+        them with it, or sends them on their own."""
+        return self._waiting.pop(chunk.key, []) if chunk.key is not None else []
+
+    async def answered(self, request: list[Chunk], vectors: FloatArray, rows: RowSink) -> None:
+        """Give each answered text's vector to the repeats waiting for it, then keep the vectors
+        in the cache."""
+        if self._waiting:
+            for i, chunk in enumerate(request):
+                repeats = self.repeats_of(chunk)
+                if repeats:
+                    rows.put(repeats, np.repeat(vectors[i : i + 1], len(repeats), axis=0))
+        if self.cache is None:
+            return
+        keyed = [i for i, chunk in enumerate(request) if chunk.key is not None]
+        if keyed:
+            keys = [cast(bytes, request[i].key) for i in keyed]
+            await self.cache.store(self.scope, self.dims, keys, vectors[keyed])

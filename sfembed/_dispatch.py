@@ -1,0 +1,319 @@
+"""The sending stage: a request -> limiter -> client -> retries -> rows or failures.
+
+``concurrency`` workers take packed requests from intake's stream. :class:`PacedSender` makes one
+attempt: it waits on the limiter, sends through the client, and settles the ticket to the
+server's count (or refunds it when the model never ran). :class:`Dispatch` retries transient
+errors, and narrows a refused request down so that only the items at fault fail: a 413 halves the
+packer's item cap and bisects, a 400 sends near-limit texts alone (halved if refused alone) and
+bisects the rest, an item the client refuses fails alone. Rows and failures are settled in the
+delivery stage's ring through each worker's :class:`RowWriter`.
+
+A stop starts nothing new: workers waiting for work, the limiter or a backoff are cancelled,
+and a worker with a request out finishes it (a retry or a split after the stop is not sent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
+
+from . import _exceptions as exc
+from ._client import EmbeddingClient
+from ._config import Settings
+from ._dedup import Dedup
+from ._delivery import RowWriter
+from ._limiter import Limiter
+from ._models import ModelSpec
+from ._packer import Packer, bisect
+from ._retry import (
+    FailureStreak,
+    call_with_retries,
+    honoured_wait_s,
+    request_wide,
+    stopping_error,
+)
+from ._streams import EndOfStream, ReceiveStream
+from ._tokens import Calibration
+from ._types import Chunk, EmbeddingResult, InputItem, JobStats, Ticket
+
+__all__ = ["Dispatch", "PacedSender"]
+
+log = logging.getLogger("sfembed")
+
+_FATAL = (
+    exc.AuthenticationError,
+    exc.PermissionDeniedError,
+    exc.NotFoundError,
+    exc.ModelNotFoundError,
+)
+
+
+class _Stopped(Exception):
+    """A request not started because the job was told to stop."""
+
+
+class PacedSender:
+    """One attempt at one request, paced by the limiter and accounted to the server's count."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        spec: ModelSpec,
+        client: EmbeddingClient,
+        limiter: Limiter,
+        stats: JobStats,
+    ) -> None:
+        self.settings = settings
+        self.spec = spec
+        self.client = client
+        self.limiter = limiter
+        self.stats = stats
+        # Charges are always priced by the estimator, so one calibration against the server's
+        # usage holds for every request; exact counts decide only where texts are cut.
+        self.calibration = Calibration(exact=False)
+        self.stopping = False
+        self.in_flight: set[asyncio.Task[Any] | None] = set()  # tasks with a request out
+        self._calibrated = asyncio.Event()
+        self._probing = False
+        self._usage_missing = False  # warned once that answers lack a usable usage
+
+    async def send(self, request: list[Chunk]) -> EmbeddingResult:
+        """One paced send. The job's first request goes alone: until the server's ``usage`` has
+        said how it counts, every charge is a guess, and a window filled on a guess can overshoot
+        the server's limit (a burst of 429s at the first window's edge)."""
+        if self._calibrated.is_set():
+            return await self._paced(request)
+        if self._probing:
+            await self._calibrated.wait()
+            return await self._paced(request)
+        self._probing = True
+        try:
+            return await self._paced(request)
+        finally:
+            self._calibrated.set()
+
+    async def _paced(self, request: list[Chunk]) -> EmbeddingResult:
+        if self.stopping:
+            raise _Stopped  # a retry or a split after the stop: not in flight, not sent
+        local = sum(chunk.tokens for chunk in request)
+        ticket = await self.limiter.acquire(self.calibration.charge(local))
+        if self.stopping:
+            await self.limiter.refund(ticket)
+            raise _Stopped
+        self.in_flight.add(asyncio.current_task())  # a stop lets this request finish
+        self.stats.in_flight += 1
+        try:
+            result = await self.client.embed(
+                cast(list[InputItem], [chunk.item for chunk in request]),
+                model=self.spec.name,
+                encoding_format="base64" if self.settings.encoding_format == "base64" else "float",
+                dimensions=self.settings.dimensions,
+                truncate=self._truncate(),
+            )
+        except exc.RateLimitError as error:
+            self.stats.rate_limited += 1
+            await self.limiter.on_rate_limited(
+                error.limit, honoured_wait_s(error, self.settings.retry, quiet=True)
+            )
+            raise
+        except (exc.ServerError, exc.BadRequestError, exc.BatchTooLargeError, exc.InputError):
+            await self.limiter.refund(ticket)  # refused or failed before the model ran
+            raise
+        finally:
+            self.stats.in_flight -= 1
+        await self._account(ticket, local, result)
+        return result
+
+    async def _account(self, ticket: Ticket, local: int, result: EmbeddingResult) -> None:
+        if result.usage is None:  # no count to trust: the charge stands, calibration learns nothing
+            used = ticket.tokens
+            self._warn_no_usage()
+        else:
+            used = result.usage["total_tokens"]
+            self.calibration.observe(local, used)
+        await self.limiter.settle(ticket, used)
+        self.stats.requests += 1
+        self.stats.tokens += used
+        self.stats.pace_tokens_per_s = self.limiter.tokens_per_s
+        self.stats.pace_requests_per_s = self.limiter.requests_per_s
+
+    def _warn_no_usage(self) -> None:
+        if not self._usage_missing:
+            self._usage_missing = True
+            log.warning(
+                "an answer carried no usable 'usage' (missing, negative or impossibly large): "
+                "such requests are paced by local token estimates"
+            )
+
+    def _truncate(self) -> Any:
+        if self.settings.long_mode != "truncate":
+            return None
+        return "left" if self.settings.truncate_side == "left" else "right"
+
+
+class Dispatch:
+    """Retries and refusal narrowing around :class:`PacedSender`, for ``concurrency`` workers.
+
+    ``halve`` cuts a near-limit text in two by exact tokens (None if it cannot be cut). The
+    ``packer`` is intake's: a 413 halves its item cap, and the pieces of a halved text are sent
+    within that cap. The same error failing every request stops the job (``FailureStreak``)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        sender: PacedSender,
+        dedup: Dedup,
+        *,
+        halve: Callable[[Chunk], Awaitable[list[Chunk] | None]],
+        packer: Packer,
+        stop: asyncio.Event | None = None,
+    ) -> None:
+        self.settings = settings
+        self.sender = sender
+        self.dedup = dedup
+        self.limit = sender.spec.max_input_tokens
+        self._halve = halve
+        self._packer = packer
+        self._streak = FailureStreak()
+        self._stop = stop
+        self._workers: set[asyncio.Task[Any]] = set()
+
+    async def worker(self, requests: ReceiveStream[list[Chunk]], rows: RowWriter) -> None:
+        """Send requests until the stream ends or the job stops; both ends are closed however
+        this ends."""
+        me = asyncio.current_task()
+        if me is not None:
+            self._workers.add(me)
+        with requests, rows:
+            while not self.sender.stopping:
+                try:
+                    request = await requests.receive()
+                except EndOfStream:
+                    return
+                try:
+                    await self._send(request, rows)
+                finally:
+                    self.sender.in_flight.discard(me)  # from its first admission to here
+
+    def stop(self) -> None:
+        """Start no more requests: cancel every worker that has none out."""
+        self.sender.stopping = True
+        for worker in self._workers:
+            if worker not in self.sender.in_flight:  # waiting for work, the limiter or a backoff
+                worker.cancel()
+
+    async def _send(self, request: list[Chunk], rows: RowWriter) -> None:
+        try:
+            result = await call_with_retries(
+                lambda: self.sender.send(request),
+                self.settings.retry,
+                on_retry=self._on_retry,
+                sleep=self._backoff,
+            )
+        except _Stopped:
+            return  # left unanswered: the stream ends before these rows
+        except _FATAL:
+            raise
+        except exc.BatchTooLargeError:
+            self._packer.halve()
+            await self._bisect(request, rows, "the server refused the batch as too large")
+        except exc.BadRequestError as error:
+            await self._narrow(request, rows, error.message or "refused by the server", error)
+        except exc.InputError as error:
+            if error.item is None:
+                raise  # an option, not an input: no request of this job can be sent
+            await self._drop(request, rows, error.item, error.reason)
+        except exc.APIError as error:
+            if request_wide(error):  # no request can get past it: one error, not one per record
+                raise stopping_error(error) from None
+            self._streak.gave_up(error)
+            for chunk in request:
+                self._fail(chunk, rows, f"gave up after retries: {error}")
+        else:
+            self._streak.success()
+            rows.put(request, result.embeddings)
+            await self.dedup.answered(request, result.embeddings, rows)
+
+    async def _narrow(
+        self, request: list[Chunk], rows: RowWriter, reason: str, error: exc.APIError
+    ) -> None:
+        """A 400. Most often the server counted a text near the limit as over it. Each such text
+        is sent alone, and the rest together: a lone near-limit text refused is halved, anything
+        else refused is isolated by bisection.
+
+        Whether a text is halved thus depends on that text alone, never on which others shared
+        its request, so a text's vector is the same in every run (a resumed job's output is
+        byte-identical to an uninterrupted one's)."""
+        near = [chunk for chunk in request if self._near_limit(chunk)]
+        if not near:
+            await self._bisect(request, rows, reason, error)
+        elif len(request) == 1:
+            # Repeats of the text waited for one vector; each is halved alike instead.
+            for chunk in (request[0], *self.dedup.repeats_of(request[0])):
+                await self._send_halves(chunk, rows)
+        else:
+            rest = [chunk for chunk in request if not self._near_limit(chunk)]
+            for part in ([rest] if rest else []) + [[chunk] for chunk in near]:
+                await self._send(part, rows)
+
+    async def _send_halves(self, chunk: Chunk, rows: RowWriter) -> None:
+        """Send a refused near-limit text as two halves (alone again if it cannot be cut: then
+        it is refused again, isolated, and fails)."""
+        halves = await self._halve(chunk)
+        if halves is None:
+            halves = [chunk]
+        else:
+            rows.expect_parts(chunk.unit, len(halves) - 1)
+        halves = await self.dedup.admit(halves, rows)
+        # Within the item cap: with a cap of one, each half goes alone.
+        cap = self._packer.max_items
+        for start in range(0, len(halves), cap):
+            await self._send(halves[start : start + cap], rows)
+
+    async def _drop(self, request: list[Chunk], rows: RowWriter, index: int, reason: str) -> None:
+        """The client refused item ``index`` before sending (a content object to a text-only
+        model, say): fail it and send the others."""
+        self._fail(request[index], rows, reason)
+        rest = request[:index] + request[index + 1 :]
+        if rest:
+            await self._send(rest, rows)
+
+    async def _bisect(
+        self, request: list[Chunk], rows: RowWriter, reason: str, error: exc.APIError | None = None
+    ) -> None:
+        """Send each half of a refused request; a lone refused item fails with ``reason``."""
+        if len(request) > 1:
+            left, right = bisect(request)
+            await self._send(left, rows)
+            await self._send(right, rows)
+        else:
+            if error is not None:
+                self._streak.refused(error)  # raises when every request is refused alike
+            self._fail(request[0], rows, reason)
+
+    def _near_limit(self, chunk: Chunk) -> bool:
+        """True for a text over half the per-item limit, which halving can bring under it."""
+        known = chunk.weight or chunk.tokens  # the exact count when we have one
+        return isinstance(chunk.item, str) and known * 2 > self.limit
+
+    def _fail(self, chunk: Chunk, rows: RowWriter, reason: str) -> None:
+        rows.fail(chunk, reason)
+        for repeat in self.dedup.repeats_of(chunk):
+            rows.fail(repeat, reason)
+
+    async def _backoff(self, wait_s: float) -> None:
+        """Sleep before a retry, cut short by a stop (the retry then finds the job stopping)."""
+        if self._stop is None:
+            await asyncio.sleep(wait_s)
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), wait_s)
+
+    def _on_retry(self, error: BaseException, attempt: int, wait_s: float) -> None:
+        self.sender.stats.retries += 1
+        log.info(
+            "retrying after %s (attempt %d, wait %.2f s)", type(error).__name__, attempt, wait_s
+        )

@@ -1,0 +1,315 @@
+"""The first stage: records -> counted, split, packed requests.
+
+Records are read in blocks. Each block's tokens are estimated in one call (every request is
+charged by the estimator, so one calibration holds for all), and the few texts that might be over
+the model's per-item limit are counted exactly, off the event loop. A text over the limit is cut
+at token boundaries into pieces (:class:`Splitter`); its row is reserved in the reorder ring and
+pooled back when its last piece is answered (``pool``), or each piece has a row (``chunks``). The
+chunks pass the dedup stage and are packed into requests, which go to dispatch through a bounded
+stream that closes when intake ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
+from itertools import islice
+
+import numpy as np
+
+from ._cache import normalise
+from ._chunker import char_range, drop_blank, split_spans
+from ._config import Settings
+from ._dedup import Dedup
+from ._delivery import RowWriter
+from ._models import ModelSpec
+from ._packer import Packer
+from ._streams import SendStream
+from ._tokens import (
+    FAMILIES,
+    CharClassEstimator,
+    TokenCounter,
+    count_async,
+    counter_for,
+    upper_bound,
+)
+from ._types import Chunk, JobStats, Span, Unusable
+
+__all__ = ["BLOCK", "Input", "Intake", "Splitter"]
+
+BLOCK = 512  # records counted per tokenizer call: large enough to amortise, small to stream
+_IMAGE_TOKENS = 1024  # charged for an image before the server's count corrects it
+
+Input = str | dict[str, str] | Unusable
+Offsets = Sequence[Span]
+
+
+class Splitter:
+    """Token counts of records, and the cutting of texts into pieces under the per-item limit.
+
+    The limit is the model's, fixed, never learned from refusals: a record's cuts, and so its
+    vector, must not depend on what happened earlier in the job."""
+
+    def __init__(self, spec: ModelSpec, *, overlap_tokens: int, exact: bool) -> None:
+        self.spec = spec
+        self.limit = spec.max_input_tokens
+        self.overlap_tokens = overlap_tokens
+        self.exact = exact  # False in truncate mode: the server cuts, nothing is counted exactly
+        family = FAMILIES.get(spec.tokenizer or "")
+        self.estimator = CharClassEstimator(spec.special_tokens, family=family)
+        self._counter: TokenCounter | None = None
+
+    async def measure(self, block: Sequence[Input]) -> tuple[list[str], list[int], dict[int, int]]:
+        """The texts of a block, their estimated tokens, and exact counts (by index) of those
+        that might be over the limit."""
+        texts = [_text_of(item) for item in block]
+        estimates = iter(self.estimator.count([t for t in texts if t]))
+        tokens = [
+            next(estimates) if text else _IMAGE_TOKENS if _is_image(item) else 0
+            for item, text in zip(block, texts, strict=True)
+        ]
+        return texts, tokens, await self._exact_counts(texts)
+
+    async def _exact_counts(self, texts: Sequence[str]) -> dict[int, int]:
+        """A strict upper bound (UTF-8 bytes plus special tokens) proves most texts fit, so they
+        are never tokenized; the rest are counted in one batch off the event loop."""
+        if not self.exact:
+            return {}
+        doubtful = [i for i, text in enumerate(texts) if upper_bound(text, self.spec) > self.limit]
+        if not doubtful:
+            return {}
+        counts = await count_async(await self.counter(), [texts[i] for i in doubtful])
+        return dict(zip(doubtful, counts, strict=True))
+
+    async def counter(self) -> TokenCounter:
+        """The exact counter, loaded off the event loop the first time a text may be too long:
+        loading takes up to a second and, for XLM-R, some 280 MB that a job of short texts
+        never needs."""
+        if self._counter is None:
+            loop = asyncio.get_running_loop()
+            self._counter = await loop.run_in_executor(None, counter_for, self.spec)
+        return self._counter
+
+    def fits(self, problem: str | None, exact: int | None) -> bool:
+        """True when the record goes whole: unusable, proved short by its upper bound (``exact``
+        is None), or short by its exact count."""
+        return problem is not None or exact is None or exact <= self.limit
+
+    async def cuts(self, text: str) -> tuple[Offsets, list[Span]]:
+        """Token offsets of an over-long text and the token ranges it is cut into."""
+        offsets = (await self.counter()).spans(text)
+        limit = self.limit - self.spec.special_tokens
+        spans = split_spans(text, offsets, limit, overlap=self.overlap_tokens)
+        return offsets, drop_blank(text, offsets, spans)
+
+    def piece(
+        self, unit: int, position: int, number: int, text: str, offsets: Offsets, span: Span
+    ) -> Chunk:
+        """Piece ``number`` of record ``position``, the token range ``span`` of ``text``, for row
+        ``unit``."""
+        start, end = char_range(offsets, span)
+        piece = normalise(text[start:end])
+        weight = span[1] - span[0] + self.spec.special_tokens  # exact: pooling is by real tokens
+        tokens = self.estimator.count([piece])[0]  # the charge basis, as for every item
+        return Chunk(unit, position, number, piece, tokens, start, end, weight)
+
+    async def halves(self, chunk: Chunk) -> list[Chunk] | None:
+        """A refused near-limit text cut in two by exact tokens (a piece of blanks alone is
+        dropped, so perhaps one), or None if it is a single token and cannot be cut."""
+        text = chunk.item
+        assert isinstance(text, str)
+        offsets = (await self.counter()).spans(text)
+        middle = len(offsets) // 2
+        if middle == 0:
+            return None
+        spans = drop_blank(text, offsets, [(0, middle), (middle, len(offsets))])
+        halves = [
+            self.piece(chunk.unit, chunk.position, chunk.number, text, offsets, span)
+            for span in spans
+        ]
+        return [
+            dataclasses.replace(h, start=chunk.start + h.start, end=chunk.start + h.end)
+            for h in halves
+        ]
+
+
+class Intake:
+    """Reads the inputs, makes chunks and sends packed requests (see the module docstring)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        splitter: Splitter,
+        dedup: Dedup,
+        packer: Packer,
+        stats: JobStats,
+        *,
+        requests: SendStream[list[Chunk]],
+        rows: RowWriter,
+    ) -> None:
+        self.chunks_mode = settings.long_mode == "chunks"
+        self.splitter = splitter
+        self.dedup = dedup
+        self.packer = packer
+        self.stats = stats
+        self._requests = requests
+        self._rows = rows
+
+    async def run(self, inputs: Iterable[Input] | AsyncIterable[Input]) -> None:
+        """Read every input into requests; the request stream and the row writer are closed
+        however this ends, which ends dispatch once it has sent what is buffered."""
+        with self._requests, self._rows:
+            position = 0
+            async for block in _blocks(inputs, BLOCK):
+                texts, tokens, exact = await self.splitter.measure(block)
+                if self.chunks_mode:
+                    await self._chunk_rows(position, block, texts, tokens, exact)
+                else:
+                    await self._record_rows(position, block, texts, tokens, exact)
+                position += len(block)
+                self.stats.records += len(block)
+            await self._send(self.packer.flush())
+
+    async def _record_rows(
+        self,
+        first: int,
+        block: Sequence[Input],
+        texts: Sequence[str],
+        tokens: Sequence[int],
+        exact: dict[int, int],
+    ) -> None:
+        """One row per record (``pool``, ``truncate``): the block's rows are reserved at once and
+        its chunks built without an await per record (but an over-long one), the hot path."""
+        unit = await self._reserve(len(block))
+        chunks: list[Chunk] = []
+        for i, (item, text) in enumerate(zip(block, texts, strict=True)):
+            record = self._record(unit + i, first + i, item, text, tokens[i], exact.get(i))
+            if record is None:  # over the limit: pieces pooled back into the one row
+                offsets, spans = await self.splitter.cuts(text)
+                self._rows.expect_parts(unit + i, len(spans) - 1)
+                record = [
+                    self.splitter.piece(unit + i, first + i, number, text, offsets, span)
+                    for number, span in enumerate(spans)
+                ]
+            chunks.extend(record)
+        await self._pack(chunks)
+
+    async def _chunk_rows(
+        self,
+        first: int,
+        block: Sequence[Input],
+        texts: Sequence[str],
+        tokens: Sequence[int],
+        exact: dict[int, int],
+    ) -> None:
+        """One row per chunk: each record reserves its rows as it goes, so that a record of more
+        chunks than the ring holds still streams through it."""
+        for i, (item, text) in enumerate(zip(block, texts, strict=True)):
+            if self.splitter.fits(_problem(item, text), exact.get(i)):
+                unit = await self._reserve(1)
+                _describe(self._rows, unit, first + i, 0, (0, len(text)))
+                record = self._record(unit, first + i, item, text, tokens[i], exact.get(i))
+                await self._pack(record or [])
+                continue
+            offsets, spans = await self.splitter.cuts(text)
+            for number, span in enumerate(spans):
+                unit = await self._reserve(1)
+                piece = self.splitter.piece(unit, first + i, number, text, offsets, span)
+                _describe(self._rows, unit, first + i, number, (piece.start, piece.end))
+                await self._pack([piece])
+
+    def _record(
+        self,
+        unit: int,
+        position: int,
+        item: Input,
+        text: str,
+        tokens: int,
+        exact: int | None,
+    ) -> list[Chunk] | None:
+        """The chunk of one record that goes whole, in row ``unit`` (none if it is unusable: its
+        row fails), or None if it must be cut."""
+        problem = _problem(item, text)
+        if not self.splitter.fits(problem, exact):
+            return None
+        sendable = "" if isinstance(item, Unusable) else _sent(item)  # an Unusable never is
+        tokens = min(tokens, self.splitter.limit)
+        chunk = Chunk(unit, position, 0, sendable, tokens, 0, len(text), exact or 0)
+        if problem is not None:
+            self._rows.fail(chunk, problem)
+            return []
+        return [chunk]
+
+    async def _reserve(self, units: int) -> int:
+        # Send the open request before waiting for room: the oldest unfinished row may be in it.
+        if not self._rows.has_room(units):
+            await self._send(self.packer.flush())
+        return await self._rows.reserve(units)
+
+    async def _pack(self, chunks: list[Chunk]) -> None:
+        """Pack the chunks the dedup stage lets through; send the requests they fill."""
+        await self._send(self.packer.add(await self.dedup.admit(chunks, self._rows)))
+
+    async def _send(self, packed: Iterable[list[Chunk]]) -> None:
+        for request in packed:
+            self.stats.chunks += len(request)
+            await self._requests.send(request)
+
+
+def _describe(rows: RowWriter, unit: int, position: int, number: int, span: Span) -> None:
+    meta = np.array([[position, number, span[0], span[1]]], dtype=np.int64)
+    rows.describe(np.array([unit], dtype=np.int64), meta)
+
+
+async def _blocks(
+    inputs: Iterable[Input] | AsyncIterable[Input], size: int
+) -> AsyncIterator[list[Input]]:
+    """Lists of up to ``size`` inputs; a sync source is sliced without a per-item await."""
+    if isinstance(inputs, AsyncIterable):
+        block: list[Input] = []
+        async for item in inputs:
+            block.append(item)
+            if len(block) == size:
+                yield block
+                block = []
+        if block:
+            yield block
+        return
+    iterator = iter(inputs)
+    while block := list(islice(iterator, size)):
+        yield block
+        await asyncio.sleep(0)  # let dispatch run between blocks of a fast sync source
+
+
+def _text_of(item: object) -> str:
+    if isinstance(item, str):
+        return item
+    if isinstance(item, dict) and isinstance(item.get("text"), str):
+        return str(item["text"])
+    return ""
+
+
+def _sent(item: str | dict[str, str]) -> str | dict[str, str]:
+    """What is sent for an input: a text normalised (see ``_cache``), anything else as it is.
+
+    Always, with a cache or without: a text's vector is then a function of the key the cache
+    files it under, so the cache never changes a job's output."""
+    return normalise(item) if isinstance(item, str) else item
+
+
+def _is_image(item: object) -> bool:
+    return isinstance(item, dict) and "image" in item
+
+
+def _problem(item: object, text: str) -> str | None:
+    """Why an input cannot be sent at all, or None."""
+    if type(item) is str:  # the usual case first; isspace, unlike strip, copies nothing
+        return None if item and not item.isspace() else "empty text"
+    if isinstance(item, Unusable):
+        return item.reason
+    if isinstance(item, str):
+        return None if item and not item.isspace() else "empty text"
+    if _is_image(item) or (isinstance(item, dict) and text):
+        return None
+    return f"unsupported input of type {type(item).__name__}"
