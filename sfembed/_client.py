@@ -47,6 +47,8 @@ _STATUS_ERRORS: dict[int, type[exc.APIStatusError]] = {
 }
 #: Statuses a later attempt may get past although no narrower class covers them.
 _RETRYABLE_STATUSES = frozenset({408, 425})
+_MAX_FLOAT_BYTES = 32  # a float in JSON, with its comma, at its longest and then some
+_UNKNOWN_DIMS = 16384  # the width assumed for a model outside the catalogue
 _TITLE = re.compile(rb"<title[^>]*>(.*?)</title>", re.IGNORECASE | re.DOTALL)
 
 
@@ -74,6 +76,7 @@ class EmbeddingClient:
         allow_insecure_http: bool = False,
     ) -> None:
         key = _checked_key(api_key, api_key_env)
+        base_url = base_url.strip()  # pasted with a newline, as keys are
         _check_url(base_url, allow_insecure_http)
         self._headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
         self._key_bytes = key.encode()
@@ -147,7 +150,9 @@ class EmbeddingClient:
             truncate=truncate,
         )
         expected = None if spec is None else spec.output_dimensions(dimensions)
-        raw, trace_id = await self._post(_dumps(body))
+        # An answer bigger than its vectors could ever take is refused unread, not buffered.
+        limit = items * ((expected or _UNKNOWN_DIMS) * _MAX_FLOAT_BYTES + 1024) + 65536
+        raw, trace_id = await self._post(_dumps(body), limit)
         vectors, usage, answered = decode_body(
             raw,
             items=items,
@@ -159,7 +164,7 @@ class EmbeddingClient:
             usage = None
         return EmbeddingResult(vectors, usage, answered or model, trace_id)
 
-    async def _post(self, payload: bytes) -> tuple[bytes, str | None]:
+    async def _post(self, payload: bytes, limit: int) -> tuple[bytes, str | None]:
         if self._session is None:
             raise RuntimeError("use EmbeddingClient inside 'async with'")
         failure: exc.APIError
@@ -168,7 +173,7 @@ class EmbeddingClient:
             # The per-read timeout never fires for an answer that trickles in byte by byte: the
             # whole exchange has a deadline of its own.
             async with deadline:
-                return await self._exchange(self._session, payload)
+                return await self._exchange(self._session, payload, limit)
         except (TimeoutError, aiohttp.ServerTimeoutError) as error:
             if deadline.expired():
                 failure = exc.APITimeoutError(
@@ -183,14 +188,14 @@ class EmbeddingClient:
         raise failure
 
     async def _exchange(
-        self, session: aiohttp.ClientSession, payload: bytes
+        self, session: aiohttp.ClientSession, payload: bytes, limit: int
     ) -> tuple[bytes, str | None]:
         # Never follow a redirect: it would take the key to a URL the user did not configure.
         async with session.post(
             self._url, data=payload, headers=self._headers, allow_redirects=False
         ) as resp:
-            raw = await resp.read()
             trace_id = resp.headers.get(TRACE_HEADER)
+            raw = await _read_capped(resp, limit, trace_id)
             if resp.status != 200:
                 # A proxy may echo the request, key and all, in its error body: never keep it.
                 raw = raw.replace(self._key_bytes, b"[redacted]")
@@ -202,6 +207,28 @@ def _plausible(tokens: int, items: int, spec: ModelSpec | None) -> bool:
     """Whether a usage count can be true: every item costs a token at least, and none more than
     the model's per-item limit (a longer one is refused or cut)."""
     return items <= tokens and (spec is None or tokens <= items * spec.max_input_tokens)
+
+
+async def _read_capped(resp: aiohttp.ClientResponse, limit: int, trace_id: str | None) -> bytes:
+    """The body, or MalformedResponseError (retryable) once it passes ``limit`` bytes."""
+    if resp.content_length is not None and resp.content_length > limit:
+        raise _too_big(resp.status, limit, trace_id)
+    parts: list[bytes] = []
+    size = 0
+    async for part in resp.content.iter_chunked(1 << 18):
+        size += len(part)
+        if size > limit:
+            raise _too_big(resp.status, limit, trace_id)
+        parts.append(part)
+    return b"".join(parts)
+
+
+def _too_big(status: int, limit: int, trace_id: str | None) -> exc.MalformedResponseError:
+    return exc.MalformedResponseError(
+        f"the answer is over {limit:,} bytes, more than its vectors could take",
+        status=status,
+        trace_id=trace_id,
+    )
 
 
 def _dumps(body: object) -> bytes:
@@ -231,9 +258,12 @@ def _unencodable(item: object) -> bool:
 
 
 def _checked_key(api_key: str | None, api_key_env: str) -> str:
-    """The key without surrounding whitespace. Never echoes it: a wrong key is still a secret."""
+    """The key without surrounding whitespace or a pasted ``Bearer`` scheme. Never echoes it: a
+    wrong key is still a secret."""
     source = "the api_key argument" if api_key is not None else f"${api_key_env}"
     key = (api_key if api_key is not None else os.environ.get(api_key_env) or "").strip()
+    if key[:7].lower() == "bearer ":
+        key = key[7:].strip()
     if not key:
         if api_key is not None:
             raise exc.ConfigError("the API key given is empty")
@@ -269,6 +299,12 @@ def _check_url(base_url: str, allow_insecure_http: bool) -> None:
     shown = f"{parts.scheme}://{parts.netloc}{parts.path}"
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise exc.ConfigError(f"base URL must be http(s)://host/..., not {shown!r}")
+    if parts.path.rstrip("/").endswith("/embeddings"):
+        base = shown.rstrip("/").removesuffix("/embeddings")
+        raise exc.ConfigError(
+            f"base URL must be the API's root, without /embeddings (added to each request): "
+            f"use {base!r}"
+        )
     if parts.query or parts.fragment or base_url.endswith(("?", "#")):
         raise exc.ConfigError(
             f"base URL must not have a query or fragment (requests go to {{base URL}}/embeddings): "

@@ -77,9 +77,13 @@ def _indices(data: list[Any], items: int, trace_id: str | None) -> np.ndarray[An
     if len(data) != items:
         raise _malformed(f"expected {items} embeddings, got {len(data)}", trace_id)
     try:
-        order = np.fromiter((entry["index"] for entry in data), dtype=np.int64, count=items)
-    except (KeyError, TypeError, ValueError):
-        raise _malformed("an embedding lacks an integer 'index'", trace_id) from None
+        indices = [entry["index"] for entry in data]
+    except (KeyError, TypeError):
+        indices = [None]
+    # Exactly int: numpy would take "1", 1.5 and true as index 1 and misplace a vector.
+    if any(type(index) is not int for index in indices):
+        raise _malformed("an embedding lacks an integer 'index'", trace_id)
+    order = np.array(indices, dtype=np.int64)
     if items and (order.min() < 0 or order.max() >= items):
         raise _malformed("an embedding index is out of range", trace_id)
     if np.unique(order).size != items:

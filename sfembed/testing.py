@@ -76,7 +76,7 @@ INJECT_KINDS = frozenset(
     | {"no-usage", "negative-usage", "huge-usage", "zero-usage"}
     | {"nan", "inf", "string-floats", "bool-floats"}
     | {"missing-item", "extra-item", "duplicate-index", "wrong-dims"}
-    | {"gzip", "trickle"}
+    | {"gzip", "trickle", "endless"}
 )
 
 _JSON = "application/json; charset=utf-8"
@@ -767,7 +767,7 @@ class LocalServer:
         ``html-200`` (an HTML error page); ``error-200`` (a 503's error JSON with status 200);
         ``429-hour`` and ``429-date`` (a 429 asking to wait an hour, in seconds or as an HTTP
         date); ``gzip`` (a normal answer, gzip-encoded); ``trickle`` (a normal answer sent one
-        byte every ``Faults.trickle_s`` seconds).
+        byte every ``Faults.trickle_s`` seconds); ``endless`` (a 200 whose body never ends).
 
         A valid request answered with a damaged success body: ``no-usage``, ``negative-usage``,
         ``huge-usage`` (a million tokens per item), ``zero-usage``; ``nan`` and ``inf`` in the
@@ -852,6 +852,8 @@ class LocalServer:
             return self._answer(status, body, content_type, kind)
         if kind == "reset":
             return await self._reset(request)
+        if kind == "endless":
+            return await self._endless(request)
         if kind == "413":
             reject = _batch_too_large(_batch_size(raw), self.config.max_batch_items)
             return self._answer(413, reject.body)
@@ -874,6 +876,21 @@ class LocalServer:
                 break  # the client gave up: the answer is never completed
             await response.write(body[offset : offset + 1])
             await asyncio.sleep(self._faults.trickle_s)
+        return response
+
+    async def _endless(self, request: web.BaseRequest) -> web.StreamResponse:
+        """A 200 whose body never ends (up to 256 MiB), until the client leaves."""
+        response = web.StreamResponse(headers=self._headers(200, _JSON))
+        await response.prepare(request)
+        await response.write(b'{"object":"list","data":[')
+        blanks = b" " * (1 << 20)
+        for _ in range(256):
+            if request.transport is None or request.transport.is_closing():
+                break
+            try:
+                await response.write(blanks)
+            except ConnectionError:
+                break
         return response
 
     async def _reset(self, request: web.BaseRequest) -> web.StreamResponse:

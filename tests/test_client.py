@@ -418,6 +418,7 @@ HOSTILE = {"405", "redirect", "html-502", "html-200", "error-200", "429-hour", "
     "wrong-dims",
     "gzip",
     "trickle",
+    "endless",
 }
 #: Kinds that end in a usable answer (or, trickling, in none within a test's time).
 ANSWERED = {"no-usage", "negative-usage", "huge-usage", "zero-usage", "gzip", "trickle"}

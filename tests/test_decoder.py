@@ -48,6 +48,13 @@ def test_rows_follow_index_not_position(encoding: str) -> None:
         (lambda p: p["data"][0].update(index=1), "duplicated or missing"),
         (lambda p: p["data"][0].update(index=9), "out of range"),
         (lambda p: p["data"][0].pop("index"), "integer 'index'"),
+        (lambda p: p["data"][0].update(index="0"), "integer 'index'"),
+        (lambda p: p["data"][0].update(index=0.0), "integer 'index'"),
+        (lambda p: p["data"][1].update(index=True), "integer 'index'"),
+        (lambda p: p["data"][0].update(embedding=["1.0"] * 4), "strings"),
+        (lambda p: p["data"][0].update(embedding=[True, 0.5, 0.5, 0.5]), "booleans"),
+        (lambda p: p["data"][0].update(embedding=[None, 0.5, 0.5, 0.5]), "nulls"),
+        (lambda p: p["data"][0].update(embedding=[1e39, 0.5, 0.5, 0.5]), "NaN or infinity"),
         (lambda p: p["data"][0].update(embedding=[0.0] * 3), "bad embedding values"),
     ],
 )

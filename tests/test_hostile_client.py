@@ -187,3 +187,21 @@ def test_a_policy_caps_what_it_honours() -> None:
     policy = RetryPolicy(max_backoff_s=12.0)
     assert honoured_wait_s(Asked(), policy) == 12.0
     assert honoured_wait_s(ValueError(), policy) is None
+
+
+async def test_a_key_pasted_with_its_scheme_works(
+    server: LocalServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SILICONFLOW_API_KEY", f"Bearer {KEY}\n")
+    async with EmbeddingClient(base_url=f" {server.url}\n") as client:
+        result = await client.embed("one", model=M3)
+    np.testing.assert_array_equal(result.embeddings[0], expected_embedding(M3, "one"))
+
+
+@pytest.mark.parametrize(
+    "url", ["https://api.siliconflow.cn/v1/embeddings", "https://api.siliconflow.cn/v1/embeddings/"]
+)
+def test_a_base_url_naming_the_endpoint_is_refused_with_the_root(url: str) -> None:
+    with pytest.raises(ConfigError, match="without /embeddings") as info:
+        EmbeddingClient(api_key=KEY, base_url=url)
+    assert "use 'https://api.siliconflow.cn/v1'" in str(info.value)

@@ -173,6 +173,15 @@ async def test_an_answer_that_trickles_in_meets_the_request_deadline(
     np.testing.assert_array_equal(result.embeddings, expected_rows(["one"]))
 
 
+async def test_an_endless_answer_is_refused_unbuffered(server: LocalServer) -> None:
+    server.inject("endless")
+    async with client_for(server) as client:
+        with pytest.raises(MalformedResponseError, match="more than its vectors could take"):
+            await client.embed("one", model=M3)
+        result = await client.embed("one", model=M3)
+    np.testing.assert_array_equal(result.embeddings, expected_rows(["one"]))
+
+
 @pytest.mark.parametrize("kind", ["405", "redirect"])
 async def test_a_request_wide_status_is_final(server: LocalServer, kind: str) -> None:
     server.inject(kind)
