@@ -1,23 +1,34 @@
-"""The command line: arguments -> settings -> ``asyncio.run(...)`` -> exit code. Thin by design."""
+"""The command line: arguments -> settings -> ``asyncio.run(...)`` -> exit code.
+
+Exit codes: 0 all embedded; 1 some records failed, or an error stopped the job; 2 bad usage (a
+mistyped option, a setting out of range, clashing paths, a resume that does not match); 75
+stopped by a signal after a checkpoint (resumable); 130 interrupted at once.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import dataclasses
+import logging
+import os
+import re
 import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-from . import testing
+from . import __version__, testing
 from ._client import EmbeddingClient
-from ._config import RateLimits, Settings, load_settings
+from ._config import DEFAULT_KEY_ENV, RateLimits, Settings, load_settings
 from ._engine import catalog_for, client_for, shared_limiter_for
-from ._exceptions import SFEmbedError
-from ._job import JobSummary, dry_run, price_of, run_job
+from ._estimate import dry_run, price_of
+from ._exceptions import ConfigError, SFEmbedError
+from ._job import JobSummary, run_job
 from ._manifest import load_manifest, manifest_path_for
+from ._options import add_options, overrides, replaced
 from ._progress import TqdmProgress
 from ._quota import SharedLimiter
 
@@ -27,14 +38,40 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 #: A job stopped by a signal after a clean checkpoint: run it again with --resume (EX_TEMPFAIL).
 EXIT_STOPPED = 75
 
+_DESCRIPTION = """\
+Embed a corpus through the SiliconFlow embeddings API as fast as your account's rate limits
+allow. Every record gets its row, in input order; a record that cannot be embedded is listed
+in an errors file with the reason. A killed job continues with --resume, and a cache beside
+the output means a rerun sends only the texts that changed.
+
+examples:
+  export SILICONFLOW_API_KEY=...
+  sfembed embed docs.jsonl --out vectors.npy --model BAAI/bge-m3 --tpm 500000 --rpm 2000
+  sfembed embed docs.jsonl --out vectors.npy --resume-or-restart   # the same line every night
+"""
+
+_VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_SHOWN_VARIABLE = re.compile(r"[A-Z_][A-Z0-9_]*")  # a conventional name, safe to print back
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``sfembed`` command; returns the process exit code."""
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exit:  # argparse: --help, --version (0) or a usage error (2)
+        return exit.code if isinstance(exit.code, int) else EXIT_USAGE
+    logging.basicConfig(format="sfembed: %(message)s", level=logging.WARNING)
     try:
         return int(asyncio.run(args.run(args)))
+    except ConfigError as error:
+        print(f"sfembed: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
     except SFEmbedError as error:
         print(f"sfembed: error: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    except OSError as error:  # the disk refused a write: full, read-only, too large a file
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"sfembed: error: {where}{error.strerror or error}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         print("sfembed: interrupted", file=sys.stderr)
@@ -42,21 +79,85 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sfembed", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="sfembed",
+        description=_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"sfembed {__version__}")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
-    serve = commands.add_parser("serve", help="run the SiliconFlow-compatible local server")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=0, help="0 picks a free port (default)")
-    serve.add_argument("--api-key", default="sk-local-test", help="the key clients must send")
-    serve.add_argument("--window-s", type=float, default=60.0)
-    serve.add_argument("--rpm", type=int, help="requests per window, per model (default: none)")
-    serve.add_argument("--tpm", type=int, help="tokens per window, per model (default: none)")
-    for fault in ("503", "504", "reset", "stall"):
-        serve.add_argument(f"--rate-{fault}", type=float, default=0.0, help=f"{fault} fraction")
-    serve.add_argument("--seed", type=int, default=0)
-    serve.set_defaults(run=_serve)
     _add_embed(commands)
+    _add_serve(commands)
     return parser
+
+
+def _add_serve(commands: Any) -> None:
+    serve = commands.add_parser(
+        "serve",
+        help="run the SiliconFlow-compatible local server, for trials and tests",
+        description="Run sfembed's SiliconFlow-compatible server on this machine (real HTTP, "
+        "the provider's error shapes, rate limits and injected faults). It prints its URL; "
+        "clients must send the key given by --api-key.",
+    )
+    serve.add_argument(
+        "--host",
+        default="127.0.0.1",
+        metavar="HOST",
+        help="the address to listen on (default: 127.0.0.1)",
+    )
+    serve.add_argument(
+        "--port",
+        type=int,
+        default=0,
+        metavar="PORT",
+        help="the port to listen on; 0 picks a free one (default: 0)",
+    )
+    serve.add_argument(
+        "--api-key",
+        default="sk-local-test",
+        metavar="KEY",
+        help="the key clients must send (default: sk-local-test)",
+    )
+    serve.add_argument(
+        "--window-s",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="the rate-limit window, in seconds (default: 60)",
+    )
+    serve.add_argument(
+        "--rpm",
+        type=int,
+        metavar="N",
+        help="requests per window allowed per model (default: no limit)",
+    )
+    serve.add_argument(
+        "--tpm",
+        type=int,
+        metavar="N",
+        help="tokens per window allowed per model (default: no limit)",
+    )
+    for fault, what in (
+        ("503", "answered 503 Service Unavailable"),
+        ("504", "answered 504 Gateway Timeout"),
+        ("reset", "whose connection is reset"),
+        ("stall", "left unanswered for a while"),
+    ):
+        serve.add_argument(
+            f"--rate-{fault}",
+            type=float,
+            default=0.0,
+            metavar="FRACTION",
+            help=f"the fraction of requests {what}, 0 to 1 (default: 0)",
+        )
+    serve.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        metavar="N",
+        help="the seed of the faults' random choices (default: 0)",
+    )
+    serve.set_defaults(run=_serve)
 
 
 async def _serve(args: argparse.Namespace) -> int:
@@ -80,94 +181,130 @@ async def _serve(args: argparse.Namespace) -> int:
 
 
 def _add_embed(commands: Any) -> None:
-    embed = commands.add_parser("embed", help="embed every record of a file into an output file")
-    embed.add_argument("input", help="JSONL, TXT, CSV/TSV or Parquet file")
-    embed.add_argument("--out", required=True, help=".npy (default), .jsonl or .parquet path")
-    embed.add_argument("--config", help="job settings (TOML); flags override its keys")
-    embed.add_argument("--dry-run", action="store_true", help="count and estimate; send nothing")
-    embed.add_argument("--local", action="store_true", help="use the built-in local server")
-    embed.add_argument("--errors", help="errors file (default: OUT.errors.jsonl)")
-    embed.add_argument("--prices", default=None, help="prices TOML for --dry-run")
-    embed.add_argument("--no-progress", action="store_true")
-    embed.add_argument(
-        "--resume", action="store_true", help="continue the job OUT's manifest describes"
+    embed = commands.add_parser(
+        "embed",
+        help="embed every record of a file into an output file",
+        description="Embed every record of INPUT into --out, in input order. Failed records "
+        "keep their row (NaN) and are listed, with the reason, in an errors file.",
     )
     embed.add_argument(
-        "--no-cache", action="store_true", help="neither read nor fill the cache (config io.cache)"
+        "--config",
+        metavar="PATH",
+        help="a TOML file of job settings (see configs/); flags given here win "
+        "over its keys (default: none)",
     )
-    embed.add_argument(
+    groups = {
+        name: embed.add_argument_group(name)
+        for name in (
+            "input",
+            "output",
+            "model",
+            "account limits",
+            "service",
+            "reliability",
+            "progress",
+        )
+    }
+    groups["input"].add_argument(
+        "input",
+        metavar="INPUT",
+        help="the file to embed: JSONL, TXT (one text per line), CSV/TSV or Parquet",
+    )
+    groups["output"].add_argument(
+        "--out",
+        required=True,
+        metavar="PATH",
+        help="the output file: .npy (with the ids in .ids.jsonl), .jsonl or .parquet (required)",
+    )
+    groups["output"].add_argument(
+        "--errors",
+        metavar="PATH",
+        help="the errors file, one JSON line per failed record, "
+        "written only if one fails (default: OUT.errors.jsonl)",
+    )
+    groups["service"].add_argument(
+        "--local",
+        action="store_true",
+        help="run against the built-in local server: try anything without a key (default: off)",
+    )
+    groups["service"].add_argument(
         "--allow-insecure-http",
         action="store_true",
-        help="send the key over plain http to a host other than this machine "
-        "(config allow_insecure_http)",
+        help="send the key over plain http to a host other than this machine (default: refused)",
     )
-    for flag, key, kind in _FLAGS:
-        embed.add_argument(
-            flag,
-            dest=key.replace(".", "__"),
-            type=kind,
-            default=None,
-            help=_FLAG_HELP.get(key, f"config key {key}"),
-        )
+    reliability = groups["reliability"]
+    reliability.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the job OUT's manifest describes after its last "
+        "checkpoint; refused if the input or a setting changed "
+        "(default: start over)",
+    )
+    reliability.add_argument(
+        "--resume-or-restart",
+        action="store_true",
+        help="continue the earlier job if it can be, else start over "
+        "(the cache keeps what is unchanged): one command for every night "
+        "(default: off)",
+    )
+    reliability.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="neither read nor fill the cache (default: the cache is used)",
+    )
+    progress = groups["progress"]
+    progress.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (default: a bar on stderr)"
+    )
+    progress.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="count the tokens exactly and print the requests, time and cost "
+        "it would take; send nothing (default: off)",
+    )
+    progress.add_argument(
+        "--prices",
+        metavar="PATH",
+        help="prices per million tokens (TOML) for --dry-run (default: "
+        "configs/prices.toml if present)",
+    )
+    add_options(groups)
     embed.set_defaults(run=_embed)
-
-
-#: Flags that override a config key: (flag, dotted config key, type).
-_FLAGS: tuple[tuple[str, str, Any], ...] = (
-    ("--model", "model", str),
-    ("--format", "io.output_format", str),
-    ("--input-format", "io.input_format", str),
-    ("--id-field", "io.id_field", str),
-    ("--text-field", "io.text_field", str),
-    ("--image-field", "io.image_field", str),
-    ("--dtype", "io.dtype", str),
-    ("--base-url", "base_url", str),
-    ("--api-key-env", "api_key_env", str),
-    ("--rpm", "rate.rpm", int),
-    ("--tpm", "rate.tpm", int),
-    ("--window-s", "rate.window_s", float),
-    ("--concurrency", "concurrency", int),
-    ("--batch-size", "batch.max_items", int),
-    ("--encoding", "encoding_format", str),
-    ("--dimensions", "dimensions", int),
-    ("--long", "long_mode", str),
-    ("--overlap-tokens", "overlap_tokens", int),
-    ("--truncate-side", "truncate_side", str),
-    ("--checkpoint-rows", "io.checkpoint_rows", int),
-    ("--cache", "io.cache_path", str),
-    ("--grace-s", "timeouts.grace_s", float),
-    ("--quota", "quota", str),
-    ("--quota-account", "quota_account", str),
-)
-
-_FLAG_HELP = {
-    "quota": "share the account's limits with every other worker on this Redis, e.g. "
-    "redis://host:6379/0 (config key quota; default: pace alone); needs sfembed[redis]",
-    "quota_account": "the label of the account whose quota is shared: workers with the same "
-    "label and model share one quota (config key quota_account; default: default)",
-}
 
 
 def _settings(args: argparse.Namespace) -> Settings:
     """The config file's settings, then every flag given on top (``dataclasses.replace``)."""
     settings = load_settings(args.config)
-    for _, key, _ in _FLAGS:
-        value = getattr(args, key.replace(".", "__"))
-        if value is not None:
-            settings = _replace(settings, key, value)
+    for key, value in overrides(args).items():
+        settings = replaced(settings, key, value)
     if args.allow_insecure_http:
-        settings = _replace(settings, "allow_insecure_http", True)
-    return _replace(settings, "io.cache", False) if args.no_cache else settings
+        settings = replaced(settings, "allow_insecure_http", True)
+    return replaced(settings, "io.cache", False) if args.no_cache else settings
 
 
-def _replace(settings: Settings, key: str, value: object) -> Settings:
-    if "." not in key:
-        top: dict[str, Any] = {key: value}
-        return dataclasses.replace(settings, **top)
-    table, name = key.split(".")
-    inner: dict[str, Any] = {name: value}
-    outer: dict[str, Any] = {table: dataclasses.replace(getattr(settings, table), **inner)}
-    return dataclasses.replace(settings, **outer)
+def _check_service(settings: Settings) -> None:
+    """Refuse, without printing them, a key given where a variable's name belongs, a variable
+    that holds no key, and a base URL with credentials or a query. Raises ConfigError."""
+    name = settings.api_key_env
+    shown = name if _SHOWN_VARIABLE.fullmatch(name) else "named by --api-key-env"
+    if not _VARIABLE.fullmatch(name):
+        raise ConfigError(
+            "--api-key-env takes the name of an environment variable (such as "
+            f"{DEFAULT_KEY_ENV}), not the key itself: export the key in a variable and name it"
+        )
+    if not os.environ.get(name, "").strip():  # the client strips a key file's newline
+        raise ConfigError(f"no API key: set the environment variable {shown}")
+    parts = urlsplit(settings.base_url)
+    if parts.username is not None or parts.password is not None:
+        raise ConfigError(
+            "the base URL holds credentials (user:password@host): remove them; the API key "
+            "goes in the environment variable --api-key-env names"
+        )
+    if parts.query or parts.fragment:
+        raise ConfigError(
+            "the base URL holds a query string or fragment (after ? or #): give the API's "
+            "address only, such as https://api.siliconflow.cn/v1"
+        )
 
 
 async def _embed(args: argparse.Namespace) -> int:
@@ -175,6 +312,7 @@ async def _embed(args: argparse.Namespace) -> int:
     if args.dry_run:
         return _print_dry_run(args, settings)
     if not args.local:
+        _check_service(settings)
         async with client_for(settings) as client:
             return await _run(args, settings, client)
     limits = testing.ModelLimits(rpm=settings.rate.rpm, tpm=settings.rate.tpm)
@@ -212,7 +350,8 @@ async def _run_with(
             client=client,
             errors_path=args.errors,
             on_batch=progress.update if progress else None,
-            resume=args.resume,
+            resume=args.resume or args.resume_or_restart,
+            restart=args.resume_or_restart,
             stop=stop,
             limiter=limiter,
         )
@@ -310,11 +449,15 @@ class _Signals:
 
 
 def _count_lines(path: str) -> int | None:
-    """Lines of a text input, for the bar's total (None for binary formats)."""
+    """Lines of a text input, for the bar's total (None for binary formats, or an input that
+    cannot be read: the job then says why)."""
     if path.endswith(".parquet"):
         return None
-    with open(path, "rb") as handle:
-        return sum(chunk.count(b"\n") for chunk in iter(lambda: handle.read(1 << 20), b""))
+    try:
+        with open(path, "rb") as handle:
+            return sum(chunk.count(b"\n") for chunk in iter(lambda: handle.read(1 << 20), b""))
+    except OSError:
+        return None
 
 
 def _print_dry_run(args: argparse.Namespace, settings: Settings) -> int:

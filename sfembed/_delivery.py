@@ -64,7 +64,9 @@ class RowWriter:
 
     def fail(self, chunk: Chunk, reason: str) -> None:
         """Settle ``chunk``'s row as failed: NaN, and ``reason`` reported with it."""
-        log.warning("input %d failed: %s", chunk.position, reason)
+        # The caller names the record (a job logs its id and line); a position alone is only
+        # for debugging, and restarts at 0 in a resumed job.
+        log.debug("input %d failed: %s", chunk.position, reason)
         self._ring.fail(chunk, reason)
         self._delivery.changed.set()
 

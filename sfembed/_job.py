@@ -4,6 +4,10 @@ Records stream from the reader into the pipeline; rows come back in input order 
 to the writer. Record ids and line numbers wait in a queue only while their rows are in flight
 (the pipeline runs a bounded distance ahead), so memory does not grow with the corpus. Every
 failure, from the reader or the server, goes to the errors file with its id, line and reason.
+
+The job's files are checked and locked first (``_jobfiles``). A fresh run writes beside an
+earlier run's files and moves its own into place at its first checkpoint that holds an embedded
+row; a resumed run goes on in place after the manifest's last checkpoint.
 """
 
 from __future__ import annotations
@@ -13,24 +17,23 @@ import contextlib
 import dataclasses
 import itertools
 import logging
-import math
 import os
 import time
-import tomllib
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
-import orjson
 
 from ._cache import EmbeddingCache
 from ._client import EmbeddingClient
 from ._config import Settings
 from ._engine import catalog_for, embed_stream
+from ._errorlog import ErrorLog
 from ._exceptions import ConfigError
+from ._jobfiles import JobFiles, staged_path
 from ._limiter import Limiter
 from ._manifest import (
     Checkpoint,
@@ -39,26 +42,19 @@ from ._manifest import (
     check_resumable,
     identify,
     load_manifest,
-    manifest_path_for,
     output_settings,
     save_manifest,
-    sync_folder,
 )
-from ._models import ModelSpec
-from ._packer import Packer
 from ._sources import Record, read_records
-from ._tokens import counter_for
-from ._types import Chunk, EmbeddedBatch, JobStats, Unusable
-from ._writers import Committed, Writer, _reopen, format_of, ids_path_for, open_writer
+from ._types import EmbeddedBatch, JobStats, Unusable
+from ._writers import Committed, Writer, format_of, open_writer
 
 log = logging.getLogger("sfembed")
 
 #: The cache's file name in the output's folder, unless ``io.cache_path`` names another.
 CACHE_NAME = "sfembed-cache.sqlite"
 
-__all__ = ["DryRun", "JobSummary", "dry_run", "price_of", "run_job"]
-
-_DRY_BLOCK = 2048  # records counted per tokenizer call in a dry run
+__all__ = ["CACHE_NAME", "JobSummary", "run_job"]
 
 
 @dataclass(slots=True)
@@ -160,6 +156,7 @@ async def run_job(
     errors_path: str | Path | None = None,
     on_batch: Callable[[JobStats], None] | None = None,
     resume: bool = False,
+    restart: bool = False,
     stop: asyncio.Event | None = None,
     limiter: Limiter | None = None,
 ) -> JobSummary:
@@ -169,15 +166,19 @@ async def run_job(
     path with ``.errors.jsonl``), created only when something failed. Progress is checkpointed
     in ``<output>.manifest.json`` every ``io.checkpoint_rows`` rows and when the job ends in any
     way, so that ``resume=True`` continues a job that was killed: records already done are not
-    sent again and the output ends byte-identical to an uninterrupted run's. ``stop`` ends the
-    job gracefully (see ``embed_stream``), leaving it resumable. ``limiter`` paces the requests
-    (default: as ``embed_stream`` chooses).
+    sent again and the output ends byte-identical to an uninterrupted run's. With ``restart``
+    as well, an earlier run whose input or settings differ is not refused but started over
+    (with the cache, only changed texts are sent): one command serves every night. ``stop``
+    ends the job gracefully (see ``embed_stream``), leaving it resumable. ``limiter`` paces the
+    requests (default: as ``embed_stream`` chooses).
 
-    Raises ConfigError for bad paths or formats, or a resume whose settings or input differ from
-    the earlier run's (naming what differs); and an APIError that no retry can get past.
+    An earlier run's files stay as they were until this run's first checkpoint with an
+    embedded row. Raises ConfigError for bad or clashing paths, an output another job is
+    writing, a resume whose settings or input differ (naming what differs); an APIError that no
+    retry can get past; OSError when the disk refuses a write.
     """
     job = _FileJob(input_path, output_path, settings, client, errors_path, limiter)
-    return await job.run(resume=resume, stop=stop, on_batch=on_batch)
+    return await job.run(resume=resume, restart=restart, stop=stop, on_batch=on_batch)
 
 
 class _FileJob:
@@ -193,13 +194,18 @@ class _FileJob:
         limiter: Limiter | None = None,
     ) -> None:
         self.input_path = input_path
-        self.output_path = output_path
+        self.output_path = Path(output_path)
         self.settings = settings
         self.client = client
         self.spec = catalog_for(settings, client.catalog)[settings.model]
         self.errors = Path(errors_path) if errors_path else Path(f"{output_path}.errors.jsonl")
         self.format = format_of(output_path, settings.io.output_format)
-        self.manifest_path = manifest_path_for(output_path) if self.format != "parquet" else None
+        self.resumable = self.format != "parquet"  # a Parquet file is whole only once closed
+        cache = None
+        if settings.io.cache:
+            cache = Path(settings.io.cache_path or self.output_path.parent / CACHE_NAME)
+        self.files = JobFiles.of([Path(input_path)], output_path, self.format, self.errors, cache)
+        self.manifest_path = self.files.manifest
         self.summary = JobSummary(JobStats(), 0.0, errors_path=None)
         self.writing = False  # a batch is half written: the files and the counts disagree
         self.limiter = limiter
@@ -208,43 +214,71 @@ class _FileJob:
         self,
         *,
         resume: bool,
+        restart: bool,
         stop: asyncio.Event | None,
         on_batch: Callable[[JobStats], None] | None,
     ) -> JobSummary:
-        if resume and self.manifest_path is None:
+        if resume and not self.resumable and not restart:
             raise ConfigError("a Parquet file cannot be resumed: use .npy or .jsonl output")
-        if not self.errors.parent.is_dir():  # found now, not at the first failure hours in
-            raise ConfigError(f"the errors file's folder {str(self.errors.parent)!r} is missing")
-        identity = await identify(self.input_path)
-        wanted = output_settings(self.settings, self.spec, self.format, self.errors)
-        earlier = self._earlier(identity, wanted) if resume else None
-        done = earlier.checkpoint if earlier is not None else Checkpoint()
-        manifest = Manifest(identity, wanted, done)
-        if earlier is not None:
-            self._check_lengths(done)  # before any file is cut back, so a refusal changes none
-            if earlier.complete:
-                return self._finished(done)
-        else:
-            self._forget_earlier_run()
-        await self._embed(manifest, earlier is not None, stop, on_batch)
+        for role, path in (("output", self.output_path), ("errors file", self.errors)):
+            if not path.parent.is_dir():  # found now, not at the first failure hours in
+                raise ConfigError(
+                    f"the {role}'s folder {str(path.parent)!r} is missing or not a folder"
+                )
+        try:  # before any file is created, even a lock
+            os.stat(self.input_path)
+        except OSError as error:
+            raise ConfigError(
+                f"cannot read input {str(self.input_path)!r}: {error.strerror or error}"
+            ) from None
+        self.files.check()
+        with self.files.locked():
+            earlier = self._load_earlier(strict=resume and not restart)
+            self.files.check_owned(earlier)
+            identity = await identify(self.input_path)
+            wanted = output_settings(self.settings, self.spec, self.format, self.errors)
+            go_on = self._continued(earlier, identity, wanted, restart) if resume else None
+            if go_on is None:
+                await self._fresh(Manifest(identity, wanted, Checkpoint()), stop, on_batch)
+            else:
+                self._check_lengths(go_on.checkpoint)  # before any file is cut back
+                if go_on.complete:
+                    return self._finished(go_on.checkpoint)
+                manifest = Manifest(identity, wanted, go_on.checkpoint)
+                await self._embed(manifest, resumed=True, stop=stop, on_batch=on_batch)
         return self._finished(None)
 
-    def _forget_earlier_run(self) -> None:
-        """A run from scratch drops an earlier run's manifest before truncating its files: a
-        crash in between must not leave a manifest that vouches for emptied files. A stale
-        errors file goes too (one is written only if this run has failures)."""
-        if self.manifest_path is not None and self.manifest_path.exists():
-            self.manifest_path.unlink()
-            sync_folder(self.manifest_path.parent)
-        self.errors.unlink(missing_ok=True)
+    def _load_earlier(self, *, strict: bool) -> Manifest | None:
+        """The earlier run's manifest. A fresh run passes over one it cannot read (``strict``
+        false): it replaces it at its first checkpoint."""
+        try:
+            return load_manifest(self.manifest_path)
+        except ConfigError:
+            if strict:
+                raise
+            log.warning("%s cannot be read: starting over", self.manifest_path)
+            return None
 
-    def _earlier(self, identity: InputIdentity, wanted: dict[str, Any]) -> Manifest | None:
-        assert self.manifest_path is not None
-        earlier = load_manifest(self.manifest_path)
+    def _continued(
+        self,
+        earlier: Manifest | None,
+        identity: InputIdentity,
+        wanted: dict[str, Any],
+        restart: bool,
+    ) -> Manifest | None:
+        """The earlier run to go on with, or None to start over."""
         if earlier is None:
             log.info("no manifest at %s: starting from the first record", self.manifest_path)
             return None
-        check_resumable(earlier, wanted, identity)
+        try:
+            if not self.resumable:
+                raise ConfigError("a Parquet file cannot be resumed")
+            check_resumable(earlier, wanted, identity)
+        except ConfigError as difference:
+            if not restart:
+                raise
+            log.warning("starting over (%s)", difference)
+            return None
         return earlier
 
     def _finished(self, done: Checkpoint | None) -> JobSummary:
@@ -254,42 +288,64 @@ class _FileJob:
             summary.resumed_records = done.records
         summary.wall_s = time.monotonic() - summary.stats.started_s
         summary.errors_path = self.errors if summary.failed else None
-        summary.manifest_path = self.manifest_path
+        summary.manifest_path = self.manifest_path if self.resumable else None
         return summary
+
+    async def _fresh(
+        self,
+        manifest: Manifest,
+        stop: asyncio.Event | None,
+        on_batch: Callable[[JobStats], None] | None,
+    ) -> None:
+        """A run from the first record, beside the earlier run's files until it swaps them."""
+        self.files.remove_staged()  # an earlier fresh run's, cut short before its swap
+        swapped = False
+        try:
+            swapped = await self._embed(manifest, resumed=False, stop=stop, on_batch=on_batch)
+        finally:
+            if not swapped:
+                self.files.remove_staged()
 
     async def _embed(
         self,
         manifest: Manifest,
+        *,
         resumed: bool,
         stop: asyncio.Event | None,
         on_batch: Callable[[JobStats], None] | None,
-    ) -> None:
+    ) -> bool:
+        """Embed the records after the manifest's checkpoint; True once the files are in
+        place (always, for a resumed run)."""
         done = manifest.checkpoint
         summary = self.summary
         summary.rows, summary.failed = done.rows, done.failed
         summary.records = summary.resumed_records = summary.stats.resumed = done.records
+        complete = False
         async with contextlib.AsyncExitStack() as files:
             writer = files.enter_context(self._writer(done if resumed else None))
+            errors_at = self.errors if resumed else staged_path(self.errors)
             errors = files.enter_context(
-                _ErrorLog(self.errors, done.lengths.get("errors", 0) if resumed else None)
+                ErrorLog(errors_at, done.lengths.get("errors", 0) if resumed else None)
             )
             cache = None
-            if self.settings.io.cache:
-                cache = await files.enter_async_context(self._cache())
-            checkpoints = _Checkpoints(self, manifest, writer, errors)
-            checkpoints.save(complete=False)
-            complete = False
+            if self.files.cache is not None:
+                cache = await files.enter_async_context(EmbeddingCache(self.files.cache))
+            checkpoints = _Checkpoints(self, manifest, writer, errors, swapped=resumed)
             try:
                 await self._stream(done.records, writer, errors, checkpoints, cache, stop, on_batch)
                 complete = not summary.stopped
             finally:
-                checkpoints.save(complete=complete)
+                if self.resumable:
+                    checkpoints.save(complete=complete)
+        if not self.resumable and (complete or summary.stopped):
+            checkpoints.save(complete=complete)  # the Parquet file is whole now it is closed
+        return checkpoints.swapped
 
     def _check_lengths(self, done: Checkpoint) -> None:
         """Raise ConfigError unless each file holds at least what the checkpoint committed."""
-        files = {"output": Path(self.output_path), "errors": self.errors}
-        if self.format == "npy":
-            files["ids"] = ids_path_for(self.output_path)
+        files = {"output": self.output_path, "errors": self.errors}
+        if self.files.ids is not None:
+            files["ids"] = self.files.ids
         for role, path in files.items():
             committed = done.lengths.get(role, 0)
             size = path.stat().st_size if path.exists() else -1
@@ -300,26 +356,26 @@ class _FileJob:
                 )
 
     def _writer(self, done: Checkpoint | None) -> Writer:
-        """The output, new or (``done``) reopened after an earlier run's last checkpoint."""
+        """The output: new beside the earlier run's, or (``done``) reopened after its last
+        checkpoint."""
+        path, ids = self.output_path, self.files.ids
+        if done is None:
+            path, ids = staged_path(path), staged_path(ids) if ids is not None else None
         return open_writer(
-            self.output_path,
+            path,
             format=self.format,
             dims=self.spec.output_dimensions(self.settings.dimensions),
             dtype=self.settings.io.dtype,
-            fsync=self.manifest_path is not None,
+            fsync=self.resumable,
             resume=Committed(done.rows, done.lengths) if done is not None else None,
+            ids_path=ids,
         )
-
-    def _cache(self) -> EmbeddingCache:
-        """The cache at ``io.cache_path``, or in the output's folder."""
-        path = self.settings.io.cache_path
-        return EmbeddingCache(path or Path(self.output_path).parent / CACHE_NAME)
 
     async def _stream(
         self,
         skip: int,
         writer: Writer,
-        errors: _ErrorLog,
+        errors: ErrorLog,
         checkpoints: _Checkpoints,
         cache: EmbeddingCache | None,
         stop: asyncio.Event | None,
@@ -353,7 +409,7 @@ class _FileJob:
             self._write(rest, ids, writer, errors, skip)
 
     def _write(
-        self, batch: EmbeddedBatch, ids: _Ids, writer: Writer, errors: _ErrorLog, offset: int
+        self, batch: EmbeddedBatch, ids: _Ids, writer: Writer, errors: ErrorLog, offset: int
     ) -> None:
         # Until the counts below are updated, the files hold more than they say: a checkpoint
         # taken now (by an error's cleanup) would make a resume write these rows twice.
@@ -368,37 +424,60 @@ class _FileJob:
 
 
 class _Checkpoints:
-    """Saves the manifest after the files it describes are durable, every ``checkpoint_rows``."""
+    """Saves the manifest after the files it describes are durable, every ``checkpoint_rows``.
 
-    def __init__(self, job: _FileJob, manifest: Manifest, writer: Writer, errors: _ErrorLog):
+    A fresh run's first save after an answered request and an embedded row (or at the job's
+    end) first moves its files over the earlier run's (``swapped``); until then the earlier
+    run's files stand untouched."""
+
+    def __init__(
+        self,
+        job: _FileJob,
+        manifest: Manifest,
+        writer: Writer,
+        errors: ErrorLog,
+        *,
+        swapped: bool,
+    ) -> None:
         self.job = job
         self.manifest = manifest
         self.writer = writer
         self.errors = errors
         self.every = job.settings.io.checkpoint_rows
         self.saved_rows = job.summary.rows
+        self.swapped = swapped
 
     def maybe_save(self) -> None:
-        if self.job.summary.rows - self.saved_rows >= self.every:
+        if self.job.resumable and self.job.summary.rows - self.saved_rows >= self.every:
             self.save(complete=False)
 
     def save(self, *, complete: bool) -> None:
         """Errors file, then output, then the manifest that points into both."""
-        path = self.job.manifest_path
-        if path is None:
-            return
-        if self.job.writing:
+        job, summary = self.job, self.job.summary
+        if job.writing:
             log.warning("a batch was left half written: the last checkpoint stands")
             return
+        if not self.swapped and not complete and not self._proven():
+            return  # nothing embedded yet: the earlier run's files stay as they were
         errors_length = self.errors.commit()
-        committed = self.writer.commit()
-        summary = self.job.summary
+        committed = self.writer.commit() if job.resumable else Committed(summary.rows, {})
+        if not self.swapped:
+            job.files.swap_in(errors_written=self.errors.opened)
+            self.errors.path = job.errors  # a first failure from now on opens it in place
+            self.swapped = True
         lengths = {**committed.lengths, "errors": errors_length}
         checkpoint = Checkpoint(summary.records, committed.rows, summary.failed, lengths)
         save_manifest(
-            path, dataclasses.replace(self.manifest, checkpoint=checkpoint, complete=complete)
+            job.manifest_path,
+            dataclasses.replace(self.manifest, checkpoint=checkpoint, complete=complete),
         )
         self.saved_rows = committed.rows
+
+    def _proven(self) -> bool:
+        """True once the server has answered a request and a row was embedded: a wrong key, a
+        refused setting or a mistyped model would have stopped the job before."""
+        summary = self.job.summary
+        return summary.stats.requests > 0 and summary.rows > summary.failed
 
 
 def _records(input_path: str | Path, settings: Settings) -> Iterator[Record]:
@@ -410,120 +489,3 @@ def _records(input_path: str | Path, settings: Settings) -> Iterator[Record]:
         text_field=io.text_field,
         image_field=io.image_field,
     )
-
-
-class _ErrorLog:
-    """The errors file: one JSON line per failure, opened on the first one.
-
-    ``resume_length`` (bytes committed by an earlier run) reopens the file cut back to it; 0
-    removes what a crashed run may have left, as nothing of it was committed."""
-
-    def __init__(self, path: Path, resume_length: int | None = None) -> None:
-        self.path = path
-        self._file: IO[bytes] | None = None
-        if resume_length:
-            self._file = _reopen(path, resume_length)
-        elif resume_length == 0:
-            path.unlink(missing_ok=True)
-
-    def __enter__(self) -> _ErrorLog:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self._file is not None:
-            self._file.close()
-
-    def write(self, batch: EmbeddedBatch, where: list[tuple[str | None, int]]) -> int:
-        """Log the failures of this batch; returns how many."""
-        if not batch.failures:
-            return 0
-        rows = {position: row for row, position in enumerate(batch.positions.tolist())}
-        for failure in batch.failures:
-            record_id, line = where[rows[failure.position]]
-            entry: dict[str, object] = {"id": record_id, "line": line, "reason": failure.reason}
-            if failure.chunk is not None:
-                entry["chunk"] = failure.chunk
-            self._out().write(orjson.dumps(entry) + b"\n")
-        return len(batch.failures)
-
-    def commit(self) -> int:
-        """Make the entries written so far durable; returns the file's length in bytes."""
-        if self._file is None:
-            return 0
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        return self._file.tell()
-
-    def _out(self) -> IO[bytes]:
-        if self._file is None:
-            self._file = open(self.path, "wb")  # noqa: SIM115 - closed in __exit__
-        return self._file
-
-
-@dataclass(frozen=True, slots=True)
-class DryRun:
-    """What a job would cost, counted exactly without sending anything."""
-
-    records: int
-    unusable: int
-    tokens: int
-    items: int
-    requests: int
-    wall_s: float
-    cost: float
-
-
-def dry_run(input_path: str | Path, settings: Settings, spec: ModelSpec, price: float) -> DryRun:
-    """Count the job's tokens exactly and estimate requests, wall time at the configured limits
-    (in seconds) and cost (``price`` per million tokens). Sends nothing."""
-    counter = counter_for(spec)
-    packer = Packer(max_items=settings.batch.max_items, max_tokens=settings.batch.max_tokens)
-    totals = [0, 0, 0, 0, 0]  # records, unusable, tokens, items, requests
-    source = _records(input_path, settings)
-    for block in _blocks_of(source, totals):
-        for count in counter.count(block):
-            tokens, items = _plan(count, spec, settings.long_mode)
-            chunk = Chunk(0, 0, 0, "", math.ceil(tokens / items))
-            totals[2] += tokens
-            totals[3] += items
-            totals[4] += sum(1 for _ in packer.add([chunk] * items))
-    totals[4] += sum(1 for _ in packer.flush())
-    rate = settings.rate
-    windows = max(totals[2] / rate.tpm, totals[4] / rate.rpm) / (1 - rate.headroom)
-    records, unusable, tokens, items, requests = totals
-    cost = tokens / 1e6 * price
-    return DryRun(records, unusable, tokens, items, requests, windows * rate.window_s, cost)
-
-
-def _blocks_of(records: Iterator[Record], totals: list[int]) -> Iterator[list[str]]:
-    """Texts in blocks for the tokenizer; counts records and unusable ones into ``totals``."""
-    block: list[str] = []
-    for record in records:
-        totals[0] += 1
-        if isinstance(record.item, str):
-            block.append(record.item)
-        totals[1] += record.item is None
-        if len(block) == _DRY_BLOCK:
-            yield block
-            block = []
-    if block:
-        yield block
-
-
-def _plan(count: int, spec: ModelSpec, long_mode: str) -> tuple[int, int]:
-    """(tokens sent, items) for a text of ``count`` tokens, split or truncated as a job would."""
-    if long_mode == "truncate":
-        return min(count, spec.max_input_tokens), 1
-    limit = spec.max_input_tokens - spec.special_tokens
-    parts = max(1, math.ceil((count - spec.special_tokens) / limit))
-    return count + (parts - 1) * spec.special_tokens, parts
-
-
-def price_of(model: str, path: Path) -> float:
-    """The price per million tokens of ``model`` in the TOML file at ``path`` (0 when absent)."""
-    try:
-        with open(path, "rb") as handle:
-            table = tomllib.load(handle).get("prices_per_million_tokens", {})
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"prices file {str(path)!r}: {exc}") from None
-    return float(table.get(model, 0.0))

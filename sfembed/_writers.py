@@ -59,6 +59,7 @@ __all__ = [
     "Writer",
     "ids_path_for",
     "open_writer",
+    "reopen_at",
 ]
 
 #: Output formats, by the name ``open_writer`` takes.
@@ -114,12 +115,14 @@ def open_writer(
     dtype: str = "float32",
     fsync: bool = False,
     resume: Committed | None = None,
+    ids_path: Path | None = None,
 ) -> Writer:
     """Open ``path`` for rows of ``dims`` floats, in ``format`` or the one its suffix names.
 
     ``dtype`` (``float32`` or ``float16``) applies to ``.npy`` output only. With ``fsync`` every
     commit reaches the disk before it returns. With ``resume`` the files are reopened, cut back to
-    what was committed, and rows are appended after it. Raises ConfigError for an unknown format
+    what was committed, and rows are appended after it. ``ids_path`` places an ``.npy``'s id
+    sidecar elsewhere than ``ids_path_for(path)``. Raises ConfigError for an unknown format
     or suffix, a bad ``dims`` or ``dtype``, a missing pyarrow (Parquet), a Parquet ``resume``, a
     file that does not hold what ``resume`` says, or a path that cannot be opened for writing.
     """
@@ -130,7 +133,9 @@ def open_writer(
         raise ConfigError("a Parquet file cannot be resumed: use .npy or .jsonl output")
     try:
         if name == "npy":
-            return NpyWriter(path, dims=dims, dtype=dtype, fsync=fsync, resume=resume)
+            return NpyWriter(
+                path, dims=dims, dtype=dtype, fsync=fsync, resume=resume, ids_path=ids_path
+            )
         if name == "jsonl":
             return JsonlWriter(path, dims=dims, fsync=fsync, resume=resume)
         return ParquetWriter(path, dims=dims)
@@ -160,7 +165,7 @@ def format_of(path: str | Path, format: str | None = None) -> str:
     return _format_of(Path(path), format)
 
 
-def _reopen(path: Path, length: int, *, cut: bool = True) -> IO[bytes]:
+def reopen_at(path: Path, length: int, *, cut: bool = True) -> IO[bytes]:
     """``path`` opened for appending after its first ``length`` bytes; the rest, a torn write,
     is cut off (with ``cut`` false, later by ``_cut``, once every check has passed). Raises
     ConfigError when the file is missing or shorter than ``length``."""
@@ -287,6 +292,7 @@ class NpyWriter(_BaseWriter):
         flush_rows: int = 8192,
         fsync: bool = False,
         resume: Committed | None = None,
+        ids_path: Path | None = None,
     ) -> None:
         super().__init__(path, dims)
         if dtype not in DTYPES:
@@ -294,7 +300,7 @@ class NpyWriter(_BaseWriter):
         if flush_rows <= 0:
             raise ConfigError(f"flush_rows must be positive, not {flush_rows}")
         self.dtype = np.dtype(dtype).newbyteorder("<")  # .npy readers honour the descr; fix it
-        self.ids_path = ids_path_for(path)
+        self.ids_path = ids_path or ids_path_for(path)
         self._flush_rows = flush_rows
         self._fsync = fsync
         self._data: IO[bytes]
@@ -318,7 +324,7 @@ class NpyWriter(_BaseWriter):
         expected = _NPY_HEADER_BYTES + resume.rows * self.dims * self.dtype.itemsize
         if resume.lengths.get("output") != expected:
             raise ConfigError(f"cannot resume {str(self.path)!r}: its checkpoint is inconsistent")
-        data = _reopen(self.path, expected, cut=False)
+        data = reopen_at(self.path, expected, cut=False)
         try:
             header = io.BytesIO(data.read(_NPY_HEADER_BYTES))
             try:
@@ -331,7 +337,7 @@ class NpyWriter(_BaseWriter):
                     f"cannot resume: {str(self.path)!r} is not the .npy this job wrote"
                 )
             # The sidecar too is checked before either file is cut.
-            _reopen(self.ids_path, resume.lengths.get("ids", -1), cut=False).close()
+            reopen_at(self.ids_path, resume.lengths.get("ids", -1), cut=False).close()
         except BaseException:
             data.close()
             raise
@@ -342,7 +348,7 @@ class NpyWriter(_BaseWriter):
     def _open_ids(self, resume: Committed | None) -> IO[bytes]:
         if resume is None:
             return open(self.ids_path, "wb")
-        return _reopen(self.ids_path, resume.lengths.get("ids", -1))
+        return reopen_at(self.ids_path, resume.lengths.get("ids", -1))
 
     def write(self, ids: Sequence[str | None], batch: EmbeddedBatch) -> None:
         """Append ``batch`` (see ``_BaseWriter.write``), committing every ``flush_rows`` rows."""
@@ -464,7 +470,7 @@ class JsonlWriter(_BaseWriter):
         if resume is None:
             self._file = open(self.path, "wb")  # noqa: SIM115 - closed by close()
         else:
-            self._file = _reopen(self.path, resume.lengths.get("output", -1))
+            self._file = reopen_at(self.path, resume.lengths.get("output", -1))
             self.rows = resume.rows
 
     def flush(self) -> None:

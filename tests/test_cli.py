@@ -123,7 +123,7 @@ def test_missing_key_is_a_clear_error(
 ) -> None:
     monkeypatch.delenv("SILICONFLOW_API_KEY", raising=False)
     source = _jsonl(tmp_path / "in.jsonl", _docs(1))
-    assert main(["embed", str(source), "--out", str(tmp_path / "o.npy")]) == 1
+    assert main(["embed", str(source), "--out", str(tmp_path / "o.npy")]) == 2
     assert "SILICONFLOW_API_KEY" in capsys.readouterr().err
 
 
@@ -206,5 +206,5 @@ def test_dry_run_refuses_a_missing_prices_file(
             str(tmp_path / "nope.toml"),
         ]
     )
-    assert code == 1
+    assert code == 2
     assert "nope.toml" in capsys.readouterr().err

@@ -163,7 +163,7 @@ async def test_the_cli_refuses_plain_http_to_a_remote_host_unless_allowed(tmp_pa
     out = str(tmp_path / "out.npy")
     remote = "http://192.0.2.1:9/v1"  # TEST-NET-1: never routed
     code, printed = await run_cli(str(tmp_path / "in.jsonl"), "--out", out, "--base-url", remote)
-    assert code == 1
+    assert code == 2
     assert b"http" in printed
     assert SECRET.encode() not in printed
     assert not (tmp_path / "out.npy").exists()  # refused before anything was written

@@ -417,7 +417,7 @@ async def test_a_file_cut_shorter_than_its_checkpoint_is_refused_naming_it(
 
         refused = await cli(server, source, out, "--resume")
 
-        assert refused.code == 1, refused.err
+        assert refused.code == 2, refused.err
         assert f"cannot resume: {str(path)!r} holds {lengths[role] - 1} bytes" in refused.err
         assert snapshot(out.parent) == before  # nothing cut, nothing written
         path.write_bytes(whole)  # mended, the job resumes as if nothing had happened
@@ -504,11 +504,10 @@ async def test_a_resume_with_other_settings_or_input_is_refused_naming_the_diffe
         "io.text_field": ["--text-field", "body"],
         "errors file": ["--errors", str(tmp_path / "elsewhere.jsonl")],
     }
-    refusals = await asyncio.gather(
-        *(cli(server, source, out, "--resume", *flags) for flags in changed.values())
-    )
+    # One after the other: a second job on the same output at once is refused (it is locked).
+    refusals = [await cli(server, source, out, "--resume", *flags) for flags in changed.values()]
     for key, refused in zip(changed, refusals, strict=True):
-        assert refused.code == 1, (key, refused.err)
+        assert refused.code == 2, (key, refused.err)
         assert f"cannot resume: setting {key} was " in refused.err, refused.err
     assert snapshot(out.parent) == before
 
@@ -524,7 +523,7 @@ async def test_a_resume_with_other_settings_or_input_is_refused_naming_the_diffe
     for content, differs in ((appended, "size"), (altered, "sha256")):
         rewrite(content)
         refused = await cli(server, source, out, "--resume")
-        assert refused.code == 1, refused.err
+        assert refused.code == 2, refused.err
         assert f"cannot resume: the input's {differs} was " in refused.err, refused.err
         assert snapshot(out.parent) == before
 
@@ -629,7 +628,7 @@ async def test_parquet_output_cannot_be_resumed(server: LocalServer, tmp_path: P
     with pytest.raises(ConfigError, match="Parquet file cannot be resumed"):
         await job(server, source, out, settings_for(server, model=M3), resume=True)
     refused = await cli(server, source, out, "--resume", model=M3)
-    assert refused.code == 1
+    assert refused.code == 2
     assert "Parquet file cannot be resumed" in refused.err
     assert not out.exists()
     assert server.stats.requests == 0
@@ -813,19 +812,26 @@ async def test_a_run_from_scratch_killed_before_its_first_checkpoint_does_not_pa
     assert outputs(out) == expected  # or really done
 
 
-async def test_resume_without_a_manifest_leaves_no_stale_errors_file(
+async def test_an_errors_file_no_manifest_names_is_refused_and_left_alone(
     server: LocalServer, tmp_path: Path
 ) -> None:
+    """Only an errors file that the earlier run of this output wrote may be replaced."""
     source = write_lines(tmp_path / "in.jsonl", corpus(100, seed=24, bad=False))
     settings = settings_for(server, model=M3)
     expected = await reference(server, source, tmp_path / "ref" / "out.npy", settings)
     assert expected["errors"] is None
     out = tmp_path / "job" / "out.npy"
     out.parent.mkdir()
-    errors_path_for(out).write_bytes(b'{"id": "old", "line": 1, "reason": "from another run"}\n')
+    stale = b'{"id": "old", "line": 1, "reason": "from another run"}\n'
+    errors_path_for(out).write_bytes(stale)
 
+    for resume in (True, False):
+        with pytest.raises(ConfigError, match="no earlier run of this output wrote it"):
+            await job(server, source, out, settings, resume=resume)
+        assert errors_path_for(out).read_bytes() == stale
+
+    errors_path_for(out).unlink()
     summary = await job(server, source, out, settings, resume=True)
-
     assert summary.failed == 0
     assert outputs(out) == expected
 
@@ -843,12 +849,15 @@ async def test_a_job_that_fails_while_writing_leaves_a_checkpoint_a_resume_can_t
         raise OSError(28, "No space left on device")
 
     with monkeypatch.context() as patch:
-        patch.setattr("sfembed._job._ErrorLog._out", full_disk)
+        patch.setattr("sfembed._errorlog.ErrorLog._out", full_disk)
         with pytest.raises(OSError, match="No space"):
             await job(server, source, out, settings)
     # The checkpoint taken as the job unwound counts only whole batches: had it counted the
-    # rows of the batch that failed midway, a resume would write them a second time.
-    checkpoint = manifest_of(out).checkpoint
-    assert checkpoint.rows == checkpoint.records < len(lines)
+    # rows of the batch that failed midway, a resume would write them a second time. (A run
+    # that failed before its first checkpoint leaves no manifest: a resume starts over.)
+    manifest = load_manifest(manifest_path_for(out))
+    if manifest is not None:
+        checkpoint = manifest.checkpoint
+        assert checkpoint.rows == checkpoint.records < len(lines)
     await job(server, source, out, settings, resume=True)
     assert outputs(out) == expected

@@ -1,0 +1,86 @@
+"""The errors file of a job: one JSON line per record (or chunk) that could not be embedded.
+
+Each line names the record by its id and its 1-based line (or row) in the input, and gives the
+reason: ``{"id": "doc-7", "line": 8, "reason": "empty text"}``, plus ``"chunk"`` for a piece
+of a long record in ``chunks`` mode. The file is created on the first failure only, so a clean
+job leaves none.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import IO
+
+import orjson
+
+from ._types import EmbeddedBatch
+from ._writers import reopen_at
+
+__all__ = ["ErrorLog"]
+
+log = logging.getLogger("sfembed")
+
+
+class ErrorLog:
+    """The errors file at ``path``, opened on the first failure.
+
+    ``resume_length`` (bytes committed by an earlier run) reopens the file cut back to it; 0
+    removes what a crashed run may have left, as nothing of it was committed. ``path`` may be
+    changed before the file is opened (a fresh run moves its files into place at its first
+    checkpoint); once opened, the file goes on where it is, renamed or not.
+    """
+
+    def __init__(self, path: Path, resume_length: int | None = None) -> None:
+        self.path = path
+        self._file: IO[bytes] | None = None
+        if resume_length:
+            self._file = reopen_at(path, resume_length)
+        elif resume_length == 0:
+            path.unlink(missing_ok=True)
+
+    @property
+    def opened(self) -> bool:
+        """True once a failure has been written (the file exists)."""
+        return self._file is not None
+
+    def __enter__(self) -> ErrorLog:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._file is not None:
+            self._file.close()
+
+    def write(self, batch: EmbeddedBatch, where: list[tuple[str | None, int]]) -> int:
+        """Log the failures of ``batch``, whose row i is the record ``where[i]`` (id, line);
+        returns how many. Each is also logged at WARNING, named by id and line."""
+        if not batch.failures:
+            return 0
+        rows = {position: row for row, position in enumerate(batch.positions.tolist())}
+        lines = []
+        for failure in batch.failures:
+            record_id, line = where[rows[failure.position]]
+            entry: dict[str, object] = {"id": record_id, "line": line, "reason": failure.reason}
+            if failure.chunk is not None:
+                entry["chunk"] = failure.chunk
+            lines.append(orjson.dumps(entry) + b"\n")
+            named = (
+                f"record {record_id!r} (line {line})" if record_id is not None else f"line {line}"
+            )
+            log.warning("%s failed: %s", named, failure.reason)
+        self._out().write(b"".join(lines))
+        return len(batch.failures)
+
+    def commit(self) -> int:
+        """Make the entries written so far durable; returns the file's length in bytes."""
+        if self._file is None:
+            return 0
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        return self._file.tell()
+
+    def _out(self) -> IO[bytes]:
+        if self._file is None:
+            self._file = open(self.path, "wb")  # noqa: SIM115 - closed in __exit__
+        return self._file

@@ -1,0 +1,205 @@
+"""The files of a file-to-file job: which they are, that none is another, who may replace them.
+
+A job reads its input(s) and writes an output, for ``.npy`` an id sidecar, an errors file and a
+manifest, and it may keep a cache. Before anything is written the paths are checked: no two of
+them may be one file (by resolved path, and by device and inode, so hard and symbolic links
+count), an existing output must be a regular file, and an existing errors file must be one the
+earlier run of this output wrote (its manifest names it). Nothing else is ever truncated,
+replaced or removed.
+
+A run that starts afresh writes beside the earlier run's files, under hidden names
+(``.out.npy.sfembed-new``), and moves them into place at its first checkpoint that holds an
+embedded row, or when it ends: a rerun that stops at once (a mistyped setting, a wrong key, a
+model that refuses the dimensions) leaves the earlier run's files exactly as they were.
+
+Each job holds an exclusive lock (``flock``) on a hidden lock file beside its output, and on one
+beside its cache, for its whole life: a second job writing the same output, or using the same
+cache, is refused at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import stat
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ._exceptions import ConfigError
+from ._manifest import Manifest, manifest_path_for, sync_folder
+from ._writers import ids_path_for
+
+__all__ = ["JobFiles", "staged_path"]
+
+_STAGED = ".sfembed-new"
+
+
+def staged_path(path: Path) -> Path:
+    """Where a fresh run writes ``path`` until its first checkpoint: ``.out.npy.sfembed-new``."""
+    return path.with_name(f".{path.name}{_STAGED}")
+
+
+def _lock_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.lock")
+
+
+@dataclass(frozen=True, slots=True)
+class JobFiles:
+    """Every path a job reads or writes, by its role."""
+
+    inputs: tuple[Path, ...]
+    output: Path
+    ids: Path | None  # the id sidecar of an .npy output
+    errors: Path
+    manifest: Path
+    cache: Path | None
+
+    @classmethod
+    def of(
+        cls,
+        inputs: Sequence[str | Path],
+        output: str | Path,
+        output_format: str,
+        errors: Path,
+        cache: Path | None,
+    ) -> JobFiles:
+        out = Path(output)
+        return cls(
+            inputs=tuple(Path(p) for p in inputs),
+            output=out,
+            ids=ids_path_for(out) if output_format == "npy" else None,
+            errors=errors,
+            manifest=manifest_path_for(out),
+            cache=cache,
+        )
+
+    def written(self) -> dict[str, Path]:
+        """The files the job writes or replaces, by a name for messages."""
+        roles = {"output": self.output, "errors file": self.errors, "manifest": self.manifest}
+        if self.ids is not None:
+            roles["id sidecar"] = self.ids
+        if self.cache is not None:
+            roles["cache"] = self.cache
+        for role, path in list(roles.items()):
+            if role != "cache":
+                roles[f"{role} being written"] = staged_path(path)
+        roles["lock file"] = _lock_path(self.output)
+        if self.cache is not None:
+            roles["cache's lock file"] = _lock_path(self.cache)
+        return roles
+
+    def check(self) -> None:
+        """Raise ConfigError when two roles are one file, when an input is one of the files
+        written, or when a file to be written exists and is not a regular file."""
+        written = self.written()
+        for path in self.inputs:
+            for role, other in written.items():
+                if _same(path, other):
+                    raise ConfigError(
+                        f"the input {str(path)!r} is also the job's {role}: refusing to write "
+                        "over it; choose another --out, --errors or --cache"
+                    )
+        names = list(written.items())
+        for i, (role, path) in enumerate(names):
+            for other_role, other in names[i + 1 :]:
+                if _same(path, other):
+                    raise ConfigError(
+                        f"the {role} and the {other_role} are one file ({str(path)!r}); "
+                        "choose another --out, --errors or --cache"
+                    )
+        for role, path in written.items():
+            _check_kind(role, path)
+
+    def check_owned(self, earlier: Manifest | None) -> None:
+        """Raise ConfigError when an errors file exists that the earlier run of this output
+        (``earlier`` is its manifest, if any) did not write: it is the user's, and stays."""
+        named = earlier.settings.get("errors file") if earlier is not None else None
+        if self.errors.exists() and named != os.path.abspath(self.errors):
+            raise ConfigError(
+                f"the errors file {str(self.errors)!r} exists and no earlier run of this output "
+                "wrote it (its manifest does not name it): move it away or choose another --errors"
+            )
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the output's lock, and the cache's, until the block ends. Raises ConfigError
+        when another job holds either."""
+        with contextlib.ExitStack() as locks:
+            locks.enter_context(_locked(_lock_path(self.output), f"the output {self.output}"))
+            if self.cache is not None:
+                locks.enter_context(_locked(_lock_path(self.cache), f"the cache {self.cache}"))
+            yield
+
+    def remove_staged(self) -> None:
+        """Remove what a fresh run wrote beside the earlier files (an earlier crash's too)."""
+        for path in self._replaced():
+            staged = staged_path(path)
+            with contextlib.suppress(FileNotFoundError):
+                if stat.S_ISREG(staged.lstat().st_mode):
+                    staged.unlink()
+
+    def swap_in(self, errors_written: bool) -> None:
+        """Move a fresh run's files over the earlier run's. The earlier manifest goes first, so
+        that no manifest ever vouches for files it did not describe; a stale errors file goes
+        when this run has written none (``check`` made sure it was the earlier run's)."""
+        if self.manifest.exists():
+            self.manifest.unlink()
+            sync_folder(self.manifest.parent)
+        for path in self._replaced():
+            staged = staged_path(path)
+            if path == self.errors and not errors_written:
+                path.unlink(missing_ok=True)
+            elif staged.exists():
+                os.replace(staged, path)
+        for folder in {path.parent for path in self._replaced()}:
+            sync_folder(folder)
+
+    def _replaced(self) -> list[Path]:
+        return [self.output, self.errors] + ([self.ids] if self.ids is not None else [])
+
+
+def _same(first: Path, second: Path) -> bool:
+    """True when the two paths are one file: the same resolved path, or the same inode."""
+    if first.resolve() == second.resolve():
+        return True
+    try:
+        return os.path.samefile(first, second)
+    except OSError:  # one of them does not exist (yet)
+        return False
+
+
+def _check_kind(role: str, path: Path) -> None:
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return
+    except OSError as error:
+        raise ConfigError(f"the {role} {str(path)!r}: {error.strerror or error}") from None
+    if not stat.S_ISREG(mode):
+        raise ConfigError(
+            f"the {role} {str(path)!r} exists and is not a regular file: refusing to replace it"
+        )
+
+
+@contextlib.contextmanager
+def _locked(path: Path, what: str) -> Iterator[None]:
+    try:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as error:
+        raise ConfigError(f"cannot create {str(path)!r}: {error.strerror or error}") from None
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise ConfigError(f"cannot lock {what}: {error.strerror or error}") from None
+            raise ConfigError(
+                f"another sfembed job is using {what}: wait for it to end, or give this job "
+                "another --out (and --cache)"
+            ) from None
+        yield
+    finally:
+        os.close(descriptor)

@@ -1,0 +1,153 @@
+"""Options: a mistyped or misplaced value is refused with exit 2 and a message that names the
+option and what is allowed, never with a traceback, and never echoing a key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hostile import KEY, KEY_ENV, assert_clean, docs, embed_args, sfembed, write_lines
+
+from sfembed._cli import main
+from sfembed.testing import LocalServer
+
+SECRET = "sk-hostile-0f1e2d3c4b5a69788796a5b4c3d2e1f0"
+
+
+@pytest.fixture
+def source(tmp_path: Path) -> Path:
+    return write_lines(tmp_path / "in.jsonl", docs(3))
+
+
+def _run(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, source: Path | str, *extra: str
+) -> tuple[int, str]:
+    code = main(["embed", str(source), "--out", str(tmp_path / "o.npy"), "--no-progress", *extra])
+    printed = capsys.readouterr()
+    return code, printed.out + printed.err
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "allowed"),
+    [
+        ("--long", "chunk", "pool"),
+        ("--encoding", "hex", "base64"),
+        ("--truncate-side", "middle", "right"),
+        ("--dtype", "float64", "float16"),
+        ("--format", "csv", "parquet"),
+        ("--input-format", "xml", "jsonl"),
+    ],
+)
+def test_a_mistyped_choice_exits_2_naming_the_allowed_values(
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    source: Path,
+    flag: str,
+    value: str,
+    allowed: str,
+) -> None:
+    code, printed = _run(capsys, tmp_path, source, "--local", flag, value)
+    assert code == 2
+    assert flag in printed
+    assert value in printed
+    assert allowed in printed
+    assert "Traceback" not in printed
+    assert not (tmp_path / "o.npy").exists()
+
+
+@pytest.mark.parametrize(
+    "extra", [["--concurrency", "many"], ["--no-such-flag"], ["--tpm"]], ids=str
+)
+def test_other_usage_errors_exit_2(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, source: Path, extra: list[str]
+) -> None:
+    code, printed = _run(capsys, tmp_path, source, "--local", *extra)
+    assert code == 2
+    assert "usage:" in printed
+
+
+def test_a_key_given_to_api_key_env_is_never_printed(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, source: Path
+) -> None:
+    code, printed = _run(capsys, tmp_path, source, "--api-key-env", SECRET)
+    assert code == 2
+    assert "--api-key-env takes the name of an environment variable" in printed
+    assert SECRET not in printed
+    assert SECRET[3:20] not in printed
+
+
+def test_an_unset_variable_that_looks_like_a_key_is_not_printed_either(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, source: Path
+) -> None:
+    lookalike = "abcdef0123456789abcdef0123456789"  # a valid variable name, but a key
+    code, printed = _run(capsys, tmp_path, source, "--api-key-env", lookalike)
+    assert code == 2
+    assert "no API key" in printed
+    assert lookalike not in printed
+
+
+async def test_a_key_with_a_trailing_newline_works(server: LocalServer, tmp_path: Path) -> None:
+    source = write_lines(tmp_path / "in.jsonl", docs(3))
+    done = await sfembed(*embed_args(server.url, source, tmp_path / "o.npy"), key=KEY + "\n")
+    assert done.code == 0, done.err
+    assert_clean(done, KEY)
+
+
+@pytest.mark.parametrize(
+    ("url", "secret", "says"),
+    [
+        ("https://user:pa55word-secret@api.example.com/v1", "pa55word-secret", "credentials"),
+        ("https://api.example.com/v1?token=qu3ry-secret", "qu3ry-secret", "query"),
+        ("https://api.example.com/v1#fr4g-secret", "fr4g-secret", "fragment"),
+    ],
+)
+def test_a_base_url_with_credentials_or_a_query_is_refused_without_echoing_it(
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    source: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    url: str,
+    secret: str,
+    says: str,
+) -> None:
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    code, printed = _run(capsys, tmp_path, source, "--api-key-env", KEY_ENV, "--base-url", url)
+    assert code == 2
+    assert says in printed
+    assert secret not in printed
+    assert SECRET not in printed
+
+
+def test_a_missing_input_with_the_progress_bar_is_a_clear_error(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    missing = tmp_path / "nope.jsonl"
+    code = main(["embed", str(missing), "--out", str(tmp_path / "o.npy"), "--local"])
+    printed = capsys.readouterr()
+    assert code == 2
+    assert str(missing) in printed.err
+    assert "Traceback" not in printed.err
+    assert list(tmp_path.iterdir()) == []  # not even a lock file
+
+
+def test_an_output_under_a_regular_file_is_a_clear_error(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, source: Path
+) -> None:
+    blocker = tmp_path / "file.txt"
+    blocker.write_bytes(b"x")
+    code = main(["embed", str(source), "--out", str(blocker / "o.npy"), "--local"])
+    printed = capsys.readouterr()
+    assert code == 2
+    assert "not a folder" in printed.err
+    assert blocker.read_bytes() == b"x"
+
+
+def test_an_output_where_nothing_may_be_created_is_a_clear_error(
+    capsys: pytest.CaptureFixture[str], source: Path
+) -> None:
+    # sysfs refuses new files even to root: an honest read-only place on any Linux machine.
+    code = main(["embed", str(source), "--out", "/sys/sfembed-test.npy", "--local"])
+    printed = capsys.readouterr()
+    assert code == 2
+    assert "/sys" in printed.err
+    assert "Traceback" not in printed.err
