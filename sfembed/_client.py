@@ -56,7 +56,8 @@ class EmbeddingClient:
     """An async context manager owning one pooled aiohttp session to a SiliconFlow-compatible API.
 
     The key is ``api_key`` or the environment variable named by ``api_key_env``, without the
-    whitespace around it (a key file's trailing newline). Plain ``http`` to a host other than
+    whitespace around it (a key file's trailing newline), quotes around it or a ``Bearer``
+    before it. Plain ``http`` to a host other than
     loopback is refused (the key would cross the network in clear) unless
     ``allow_insecure_http``. Raises ConfigError for a missing key, one a header cannot carry,
     or a base URL with credentials, a query or a fragment; no message holds the key or the
@@ -264,6 +265,8 @@ def _checked_key(api_key: str | None, api_key_env: str) -> str:
     key = (api_key if api_key is not None else os.environ.get(api_key_env) or "").strip()
     if key[:7].lower() == "bearer ":
         key = key[7:].strip()
+    if len(key) > 1 and key[0] == key[-1] and key[0] in "\"'":  # quoted in a .env file
+        key = key[1:-1].strip()
     if not key:
         if api_key is not None:
             raise exc.ConfigError("the API key given is empty")
@@ -296,9 +299,9 @@ def _check_url(base_url: str, allow_insecure_http: bool) -> None:
             "base URL must not hold credentials (user:password@): the API key goes in "
             "SILICONFLOW_API_KEY (or the variable named by api_key_env)"
         )
-    shown = f"{parts.scheme}://{parts.netloc}{parts.path}"
+    shown = f"{parts.scheme}://{parts.netloc}{parts.path}" if parts.scheme else parts.path
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise exc.ConfigError(f"base URL must be http(s)://host/..., not {shown!r}")
+        raise exc.ConfigError(f"base URL must be https://host/... (or http://), not {shown!r}")
     if parts.path.rstrip("/").endswith("/embeddings"):
         base = shown.rstrip("/").removesuffix("/embeddings")
         raise exc.ConfigError(

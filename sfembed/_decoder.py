@@ -55,6 +55,8 @@ def decode_body(
 
 
 def _parse(body: bytes, trace_id: str | None) -> dict[str, Any]:
+    if body[:3] == b"\xef\xbb\xbf":  # a byte-order mark some gateways put before the JSON
+        body = body[3:]
     try:
         payload = orjson.loads(body)
     except orjson.JSONDecodeError:

@@ -76,6 +76,8 @@ async def embed(
     embedded raises JobError listing every failure; with ``errors="nan"`` its row is NaN.
     Raises ConfigError, or an APIError that no retry can get past (a wrong key, say).
     """
+    if errors not in ("raise", "nan"):
+        raise exc.ConfigError(f"errors must be 'raise' or 'nan', not {errors!r}")
     inputs = _as_inputs(inputs)
     job_stats = stats if stats is not None else JobStats()
     rows = _Rows(len(inputs) if isinstance(inputs, Sized) else None)

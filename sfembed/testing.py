@@ -76,7 +76,7 @@ INJECT_KINDS = frozenset(
     | {"no-usage", "negative-usage", "huge-usage", "zero-usage"}
     | {"nan", "inf", "string-floats", "bool-floats"}
     | {"missing-item", "extra-item", "duplicate-index", "wrong-dims"}
-    | {"gzip", "trickle", "endless"}
+    | {"gzip", "trickle", "endless", "bom"}
 )
 
 _JSON = "application/json; charset=utf-8"
@@ -236,7 +236,7 @@ _ALTERED = frozenset(
     | {"missing-item", "extra-item", "duplicate-index", "wrong-dims"}
 )
 #: Scripted outcomes for which the request is still checked (and charged) as usual.
-_ANSWERED = _ALTERED | {"stall", "trickle", "gzip"}
+_ANSWERED = _ALTERED | {"stall", "trickle", "gzip", "bom"}
 
 
 class _Reject(ValueError):
@@ -767,7 +767,8 @@ class LocalServer:
         ``html-200`` (an HTML error page); ``error-200`` (a 503's error JSON with status 200);
         ``429-hour`` and ``429-date`` (a 429 asking to wait an hour, in seconds or as an HTTP
         date); ``gzip`` (a normal answer, gzip-encoded); ``trickle`` (a normal answer sent one
-        byte every ``Faults.trickle_s`` seconds); ``endless`` (a 200 whose body never ends).
+        byte every ``Faults.trickle_s`` seconds); ``endless`` (a 200 whose body never ends); ``bom``
+        (a normal answer after a UTF-8 byte-order mark).
 
         A valid request answered with a damaged success body: ``no-usage``, ``negative-usage``,
         ``huge-usage`` (a million tokens per item), ``zero-usage``; ``nan`` and ``inf`` in the
@@ -923,6 +924,8 @@ class LocalServer:
         if fault == "gzip":
             response.body = gzip.compress(cast(bytes, response.body))
             response.headers["Content-Encoding"] = "gzip"
+        elif fault == "bom":
+            response.body = b"\xef\xbb\xbf" + cast(bytes, response.body)
         return response
 
     def _refusal(self, job: _Job) -> web.Response | None:

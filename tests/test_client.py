@@ -419,9 +419,10 @@ HOSTILE = {"405", "redirect", "html-502", "html-200", "error-200", "429-hour", "
     "gzip",
     "trickle",
     "endless",
+    "bom",
 }
 #: Kinds that end in a usable answer (or, trickling, in none within a test's time).
-ANSWERED = {"no-usage", "negative-usage", "huge-usage", "zero-usage", "gzip", "trickle"}
+ANSWERED = {"no-usage", "negative-usage", "huge-usage", "zero-usage", "gzip", "trickle", "bom"}
 
 
 @pytest.mark.parametrize(("kind", "limit"), [("429-tpm", "tpm"), ("429-rpm", "rpm")])

@@ -205,3 +205,24 @@ def test_a_base_url_naming_the_endpoint_is_refused_with_the_root(url: str) -> No
     with pytest.raises(ConfigError, match="without /embeddings") as info:
         EmbeddingClient(api_key=KEY, base_url=url)
     assert "use 'https://api.siliconflow.cn/v1'" in str(info.value)
+
+
+@pytest.mark.parametrize("key", [f'"{KEY}"', f"'{KEY}'\n", f"Bearer {KEY}", f"bearer  {KEY} "])
+async def test_a_key_quoted_or_with_its_scheme_works(
+    server: LocalServer, monkeypatch: pytest.MonkeyPatch, key: str
+) -> None:
+    monkeypatch.setenv("SILICONFLOW_API_KEY", key)
+    async with EmbeddingClient(base_url=server.url) as client:
+        await client.embed("one", model=M3)
+
+
+def test_a_base_url_without_a_scheme_is_refused_clearly() -> None:
+    with pytest.raises(ConfigError, match="must be https://") as info:
+        EmbeddingClient(api_key=KEY, base_url="api.siliconflow.cn/v1")
+    assert "'api.siliconflow.cn/v1'" in str(info.value)
+
+
+async def test_an_unknown_errors_choice_is_refused(server: LocalServer) -> None:
+    with pytest.raises(ConfigError, match="'raise' or 'nan'"):
+        await embed(["one"], model=M3, errors="ignore")
+    assert server.stats.requests == 0

@@ -152,8 +152,11 @@ async def test_an_answer_without_a_true_usage_keeps_its_vectors(
     np.testing.assert_array_equal(result.embeddings, expected_rows(["one", "two"]))
 
 
-async def test_a_gzip_encoded_answer_is_read(server: LocalServer) -> None:
-    server.inject("gzip")
+@pytest.mark.parametrize("kind", ["gzip", "bom"])
+async def test_a_gzip_encoded_answer_or_one_with_a_byte_order_mark_is_read(
+    server: LocalServer, kind: str
+) -> None:
+    server.inject(kind)
     async with client_for(server) as client:
         result = await client.embed(["one", "two"], model=M3)
     np.testing.assert_array_equal(result.embeddings, expected_rows(["one", "two"]))
