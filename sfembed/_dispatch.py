@@ -51,6 +51,11 @@ _FATAL = (
 )
 
 
+#: A server count under 1/8 of the local estimate is not a count: the estimator is never that far
+#: over (an image, charged 1,024 before the server counts it, is the furthest case).
+_TRUSTED_UNDERCOUNT = 8
+
+
 class _Stopped(Exception):
     """A request not started because the job was told to stop."""
 
@@ -128,11 +133,14 @@ class PacedSender:
         return result
 
     async def _account(self, ticket: Ticket, local: int, result: EmbeddingResult) -> None:
-        if result.usage is None:  # no count to trust: the charge stands, calibration learns nothing
+        usage = result.usage
+        if usage is None or usage["total_tokens"] * _TRUSTED_UNDERCOUNT < local:
+            # No count to trust (a gateway's one token per item, say): the charge stands, and
+            # calibration learns nothing, so it can never fall towards 0 and switch pacing off.
             used = ticket.tokens
             self._warn_no_usage()
         else:
-            used = result.usage["total_tokens"]
+            used = usage["total_tokens"]
             self.calibration.observe(local, used)
         await self.limiter.settle(ticket, used)
         self.stats.requests += 1
@@ -144,7 +152,8 @@ class PacedSender:
         if not self._usage_missing:
             self._usage_missing = True
             log.warning(
-                "an answer carried no usable 'usage' (missing, negative or impossibly large): "
+                "an answer carried no usable 'usage' (missing, negative, or impossibly large or "
+                "small): "
                 "such requests are paced by local token estimates"
             )
 

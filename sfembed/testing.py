@@ -73,7 +73,7 @@ INJECT_KINDS = frozenset(
     {"400", "model", "401", "403", "404", "413", "429-tpm", "429-rpm", "503", "504"}
     | {"reset", "stall", "bad-json", "no-data"}
     | {"405", "redirect", "html-502", "html-200", "error-200", "429-hour", "429-date"}
-    | {"no-usage", "negative-usage", "huge-usage", "zero-usage"}
+    | {"no-usage", "negative-usage", "huge-usage", "zero-usage", "tiny-usage"}
     | {"nan", "inf", "string-floats", "bool-floats"}
     | {"missing-item", "extra-item", "duplicate-index", "wrong-dims"}
     | {"gzip", "trickle", "endless", "bom"}
@@ -231,7 +231,7 @@ _STATIC: dict[str, tuple[int, bytes, str]] = {
 }
 #: Scripted outcomes that answer a valid request with an altered success body (see _altered_body).
 _ALTERED = frozenset(
-    {"no-usage", "negative-usage", "huge-usage", "zero-usage"}
+    {"no-usage", "negative-usage", "huge-usage", "zero-usage", "tiny-usage"}
     | {"nan", "inf", "string-floats", "bool-floats"}
     | {"missing-item", "extra-item", "duplicate-index", "wrong-dims"}
 )
@@ -584,7 +584,12 @@ def _altered_body(job: _Job, kind: str) -> bytes:
     elif kind == "no-usage":
         del payload["usage"]
     elif kind.endswith("-usage"):
-        tokens = {"negative": -job.tokens, "huge": 10**6 * len(job.items), "zero": 0}[kind[:-6]]
+        tokens = {
+            "negative": -job.tokens,
+            "huge": 10**6 * len(job.items),
+            "zero": 0,
+            "tiny": len(job.items),
+        }[kind[:-6]]
         usage.update(prompt_tokens=tokens, total_tokens=tokens)
     raw = orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
     if kind == "inf" and not job.base64:
@@ -771,7 +776,8 @@ class LocalServer:
         (a normal answer after a UTF-8 byte-order mark).
 
         A valid request answered with a damaged success body: ``no-usage``, ``negative-usage``,
-        ``huge-usage`` (a million tokens per item), ``zero-usage``; ``nan`` and ``inf`` in the
+        ``huge-usage`` (a million tokens per item), ``zero-usage``, ``tiny-usage`` (one
+        token per item); ``nan`` and ``inf`` in the
         first vector (``null`` and ``1e39`` in a float answer, as JSON has neither);
         ``string-floats`` and ``bool-floats`` (a float vector holding strings or booleans);
         ``missing-item``, ``extra-item``, ``duplicate-index`` (two vectors share an index; a

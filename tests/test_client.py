@@ -408,6 +408,7 @@ HOSTILE = {"405", "redirect", "html-502", "html-200", "error-200", "429-hour", "
     "negative-usage",
     "huge-usage",
     "zero-usage",
+    "tiny-usage",
     "nan",
     "inf",
     "string-floats",
@@ -422,7 +423,11 @@ HOSTILE = {"405", "redirect", "html-502", "html-200", "error-200", "429-hour", "
     "bom",
 }
 #: Kinds that end in a usable answer (or, trickling, in none within a test's time).
-ANSWERED = {"no-usage", "negative-usage", "huge-usage", "zero-usage", "gzip", "trickle", "bom"}
+ANSWERED = {"no-usage", "negative-usage", "huge-usage", "zero-usage", "tiny-usage"} | {
+    "gzip",
+    "trickle",
+    "bom",
+}
 
 
 @pytest.mark.parametrize(("kind", "limit"), [("429-tpm", "tpm"), ("429-rpm", "rpm")])

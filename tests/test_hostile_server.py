@@ -273,27 +273,32 @@ class RecordingLimiter(RateLimiter):
         return ticket
 
 
-@pytest.mark.parametrize("kind", ["no-usage", "negative-usage", "huge-usage", "zero-usage"])
+@pytest.mark.parametrize(
+    "kind", ["no-usage", "negative-usage", "huge-usage", "zero-usage", "tiny-usage"]
+)
 async def test_answers_without_a_true_usage_keep_their_charge(
     server: LocalServer, kind: str
 ) -> None:
     server.inject(kind, 10_000)  # every answer
+    texts = [f"record {n:02}: " + "lorem ipsum dolor sit amet " * 6 for n in range(40)]
     limiter = RecordingLimiter(RateLimits(rpm=10**6, tpm=10**9))
     stats = JobStats()
     settings = settings_for(server, batch=BatchLimits(max_items=2))
     async with client_for(server) as client:
         rows: list[np.ndarray] = []
         async for batch in embed_stream(
-            TEXTS, model=M3, settings=settings, client=client, stats=stats, limiter=limiter
+            texts, model=M3, settings=settings, client=client, stats=stats, limiter=limiter
         ):
             rows.append(batch.embeddings)
-    np.testing.assert_array_equal(np.concatenate(rows), expected_rows(TEXTS))
+    np.testing.assert_array_equal(np.concatenate(rows), expected_rows(texts))
     assert stats.failures == []
-    assert len(limiter.tickets) == stats.requests == len(TEXTS) // 2
+    assert len(limiter.tickets) == stats.requests == len(texts) // 2
     # Never settled at 0 (or below): each request keeps what it was charged, and the charges
     # of the last requests are no smaller than a local estimate (calibration never fell to 0).
     assert all(ticket.tokens > 0 for ticket in limiter.tickets)
     assert min(limiter.asked) > 0
+    # Requests alike are charged alike: calibration never fell below its prior.
+    assert max(limiter.asked) == min(limiter.asked)
     assert stats.tokens == sum(ticket.tokens for ticket in limiter.tickets)
 
 
