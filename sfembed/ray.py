@@ -37,10 +37,10 @@ import numpy as np
 
 from ._client import EmbeddingClient
 from ._config import Settings, load_settings
+from ._engine import client_for, embed, shared_limiter_for
 from ._exceptions import ConfigError
 from ._limiter import Limiter
-from ._pipeline import JobStats, client_for, embed, shared_limiter_for
-from ._types import Unusable
+from ._types import JobStats, Unusable
 
 __all__ = ["Embedder"]
 
