@@ -41,7 +41,7 @@ from ._exceptions import (
 from ._limiter import Clock, Limiter, LoopClock, ManualClock, RateLimiter
 from ._models import DEFAULT_CATALOG, ModelCatalog, ModelSpec
 from ._quota import SharedLimiter
-from ._types import EmbeddedBatch, EmbeddingResult, Failure, JobStats, Ticket
+from ._types import EmbeddedBatch, EmbeddingResult, Failure, JobStats, Ticket, WindowStats
 
 __version__ = "0.1.0"
 
@@ -88,6 +88,7 @@ __all__ = [
     "SharedLimiter",
     "Ticket",
     "Timeouts",
+    "WindowStats",
     "embed",
     "embed_stream",
     "load_settings",

@@ -31,6 +31,7 @@ from ._manifest import load_manifest, manifest_path_for
 from ._options import add_options, overrides, replaced
 from ._progress import TqdmProgress
 from ._quota import SharedLimiter
+from ._report import load_report, plot_report, report_table
 
 __all__ = ["main"]
 
@@ -47,7 +48,7 @@ the output means a rerun sends only the texts that changed.
 examples:
   export SILICONFLOW_API_KEY=...
   sfembed embed docs.jsonl --out vectors.npy --model BAAI/bge-m3 --tpm 500000 --rpm 2000
-  sfembed embed docs.jsonl --out vectors.npy --resume-or-restart   # the same line every night
+  sfembed embed docs.jsonl --out vectors.npy --resume-or-restart --report run.json
 """
 
 _VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -87,8 +88,35 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sfembed {__version__}")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
     _add_embed(commands)
+    _add_report(commands)
     _add_serve(commands)
     return parser
+
+
+def _add_report(commands: Any) -> None:
+    report = commands.add_parser(
+        "report",
+        help="show a run report as a table, or plot it",
+        description="Print the run report a job wrote with --report as a table; with --plot, "
+        "also draw its tokens per window against the TPM limit, with the 429s, as a PNG.",
+    )
+    report.add_argument("report", metavar="REPORT", help="the run report (JSON) a job wrote")
+    report.add_argument(
+        "--plot",
+        metavar="PATH",
+        help="draw the plot into this PNG file; needs pip install 'sfembed[plot]' "
+        "(default: no plot)",
+    )
+    report.set_defaults(run=_show_report)
+
+
+async def _show_report(args: argparse.Namespace) -> int:
+    report = load_report(args.report)
+    print(report_table(report))
+    if args.plot:
+        plot_report(report, args.plot)
+        print(f"plot written to {args.plot}")
+    return EXIT_OK
 
 
 def _add_serve(commands: Any) -> None:
@@ -222,6 +250,13 @@ def _add_embed(commands: Any) -> None:
         help="the errors file, one JSON line per failed record, "
         "written only if one fails (default: OUT.errors.jsonl)",
     )
+    groups["output"].add_argument(
+        "--report",
+        metavar="PATH",
+        help="write a run report (JSON) here at every checkpoint and at the end: records, "
+        "failures by reason, the server's tokens, requests, 429s, cost, and per window the share "
+        "of the limits used; see it with 'sfembed report PATH' (default: none)",
+    )
     groups["service"].add_argument(
         "--local",
         action="store_true",
@@ -265,8 +300,8 @@ def _add_embed(commands: Any) -> None:
     progress.add_argument(
         "--prices",
         metavar="PATH",
-        help="prices per million tokens (TOML) for --dry-run (default: "
-        "configs/prices.toml if present)",
+        help="prices per million tokens (TOML), for the cost in --dry-run and --report "
+        "(default: configs/prices.toml if present)",
     )
     add_options(groups)
     embed.set_defaults(run=_embed)
@@ -354,6 +389,8 @@ async def _run_with(
             restart=args.resume_or_restart,
             stop=stop,
             limiter=limiter,
+            report_path=args.report,
+            **_pricing(args, settings),
         )
     )
     try:
@@ -363,7 +400,7 @@ async def _run_with(
         if progress is not None:
             progress.close(progress.last)
     if summary is not None:
-        return _report(summary, settings.rate, limiter)
+        return _finish(summary, settings.rate, limiter)
     if signals.forced:
         print("sfembed: exited at once; run again with --resume to continue", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -396,7 +433,7 @@ async def _outcome(job: asyncio.Future[JobSummary]) -> JobSummary | None:
         return None
 
 
-def _report(summary: JobSummary, limits: RateLimits, limiter: SharedLimiter | None) -> int:
+def _finish(summary: JobSummary, limits: RateLimits, limiter: SharedLimiter | None) -> int:
     print(_summary(summary, limits))
     if limiter is not None:
         print(f"  {'quota':<16}{_shared(limiter)}")
@@ -460,13 +497,26 @@ def _count_lines(path: str) -> int | None:
         return None
 
 
+def _pricing(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    """The price per million tokens of the job's model, and the file it comes from: a prices
+    file the user names must exist; the shipped default is used when present."""
+    prices = Path(args.prices) if args.prices else _PRICES
+    if args.prices is None and not prices.exists():
+        return {"price_per_million": None, "prices_file": None}
+    spec = catalog_for(settings)[settings.model]
+    return {"price_per_million": price_of(spec.name, prices), "prices_file": str(prices)}
+
+
 def _print_dry_run(args: argparse.Namespace, settings: Settings) -> int:
     spec = catalog_for(settings)[settings.model]
-    # A prices file the user names must exist; the shipped default is used when present.
-    prices = Path(args.prices) if args.prices else _PRICES
-    known = args.prices is not None or prices.exists()
-    plan = dry_run(args.input, settings, spec, price_of(spec.name, prices) if known else 0.0)
-    source = f"prices per million tokens from {prices}" if known else "no prices file found"
+    pricing = _pricing(args, settings)
+    known = pricing["prices_file"] is not None
+    plan = dry_run(args.input, settings, spec, pricing["price_per_million"] or 0.0)
+    source = (
+        f"prices per million tokens from {pricing['prices_file']}"
+        if known
+        else ("no prices file found")
+    )
     rows = [
         ("records", f"{plan.records:,} ({plan.unusable:,} unusable)"),
         ("tokens (exact)", f"{plan.tokens:,}"),

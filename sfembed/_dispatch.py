@@ -109,7 +109,7 @@ class PacedSender:
             await self.limiter.refund(ticket)
             raise _Stopped
         self.in_flight.add(asyncio.current_task())  # a stop lets this request finish
-        self.stats.in_flight += 1
+        self.stats.sending()
         try:
             result = await self.client.embed(
                 cast(list[InputItem], [chunk.item for chunk in request]),
@@ -119,7 +119,7 @@ class PacedSender:
                 truncate=self._truncate(),
             )
         except exc.RateLimitError as error:
-            self.stats.rate_limited += 1
+            self.stats.limited(error.limit)
             await self.limiter.on_rate_limited(
                 error.limit, honoured_wait_s(error, self.settings.retry, quiet=True)
             )
@@ -143,8 +143,7 @@ class PacedSender:
             used = usage["total_tokens"]
             self.calibration.observe(local, used)
         await self.limiter.settle(ticket, used)
-        self.stats.requests += 1
-        self.stats.tokens += used
+        self.stats.settled(used)
         self.stats.pace_tokens_per_s = self.limiter.tokens_per_s
         self.stats.pace_requests_per_s = self.limiter.requests_per_s
 

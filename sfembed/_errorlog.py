@@ -8,13 +8,16 @@ job leaves none.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections import Counter
 from pathlib import Path
 from typing import IO
 
 import orjson
 
+from ._report import reason_group
 from ._types import EmbeddedBatch
 from ._writers import reopen_at
 
@@ -24,7 +27,8 @@ log = logging.getLogger("sfembed")
 
 
 class ErrorLog:
-    """The errors file at ``path``, opened on the first failure.
+    """The errors file at ``path``, opened on the first failure; ``reasons`` counts its entries
+    by reason group (see ``_report.reason_group``), an earlier run's committed ones included.
 
     ``resume_length`` (bytes committed by an earlier run) reopens the file cut back to it; 0
     removes what a crashed run may have left, as nothing of it was committed. ``path`` may be
@@ -32,13 +36,30 @@ class ErrorLog:
     checkpoint); once opened, the file goes on where it is, renamed or not.
     """
 
-    def __init__(self, path: Path, resume_length: int | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        resume_length: int | None = None,
+        *,
+        reasons: Counter[str] | None = None,
+    ) -> None:
         self.path = path
+        self.reasons = reasons if reasons is not None else Counter()
         self._file: IO[bytes] | None = None
         if resume_length:
             self._file = reopen_at(path, resume_length)
+            self._count_earlier(resume_length)
         elif resume_length == 0:
             path.unlink(missing_ok=True)
+
+    def _count_earlier(self, length: int) -> None:
+        """Count the reasons of the entries an earlier run committed."""
+        assert self._file is not None
+        self._file.seek(0)
+        for line in self._file.read(length).splitlines():
+            with contextlib.suppress(orjson.JSONDecodeError, AttributeError, TypeError):
+                self.reasons[reason_group(str(orjson.loads(line).get("reason")))] += 1
+        self._file.seek(length)
 
     @property
     def opened(self) -> bool:
@@ -65,6 +86,7 @@ class ErrorLog:
             if failure.chunk is not None:
                 entry["chunk"] = failure.chunk
             lines.append(orjson.dumps(entry) + b"\n")
+            self.reasons[reason_group(failure.reason)] += 1
             named = (
                 f"record {record_id!r} (line {line})" if record_id is not None else f"line {line}"
             )

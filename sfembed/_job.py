@@ -19,7 +19,7 @@ import itertools
 import logging
 import os
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +45,7 @@ from ._manifest import (
     output_settings,
     save_manifest,
 )
+from ._report import run_report, write_report
 from ._sources import Record, read_records
 from ._types import EmbeddedBatch, JobStats, Unusable
 from ._writers import Committed, Writer, format_of, open_writer
@@ -72,6 +73,15 @@ class JobSummary:
     stopped: bool = False
     errors_path: Path | None = None
     manifest_path: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Reporting:
+    """Where the run report goes, and the price its cost is figured at."""
+
+    path: Path
+    price: float | None
+    prices_file: str | None
 
 
 @dataclass(slots=True)
@@ -159,6 +169,9 @@ async def run_job(
     restart: bool = False,
     stop: asyncio.Event | None = None,
     limiter: Limiter | None = None,
+    report_path: str | Path | None = None,
+    price_per_million: float | None = None,
+    prices_file: str | None = None,
 ) -> JobSummary:
     """Embed every record of ``input_path`` into ``output_path`` in input order.
 
@@ -170,7 +183,9 @@ async def run_job(
     as well, an earlier run whose input or settings differ is not refused but started over
     (with the cache, only changed texts are sent): one command serves every night. ``stop``
     ends the job gracefully (see ``embed_stream``), leaving it resumable. ``limiter`` paces the
-    requests (default: as ``embed_stream`` chooses).
+    requests (default: as ``embed_stream`` chooses). ``report_path`` names a JSON run report
+    (see ``_report``), rewritten at every checkpoint and at the end, its cost at
+    ``price_per_million`` tokens (read from ``prices_file``).
 
     An earlier run's files stay as they were until this run's first checkpoint with an
     embedded row. Raises ConfigError for bad or clashing paths, an output another job is
@@ -178,6 +193,8 @@ async def run_job(
     retry can get past; OSError when the disk refuses a write.
     """
     job = _FileJob(input_path, output_path, settings, client, errors_path, limiter)
+    if report_path is not None:
+        job.reporting(Path(report_path), price_per_million, prices_file)
     return await job.run(resume=resume, restart=restart, stop=stop, on_batch=on_batch)
 
 
@@ -206,9 +223,16 @@ class _FileJob:
             cache = Path(settings.io.cache_path or self.output_path.parent / CACHE_NAME)
         self.files = JobFiles.of([Path(input_path)], output_path, self.format, self.errors, cache)
         self.manifest_path = self.files.manifest
-        self.summary = JobSummary(JobStats(), 0.0, errors_path=None)
+        self.summary = JobSummary(JobStats(window_s=settings.rate.window_s), 0.0)
         self.writing = False  # a batch is half written: the files and the counts disagree
         self.limiter = limiter
+        self.reasons: Counter[str] = Counter()  # failures by reason group, for the report
+        self.report: _Reporting | None = None
+
+    def reporting(self, path: Path, price: float | None, prices_file: str | None) -> None:
+        """Write a run report to ``path`` (see ``_report``)."""
+        self.report = _Reporting(path, price, prices_file)
+        self.files = dataclasses.replace(self.files, report=path)
 
     async def run(
         self,
@@ -233,20 +257,75 @@ class _FileJob:
             ) from None
         self.files.check()
         with self.files.locked():
-            earlier = self._load_earlier(strict=resume and not restart)
-            self.files.check_owned(earlier)
-            identity = await identify(self.input_path)
-            wanted = output_settings(self.settings, self.spec, self.format, self.errors)
-            go_on = self._continued(earlier, identity, wanted, restart) if resume else None
-            if go_on is None:
-                await self._fresh(Manifest(identity, wanted, Checkpoint()), stop, on_batch)
-            else:
-                self._check_lengths(go_on.checkpoint)  # before any file is cut back
-                if go_on.complete:
-                    return self._finished(go_on.checkpoint)
-                manifest = Manifest(identity, wanted, go_on.checkpoint)
-                await self._embed(manifest, resumed=True, stop=stop, on_batch=on_batch)
-        return self._finished(None)
+            self.files.check_report()  # a refusal must not write the report it refused
+            try:
+                return await self._run(resume, restart, stop, on_batch)
+            except asyncio.CancelledError:
+                with contextlib.suppress(OSError):  # the job's own error comes first
+                    self._report("stopped")
+                raise
+            except Exception as error:
+                with contextlib.suppress(OSError):
+                    self._report("failed", str(error))
+                raise
+
+    async def _run(
+        self,
+        resume: bool,
+        restart: bool,
+        stop: asyncio.Event | None,
+        on_batch: Callable[[JobStats], None] | None,
+    ) -> JobSummary:
+        earlier = self._load_earlier(strict=resume and not restart)
+        self.files.check_owned(earlier)
+        identity = await identify(self.input_path)
+        wanted = output_settings(self.settings, self.spec, self.format, self.errors)
+        go_on = self._continued(earlier, identity, wanted, restart) if resume else None
+        if go_on is None:
+            await self._fresh(Manifest(identity, wanted, Checkpoint()), stop, on_batch)
+        else:
+            self._check_lengths(go_on.checkpoint)  # before any file is cut back
+            if go_on.complete:
+                summary = self._finished(go_on.checkpoint)
+                self._report("complete")
+                return summary
+            manifest = Manifest(identity, wanted, go_on.checkpoint)
+            await self._embed(manifest, resumed=True, stop=stop, on_batch=on_batch)
+        summary = self._finished(None)
+        self._report("stopped" if summary.stopped else "complete")
+        return summary
+
+    def _report(self, status: str, error: str | None = None) -> None:
+        """Rewrite the run report, if one was asked for; ``error`` says why a job failed."""
+        if self.report is None:
+            return
+        summary = self.summary
+        counts = {
+            "records": summary.records,
+            "rows": summary.rows,
+            "failed": summary.failed,
+            "resumed_records": summary.resumed_records,
+        }
+        where = {
+            "model": self.spec.name,
+            "input": str(self.input_path),
+            "output": str(self.output_path),
+        }
+        if self.report.prices_file is not None:
+            where["prices"] = self.report.prices_file
+        report = run_report(
+            summary.stats,
+            self.settings.rate,
+            status=status,
+            counts=counts,
+            reasons=self.reasons,
+            wall_s=time.monotonic() - summary.stats.started_s,
+            price=self.report.price,
+            where=where,
+        )
+        if error is not None:
+            report["error"] = error
+        write_report(self.report.path, report)
 
     def _load_earlier(self, *, strict: bool) -> Manifest | None:
         """The earlier run's manifest. A fresh run passes over one it cannot read (``strict``
@@ -325,7 +404,11 @@ class _FileJob:
             writer = files.enter_context(self._writer(done if resumed else None))
             errors_at = self.errors if resumed else staged_path(self.errors)
             errors = files.enter_context(
-                ErrorLog(errors_at, done.lengths.get("errors", 0) if resumed else None)
+                ErrorLog(
+                    errors_at,
+                    done.lengths.get("errors", 0) if resumed else None,
+                    reasons=self.reasons,
+                )
             )
             cache = None
             if self.files.cache is not None:
@@ -472,6 +555,7 @@ class _Checkpoints:
             dataclasses.replace(self.manifest, checkpoint=checkpoint, complete=complete),
         )
         self.saved_rows = committed.rows
+        job._report("running")
 
     def _proven(self) -> bool:
         """True once the server has answered a request and a row was embedded: a wrong key, a

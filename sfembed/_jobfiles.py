@@ -30,6 +30,7 @@ from pathlib import Path
 
 from ._exceptions import ConfigError
 from ._manifest import Manifest, manifest_path_for, sync_folder
+from ._report import load_report
 from ._writers import ids_path_for
 
 __all__ = ["JobFiles", "staged_path"]
@@ -56,6 +57,7 @@ class JobFiles:
     errors: Path
     manifest: Path
     cache: Path | None
+    report: Path | None = None  # the run report, if one is asked for
 
     @classmethod
     def of(
@@ -86,6 +88,8 @@ class JobFiles:
         for role, path in list(roles.items()):
             if role != "cache":
                 roles[f"{role} being written"] = staged_path(path)
+        if self.report is not None:
+            roles["report"] = self.report
         roles["lock file"] = _lock_path(self.output)
         if self.cache is not None:
             roles["cache's lock file"] = _lock_path(self.cache)
@@ -115,13 +119,26 @@ class JobFiles:
 
     def check_owned(self, earlier: Manifest | None) -> None:
         """Raise ConfigError when an errors file exists that the earlier run of this output
-        (``earlier`` is its manifest, if any) did not write: it is the user's, and stays."""
+        (``earlier`` is its manifest, if any) did not write, or a file at the report's path that
+        is not a run report: they are the user's, and stay."""
+        self.check_report()
         named = earlier.settings.get("errors file") if earlier is not None else None
         if self.errors.exists() and named != os.path.abspath(self.errors):
             raise ConfigError(
                 f"the errors file {str(self.errors)!r} exists and no earlier run of this output "
                 "wrote it (its manifest does not name it): move it away or choose another --errors"
             )
+
+    def check_report(self) -> None:
+        """Raise ConfigError when a file at the report's path is not a run report."""
+        if self.report is not None and self.report.exists():
+            try:
+                load_report(self.report)
+            except ConfigError:
+                raise ConfigError(
+                    f"{str(self.report)!r} exists and is not an sfembed run report: refusing "
+                    "to write over it; choose another --report"
+                ) from None
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:

@@ -29,6 +29,7 @@ __all__ = [
     "Truncate",
     "Unusable",
     "Usage",
+    "WindowStats",
     "WireEmbedding",
     "WireRequest",
     "WireResponse",
@@ -206,8 +207,26 @@ class EmbeddedBatch:
 
 
 @dataclass(slots=True)
+class WindowStats:
+    """What one rate-limit window of a job saw: the requests settled in it and their tokens (the
+    server's count), and the 429s answered in it, by the limit they named."""
+
+    tokens: int = 0
+    requests: int = 0
+    rate_limited_tpm: int = 0
+    rate_limited_rpm: int = 0
+    rate_limited_other: int = 0  # a 429 that named neither limit
+
+
+@dataclass(slots=True)
 class JobStats:
-    """Live counters of a job, read by progress hooks and the summary. Tokens are the server's."""
+    """Live counters of a job, read by progress hooks, the summary and the run report. Tokens
+    are the server's.
+
+    ``windows[i]`` covers seconds [i * window_s, (i + 1) * window_s) after ``started_s`` (on
+    the monotonic clock); a request counts in the window where it was settled, a 429 where it
+    was answered. ``first_request_s`` is when the first request went out, in seconds after
+    ``started_s`` (None until then)."""
 
     records: int = 0
     chunks: int = 0
@@ -224,3 +243,37 @@ class JobStats:
     pace_requests_per_s: float = 0.0
     failures: list[Failure] = field(default_factory=list)
     started_s: float = field(default_factory=time.monotonic)
+    window_s: float = 60.0
+    windows: list[WindowStats] = field(default_factory=list)
+    first_request_s: float | None = None
+
+    def sending(self) -> None:
+        """A request goes out now."""
+        self.in_flight += 1
+        if self.first_request_s is None:
+            self.first_request_s = time.monotonic() - self.started_s
+
+    def settled(self, tokens: int) -> None:
+        """A request was answered, and the server counted ``tokens`` for it."""
+        self.requests += 1
+        self.tokens += tokens
+        window = self._window()
+        window.requests += 1
+        window.tokens += tokens
+
+    def limited(self, limit: str | None) -> None:
+        """A request was answered 429, naming ``limit`` (``"tpm"``, ``"rpm"`` or None)."""
+        self.rate_limited += 1
+        window = self._window()
+        if limit == "tpm":
+            window.rate_limited_tpm += 1
+        elif limit == "rpm":
+            window.rate_limited_rpm += 1
+        else:
+            window.rate_limited_other += 1
+
+    def _window(self) -> WindowStats:
+        index = max(0, int((time.monotonic() - self.started_s) // self.window_s))
+        while len(self.windows) <= index:  # one per window, quiet ones too
+            self.windows.append(WindowStats())
+        return self.windows[index]
