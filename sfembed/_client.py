@@ -11,6 +11,7 @@ import contextlib
 import datetime as dt
 import html
 import ipaddress
+import logging
 import math
 import os
 import re
@@ -31,6 +32,8 @@ from ._request import build_request
 from ._types import EmbeddingResult, EncodingFormat, InputItem, Truncate
 
 __all__ = ["EmbeddingClient"]
+
+log = logging.getLogger("sfembed")
 
 TRACE_HEADER = "x-siliconcloud-trace-id"
 
@@ -87,6 +90,7 @@ class EmbeddingClient:
         self._max_items = max_batch_items
         self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
+        self._other_model_seen = False  # warned once of answers naming another model
 
     def __repr__(self) -> str:
         return f"EmbeddingClient(url={self._url!r})"
@@ -163,6 +167,10 @@ class EmbeddingClient:
         )
         if usage is not None and not _plausible(usage["total_tokens"], items, spec):
             usage = None
+        if answered and answered != model and not self._other_model_seen:
+            # A gateway may route to another model: its vectors would not mix with the ones asked.
+            self._other_model_seen = True
+            log.warning("the server answered for model %r, not the %r asked for", answered, model)
         return EmbeddingResult(vectors, usage, answered or model, trace_id)
 
     async def _post(self, payload: bytes, limit: int) -> tuple[bytes, str | None]:

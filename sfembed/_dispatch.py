@@ -120,9 +120,13 @@ class PacedSender:
             )
         except exc.RateLimitError as error:
             self.stats.limited(error.limit)
-            await self.limiter.on_rate_limited(
-                error.limit, honoured_wait_s(error, self.settings.retry, quiet=True)
-            )
+            wait_s = honoured_wait_s(error, self.settings.retry, quiet=True)
+            if wait_s:  # every request waits for it, not only this one: say so
+                log.info(
+                    "the server asked for a pause (Retry-After): no request starts for %.1f s",
+                    wait_s,
+                )
+            await self.limiter.on_rate_limited(error.limit, wait_s)
             raise
         except (exc.ServerError, exc.BadRequestError, exc.BatchTooLargeError, exc.InputError):
             await self.limiter.refund(ticket)  # refused or failed before the model ran

@@ -75,7 +75,7 @@ INJECT_KINDS = frozenset(
     | {"405", "redirect", "html-502", "html-200", "error-200", "429-hour", "429-date"}
     | {"no-usage", "negative-usage", "huge-usage", "zero-usage", "tiny-usage"}
     | {"nan", "inf", "string-floats", "bool-floats"}
-    | {"missing-item", "extra-item", "duplicate-index", "wrong-dims"}
+    | {"missing-item", "extra-item", "duplicate-index", "wrong-dims", "other-model"}
     | {"gzip", "trickle", "endless", "bom"}
 )
 
@@ -233,7 +233,7 @@ _STATIC: dict[str, tuple[int, bytes, str]] = {
 _ALTERED = frozenset(
     {"no-usage", "negative-usage", "huge-usage", "zero-usage", "tiny-usage"}
     | {"nan", "inf", "string-floats", "bool-floats"}
-    | {"missing-item", "extra-item", "duplicate-index", "wrong-dims"}
+    | {"missing-item", "extra-item", "duplicate-index", "wrong-dims", "other-model"}
 )
 #: Scripted outcomes for which the request is still checked (and charged) as usual.
 _ANSWERED = _ALTERED | {"stall", "trickle", "gzip", "bom"}
@@ -583,6 +583,8 @@ def _altered_body(job: _Job, kind: str) -> bytes:
         data[0]["index"] = data[-1]["index"] if len(data) > 1 else 1
     elif kind == "no-usage":
         del payload["usage"]
+    elif kind == "other-model":
+        payload["model"] = "Acme/another-model"
     elif kind.endswith("-usage"):
         tokens = {
             "negative": -job.tokens,
@@ -781,7 +783,8 @@ class LocalServer:
         first vector (``null`` and ``1e39`` in a float answer, as JSON has neither);
         ``string-floats`` and ``bool-floats`` (a float vector holding strings or booleans);
         ``missing-item``, ``extra-item``, ``duplicate-index`` (two vectors share an index; a
-        lone one gets index 1) and ``wrong-dims`` (the first vector one value short).
+        lone one gets index 1), ``wrong-dims`` (the first vector one value short) and
+        ``other-model`` (right vectors, named as another model's).
         """
         if kind not in INJECT_KINDS:
             raise ValueError(f"unknown fault {kind!r}; one of {sorted(INJECT_KINDS)}")

@@ -417,6 +417,7 @@ HOSTILE = {"405", "redirect", "html-502", "html-200", "error-200", "429-hour", "
     "extra-item",
     "duplicate-index",
     "wrong-dims",
+    "other-model",
     "gzip",
     "trickle",
     "endless",
@@ -424,6 +425,7 @@ HOSTILE = {"405", "redirect", "html-502", "html-200", "error-200", "429-hour", "
 }
 #: Kinds that end in a usable answer (or, trickling, in none within a test's time).
 ANSWERED = {"no-usage", "negative-usage", "huge-usage", "zero-usage", "tiny-usage"} | {
+    "other-model",
     "gzip",
     "trickle",
     "bom",

@@ -176,6 +176,29 @@ async def test_an_answer_that_trickles_in_meets_the_request_deadline(
     np.testing.assert_array_equal(result.embeddings, expected_rows(["one"]))
 
 
+async def test_an_answer_for_another_model_is_told_once(
+    server: LocalServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    server.inject("other-model", 2)
+    async with client_for(server) as client:
+        with caplog.at_level(logging.WARNING, logger="sfembed"):
+            first = await client.embed("one", model=M3)
+            await client.embed("two", model=M3)
+    assert first.model == "Acme/another-model"
+    assert caplog.text.count("answered for model 'Acme/another-model'") == 1
+
+
+async def test_a_long_retry_after_is_logged_by_a_job(
+    server: LocalServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    server.inject("429-hour")
+    async with client_for(server) as client:
+        with caplog.at_level(logging.INFO, logger="sfembed"):
+            await embed(TEXTS[:4], model=M3, settings=settings_for(server), client=client)
+    assert "asked to wait 3600 s" in caplog.text
+    assert "no request starts for 0.1 s" in caplog.text
+
+
 async def test_an_endless_answer_is_refused_unbuffered(server: LocalServer) -> None:
     server.inject("endless")
     async with client_for(server) as client:
