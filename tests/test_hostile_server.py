@@ -587,3 +587,32 @@ def test_a_run_after_a_local_trial_takes_no_local_vectors(
     assert server.stats.by_status[200] > 0
     assert server.stats.tokens_accepted > 0  # every record was sent, none taken from the cache
     np.testing.assert_array_equal(np.load(tmp_path / "real.npy"), expected_rows(RECORDS[:30]))
+
+
+def test_a_job_with_damaged_answers_accounts_for_every_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("SILICONFLOW_API_KEY", KEY)
+    source = _records_file(tmp_path / "in.jsonl", 40)
+    config = tmp_path / "job.toml"
+    config.write_text("[retry]\nmax_attempts = 2\ninitial_backoff_s = 0.01\nmax_backoff_s = 0.02\n")
+    out = tmp_path / "out.npy"
+    with threaded_server() as server:
+        server.inject("nan", 2)  # the first request, both attempts: its 8 records fail
+        server.inject("no-usage", 3)
+        server.inject("string-floats")  # retried once, then answered
+        argv = ["embed", str(source), "--out", str(out), "--no-progress", "--config", str(config)]
+        code = main([*argv, "--base-url", server.url, "--batch-size", "8", "--concurrency", "1"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "Traceback" not in err
+    rows = np.load(out)
+    errors = [
+        orjson.loads(line) for line in (tmp_path / "out.npy.errors.jsonl").read_bytes().splitlines()
+    ]
+    failed = sorted(int(entry["id"][1:]) for entry in errors)
+    assert len(rows) == 40
+    assert failed == list(range(8))  # rows + error entries = records
+    assert all("NaN or infinity" in entry["reason"] for entry in errors)
+    assert np.isnan(rows[:8]).all()
+    np.testing.assert_array_equal(rows[8:], expected_rows(RECORDS[8:40]))
