@@ -38,8 +38,8 @@ from ._delivery import Delivery
 from ._dispatch import Dispatch, PacedSender
 from ._intake import Input, Intake, Splitter
 from ._limiter import Limiter, RateLimiter
-from ._models import DEFAULT_CATALOG, ModelCatalog, ModelSpec
-from ._packer import Packer
+from ._models import DEFAULT_CATALOG, ModelCatalog
+from ._packer import packer_for
 from ._quota import SharedLimiter
 from ._reorder import ReorderBuffer
 from ._streams import ReceiveStream, SendStream, open_stream
@@ -224,11 +224,7 @@ class Engine:
         self.splitter = Splitter(
             spec, overlap_tokens=settings.overlap_tokens, exact=settings.long_mode != "truncate"
         )
-        self.packer = Packer(
-            max_items=settings.batch.max_items,
-            max_tokens=_request_tokens(settings, spec),
-            alone_over=spec.max_input_tokens // 2,  # what dispatch would halve
-        )
+        self.packer = packer_for(settings, spec)
         self.dedup = Dedup(
             cache,
             spec,
@@ -348,11 +344,3 @@ def _requests_stream(
 
 def _batches_stream() -> tuple[SendStream[EmbeddedBatch], ReceiveStream[EmbeddedBatch]]:
     return open_stream(_BATCHES_BUFFERED)
-
-
-def _request_tokens(settings: Settings, spec: ModelSpec) -> int:
-    # A request far above the per-second pace would make the limiter lurch; 1/32 of
-    # the window's quota keeps the flow smooth and still fills requests at usual limits.
-    quota = settings.rate.tpm * (1 - settings.rate.headroom)
-    cap = min(settings.batch.max_tokens, int(quota / 32))
-    return max(cap, spec.max_input_tokens)

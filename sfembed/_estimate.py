@@ -11,9 +11,9 @@ from pathlib import Path
 from ._config import Settings
 from ._exceptions import ConfigError
 from ._models import ModelSpec
-from ._packer import Packer
+from ._packer import packer_for
 from ._sources import Record, read_records
-from ._tokens import counter_for
+from ._tokens import FAMILIES, CharClassEstimator, counter_for, upper_bound
 from ._types import Chunk
 
 __all__ = ["DryRun", "dry_run", "price_of"]
@@ -36,9 +36,14 @@ class DryRun:
 
 def dry_run(input_path: str | Path, settings: Settings, spec: ModelSpec, price: float) -> DryRun:
     """Count the job's tokens exactly and estimate requests, wall time at the configured limits
-    (in seconds) and cost (``price`` per million tokens). Sends nothing."""
+    (in seconds) and cost (``price`` per million tokens). Sends nothing.
+
+    Requests are packed as the job packs them: the same packer, fed the same estimated counts
+    (``tokens`` of each item); a record over the limit is taken as equal pieces."""
     counter = counter_for(spec)
-    packer = Packer(max_items=settings.batch.max_items, max_tokens=settings.batch.max_tokens)
+    estimator = CharClassEstimator(spec.special_tokens, family=FAMILIES.get(spec.tokenizer or ""))
+    packer = packer_for(settings, spec)
+    truncating = settings.long_mode == "truncate"
     totals = [0, 0, 0, 0, 0]  # records, unusable, tokens, items, requests
     io = settings.io
     source = read_records(
@@ -49,18 +54,34 @@ def dry_run(input_path: str | Path, settings: Settings, spec: ModelSpec, price: 
         image_field=io.image_field,
     )
     for block in _blocks_of(source, totals):
-        for count in counter.count(block):
+        exact = counter.count(block)
+        estimated = estimator.count(block)
+        for text, count, guess in zip(block, exact, estimated, strict=True):
             tokens, items = _plan(count, spec, settings.long_mode)
-            chunk = Chunk(0, 0, 0, "", math.ceil(tokens / items))
             totals[2] += tokens
             totals[3] += items
-            totals[4] += sum(1 for _ in packer.add([chunk] * items))
+            # Intake knows the exact count only of a text its upper bound cannot prove short.
+            known = truncating is False and upper_bound(text, spec) > spec.max_input_tokens
+            chunks = _items(count, guess, items, spec, known)
+            totals[4] += sum(1 for _ in packer.add(chunks))
     totals[4] += sum(1 for _ in packer.flush())
     rate = settings.rate
     windows = max(totals[2] / rate.tpm, totals[4] / rate.rpm) / (1 - rate.headroom)
     records, unusable, tokens, items, requests = totals
     cost = tokens / 1e6 * price
     return DryRun(records, unusable, tokens, items, requests, windows * rate.window_s, cost)
+
+
+def _items(count: int, guess: int, items: int, spec: ModelSpec, exact: bool) -> list[Chunk]:
+    """The chunks a text of ``count`` exact (``guess`` estimated) tokens goes as, for packing:
+    whole, with its estimate capped at the limit as intake caps it (and its exact count where
+    intake knows it: ``exact``), or cut as the chunker cuts: full pieces, then the rest."""
+    if items == 1:
+        return [Chunk(0, 0, 0, "", min(guess, spec.max_input_tokens), weight=count * exact)]
+    full = spec.max_input_tokens
+    sizes = [full] * (items - 1)
+    sizes.append(max(1, count - (items - 1) * (full - spec.special_tokens)))
+    return [Chunk(0, 0, 0, "", math.ceil(guess * n / count), weight=n) for n in sizes]
 
 
 def _blocks_of(records: Iterator[Record], totals: list[int]) -> Iterator[list[str]]:

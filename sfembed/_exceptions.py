@@ -78,8 +78,11 @@ class JobError(SFEmbedError):
     def __init__(self, failures: Sequence[Any]) -> None:
         self.failures = list(failures)
         first = self.failures[0] if self.failures else None
-        detail = f"; first: input {first.position}: {first.reason}" if first is not None else ""
-        super().__init__(f"{len(self.failures)} input(s) could not be embedded{detail}")
+        # The reason is closed off, so that nothing printed after the message runs into it.
+        detail = (
+            f" (the first, input {first.position}: {first.reason})" if first is not None else ""
+        )
+        super().__init__(f"{len(self.failures)} input(s) could not be embedded{detail}.")
 
 
 class InputError(SFEmbedError, ValueError):

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
+from ._config import Settings
+from ._models import ModelSpec
 from ._types import Chunk
 
-__all__ = ["Packer", "bisect"]
+__all__ = ["Packer", "bisect", "packer_for", "request_tokens"]
 
 
 class Packer:
@@ -66,3 +68,22 @@ def bisect(batch: Sequence[Chunk]) -> tuple[list[Chunk], list[Chunk]]:
     """Two halves of a refused request, to narrow a 400 or a 413 down (``len(batch) >= 2``)."""
     middle = len(batch) // 2
     return list(batch[:middle]), list(batch[middle:])
+
+
+def request_tokens(settings: Settings, spec: ModelSpec) -> int:
+    """The token cap of one request: ``batch.max_tokens``, but at most 1/32 of the window's
+    quota (a request far above the per-second pace would make the limiter lurch; 1/32 keeps the
+    flow smooth and still fills requests at usual limits), and never under one full item."""
+    quota = settings.rate.tpm * (1 - settings.rate.headroom)
+    cap = min(settings.batch.max_tokens, int(quota / 32))
+    return max(cap, spec.max_input_tokens)
+
+
+def packer_for(settings: Settings, spec: ModelSpec) -> Packer:
+    """The packer of a job (and of its dry run, which must count the same requests): a text
+    over half the item limit travels alone, as a refusal would halve it."""
+    return Packer(
+        max_items=settings.batch.max_items,
+        max_tokens=request_tokens(settings, spec),
+        alone_over=spec.max_input_tokens // 2,
+    )

@@ -151,3 +151,13 @@ def test_an_output_where_nothing_may_be_created_is_a_clear_error(
     assert code == 2
     assert "/sys" in printed.err
     assert "Traceback" not in printed.err
+
+
+async def test_a_job_error_message_is_one_closed_sentence(server: LocalServer) -> None:
+    from sfembed import EmbeddingClient, JobError, embed
+
+    async with EmbeddingClient(api_key=KEY, base_url=server.url) as client:
+        with pytest.raises(JobError) as raised:
+            await embed(["fine", "", "  "], model="BAAI/bge-m3", client=client)
+    message = str(raised.value)
+    assert message == "2 input(s) could not be embedded (the first, input 1: empty text)."
