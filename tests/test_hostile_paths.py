@@ -194,3 +194,20 @@ def _held(lock: Path) -> bool:
             return True
         fcntl.flock(file.fileno(), fcntl.LOCK_UN)
         return False
+
+
+async def test_a_damaged_cache_is_a_clear_error_and_is_kept(
+    server: LocalServer, tmp_path: Path, source: Path
+) -> None:
+    cache = tmp_path / "sfembed-cache.sqlite"
+    cache.write_bytes(b"not a database, " * 512)
+    before = snapshot(tmp_path)
+
+    done = await sfembed(*embed_args(server.url, source, tmp_path / "o.npy"))
+
+    assert done.code == 2, done.err
+    assert str(cache) in done.err
+    assert "not a database" in done.err
+    assert_clean(done)
+    after = snapshot(tmp_path)
+    assert {k: v for k, v in after.items() if not k.endswith(".lock")} == before
