@@ -34,9 +34,9 @@ from ._exceptions import (
     OverloadedError,
     PermissionDeniedError,
     RateLimitError,
-    RecordError,
     ServerError,
     SFEmbedError,
+    UnknownModelError,
 )
 from ._limiter import Clock, Limiter, LoopClock, ManualClock, RateLimiter
 from ._models import DEFAULT_CATALOG, ModelCatalog, ModelSpec
@@ -80,7 +80,6 @@ __all__ = [
     "RateLimitError",
     "RateLimiter",
     "RateLimits",
-    "RecordError",
     "RetryPolicy",
     "SFEmbedError",
     "ServerError",
@@ -88,6 +87,7 @@ __all__ = [
     "SharedLimiter",
     "Ticket",
     "Timeouts",
+    "UnknownModelError",
     "WindowStats",
     "embed",
     "embed_stream",

@@ -21,9 +21,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from . import __version__, testing
-from ._client import EmbeddingClient
-from ._config import DEFAULT_KEY_ENV, RateLimits, Settings, load_settings
-from ._engine import catalog_for, client_for, shared_limiter_for
+from ._client import EmbeddingClient, client_for
+from ._config import DEFAULT_KEY_ENV, RateLimits, Settings, load_settings, model_spec
+from ._engine import shared_limiter_for
 from ._estimate import dry_run, price_of
 from ._exceptions import ConfigError, SFEmbedError
 from ._job import JobSummary, run_job
@@ -503,12 +503,12 @@ def _pricing(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     prices = Path(args.prices) if args.prices else _PRICES
     if args.prices is None and not prices.exists():
         return {"price_per_million": None, "prices_file": None}
-    spec = catalog_for(settings)[settings.model]
+    spec = model_spec(settings)
     return {"price_per_million": price_of(spec.name, prices), "prices_file": str(prices)}
 
 
 def _print_dry_run(args: argparse.Namespace, settings: Settings) -> int:
-    spec = catalog_for(settings)[settings.model]
+    spec = model_spec(settings)
     pricing = _pricing(args, settings)
     known = pricing["prices_file"] is not None
     plan = dry_run(args.input, settings, spec, pricing["price_per_million"] or 0.0)

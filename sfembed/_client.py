@@ -25,13 +25,13 @@ import aiohttp
 import orjson
 
 from . import _exceptions as exc
-from ._config import DEFAULT_BASE_URL, DEFAULT_KEY_ENV, Timeouts
+from ._config import DEFAULT_BASE_URL, DEFAULT_KEY_ENV, Settings, Timeouts, catalog_for
 from ._decoder import decode_body
 from ._models import DEFAULT_CATALOG, ModelCatalog, ModelSpec
 from ._request import build_request
 from ._types import EmbeddingResult, EncodingFormat, InputItem, Truncate
 
-__all__ = ["EmbeddingClient"]
+__all__ = ["EmbeddingClient", "client_for"]
 
 log = logging.getLogger("sfembed")
 
@@ -137,13 +137,7 @@ class EmbeddingClient:
         Raises InputError (nothing sent) for invalid input, an APIError subclass for an error
         answer or a failed exchange; never retries.
         """
-        spec: ModelSpec | None
-        try:
-            spec = self._catalog[model]
-        except exc.ConfigError:
-            # Not ``catalog.get``: the catalogue raises ConfigError, not KeyError, for a name it
-            # lacks. A model we do not know is sent as is, for the server to judge.
-            spec = None
+        spec = self._catalog.get(model)  # a model we do not know is sent for the server to judge
         body, items = build_request(
             input,
             model=model,
@@ -210,6 +204,19 @@ class EmbeddingClient:
                 raw = raw.replace(self._key_bytes, b"[redacted]")
                 raise _status_error(resp.status, raw, resp.headers, trace_id)
             return raw, trace_id
+
+
+def client_for(settings: Settings) -> EmbeddingClient:
+    """A client as the settings describe it (key, URL, timeouts, catalogue, caps); not opened."""
+    return EmbeddingClient(
+        api_key_env=settings.api_key_env,
+        base_url=settings.base_url,
+        allow_insecure_http=settings.allow_insecure_http,
+        timeouts=settings.timeouts,
+        catalog=catalog_for(settings),
+        max_batch_items=settings.batch.max_items,
+        max_connections=settings.concurrency,
+    )
 
 
 def _plausible(tokens: int, items: int, spec: ModelSpec | None) -> bool:

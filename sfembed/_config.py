@@ -1,29 +1,87 @@
-"""Settings: frozen keyword-only dataclasses with units in their names, loaded from TOML."""
+"""Settings: frozen keyword-only dataclasses with units in their names, loaded from TOML.
+
+Every value is checked where it enters, whether from a TOML file, keyword arguments or command
+line flags (all of them build the dataclasses, whose ``__post_init__`` checks): a wrong one is a
+ConfigError naming the key, the value and what is allowed, before anything runs.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeAlias, TypeVar, get_args
 
 from ._exceptions import ConfigError
+from ._models import DEFAULT_CATALOG, ModelCatalog, ModelSpec
+from ._types import EncodingFormat, Truncate
 
 __all__ = [
     "DEFAULT_BASE_URL",
     "BatchLimits",
     "IOSettings",
+    "LongMode",
+    "OutputDtype",
     "RateLimits",
     "RetryPolicy",
     "Settings",
     "Timeouts",
+    "catalog_for",
     "load_settings",
+    "model_spec",
+    "with_options",
 ]
 
 DEFAULT_BASE_URL = "https://api.siliconflow.cn/v1"
 DEFAULT_KEY_ENV = "SILICONFLOW_API_KEY"
+
+#: What to do with a record over the model's per-item limit: cut it and pool the pieces' vectors
+#: into its row, give each piece a row, or let the server cut it.
+LongMode: TypeAlias = Literal["pool", "chunks", "truncate"]
+#: The float type of ``.npy`` output.
+OutputDtype: TypeAlias = Literal["float32", "float16"]
+#: Concurrency above this is a typo, not a plan: each unit is a connection and a worker.
+MAX_CONCURRENCY = 10_000
+
+
+def _fail(key: str, value: object, allowed: str) -> ConfigError:
+    return ConfigError(f"{key} = {value!r} is not allowed: {allowed}")
+
+
+def _choice(key: str, value: object, choices: object) -> None:
+    allowed = get_args(choices)
+    if not isinstance(value, str) or value not in allowed:
+        raise _fail(key, value, "use one of " + ", ".join(repr(a) for a in allowed))
+
+
+def _count(key: str, value: object, low: int = 1, high: int | None = None) -> None:
+    """A whole number in [low, high]."""
+    fits = isinstance(value, int) and not isinstance(value, bool)
+    if not fits or value < low or (high is not None and value > high):  # type: ignore[operator]
+        bounds = f"from {low} to {high}" if high is not None else f"{low} or more"
+        raise _fail(key, value, f"a whole number {bounds}")
+
+
+def _seconds(key: str, value: object, *, zero: bool = False, below: float | None = None) -> None:
+    """A number of seconds (or a fraction): above zero, or at least zero, and under ``below``."""
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    low_ok = number and (value >= 0 if zero else value > 0)  # type: ignore[operator]
+    if not low_ok or value != value or (below is not None and value >= below):  # type: ignore[operator]
+        low = "0 or more" if zero else "more than 0"
+        high = f" and less than {below:g}" if below is not None else ""
+        raise _fail(key, value, f"a number {low}{high}")
+
+
+def _text(key: str, value: object, *, empty: bool = False) -> None:
+    if not isinstance(value, str) or (not empty and not value):
+        raise _fail(key, value, "a text" + ("" if empty else ", not empty"))
+
+
+def _flag(key: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise _fail(key, value, "true or false")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -50,10 +108,12 @@ class RateLimits:
         return self.burst_s if self.burst_s is not None else self.window_s * self.headroom / 2
 
     def __post_init__(self) -> None:
-        if self.rpm <= 0 or self.tpm <= 0 or self.window_s <= 0:
-            raise ConfigError("rate limits: rpm, tpm and window_s must be positive")
-        if not 0 <= self.headroom < 0.5:
-            raise ConfigError("rate limits: headroom must be in [0, 0.5)")
+        _count("rate.rpm", self.rpm)
+        _count("rate.tpm", self.tpm)
+        _seconds("rate.window_s", self.window_s)
+        _seconds("rate.headroom", self.headroom, zero=True, below=0.5)
+        if self.burst_s is not None:
+            _seconds("rate.burst_s", self.burst_s, zero=True)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -68,6 +128,12 @@ class RetryPolicy:
     max_total_s: float = 300.0
     initial_backoff_s: float = 0.5
     max_backoff_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        _count("retry.max_attempts", self.max_attempts)
+        _seconds("retry.max_total_s", self.max_total_s)
+        _seconds("retry.initial_backoff_s", self.initial_backoff_s, zero=True)
+        _seconds("retry.max_backoff_s", self.max_backoff_s, zero=True)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -85,6 +151,12 @@ class Timeouts:
     request_s: float = 120.0
     grace_s: float = 30.0
 
+    def __post_init__(self) -> None:
+        _seconds("timeouts.connect_s", self.connect_s)
+        _seconds("timeouts.read_s", self.read_s)
+        _seconds("timeouts.request_s", self.request_s)
+        _seconds("timeouts.grace_s", self.grace_s, zero=True)
+
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class BatchLimits:
@@ -94,8 +166,8 @@ class BatchLimits:
     max_tokens: int = 65_536
 
     def __post_init__(self) -> None:
-        if self.max_items <= 0 or self.max_tokens <= 0:
-            raise ConfigError("batch limits: max_items and max_tokens must be positive")
+        _count("batch.max_items", self.max_items)
+        _count("batch.max_tokens", self.max_tokens)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -115,14 +187,21 @@ class IOSettings:
     text_field: str = "text"
     image_field: str | None = None
     output_format: str | None = None
-    dtype: str = "float32"
+    dtype: OutputDtype = "float32"
     checkpoint_rows: int = 8192
     cache: bool = True
     cache_path: str = ""
 
     def __post_init__(self) -> None:
-        if self.checkpoint_rows <= 0:
-            raise ConfigError("io.checkpoint_rows must be positive")
+        for key in ("input_format", "image_field", "output_format"):
+            if getattr(self, key) is not None:
+                _text(f"io.{key}", getattr(self, key))
+        _text("io.id_field", self.id_field)
+        _text("io.text_field", self.text_field)
+        _choice("io.dtype", self.dtype, OutputDtype)
+        _count("io.checkpoint_rows", self.checkpoint_rows)
+        _flag("io.cache", self.cache)
+        _text("io.cache_path", self.cache_path, empty=True)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -133,11 +212,11 @@ class Settings:
     base_url: str = DEFAULT_BASE_URL
     api_key_env: str = DEFAULT_KEY_ENV
     allow_insecure_http: bool = False  # the key over plain http to a host beyond this machine
-    encoding_format: str = "base64"
+    encoding_format: EncodingFormat = "base64"
     dimensions: int | None = None
     concurrency: int = 16
-    long_mode: str = "pool"
-    truncate_side: str = "right"
+    long_mode: LongMode = "pool"
+    truncate_side: Truncate = "right"
     overlap_tokens: int = 0
     rate: RateLimits = field(default_factory=RateLimits)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
@@ -150,23 +229,46 @@ class Settings:
     quota: str = ""
     quota_account: str = "default"
 
+    def __post_init__(self) -> None:
+        _text("model", self.model)
+        _text("base_url", self.base_url)
+        _text("api_key_env", self.api_key_env)
+        _flag("allow_insecure_http", self.allow_insecure_http)
+        _choice("encoding_format", self.encoding_format, EncodingFormat)
+        if self.dimensions is not None:
+            _count("dimensions", self.dimensions)
+        _count("concurrency", self.concurrency, high=MAX_CONCURRENCY)
+        _choice("long_mode", self.long_mode, LongMode)
+        _choice("truncate_side", self.truncate_side, Truncate)
+        _count("overlap_tokens", self.overlap_tokens, low=0)
+        for key, kind in _NESTED.items():
+            if not isinstance(getattr(self, key), kind):
+                raise _fail(key, getattr(self, key), f"a {kind.__name__} (a [{key}] table)")
+        if not isinstance(self.models, Mapping):
+            raise _fail("models", self.models, "a table of model tables")
+        _text("quota", self.quota, empty=True)
+        _text("quota_account", self.quota_account)
+
 
 _T = TypeVar("_T")
 
 
 def _build(cls: type[_T], values: Mapping[str, Any], where: str) -> _T:
-    names = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(values) - set(names))
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{where}: must be a table, not {values!r}")
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(values) - names)
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}")
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {_known(names)}")
     nested = {
         key: _build(_NESTED[key], value, f"{where}.{key}") if key in _NESTED else value
         for key, value in values.items()
     }
-    try:
-        return cls(**nested)
-    except TypeError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
+    return cls(**nested)
+
+
+def _known(names: Iterable[str]) -> str:
+    return ", ".join(sorted(names))
 
 
 _NESTED: dict[str, type[Any]] = {
@@ -183,7 +285,8 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
 
     The file's top-level keys are :class:`Settings` fields; ``[rate]``, ``[retry]``, ``[timeouts]``,
     ``[batch]`` and ``[io]`` are tables, and ``[models."Org/name"]`` tables extend the catalogue.
-    Raises ConfigError for an unreadable file or an unknown key.
+    Raises ConfigError for an unreadable file, an unknown key or a value not allowed (naming the
+    file, the key, the value and what is allowed).
     """
     values: dict[str, Any] = {}
     if path is not None:
@@ -192,5 +295,35 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
                 values = tomllib.load(handle)
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"config {str(path)!r}: {exc}") from None
-    settings = _build(Settings, values, str(path or "settings"))
-    return dataclasses.replace(settings, **overrides) if overrides else settings
+    where = f"config {str(path)!r}" if path is not None else "settings"
+    try:
+        settings = _build(Settings, values, where)
+    except ConfigError as exc:
+        if path is None or str(exc).startswith(where):
+            raise
+        raise ConfigError(f"{where}: {exc}") from None
+    return with_options(settings, **overrides)
+
+
+def with_options(settings: Settings, **options: Any) -> Settings:
+    """``settings`` with the fields named by ``options`` replaced (nested tables as whole
+    dataclasses: ``rate=RateLimits(...)``). Raises ConfigError for an unknown name or a value
+    not allowed."""
+    if not options:
+        return settings
+    names = {f.name for f in dataclasses.fields(Settings)}
+    unknown = sorted(set(options) - names)
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {', '.join(unknown)}; known: {_known(names)}")
+    return dataclasses.replace(settings, **options)
+
+
+def catalog_for(settings: Settings, base: ModelCatalog = DEFAULT_CATALOG) -> ModelCatalog:
+    """``base`` extended by the settings' ``[models]`` table. Raises ConfigError for a bad one."""
+    return base.with_table(settings.models) if settings.models else base
+
+
+def model_spec(settings: Settings, base: ModelCatalog = DEFAULT_CATALOG) -> ModelSpec:
+    """The spec of the settings' model, from ``base`` and the settings' ``[models]`` table.
+    Resolve it once per job and pass it on. Raises ConfigError for a model without limits."""
+    return catalog_for(settings, base)[settings.model]

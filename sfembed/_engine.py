@@ -1,10 +1,10 @@
-"""The engine: wires the stages of one job and runs them as tasks of one TaskGroup.
+"""The engine: wires the stages of one run and runs them as tasks of one TaskGroup.
 
     intake (_intake: count, split, dedup and cache (_dedup), pack)   --requests stream-->
     dispatch x concurrency (_dispatch: limiter, client, retries)     --rows, in the ring-->
     delivery (_delivery: the reorder ring, in input order)           --batches stream--> caller
 
-Each stream closes when its senders are done, which ends its receivers: the job ends when intake
+Each stream closes when its senders are done, which ends its receivers: the run ends when intake
 has read every input, dispatch has sent every request and delivery has handed over every row.
 No stage lets an exception escape into the group (the group would cancel the caller's own task
 behind its back): the first fatal error is kept, every stage is cancelled, and the caller's
@@ -15,46 +15,39 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import functools
 from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
+    AsyncIterator,
     Callable,
     Coroutine,
     Iterable,
     Sized,
 )
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol, get_args
 
 import numpy as np
 
 from . import _exceptions as exc
 from ._cache import EmbeddingCache, scope
-from ._client import EmbeddingClient
-from ._config import Settings, load_settings
+from ._client import EmbeddingClient, client_for
+from ._config import Settings, load_settings, model_spec, with_options
 from ._dedup import Dedup
 from ._delivery import Delivery
 from ._dispatch import Dispatch, PacedSender
 from ._intake import Input, Intake, Splitter
 from ._limiter import Limiter, RateLimiter
-from ._models import DEFAULT_CATALOG, ModelCatalog
 from ._packer import packer_for
 from ._quota import SharedLimiter
 from ._reorder import ReorderBuffer
 from ._streams import ReceiveStream, SendStream, open_stream
 from ._types import Chunk, EmbeddedBatch, FloatArray, JobStats
 
-__all__ = [
-    "Engine",
-    "catalog_for",
-    "client_for",
-    "embed",
-    "embed_stream",
-    "shared_limiter_for",
-]
+__all__ = ["Engine", "embed", "embed_stream", "shared_limiter_for"]
 
 _BATCHES_BUFFERED = 8  # batches delivery may run ahead of a caller that is busy with the last
+OnFailure = Literal["raise", "nan"]
 
 
 async def embed(
@@ -64,7 +57,7 @@ async def embed(
     settings: Settings | None = None,
     client: EmbeddingClient | None = None,
     stats: JobStats | None = None,
-    errors: str = "raise",
+    errors: OnFailure = "raise",
     **options: Any,
 ) -> FloatArray:
     """Embed ``inputs`` and return one float32 row per input (per chunk in ``chunks`` mode).
@@ -74,24 +67,23 @@ async def embed(
     ``options`` override ``settings`` fields (``encoding_format``, ``dimensions``, ``long_mode``,
     ``concurrency``, ``rate``, ...). With ``errors="raise"`` (default) an input that could not be
     embedded raises JobError listing every failure; with ``errors="nan"`` its row is NaN.
-    Raises ConfigError, or an APIError that no retry can get past (a wrong key, say).
+    Raises ConfigError (a setting or option not allowed, an unknown model), or an APIError that
+    no retry can get past (a wrong key, say).
     """
-    if errors not in ("raise", "nan"):
-        raise exc.ConfigError(f"errors must be 'raise' or 'nan', not {errors!r}")
-    inputs = _as_inputs(inputs)
+    if errors not in get_args(OnFailure):
+        raise exc.ConfigError(f"errors = {errors!r} is not allowed: use 'raise' or 'nan'")
     job_stats = stats if stats is not None else JobStats()
+    inputs = _as_inputs(inputs)
     rows = _Rows(len(inputs) if isinstance(inputs, Sized) else None)
-    async for batch in embed_stream(
-        inputs, model=model, settings=settings, client=client, stats=job_stats, **options
-    ):
-        rows.add(batch.embeddings)
+    options = {**options, "model": model}
+    async with _running(inputs, settings, options, client=client, stats=job_stats) as running:
+        engine, batches = running
+        async for batch in batches:
+            rows.add(batch.embeddings)
     if job_stats.failures and errors == "raise":
         raise exc.JobError(job_stats.failures)
     if rows.filled == 0:  # no input: still the model's width, so results stack with others
-        job_settings = settings or load_settings()
-        spec = catalog_for(job_settings, client.catalog if client else DEFAULT_CATALOG)[model]
-        dims = spec.output_dimensions(options.get("dimensions", job_settings.dimensions))
-        return np.empty((0, dims), dtype=np.float32)
+        return np.empty((0, engine.ring.dims), dtype=np.float32)
     return rows.result()
 
 
@@ -150,17 +142,45 @@ async def embed_stream(
     (:class:`SharedLimiter`), else a local :class:`RateLimiter`. Raises as :func:`embed`.
     """
     inputs = _as_inputs(inputs)
-    job_settings = dataclasses.replace(settings or load_settings(), model=model, **options)
-    async with contextlib.AsyncExitStack() as stack:
-        if client is None:
-            client = await stack.enter_async_context(client_for(job_settings))
-        if limiter is None and job_settings.quota:
-            limiter = await stack.enter_async_context(shared_limiter_for(job_settings))
-        engine = Engine(job_settings, client, stats or JobStats(), limiter, stop, cache)
-        # Closed with us, so its stages stop before we return (not later, from a GC finaliser).
-        batches = await stack.enter_async_context(contextlib.aclosing(engine.run(inputs)))
+    options = {**options, "model": model}
+    async with _running(
+        inputs,
+        settings,
+        options,
+        client=client,
+        stats=stats,
+        limiter=limiter,
+        stop=stop,
+        cache=cache,
+    ) as (_, batches):
         async for batch in batches:
             yield batch
+
+
+@contextlib.asynccontextmanager
+async def _running(
+    inputs: Iterable[Input] | AsyncIterable[Input],
+    settings: Settings | None,
+    options: dict[str, Any],
+    *,
+    client: EmbeddingClient | None,
+    stats: JobStats | None,
+    limiter: Limiter | None = None,
+    stop: asyncio.Event | None = None,
+    cache: EmbeddingCache | None = None,
+) -> AsyncIterator[tuple[Engine, AsyncGenerator[EmbeddedBatch, None]]]:
+    """The engine over ``inputs`` and its batches, with the client and the shared limiter it
+    opened itself (when not given one): all closed on leaving, so its stages stop before the
+    caller goes on (not later, from a GC finaliser)."""
+    run_settings = with_options(settings or load_settings(), **options)
+    async with contextlib.AsyncExitStack() as stack:
+        if client is None:
+            client = await stack.enter_async_context(client_for(run_settings))
+        if limiter is None and run_settings.quota:
+            limiter = await stack.enter_async_context(shared_limiter_for(run_settings))
+        engine = Engine(run_settings, client, stats or JobStats(), limiter, stop, cache)
+        batches = await stack.enter_async_context(contextlib.aclosing(engine.run(inputs)))
+        yield engine, batches
 
 
 def _as_inputs(
@@ -174,30 +194,12 @@ def _as_inputs(
     return inputs
 
 
-def client_for(settings: Settings) -> EmbeddingClient:
-    """A client as the settings describe it (key, URL, timeouts, catalogue, caps); not opened."""
-    return EmbeddingClient(
-        api_key_env=settings.api_key_env,
-        base_url=settings.base_url,
-        allow_insecure_http=settings.allow_insecure_http,
-        timeouts=settings.timeouts,
-        catalog=catalog_for(settings),
-        max_batch_items=settings.batch.max_items,
-        max_connections=settings.concurrency,
-    )
-
-
 def shared_limiter_for(settings: Settings) -> SharedLimiter:
     """The shared quota at ``settings.quota`` for the settings' model and account; not opened.
     Raises ConfigError without redis-py or for a bad URL."""
     return SharedLimiter(
         settings.quota, settings.rate, model=settings.model, account=settings.quota_account
     )
-
-
-def catalog_for(settings: Settings, base: ModelCatalog = DEFAULT_CATALOG) -> ModelCatalog:
-    """``base`` extended by the settings' ``[models]`` table."""
-    return base.with_table(settings.models) if settings.models else base
 
 
 class Engine:
@@ -215,7 +217,7 @@ class Engine:
         self.settings = settings
         self.stats = stats
         self.stop = stop
-        spec = catalog_for(settings, client.catalog)[settings.model]
+        spec = model_spec(settings, client.catalog)  # resolved once, for every stage
         self.ring = ReorderBuffer(
             dims=spec.output_dimensions(settings.dimensions),
             capacity=max(1024, 4 * settings.concurrency * settings.batch.max_items),

@@ -3,10 +3,10 @@
 Every error sfembed raises for a condition of data, settings or the server is an SFEmbedError::
 
     SFEmbedError
-    ├── ConfigError                settings that cannot work (unknown model, bad TOML, no key)
+    ├── ConfigError                settings that cannot work (a value not allowed, bad TOML, no key)
+    │   └── UnknownModelError      a model the catalogue lacks (also a KeyError, for Mapping.get)
     ├── JobError                   some inputs of a job could not be embedded (lists them all)
     ├── InputError                 local validation failed; nothing was sent (names item, cause)
-    │   └── RecordError            one record of a job is unusable (names record id and line)
     └── APIError                   the server answered with an error, or the exchange failed
         ├── APIStatusError         an HTTP error status no narrower class covers
         │   ├── BadRequestError        400, code 20015: invalid parameter (e.g. input too long)
@@ -54,9 +54,9 @@ __all__ = [
     "OverloadedError",
     "PermissionDeniedError",
     "RateLimitError",
-    "RecordError",
     "SFEmbedError",
     "ServerError",
+    "UnknownModelError",
 ]
 
 RateLimitKind = Literal["tpm", "rpm"]
@@ -70,6 +70,14 @@ class SFEmbedError(Exception):
 
 class ConfigError(SFEmbedError, ValueError):
     """Raised when settings cannot work: an unknown model without limits, a bad config file."""
+
+
+class UnknownModelError(ConfigError, KeyError):
+    """Raised for a model the catalogue lacks; a KeyError too, so that ``catalog.get`` and ``in``
+    work as for any mapping. The message says how to give the model's limits."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 class JobError(SFEmbedError):
@@ -93,20 +101,6 @@ class InputError(SFEmbedError, ValueError):
         self.reason = message  # without the item prefix, for reports that name the item already
         prefix = f"input item {item}: " if item is not None else ""
         super().__init__(prefix + message)
-
-
-class RecordError(InputError):
-    """Raised for one unusable record of a job; names its id and line (1-based) when known."""
-
-    def __init__(
-        self, message: str, *, record_id: str | None = None, line: int | None = None
-    ) -> None:
-        self.record_id = record_id
-        self.line = line
-        places = (f"line {line}" if line else "", f"id {record_id!r}" if record_id else "")
-        where = ", ".join(p for p in places if p)
-        super().__init__(f"record ({where}): {message}" if where else message)
-        self.reason = message
 
 
 class APIError(SFEmbedError):

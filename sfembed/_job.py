@@ -29,8 +29,8 @@ import numpy as np
 
 from ._cache import EmbeddingCache
 from ._client import EmbeddingClient
-from ._config import Settings
-from ._engine import catalog_for, embed_stream
+from ._config import Settings, model_spec
+from ._engine import embed_stream
 from ._errorlog import ErrorLog
 from ._exceptions import ConfigError
 from ._jobfiles import JobFiles, staged_path
@@ -214,7 +214,7 @@ class _FileJob:
         self.output_path = Path(output_path)
         self.settings = settings
         self.client = client
-        self.spec = catalog_for(settings, client.catalog)[settings.model]
+        self.spec = model_spec(settings, client.catalog)
         self.errors = Path(errors_path) if errors_path else Path(f"{output_path}.errors.jsonl")
         self.format = format_of(output_path, settings.io.output_format)
         self.resumable = self.format != "parquet"  # a Parquet file is whole only once closed

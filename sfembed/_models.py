@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ._exceptions import ConfigError
+from ._exceptions import ConfigError, UnknownModelError
 
 __all__ = ["DEFAULT_CATALOG", "ModelCatalog", "ModelSpec"]
 
@@ -101,10 +101,11 @@ class ModelCatalog(Mapping[str, ModelSpec]):
         self._specs = {spec.name: spec for spec in specs}
 
     def __getitem__(self, name: str) -> ModelSpec:
+        """The spec of ``name``; raises UnknownModelError (a ConfigError and a KeyError)."""
         try:
             return self._specs[name]
         except KeyError:
-            raise ConfigError(
+            raise UnknownModelError(
                 f"unknown model {name!r}: give its limits (max_input_tokens, default_dimensions) "
                 "in a [models] table of a config file or as a ModelSpec"
             ) from None

@@ -35,9 +35,9 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from ._client import EmbeddingClient
+from ._client import EmbeddingClient, client_for
 from ._config import Settings, load_settings
-from ._engine import client_for, embed, shared_limiter_for
+from ._engine import embed, shared_limiter_for
 from ._exceptions import ConfigError
 from ._limiter import Limiter
 from ._types import JobStats, Unusable
