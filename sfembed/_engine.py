@@ -75,9 +75,11 @@ async def embed(
     job_stats = stats if stats is not None else JobStats()
     inputs = _as_inputs(inputs)
     rows = _Rows(len(inputs) if isinstance(inputs, Sized) else None)
+    # As embed_stream's: the limiter, a stop event and a cache pass through ``options``.
+    passed = {key: options.pop(key) for key in ("limiter", "stop", "cache") if key in options}
     options = {**options, "model": model}
-    async with _running(inputs, settings, options, client=client, stats=job_stats) as running:
-        engine, batches = running
+    running = _running(inputs, settings, options, client=client, stats=job_stats, **passed)
+    async with running as (engine, batches):
         async for batch in batches:
             rows.add(batch.embeddings)
     if job_stats.failures and errors == "raise":

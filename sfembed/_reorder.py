@@ -1,8 +1,11 @@
 """Chunk vectors -> output rows in input order, through a bounded ring buffer.
 
 Requests finish in any order; rows leave only as contiguous runs from the oldest unfinished one.
-The ring holds ``capacity`` rows, and intake waits for room, so when one request is slow the job
-runs at most ``capacity`` rows ahead of it and memory stays flat. Rows are scattered into the ring
+The ring holds at most ``capacity`` rows, and intake waits for room, so when one request is slow
+the job runs at most ``capacity`` rows ahead of it and memory stays flat. Its arrays are sized by
+the rows in flight, not by ``capacity``: they start small and double when more rows are reserved
+than they hold (a job of a hundred records with a high concurrency allocates a hundred rows, not
+the gigabytes its capacity would take). Rows are scattered into the ring
 with one numpy assignment per request. Units made of several parts (an over-long record's chunks)
 are pooled in a side table until their last part arrives.
 """
@@ -20,6 +23,8 @@ from ._types import Chunk, EmbeddedBatch, Failure, FloatArray, IntArray, MetaArr
 
 __all__ = ["ReorderBuffer"]
 
+_FIRST_SIZE = 256  # rows the ring's arrays start with: 1 MiB at 1,024 dimensions
+
 
 @dataclass(slots=True)
 class _Pending:
@@ -32,14 +37,15 @@ class _Pending:
 
 
 class ReorderBuffer:
-    """A ring of ``capacity`` rows of ``dims`` floats, released in unit order."""
+    """A ring of at most ``capacity`` rows of ``dims`` floats, released in unit order."""
 
     def __init__(self, *, dims: int, capacity: int, with_chunks: bool = False) -> None:
         self.capacity = capacity
         self.dims = dims
-        self._rows = np.full((capacity, dims), np.nan, dtype=np.float32)
-        self._done = np.zeros(capacity, dtype=bool)
-        self._meta = np.zeros((capacity, 4), dtype=np.int64) if with_chunks else None
+        self._size = min(capacity, _FIRST_SIZE)  # rows the arrays hold now; slot = unit % size
+        self._rows = np.full((self._size, dims), np.nan, dtype=np.float32)
+        self._done = np.zeros(self._size, dtype=bool)
+        self._meta = np.zeros((self._size, 4), dtype=np.int64) if with_chunks else None
         self._pending: dict[int, _Pending] = {}
         self._failed: dict[int, str] = {}
         self.emitted = 0  # units before this have left the ring
@@ -59,7 +65,29 @@ class ReorderBuffer:
             async with self._room:
                 await self._room.wait_for(lambda: self.has_room(units))
         first, self.created = self.created, self.created + units
+        if self.created - self.emitted > self._size:
+            self._grow(first)
         return first
+
+    def _grow(self, reserved_before: int) -> None:
+        """Resize the arrays to hold every row in flight (doubling, at most ``capacity``),
+        moving the rows reserved before this reservation (units up to ``reserved_before``) to
+        their slots in the larger ring; the new ones have nothing yet."""
+        size = self._size
+        while size < self.created - self.emitted:
+            size *= 2
+        size = min(size, self.capacity)
+        units = np.arange(self.emitted, reserved_before)
+        old, new = units % self._size, units % size
+        rows = np.full((size, self.dims), np.nan, dtype=np.float32)
+        rows[new] = self._rows[old]
+        done = np.zeros(size, dtype=bool)
+        done[new] = self._done[old]
+        if self._meta is not None:
+            meta = np.zeros((size, 4), dtype=np.int64)
+            meta[new] = self._meta[old]
+            self._meta = meta
+        self._rows, self._done, self._size = rows, done, size
 
     def expect_parts(self, unit: int, parts: int) -> None:
         """Unit ``unit`` is made of ``parts`` more parts than the one it was planned with."""
@@ -74,7 +102,7 @@ class ReorderBuffer:
     def describe(self, units: IntArray, meta: MetaArray) -> None:
         """Record (position, chunk number, start, end) for each unit, in ``chunks`` mode."""
         if self._meta is not None:
-            self._meta[units % self.capacity] = meta
+            self._meta[units % self._size] = meta
 
     def put(self, chunks: Sequence[Chunk], rows: FloatArray) -> None:
         """Place the vectors of one answered request."""
@@ -84,7 +112,7 @@ class ReorderBuffer:
         if self._pending or self._failed or (units.size and units.min() < self.emitted):
             self._put_mixed(chunks, units, rows)
             return
-        slots = units % self.capacity
+        slots = units % self._size
         self._rows[slots] = rows
         self._done[slots] = True
 
@@ -111,7 +139,7 @@ class ReorderBuffer:
         start, end = self.emitted, self._contiguous_end()
         if end == start:
             return None, []
-        slots = np.arange(start, end) % self.capacity
+        slots = np.arange(start, end) % self._size
         batch = self._batch(np.arange(start, end), slots)
         self._rows[slots] = np.nan
         self._done[slots] = False
@@ -137,14 +165,14 @@ class ReorderBuffer:
             self._finish(chunk.unit, pool(vectors, [entry.weights[i] for i in order]))
 
     def _finish(self, unit: int, row: FloatArray | None) -> None:
-        slot = unit % self.capacity
+        slot = unit % self._size
         if row is not None:
             self._rows[slot] = row
         self._done[slot] = True
 
     def _contiguous_end(self) -> int:
         count = self.created - self.emitted
-        done = self._done[np.arange(self.emitted, self.created) % self.capacity]
+        done = self._done[np.arange(self.emitted, self.created) % self._size]
         missing = np.flatnonzero(~done)
         return self.emitted + (int(missing[0]) if missing.size else count)
 

@@ -120,3 +120,42 @@ async def test_more_parts_for_a_failed_unit_leave_nothing_pending() -> None:
     ring.take()
     ring.expect_parts(unit, 1)  # after it left the ring, too
     assert ring._pending == {}
+
+
+async def test_the_ring_holds_what_is_in_flight_not_its_capacity() -> None:
+    ring = ReorderBuffer(dims=1024, capacity=4 * 5000 * 64)  # concurrency 5,000: 5 GB up front
+    assert ring._rows.nbytes <= 1 << 20
+    first = await ring.reserve(100)
+    ring.put(_chunks(list(range(first, first + 100))), np.ones((100, 1024), dtype=np.float32))
+    batch, _ = ring.take()
+    assert batch is not None
+    assert len(batch) == 100
+    assert ring._rows.nbytes <= 1 << 20
+
+
+def _describe(ring: ReorderBuffer, first: int, end: int) -> None:
+    units = np.arange(first, end, dtype=np.int64)
+    ring.describe(units, np.stack([units, units * 0, units, units + 1], axis=1))
+
+
+async def test_rows_and_chunk_details_survive_the_ring_growing_around_its_end() -> None:
+    ring = ReorderBuffer(dims=3, capacity=10_000, with_chunks=True)
+    await ring.reserve(200)
+    ring.put(_chunks(list(range(150))), _rows(list(range(150))))
+    batch, _ = ring.take()
+    assert batch is not None
+    assert len(batch) == 150
+    assert await ring.reserve(100) == 200  # 150 in flight; units from 256 wrap to the start
+    _describe(ring, 150, 300)
+    ring.put(_chunks(list(range(160, 300))), _rows(list(range(160, 300))))
+    assert await ring.reserve(200) == 300  # 350 in flight: more than the first arrays hold
+    _describe(ring, 300, 500)
+    ring.put(_chunks(list(range(300, 500))), _rows(list(range(300, 500))))
+    assert ring.take() == (None, [])  # 150..159 are not answered yet
+    ring.put(_chunks(list(range(150, 160))), _rows(list(range(150, 160))))
+    batch, _ = ring.take()
+    assert batch is not None
+    assert batch.positions.tolist() == list(range(150, 500))
+    assert batch.embeddings[:, 0].tolist() == list(range(150, 500))
+    assert batch.spans is not None
+    assert batch.spans[:, 0].tolist() == list(range(150, 500))
