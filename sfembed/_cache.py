@@ -189,11 +189,11 @@ class EmbeddingCache:
     ) -> None:
         await self.close()
 
-    async def _run(self, job: Callable[[], _T]) -> _T:
-        """Run ``job`` on the worker thread, after the jobs queued before it."""
+    async def _run(self, work: Callable[[], _T]) -> _T:
+        """Run ``work`` on the worker thread, after the work queued before it."""
         if self._closing is not None:
             raise ValueError(f"embedding cache {str(self.path)!r} is closed")
-        return await asyncio.get_running_loop().run_in_executor(self._worker, job)
+        return await asyncio.get_running_loop().run_in_executor(self._worker, work)
 
     # --- on the worker thread ---------------------------------------------------------------
 
@@ -242,7 +242,7 @@ class EmbeddingCache:
             db.close()
 
     def _connection(self) -> sqlite3.Connection:
-        if self._db is None:  # only if a job slipped in after close; _run refuses new ones
+        if self._db is None:  # only if work slipped in after close; _run refuses new ones
             raise ValueError(f"embedding cache {str(self.path)!r} is closed")
         return self._db
 

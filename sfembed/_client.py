@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import enum
 import html
 import ipaddress
 import logging
@@ -55,8 +56,18 @@ _UNKNOWN_DIMS = 16384  # the width assumed for a model outside the catalogue
 _TITLE = re.compile(rb"<title[^>]*>(.*?)</title>", re.IGNORECASE | re.DOTALL)
 
 
+class _State(enum.Enum):
+    UNOPENED = "unopened"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
 class EmbeddingClient:
     """An async context manager owning one pooled aiohttp session to a SiliconFlow-compatible API.
+
+    A client is entered once: unopened, then open inside ``async with``, then closed for good.
+    Entering it a second time, or again after it closed, raises RuntimeError (a second session
+    would leak the first); so does sending outside ``async with``.
 
     The key is ``api_key`` or the environment variable named by ``api_key_env``, without the
     whitespace around it (a key file's trailing newline), quotes around it or a ``Bearer``
@@ -91,6 +102,7 @@ class EmbeddingClient:
         self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
         self._other_model_seen = False  # warned once of answers naming another model
+        self._state = _State.UNOPENED
 
     def __repr__(self) -> str:
         return f"EmbeddingClient(url={self._url!r})"
@@ -105,11 +117,18 @@ class EmbeddingClient:
         return self._url
 
     async def __aenter__(self) -> Self:
+        if self._state is _State.OPEN:
+            raise RuntimeError("this EmbeddingClient is open already: enter it once")
+        if self._state is _State.CLOSED:
+            raise RuntimeError(
+                "this EmbeddingClient is closed and cannot be reopened: make another"
+            )
         connector = aiohttp.TCPConnector(limit=self._max_connections)
         timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=self._timeouts.connect_s, sock_read=self._timeouts.read_s
         )
         self._session = aiohttp.ClientSession(connector=connector, timeout=timeout)
+        self._state = _State.OPEN
         return self
 
     async def __aexit__(
@@ -119,6 +138,7 @@ class EmbeddingClient:
         traceback: TracebackType | None,
     ) -> None:
         session, self._session = self._session, None
+        self._state = _State.CLOSED
         if session is not None:
             await session.close()
 
@@ -169,6 +189,8 @@ class EmbeddingClient:
 
     async def _post(self, payload: bytes, limit: int) -> tuple[bytes, str | None]:
         if self._session is None:
+            if self._state is _State.CLOSED:
+                raise RuntimeError("this EmbeddingClient is closed: make another")
             raise RuntimeError("use EmbeddingClient inside 'async with'")
         failure: exc.APIError
         deadline = asyncio.timeout(self._timeouts.request_s)

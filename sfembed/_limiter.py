@@ -219,7 +219,8 @@ class _Pace:
         """The pace at ``now`` in units (requests or tokens) per second."""
         return self.limit * self.factor(now) / self.window_s
 
-    def ready_at(self, cost: int, now: float) -> float:
+    def ready_at(self) -> float:
+        """When (s) the next request may pass, whatever its size: see below."""
         # The pace may run ``burst_s`` ahead whatever the request's size. That tolerance is also
         # what absorbs the event loop's lateness in firing timers: without it, every late timer
         # (a few ms under load) would be pace lost for good, some percent of the quota.
@@ -375,8 +376,8 @@ class RateLimiter:
         """The earliest time (s) a request of ``tokens`` may pass, given the state at ``now``."""
         return max(
             self._hold_until,
-            self._rpm.ready_at(1, now),
-            self._tpm.ready_at(tokens, now),
+            self._rpm.ready_at(),
+            self._tpm.ready_at(),
             self._log.ready_at(tokens, self.max_tokens, self.max_requests, now),
         )
 

@@ -3,21 +3,13 @@
 from __future__ import annotations
 
 import time
-from typing import Protocol, TextIO
+from typing import TextIO
 
 from tqdm import tqdm
 
 from ._types import JobStats
 
-__all__ = ["ProgressHook", "TqdmProgress", "eta_s"]
-
-
-class ProgressHook(Protocol):
-    """Told of a job's counters now and then, and once more at the end."""
-
-    def update(self, stats: JobStats) -> None: ...
-
-    def close(self, stats: JobStats) -> None: ...
+__all__ = ["TqdmProgress", "eta_s"]
 
 
 class TqdmProgress:

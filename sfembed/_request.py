@@ -16,9 +16,9 @@ from ._exceptions import InputError
 from ._models import ModelSpec
 from ._types import EncodingFormat, InputItem, Truncate, WireRequest
 
-__all__ = ["build_request"]
+__all__ = ["IMAGE_SUFFIXES", "build_request"]
 
-_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff")
 
 
 def build_request(
@@ -93,7 +93,7 @@ def _image_value(image: str | Path, index: int) -> str:
     if text.startswith(("http://", "https://", "data:")):
         return text
     path = Path(image)
-    if isinstance(image, Path) or text.lower().endswith(_IMAGE_SUFFIXES):
+    if isinstance(image, Path) or text.lower().endswith(IMAGE_SUFFIXES):
         return _data_uri(path, index)
     return text
 

@@ -41,7 +41,7 @@ from typing import IO, Any
 import orjson
 
 from ._exceptions import ConfigError
-from ._request import _IMAGE_SUFFIXES
+from ._request import IMAGE_SUFFIXES
 
 __all__ = ["FORMATS", "STDIN", "Record", "Source", "find_sources", "read_records", "read_sources"]
 
@@ -601,7 +601,7 @@ def _image_problem(image: str) -> str | None:
 def _looks_like_path(image: str) -> bool:
     if len(image) > _MAX_PATH:
         return False
-    return image.lower().endswith(_IMAGE_SUFFIXES) or not _BASE64.fullmatch(image)
+    return image.lower().endswith(IMAGE_SUFFIXES) or not _BASE64.fullmatch(image)
 
 
 # --- plain text -------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ import orjson
 
 from ._exceptions import ConfigError, InputError
 from ._models import ModelSpec
+from ._types import IntArray, Span
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -64,9 +65,8 @@ _DATA = "data/tokenizers"
 _BATCH_CHARS = 1 << 18
 _BATCH_TEXTS = 256
 
-Span = tuple[int, int]
-IntArray = npt.NDArray[np.int64]
-FloatArray = npt.NDArray[np.float64]
+#: Token costs of character runs, in float64 (sums of many small costs).
+CostArray = npt.NDArray[np.float64]
 
 
 class TokenCounter(Protocol):
@@ -303,7 +303,7 @@ class _Prices:
         pairs = [prices.pop(name, (0.0, 0.0)) for name in _CLASSES]
         return cls(tuple(b for b, _ in pairs), tuple(r for _, r in pairs), **prices)
 
-    def cost(self, runs: _Runs) -> FloatArray:
+    def cost(self, runs: _Runs) -> CostArray:
         """Fractional tokens of each run."""
         kinds = runs.kinds
         price = np.take(self.base, kinds) + runs.lengths * np.take(self.rate, kinds)

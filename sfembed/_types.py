@@ -30,9 +30,7 @@ __all__ = [
     "Unusable",
     "Usage",
     "WindowStats",
-    "WireEmbedding",
     "WireRequest",
-    "WireResponse",
 ]
 
 EncodingFormat: TypeAlias = Literal["float", "base64"]
@@ -78,23 +76,6 @@ class WireRequest(TypedDict):
     dimensions: NotRequired[int]
     user: NotRequired[str]
     truncate: NotRequired[Truncate]
-
-
-class WireEmbedding(TypedDict):
-    """One item of a response's ``data``."""
-
-    object: str
-    embedding: list[float] | str
-    index: int
-
-
-class WireResponse(TypedDict):
-    """The JSON body of a successful response."""
-
-    object: str
-    model: str
-    data: list[WireEmbedding]
-    usage: Usage
 
 
 @dataclass(frozen=True, slots=True)

@@ -59,6 +59,7 @@ __all__ = [
     "RedisServer",
     "ServerConfig",
     "ServerStats",
+    "WireItem",
     "count_tokens",
     "expected_embedding",
     "serve",
@@ -452,7 +453,7 @@ def _fit(
 
 
 @dataclass(frozen=True, slots=True)
-class _Job:
+class _Call:
     """A valid request: what to embed and how to answer."""
 
     model: str
@@ -499,7 +500,7 @@ def _options(payload: dict[str, Any]) -> tuple[bool, str | None]:
     return encoding == "base64", truncate
 
 
-def _parse_job(raw: bytes, config: ServerConfig) -> _Job:
+def _parse_call(raw: bytes, config: ServerConfig) -> _Call:
     """Validate a request body as the provider does. Raises _Reject."""
     payload = _load(raw)
     spec = _spec(payload.get("model"), config.catalog)
@@ -507,7 +508,7 @@ def _parse_job(raw: bytes, config: ServerConfig) -> _Job:
     dimensions = _dimensions(payload.get("dimensions"), spec)
     base64, truncate = _options(payload)
     items, counts = _fit(items, _token_counts(items, spec), spec, truncate)
-    return _Job(spec.name, items, sum(counts), dimensions, base64)
+    return _Call(spec.name, items, sum(counts), dimensions, base64)
 
 
 def _batch_size(raw: bytes) -> int:
@@ -539,37 +540,38 @@ def _unit_vector(seed: int, dimensions: int) -> FloatArray:
     return out
 
 
-def _vectors(job: _Job) -> list[FloatArray]:
+def _vectors(call: _Call) -> list[FloatArray]:
     return [
-        _unit_vector(_seed(job.model, job.dimensions, item), job.dimensions) for item in job.items
+        _unit_vector(_seed(call.model, call.dimensions, item), call.dimensions)
+        for item in call.items
     ]
 
 
-def _success_body(job: _Job) -> bytes:
-    return orjson.dumps(_success_payload(job, _vectors(job)), option=orjson.OPT_SERIALIZE_NUMPY)
+def _success_body(call: _Call) -> bytes:
+    return orjson.dumps(_success_payload(call, _vectors(call)), option=orjson.OPT_SERIALIZE_NUMPY)
 
 
-def _success_payload(job: _Job, vectors: list[Any]) -> dict[str, Any]:
-    if job.base64:
+def _success_payload(call: _Call, vectors: list[Any]) -> dict[str, Any]:
+    if call.base64:
         vectors = [pybase64.b64encode_as_string(v.astype("<f4", copy=False).data) for v in vectors]
     # Reversed on purpose: a client must place vectors by "index", never by position.
     data = [
         {"object": "embedding", "embedding": vectors[index], "index": index}
         for index in reversed(range(len(vectors)))
     ]
-    usage = {"prompt_tokens": job.tokens, "completion_tokens": 0, "total_tokens": job.tokens}
-    return {"object": "list", "model": job.model, "data": data, "usage": usage}
+    usage = {"prompt_tokens": call.tokens, "completion_tokens": 0, "total_tokens": call.tokens}
+    return {"object": "list", "model": call.model, "data": data, "usage": usage}
 
 
-def _altered_body(job: _Job, kind: str) -> bytes:
+def _altered_body(call: _Call, kind: str) -> bytes:
     """A success body damaged as ``kind`` says (see :meth:`LocalServer.inject`)."""
-    vectors: list[Any] = [v.copy() for v in _vectors(job)]
+    vectors: list[Any] = [v.copy() for v in _vectors(call)]
     first = vectors[0]
     if kind in ("nan", "inf"):
         first[0] = np.nan if kind == "nan" else np.inf
     elif kind == "wrong-dims":
         vectors[0] = first[:-1]
-    payload = _success_payload(job, vectors)
+    payload = _success_payload(call, vectors)
     if kind in ("string-floats", "bool-floats"):  # a list even for base64: the list is the damage
         values: list[Any] = first.tolist()
         values[:2] = ["0.5", "0.25"] if kind == "string-floats" else [True, False]
@@ -587,20 +589,21 @@ def _altered_body(job: _Job, kind: str) -> bytes:
         payload["model"] = "Acme/another-model"
     elif kind.endswith("-usage"):
         tokens = {
-            "negative": -job.tokens,
-            "huge": 10**6 * len(job.items),
+            "negative": -call.tokens,
+            "huge": 10**6 * len(call.items),
             "zero": 0,
-            "tiny": len(job.items),
+            "tiny": len(call.items),
         }[kind[:-6]]
         usage.update(prompt_tokens=tokens, total_tokens=tokens)
     raw = orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
-    if kind == "inf" and not job.base64:
+    if kind == "inf" and not call.base64:
         raw = raw.replace(b"null", b"1e39", 1)  # JSON has no infinity; orjson wrote null
     return raw
 
 
 # --- public helpers -----------------------------------------------------------------------------
 
+#: One input item as a request carries it: a text, token ids, or a content object.
 WireItem = str | list[int] | Mapping[str, object]
 
 
@@ -917,19 +920,19 @@ class LocalServer:
 
     async def _embed(self, raw: bytes, fault: str | None = None) -> web.Response:
         try:
-            job = _parse_job(raw, self.config)
+            call = _parse_call(raw, self.config)
         except _Reject as reject:
             return self._answer(reject.status, reject.body)
-        refused = self._refusal(job)
+        refused = self._refusal(call)
         if refused is not None:
             return refused
         # The model's time, after admission: a limit acts at arrival, as the provider's does.
-        work_s = job.tokens / 1000 * self._faults.latency_per_1k_tokens_s
+        work_s = call.tokens / 1000 * self._faults.latency_per_1k_tokens_s
         if work_s > 0:
             await asyncio.sleep(work_s)
         if fault in _ALTERED:
-            return self._answer(200, _altered_body(job, fault))
-        response = self._answer(200, _success_body(job))
+            return self._answer(200, _altered_body(call, fault))
+        response = self._answer(200, _success_body(call))
         if fault == "gzip":
             response.body = gzip.compress(cast(bytes, response.body))
             response.headers["Content-Encoding"] = "gzip"
@@ -937,18 +940,18 @@ class LocalServer:
             response.body = b"\xef\xbb\xbf" + cast(bytes, response.body)
         return response
 
-    def _refusal(self, job: _Job) -> web.Response | None:
-        """A 429 if ``job`` is over its model's quota; otherwise it is charged to the quota."""
+    def _refusal(self, call: _Call) -> web.Response | None:
+        """A 429 if ``call`` is over its model's quota; otherwise it is charged to the quota."""
         now = time.monotonic()
-        limits = self.config.limits.get(job.model, self.config.default_limits)
+        limits = self.config.limits.get(call.model, self.config.default_limits)
         if limits.rpm is not None or limits.tpm is not None:  # unlimited models keep no log
-            window = self._windows.setdefault(job.model, _Window())
-            limit = window.refusal(now, job.tokens, limits, self.config.window_s)
+            window = self._windows.setdefault(call.model, _Window())
+            limit = window.refusal(now, call.tokens, limits, self.config.window_s)
             if limit is not None:
                 self._count_refusal(f"429-{limit.lower()}")
                 return self._answer(429, _TPM if limit == "TPM" else _RPM)
-        self.stats.tokens_accepted += job.tokens
-        self.stats.accepted.append((now, job.tokens))
+        self.stats.tokens_accepted += call.tokens
+        self.stats.accepted.append((now, call.tokens))
         return None
 
     def _headers(self, status: int, content_type: str, kind: str = "") -> dict[str, str]:
