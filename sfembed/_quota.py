@@ -40,6 +40,9 @@ __all__ = ["SharedLimiter", "SharedTicket"]
 log = logging.getLogger("sfembed")
 
 _US = 1_000_000
+#: How late a request may reach the server after the time booked for it (the answer's way back,
+#: a timer fired late by a busy loop): its admission stays in the shared log this much longer.
+_LATE_S = 0.05
 
 
 def _import_redis() -> Any:
@@ -104,9 +107,9 @@ class SharedLimiter:
         self.max_tokens = _effective(limits.tpm, limits.headroom)
         self.max_requests = _effective(limits.rpm, limits.headroom)
         window_us = int(limits.window_s * _US)
-        lead = lead_s if lead_s is not None else limits.window_s / 20
+        lead = lead_s if lead_s is not None else limits.window_s / 100
         self._head = [window_us, self.max_tokens, self.max_requests]
-        self._head += [int(limits.burst_allowance_s * _US), int(lead * _US)]
+        self._head += [int(limits.burst_allowance_s * _US), int(lead * _US), int(_LATE_S * _US)]
         prefix = f"sfembed:{{{account}}}:{model}"
         self._keys = [
             f"{prefix}:{name}" for name in ("state", "log", "charges", "workers", "line", "due")

@@ -4,7 +4,8 @@
 -- admission time), 3 charges (hash: ticket id -> tokens charged), 4 workers (zset: worker id ->
 -- last seen), 5 line (zset: "id|tokens" -> first refusal), 6 due (zset: "id|tokens" -> time by
 -- which it must be back). Times are microseconds of the server's clock.
--- ARGV: 1 op, 2 window, 3 max tokens, 4 max requests, 5 burst, 6 lead, then the op's own:
+-- ARGV: 1 op, 2 window, 3 max tokens, 4 max requests, 5 burst, 6 lead, 7 lateness allowed, then
+-- the op's own:
 --   acquire ticket tokens worker grace
 --       -> {admitted 0/1, wait (us), live workers, tpm factor, rpm factor}
 --       admitted: the request may be sent after `wait`; refused: it has a place in the line and
@@ -22,6 +23,10 @@ local op = ARGV[1]
 local window = tonumber(ARGV[2])
 local max_t, max_r = tonumber(ARGV[3]), tonumber(ARGV[4])
 local burst, lead = tonumber(ARGV[5]), tonumber(ARGV[6])
+-- An admission stays in the log this much longer than the window: its request reaches the server
+-- a little after the time booked for it (the answer's way back, a late timer), and the server's
+-- window counts it from its arrival.
+local kept = window + tonumber(ARGV[7])
 
 -- Numbers handed to redis.call are otherwise printed with 14 digits, which loses microseconds.
 local function int(x) return string.format('%.0f', x) end
@@ -45,7 +50,7 @@ s.hold = s.hold or -1e300
 local function each_chunk(list, fn)
   for i = 1, #list, 1000 do fn({unpack(list, i, math.min(i + 999, #list))}) end
 end
-local old = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', int(now - window))
+local old = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', int(now - kept))
 if #old > 0 then
   each_chunk(old, function(ids)
     for _, charge in ipairs(redis.call('HMGET', KEYS[3], unpack(ids))) do
@@ -54,7 +59,7 @@ if #old > 0 then
     redis.call('HDEL', KEYS[3], unpack(ids))
   end)
   s.requests = s.requests - #old
-  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', int(now - window))
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', int(now - kept))
 end
 
 -- The pace (GCRA) of one resource: its rate climbs back linearly over a window after a cut.
@@ -75,9 +80,9 @@ local function log_ready(tokens)
   for i = 1, #entries, 2 do
     freed_t = freed_t + (tonumber(redis.call('HGET', KEYS[3], entries[i])) or 0)
     freed_r = freed_r + 1
-    if freed_t >= extra_t and freed_r >= extra_r then return tonumber(entries[i + 1]) + window end
+    if freed_t >= extra_t and freed_r >= extra_r then return tonumber(entries[i + 1]) + kept end
   end
-  return now + window
+  return now + kept
 end
 
 local function save()
@@ -85,7 +90,7 @@ local function save()
     't_tat', real(s.t_tat), 'r_tat', real(s.r_tat), 't_cut', real(s.t_cut), 'r_cut', real(s.r_cut),
     't_cut_at', int(s.t_cut_at), 'r_cut_at', int(s.r_cut_at), 'hold', int(s.hold))
   -- Nothing outlives the window it describes: the state is gone a window after the last call.
-  local ttl = int(math.ceil((window + lead + math.max(0, s.hold - now)) / 1000))
+  local ttl = int(math.ceil((kept + lead + math.max(0, s.hold - now)) / 1000))
   for i = 1, #KEYS do redis.call('PEXPIRE', KEYS[i], ttl) end
 end
 
@@ -129,8 +134,8 @@ local function due_at(at, rank)
 end
 
 if op == 'acquire' then
-  local id, tokens, worker, grace = ARGV[7], tonumber(ARGV[8]), ARGV[9], tonumber(ARGV[10])
-  local member = id .. '|' .. ARGV[8]
+  local id, tokens, worker, grace = ARGV[8], tonumber(ARGV[9]), ARGV[10], tonumber(ARGV[11])
+  local member = id .. '|' .. ARGV[9]
   redis.call('ZADD', KEYS[4], int(now), worker)
   redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', int(now - window))
   local workers = redis.call('ZCARD', KEYS[4])
@@ -167,14 +172,14 @@ if op == 'acquire' then
   save()
   return {0, int(back - now), workers, factors[1], factors[2]}
 elseif op == 'settle' then
-  return {recharge(ARGV[7], tonumber(ARGV[8]), 1)}
+  return {recharge(ARGV[8], tonumber(ARGV[9]), 1)}
 elseif op == 'refund' then  -- also leaves the line (a caller cancelled while waiting)
-  local member = ARGV[7] .. '|' .. ARGV[8]
+  local member = ARGV[8] .. '|' .. ARGV[9]
   redis.call('ZREM', KEYS[5], member)
   redis.call('ZREM', KEYS[6], member)
-  return {recharge(ARGV[7], 0, 0)}
+  return {recharge(ARGV[8], 0, 0)}
 elseif op == 'cut' then
-  local kind, retry_after = ARGV[7], tonumber(ARGV[8])
+  local kind, retry_after = ARGV[8], tonumber(ARGV[9])
   for _, k in ipairs({'t', 'r'}) do
     if (kind == '' or kind == k .. 'pm') and now - s[k .. '_cut_at'] >= CUT_SPACING * window then
       s[k .. '_cut'] = math.max(FLOOR, factor(k, now) * CUT)

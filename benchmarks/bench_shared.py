@@ -1,0 +1,294 @@
+"""Many processes, one account: do N sfembed processes on a quota shared through Redis hold it?
+
+    python benchmarks/bench_shared.py [--workers 2,4,8] [--window-s 6] [--runs shared,alone,...]
+
+The local server runs in a process of its own (a sliding window, an answer in 30 ms), a private
+Redis-compatible server in another, and N sfembed processes each embed one shard of one corpus
+(``embed(..., limiter=SharedLimiter(...))``), every one told the account's whole limits, as a
+user with N cron jobs would. Runs:
+
+* ``shared``: N = each of ``--workers`` on the shared quota;
+* ``alone``: the same N processes pacing alone (no Redis), for comparison;
+* ``kill``: 4 shared processes, one SIGKILLed a third of the way in;
+* ``restart``: 4 shared processes; Redis is stopped a third of the way in and started again
+  (empty, on the same port) ``--outage-s`` later.
+
+Per run it prints the share of the limit the server accepted in each whole window (from the first
+accepted request), the whole-run ratio (the ideal time, tokens accepted / TPM per second, over the
+time from the first accepted request to the last), 429s, the peak of any sliding window, the
+Jain index of the tokens each process was admitted while all of them were running, rows wrong
+(each row must be the server's vector for its text), Redis round trips per admitted request, and
+for ``kill`` whether any key was left one window after the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing as mp
+import os
+import signal
+import tempfile
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from _harness import ServerReport, max_sliding, server_process, table, windows
+
+from sfembed import (
+    DEFAULT_CATALOG,
+    BatchLimits,
+    JobStats,
+    RateLimits,
+    SharedLimiter,
+    embed,
+    load_settings,
+    testing,
+)
+
+MODEL = "BAAI/bge-m3"
+KEY_ENV = "SFEMBED_BENCH_KEY"
+LATENCY_S = 0.030
+
+
+@dataclass
+class Worker:
+    """What one sfembed process reports back."""
+
+    index: int
+    admissions: list[tuple[float, int]] = field(default_factory=list)  # (wall time, tokens)
+    round_trips: int = 0
+    rate_limited: int = 0
+    fallbacks: int = 0
+    workers_seen: int = 0
+    failures: int = 0
+
+
+class _Recording(SharedLimiter):
+    """A SharedLimiter that notes the wall time and tokens of each admission."""
+
+    admissions: list[tuple[float, int]]
+
+    async def acquire(self, tokens: int) -> Any:
+        ticket = await super().acquire(tokens)
+        self.admissions.append((time.time(), tokens))
+        return ticket
+
+
+def _work(index: int, texts: list[str], config: dict[str, Any], out: str, conn: Connection) -> None:
+    """One sfembed process: embed ``texts`` into ``out`` (.npy), then send its Worker report."""
+    os.environ[KEY_ENV] = testing.ServerConfig().api_key or ""
+    rate = RateLimits(rpm=config["rpm"], tpm=config["tpm"], window_s=config["window_s"])
+    settings = load_settings(
+        base_url=config["url"], rate=rate, api_key_env=KEY_ENV, batch=BatchLimits(max_items=32)
+    )
+    report = Worker(index)
+    conn.send("ready")
+
+    async def run() -> None:
+        stats = JobStats()
+        limiter: SharedLimiter | None = None
+        if config["quota"]:
+            limiter = _Recording(config["quota"], rate, model=MODEL)
+            limiter.admissions = report.admissions
+        try:
+            rows = await embed(
+                texts, model=MODEL, settings=settings, stats=stats, errors="nan", limiter=limiter
+            )
+        finally:
+            if limiter is not None:
+                await limiter.aclose()
+        np.save(out, rows)
+        report.rate_limited, report.failures = stats.rate_limited, len(stats.failures)
+        if limiter is not None:
+            report.round_trips, report.fallbacks = limiter.round_trips, limiter.fallbacks
+            report.workers_seen = limiter.max_workers
+
+    asyncio.run(run())
+    conn.send(report)
+
+
+@dataclass
+class Run:
+    name: str
+    workers: int
+    report: ServerReport
+    results: dict[int, Worker]
+    shards: list[list[str]]
+    outputs: list[Path]
+    killed: int | None = None
+    keys_left: list[str] | None = None
+
+
+def run(
+    name: str,
+    texts: list[str],
+    workers: int,
+    args: argparse.Namespace,
+    redis: testing.RedisServer | None,
+) -> Run:
+    limits = testing.ModelLimits(rpm=args.rpm, tpm=args.tpm)
+    server = testing.ServerConfig(
+        window_s=args.window_s, default_limits=limits, faults=testing.Faults(latency_s=LATENCY_S)
+    )
+    folder = Path(tempfile.mkdtemp(prefix="bench_shared_"))
+    shards = [texts[i::workers] for i in range(workers)]
+    outputs = [folder / f"{name}-{i}.npy" for i in range(workers)]
+    context = mp.get_context("spawn")
+    results: dict[int, Worker] = {}
+    killed = None
+    with server_process(server) as (url, box):
+        config = {"url": url, "rpm": args.rpm, "tpm": args.tpm, "window_s": args.window_s}
+        config["quota"] = redis.url if redis is not None and name != "alone" else ""
+        pipes, processes = [], []
+        for index, shard in enumerate(shards):
+            parent, child = mp.Pipe()
+            process = context.Process(
+                target=_work, args=(index, shard, config, str(outputs[index]), child)
+            )
+            process.start()
+            pipes.append(parent)
+            processes.append(process)
+        for parent in pipes:
+            assert parent.recv() == "ready"
+        ideal_s = _ideal_s(texts, args)
+        if name == "kill":
+            time.sleep(ideal_s / 3)
+            killed = 0
+            os.kill(processes[killed].pid, signal.SIGKILL)
+        elif name == "restart" and redis is not None:
+            time.sleep(ideal_s / 3)
+            redis.stop()
+            time.sleep(args.outage_s)
+            redis.start()
+        for index, (parent, process) in enumerate(zip(pipes, processes, strict=True)):
+            if index != killed:
+                results[index] = parent.recv()
+            process.join()
+    keys_left = None
+    if redis is not None and name == "kill":
+        time.sleep(args.window_s * 1.1)
+        keys_left = _keys(redis.url)
+    return Run(name, workers, box[0], results, shards, outputs, killed, keys_left)
+
+
+def _ideal_s(texts: list[str], args: argparse.Namespace) -> float:
+    """The run's ideal time by the server's own count, to time the kill and the outage."""
+    spec = DEFAULT_CATALOG[MODEL]
+    tokens = sum(testing.count_tokens(text, spec) for text in texts)
+    return tokens / (args.tpm / args.window_s)
+
+
+def _keys(url: str) -> list[str]:
+    import redis as redis_py
+
+    client = redis_py.Redis.from_url(url, decode_responses=True)
+    try:
+        return sorted(client.keys("sfembed:*"))
+    finally:
+        client.close()
+
+
+def _jain(results: dict[int, Worker]) -> float:
+    """Jain's index of the tokens each process was admitted while all of them were running."""
+    spans = [(w.admissions[0][0], w.admissions[-1][0]) for w in results.values() if w.admissions]
+    if len(spans) < 2:
+        return float("nan")
+    start, end = max(s for s, _ in spans), min(e for _, e in spans)
+    shares = [
+        sum(tokens for when, tokens in w.admissions if start <= when <= end)
+        for w in results.values()
+    ]
+    total = sum(shares)
+    return total * total / (len(shares) * sum(s * s for s in shares)) if total else float("nan")
+
+
+def _rows_wrong(run: Run) -> int:
+    wrong = 0
+    for index, (shard, out) in enumerate(zip(run.shards, run.outputs, strict=True)):
+        if index == run.killed:
+            continue
+        rows = np.load(out)
+        if len(rows) != len(shard):
+            wrong += abs(len(rows) - len(shard))
+        for row, text in zip(rows, shard, strict=False):
+            if len(text) < 2000:
+                wrong += not np.array_equal(row, testing.expected_embedding(MODEL, text))
+            else:
+                wrong += not (np.isfinite(row).all() and abs(float(np.linalg.norm(row)) - 1) < 1e-4)
+    return wrong
+
+
+def summarise(run: Run, args: argparse.Namespace) -> None:
+    accepted = run.report.accepted
+    per_window = windows(accepted, args.window_s)
+    shares = [(t / args.tpm, r / args.rpm) for t, r in per_window]
+    tokens = sum(t for _, t in accepted)
+    span_s = accepted[-1][0] - accepted[0][0] if accepted else 0.0
+    ideal_s = max(tokens / args.tpm, len(accepted) / args.rpm) * args.window_s
+    peak_tokens, peak_requests = max_sliding(accepted, args.window_s)
+    sent = sum(run.report.by_status.values())
+    limited = run.report.rate_limited
+    admitted = sum(len(w.admissions) for w in run.results.values())
+    trips = sum(w.round_trips for w in run.results.values())
+    bound = [s for s, _ in shares[1:]]
+    title = {"kill": ", one SIGKILLed", "restart": f", Redis down {args.outage_s:g} s"}
+    print(
+        f"\n## {run.name}: {run.workers} processes{title.get(run.name, '')}, "
+        f"TPM {args.tpm:,} / RPM {args.rpm:,} per {args.window_s:g} s\n"
+    )
+    print(
+        table(
+            [(i, f"{t:.1%}", f"{r:.1%}") for i, (t, r) in enumerate(shares)],
+            ("window", "of TPM", "of RPM"),
+        )
+    )
+    rows: list[tuple[str, Any]] = [
+        ("whole-run ratio (ideal / actual)", f"{ideal_s / span_s:.3f}" if span_s else "-"),
+        (
+            "windows after the first: min / mean of TPM",
+            f"{min(bound):.1%} / {sum(bound) / len(bound):.1%}" if bound else "-",
+        ),
+        ("peak sliding-window tokens / TPM", f"{peak_tokens / args.tpm:.1%}"),
+        ("peak sliding-window requests / RPM", f"{peak_requests / args.rpm:.1%}"),
+        ("requests / 429s", f"{sent:,} / {limited:,} ({limited / max(sent, 1):.2%})"),
+        ("Jain index (tokens admitted while all ran)", f"{_jain(run.results):.3f}"),
+        ("rows wrong", _rows_wrong(run)),
+        ("failures", sum(w.failures for w in run.results.values())),
+    ]
+    if run.name != "alone":
+        rows += [
+            ("Redis round trips per admitted request", f"{trips / max(admitted, 1):.2f}"),
+            ("workers seen at once (most)", max(w.workers_seen for w in run.results.values())),
+            ("fallbacks to local pacing", sum(w.fallbacks for w in run.results.values())),
+        ]
+    if run.keys_left is not None:
+        rows.append(("keys left one window after the run", len(run.keys_left)))
+    print()
+    print(table(rows, ("figure", "value")))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workers", default="2,4,8", help="process counts for the shared run")
+    parser.add_argument("--runs", default="shared,alone,kill,restart")
+    parser.add_argument("--window-s", type=float, default=6.0)
+    parser.add_argument("--tpm", type=int, default=60_000, help="the account's tokens per window")
+    parser.add_argument("--rpm", type=int, default=200, help="the account's requests per window")
+    parser.add_argument("--documents", type=int, default=4_000)
+    parser.add_argument("--outage-s", type=float, default=2.0, help="Redis down this long")
+    args = parser.parse_args()
+    texts = list(testing.synthetic_corpus(args.documents, seed=11, long_every=0))
+    runs = args.runs.split(",")
+    with testing.RedisServer() as redis:
+        for name in runs:
+            counts = [int(n) for n in args.workers.split(",")] if name in ("shared", "alone") else [4]
+            for count in counts:
+                summarise(run(name, texts, count, args, redis), args)
+
+
+if __name__ == "__main__":
+    main()
