@@ -87,12 +87,13 @@ def _work(index: int, texts: list[str], config: dict[str, Any], out: str, conn: 
     )
     report = Worker(index)
     conn.send("ready")
+    conn.recv()  # "go": all processes start together, so that their shares can be compared
 
     async def run() -> None:
         stats = JobStats()
         limiter: SharedLimiter | None = None
         if config["quota"]:
-            limiter = _Recording(config["quota"], rate, model=MODEL)
+            limiter = _Recording(config["quota"], rate, model=MODEL, lead_s=config["lead_s"])
             limiter.admissions = report.admissions
         try:
             rows = await embed(
@@ -143,6 +144,7 @@ def run(
     with server_process(server) as (url, box):
         config = {"url": url, "rpm": args.rpm, "tpm": args.tpm, "window_s": args.window_s}
         config["quota"] = redis.url if redis is not None and name != "alone" else ""
+        config["lead_s"] = args.lead_s
         pipes, processes = [], []
         for index, shard in enumerate(shards):
             parent, child = mp.Pipe()
@@ -154,6 +156,8 @@ def run(
             processes.append(process)
         for parent in pipes:
             assert parent.recv() == "ready"
+        for parent in pipes:
+            parent.send("go")
         ideal_s = _ideal_s(texts, args)
         if name == "kill":
             time.sleep(ideal_s / 3)
@@ -280,12 +284,14 @@ def main() -> None:
     parser.add_argument("--rpm", type=int, default=200, help="the account's requests per window")
     parser.add_argument("--documents", type=int, default=4_000)
     parser.add_argument("--outage-s", type=float, default=2.0, help="Redis down this long")
+    parser.add_argument("--lead-s", type=float, default=None, help="booking lead (default: own)")
     args = parser.parse_args()
     texts = list(testing.synthetic_corpus(args.documents, seed=11, long_every=0))
     runs = args.runs.split(",")
     with testing.RedisServer() as redis:
         for name in runs:
-            counts = [int(n) for n in args.workers.split(",")] if name in ("shared", "alone") else [4]
+            several = name in ("shared", "alone")
+            counts = [int(n) for n in args.workers.split(",")] if several else [4]
             for count in counts:
                 summarise(run(name, texts, count, args, redis), args)
 

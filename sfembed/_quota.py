@@ -77,6 +77,51 @@ class SharedTicket(Ticket):
         self._asked = False  # the script may have booked it
 
 
+class _StandIn:
+    """The local limiter that paces while Redis is unreachable, at the limits divided by the
+    workers last seen; and when to try Redis again (at most every ``probe_s`` seconds)."""
+
+    def __init__(self, limits: RateLimits, clock: Clock, where: str) -> None:
+        self._limits = limits
+        self._clock = clock
+        self._where = where
+        self._probe_s = min(1.0, limits.window_s / 20)
+        self._retry_at = -math.inf
+        self.limiter: RateLimiter | None = None
+        self.times = 0  # outages met
+
+    @property
+    def pacing(self) -> bool:
+        """True while the stand-in paces and it is not yet time to try Redis again."""
+        return self.limiter is not None and self._clock.now() < self._retry_at
+
+    def take_over(self, error: BaseException, workers: int) -> None:
+        """Redis did not answer: pace locally (saying so once per outage) and wait a while."""
+        self._retry_at = self._clock.now() + self._probe_s
+        if self.limiter is not None:
+            return
+        limits = dataclasses.replace(
+            self._limits,
+            tpm=max(1, self._limits.tpm // workers),
+            rpm=max(1, self._limits.rpm // workers),
+        )
+        self.limiter = RateLimiter(limits, clock=self._clock)
+        self.times += 1
+        log.warning(
+            "shared quota: Redis at %s unreachable (%s); pacing locally at 1/%d of the limits "
+            "until it answers",
+            self._where,
+            type(error).__name__,
+            workers,
+        )
+
+    def hand_back(self) -> None:
+        """Redis answered again."""
+        if self.limiter is not None:
+            log.warning("shared quota: Redis at %s answers again; pacing shared", self._where)
+            self.limiter = None
+
+
 class SharedLimiter:
     """Admits requests of one model under the account's RPM and TPM, shared by every process that
     uses the same Redis, ``account`` and ``model`` (see the module docstring).
@@ -100,14 +145,14 @@ class SharedLimiter:
     ) -> None:
         if not account or any(c in account for c in "{}"):
             raise ConfigError(f"quota account label {account!r}: must be non-empty, without braces")
-        self._redis = self._connect(url, timeout_s)
+        self._redis = _connect(url, timeout_s)
         self.where = _where(url)  # host:port/db, without a password
         self._limits = limits
         self._clock: Clock = clock if clock is not None else LoopClock()
         self.max_tokens = _effective(limits.tpm, limits.headroom)
         self.max_requests = _effective(limits.rpm, limits.headroom)
         window_us = int(limits.window_s * _US)
-        lead = lead_s if lead_s is not None else limits.window_s / 100
+        lead = lead_s if lead_s is not None else limits.window_s / 20
         self._head = [window_us, self.max_tokens, self.max_requests]
         self._head += [int(limits.burst_allowance_s * _US), int(lead * _US), int(_LATE_S * _US)]
         prefix = f"sfembed:{{{account}}}:{model}"
@@ -120,32 +165,13 @@ class SharedLimiter:
         self._ids = itertools.count()
         self._turn = asyncio.Lock()  # callers of this process ask Redis in arrival order
         self._factors = (1.0, 1.0)
-        self._fallback: RateLimiter | None = None
-        self._retry_at = -math.inf
-        self._probe_s = min(1.0, limits.window_s / 20)
+        self._stand_in = _StandIn(limits, self._clock, self.where)
         # A waiter late by more than this loses its place in the line (its process died); the
         # absolute part covers an event loop that fires its timers late.
         self._grace_us = int((lead + 0.1) * _US)
         self.workers = 1  # live workers (processes) the script saw at the last admission
         self.max_workers = 1  # the most seen at once
         self.round_trips = 0  # calls to Redis, answered or not
-        self.fallbacks = 0  # times Redis was found unreachable and the local stand-in took over
-
-    @staticmethod
-    def _connect(url: str, timeout_s: float) -> Any:
-        redis = _import_redis()
-        backoff = importlib.import_module("redis.backoff")
-        retry = importlib.import_module("redis.asyncio.retry")
-        try:
-            # One quick retry (a pooled connection the server dropped), then the stand-in.
-            return redis.from_url(
-                url,
-                socket_timeout=timeout_s,
-                socket_connect_timeout=timeout_s,
-                retry=retry.Retry(backoff.NoBackoff(), 1),
-            )
-        except ValueError as error:
-            raise ConfigError(f"quota URL {_where(url)!r}: {error}") from None
 
     async def __aenter__(self) -> SharedLimiter:
         return self
@@ -162,20 +188,25 @@ class SharedLimiter:
     @property
     def shared(self) -> bool:
         """False while the local stand-in paces (Redis unreachable)."""
-        return self._fallback is None
+        return self._stand_in.limiter is None
+
+    @property
+    def fallbacks(self) -> int:
+        """How many times Redis was found unreachable and the local stand-in took over."""
+        return self._stand_in.times
 
     @property
     def tokens_per_s(self) -> float:
         """This worker's share of the token pace, in tokens per second."""
-        if self._fallback is not None:
-            return self._fallback.tokens_per_s
+        if self._stand_in.limiter is not None:
+            return self._stand_in.limiter.tokens_per_s
         return self.max_tokens * self._factors[0] / self._limits.window_s / self.workers
 
     @property
     def requests_per_s(self) -> float:
         """This worker's share of the request pace, in requests per second."""
-        if self._fallback is not None:
-            return self._fallback.requests_per_s
+        if self._stand_in.limiter is not None:
+            return self._stand_in.limiter.requests_per_s
         return self.max_requests * self._factors[1] / self._limits.window_s / self.workers
 
     # -- admission -------------------------------------------------------------------------
@@ -185,19 +216,13 @@ class SharedLimiter:
         be sent under the shared limits. Raises ConfigError if ``tokens`` exceeds the effective
         TPM of a whole window and InputError if negative. If cancelled, whatever was booked for
         the call is given back."""
-        if tokens < 0:
-            raise InputError(f"a request cannot have a negative token count ({tokens})")
-        if tokens > self.max_tokens:
-            raise ConfigError(
-                f"a request of {tokens} tokens exceeds the effective TPM of {self.max_tokens} "
-                f"per {self._limits.window_s:g} s window: it could never be admitted"
-            )
+        _check(tokens, self.max_tokens, self._limits.window_s)
         ticket = SharedTicket(id=f"{self._worker}:{next(self._ids)}", tokens=tokens)
         admitted = False
         try:
             async with self._turn:
                 wait_s = await self._book(ticket)
-            await self._sleep(wait_s)
+            await _sleep(self._clock, wait_s)
             admitted = True
             return ticket
         finally:
@@ -207,8 +232,8 @@ class SharedLimiter:
     async def _book(self, ticket: SharedTicket) -> float:
         """Book ``ticket``; returns the seconds to wait before sending it."""
         while True:
-            if self._fallback is not None and self._clock.now() < self._retry_at:
-                await self._book_locally(ticket, self._fallback)
+            if self._stand_in.pacing and self._stand_in.limiter is not None:
+                await self._book_locally(ticket, self._stand_in.limiter)
                 return 0.0
             ticket._asked = True
             reply = await self._call(
@@ -222,27 +247,11 @@ class SharedLimiter:
             self._factors = (tpm_factor / _US, rpm_factor / _US)
             if admitted:
                 return wait_us / _US
-            await self._sleep(wait_us / _US)
+            await _sleep(self._clock, wait_us / _US)
 
     async def _book_locally(self, ticket: SharedTicket, fallback: RateLimiter) -> None:
         ticket.local = await fallback.acquire(min(ticket.tokens, fallback.max_tokens))
         ticket._fallback = fallback
-
-    async def _sleep(self, delay_s: float) -> None:
-        """One timer on the clock, ``delay_s`` seconds from now."""
-        if delay_s <= 0:
-            return
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-        def wake() -> None:
-            if not done.done():
-                done.set_result(None)
-
-        handle = self._clock.call_at(self._clock.now() + delay_s, wake)
-        try:
-            await done
-        finally:
-            handle.cancel()
 
     # -- after the response ------------------------------------------------------------------
 
@@ -283,8 +292,8 @@ class SharedLimiter:
         """A 429 came anyway: cut the shared pace named by ``limit`` (None: both), at most once
         per tenth of a window for all workers together, and with ``retry_after_s`` hold every
         admission that long."""
-        if self._fallback is not None:
-            await self._fallback.on_rate_limited(limit, retry_after_s)
+        if self._stand_in.limiter is not None:
+            await self._stand_in.limiter.on_rate_limited(limit, retry_after_s)
             return
         kind = limit if limit in ("tpm", "rpm") else ""
         await self._call("cut", kind, int((retry_after_s or 0) * _US))
@@ -300,32 +309,54 @@ class SharedLimiter:
                 keys=self._keys, args=[args[0], *self._head, *args[1:]]
             )
         except errors as error:
-            self._fall_back(error)
+            self._stand_in.take_over(error, self.workers)
             return None
-        if self._fallback is not None:
-            log.warning("shared quota: Redis at %s answers again; pacing shared", self.where)
-            self._fallback = None
+        self._stand_in.hand_back()
         return reply
 
-    def _fall_back(self, error: BaseException) -> None:
-        self._retry_at = self._clock.now() + self._probe_s
-        if self._fallback is not None:
-            return
-        share = self.workers
-        limits = dataclasses.replace(
-            self._limits,
-            tpm=max(1, self._limits.tpm // share),
-            rpm=max(1, self._limits.rpm // share),
+
+def _connect(url: str, timeout_s: float) -> Any:
+    """An asyncio Redis client for ``url``; ConfigError for a bad URL or without redis-py."""
+    redis = _import_redis()
+    backoff = importlib.import_module("redis.backoff")
+    retry = importlib.import_module("redis.asyncio.retry")
+    try:
+        # One quick retry (a pooled connection the server dropped), then the stand-in.
+        return redis.from_url(
+            url,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=retry.Retry(backoff.NoBackoff(), 1),
         )
-        self._fallback = RateLimiter(limits, clock=self._clock)
-        self.fallbacks += 1
-        log.warning(
-            "shared quota: Redis at %s unreachable (%s); pacing locally at 1/%d of the limits "
-            "until it answers",
-            self.where,
-            type(error).__name__,
-            share,
+    except ValueError as error:
+        raise ConfigError(f"quota URL {_where(url)!r}: {error}") from None
+
+
+def _check(tokens: int, max_tokens: int, window_s: float) -> None:
+    if tokens < 0:
+        raise InputError(f"a request cannot have a negative token count ({tokens})")
+    if tokens > max_tokens:
+        raise ConfigError(
+            f"a request of {tokens} tokens exceeds the effective TPM of {max_tokens} "
+            f"per {window_s:g} s window: it could never be admitted"
         )
+
+
+async def _sleep(clock: Clock, delay_s: float) -> None:
+    """One timer on the clock, ``delay_s`` seconds from now."""
+    if delay_s <= 0:
+        return
+    done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def wake() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    handle = clock.call_at(clock.now() + delay_s, wake)
+    try:
+        await done
+    finally:
+        handle.cancel()
 
 
 def _unreachable() -> tuple[type[BaseException], ...]:
