@@ -73,10 +73,16 @@ class Splitter:
 
     async def _exact_counts(self, texts: Sequence[str]) -> dict[int, int]:
         """A strict upper bound (UTF-8 bytes plus special tokens) proves most texts fit, so they
-        are never tokenized; the rest are counted in one batch off the event loop."""
+        are never tokenized; the rest are counted in one batch off the event loop. A text that
+        is not valid Unicode (a lone surrogate) is not counted: no tokenizer takes it, and it
+        goes whole, for the client to refuse it alone."""
         if not self.exact:
             return {}
-        doubtful = [i for i, text in enumerate(texts) if upper_bound(text, self.spec) > self.limit]
+        doubtful = [
+            i
+            for i, text in enumerate(texts)
+            if upper_bound(text, self.spec) > self.limit and _encodable(text)
+        ]
         if not doubtful:
             return {}
         counts = await count_async(await self.counter(), [texts[i] for i in doubtful])
@@ -296,6 +302,18 @@ def _sent(item: str | dict[str, str]) -> str | dict[str, str]:
     Always, with a cache or without: a text's vector is then a function of the key the cache
     files it under, so the cache never changes a job's output."""
     return normalise(item) if isinstance(item, str) else item
+
+
+def _encodable(text: str) -> bool:
+    """True unless ``text`` holds a lone surrogate, which UTF-8 (and so every tokenizer and the
+    JSON of a request) cannot carry."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _is_image(item: object) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ import pytest
 from sfembed import (
     APIConnectionError,
     ConfigError,
+    EmbeddingCache,
     EmbeddingClient,
     InputError,
     JobError,
@@ -23,10 +25,11 @@ from sfembed import (
     RateLimits,
     RetryPolicy,
     embed,
+    embed_stream,
     load_settings,
 )
 from sfembed._client import _retry_after
-from sfembed.testing import LocalServer, expected_embedding
+from sfembed.testing import LocalServer, expected_embedding, synthetic_corpus
 
 MakeServer = Callable[..., Awaitable[LocalServer]]
 
@@ -226,3 +229,37 @@ async def test_an_unknown_errors_choice_is_refused(server: LocalServer) -> None:
     with pytest.raises(ConfigError, match="'raise' or 'nan'"):
         await embed(["one"], model=M3, errors="ignore")
     assert server.stats.requests == 0
+
+
+@pytest.mark.parametrize("mode", ["pool", "chunks", "truncate"])
+async def test_a_long_text_with_a_lone_surrogate_fails_alone(
+    server: LocalServer, tmp_path: Path, mode: str
+) -> None:
+    words = " ".join(synthetic_corpus(600, seed=3, long_every=0))
+    long = words[:20000] + " \udc80 " + words[20000:40000]  # over bge-m3's 8,192 tokens
+    texts = ["before", long, "after"]
+    settings = load_settings(base_url=server.url, rate=RateLimits(rpm=10**6, tpm=10**9))
+    stats = JobStats()
+    async with (
+        EmbeddingClient(api_key=KEY, base_url=server.url) as client,
+        EmbeddingCache(tmp_path / "cache.sqlite") as cache,
+    ):
+        rows = [
+            batch.embeddings
+            async for batch in embed_stream(
+                texts,
+                model=M3,
+                settings=settings,
+                client=client,
+                stats=stats,
+                cache=cache,
+                long_mode=mode,
+            )
+        ]
+    result = np.concatenate(rows)
+    assert [failure.position for failure in stats.failures] == [1]
+    assert "Unicode" in stats.failures[0].reason
+    assert np.isnan(result[1]).all()
+    np.testing.assert_array_equal(
+        result[[0, 2]], np.stack([expected_embedding(M3, t) for t in ("before", "after")])
+    )
