@@ -486,9 +486,10 @@ class _Signals:
 
 
 def _count_lines(path: str) -> int | None:
-    """Lines of a text input, for the bar's total (None for binary formats, or an input that
-    cannot be read: the job then says why)."""
-    if path.endswith(".parquet"):
+    """Lines of a plain text file, for the bar's total; None for anything else (a binary or
+    compressed format, several inputs, a pipe that must be read once, an input that cannot be
+    read: the job then says why)."""
+    if not path.endswith((".jsonl", ".txt", ".csv", ".tsv")) or not os.path.isfile(path):
         return None
     try:
         with open(path, "rb") as handle:

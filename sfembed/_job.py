@@ -17,7 +17,6 @@ import contextlib
 import dataclasses
 import itertools
 import logging
-import os
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
@@ -46,7 +45,7 @@ from ._manifest import (
     save_manifest,
 )
 from ._report import run_report, write_report
-from ._sources import Record, read_records
+from ._sources import Record, find_sources, read_records
 from ._types import EmbeddedBatch, JobStats, Unusable
 from ._writers import Committed, Writer, format_of, open_writer
 
@@ -249,12 +248,11 @@ class _FileJob:
                 raise ConfigError(
                     f"the {role}'s folder {str(path.parent)!r} is missing or not a folder"
                 )
-        try:  # before any file is created, even a lock
-            os.stat(self.input_path)
-        except OSError as error:
-            raise ConfigError(
-                f"cannot read input {str(self.input_path)!r}: {error.strerror or error}"
-            ) from None
+        # Every input is found before any file is created, even a lock, and none may be one of
+        # the files the job writes.
+        sources = find_sources(self.input_path, format=self.settings.io.input_format)
+        inputs = tuple(source.path for source in sources if source.path is not None)
+        self.files = dataclasses.replace(self.files, inputs=inputs)
         self.files.check()
         with self.files.locked():
             self.files.check_report()  # a refusal must not write the report it refused
