@@ -20,6 +20,30 @@ from ._writers import FORMATS as OUTPUT_FORMATS
 __all__ = ["OPTIONS", "Option", "add_options", "default_of"]
 
 
+def _number(kind: type[Any], least: float, *, above: bool) -> Any:
+    """An argparse type: a ``kind`` number over (``above``) or at least ``least``."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            what = "a whole number" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if value < least or (above and value == least):
+            bound = f"over {least:g}" if above else f"at least {least:g}"
+            raise argparse.ArgumentTypeError(f"{text} is out of range: it must be {bound}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+_COUNT = _number(int, 0, above=True)  # 1, 2, ...
+_AMOUNT = _number(int, 0, above=False)  # 0, 1, ...
+_SECONDS = _number(float, 0, above=True)
+_WAIT_S = _number(float, 0, above=False)
+
+
 @dataclass(frozen=True, slots=True)
 class Option:
     """A flag that overrides the setting ``key`` (dotted: ``rate.tpm``). ``help`` may hold
@@ -91,7 +115,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "--checkpoint-rows",
         "io.checkpoint_rows",
-        int,
+        _COUNT,
         "N",
         "make progress durable and resumable every N rows; each checkpoint syncs the files to "
         "disk (default: {default})",
@@ -108,7 +132,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "--dimensions",
         "dimensions",
-        int,
+        _COUNT,
         "N",
         "the length of each vector, for models that can shorten theirs (default: the "
         "model's full length)",
@@ -138,7 +162,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "--overlap-tokens",
         "overlap_tokens",
-        int,
+        _AMOUNT,
         "N",
         "tokens each piece of a split text repeats from the piece before it (default: {default})",
         "model",
@@ -155,7 +179,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "--rpm",
         "rate.rpm",
-        int,
+        _COUNT,
         "N",
         "your account's request limit: requests per window; the window is --window-s seconds "
         "(default: {default})",
@@ -164,7 +188,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "--tpm",
         "rate.tpm",
-        int,
+        _COUNT,
         "N",
         "your account's token limit: tokens per window; the window is --window-s seconds, "
         "{window} by default (default: {default})",
@@ -173,7 +197,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "--window-s",
         "rate.window_s",
-        float,
+        _SECONDS,
         "SECONDS",
         "the length of the rate-limit window, in seconds (default: {default})",
         "account limits",
@@ -181,7 +205,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "--concurrency",
         "concurrency",
-        int,
+        _COUNT,
         "N",
         "requests in flight at once, at most (default: {default})",
         "account limits",
@@ -189,7 +213,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "--batch-size",
         "batch.max_items",
-        int,
+        _COUNT,
         "N",
         "texts per request, at most (default: {default})",
         "account limits",
@@ -241,7 +265,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "--grace-s",
         "timeouts.grace_s",
-        float,
+        _WAIT_S,
         "SECONDS",
         "after Ctrl-C or SIGTERM, how long to wait for requests in flight before exiting "
         "(default: {default})",

@@ -66,6 +66,35 @@ def test_other_usage_errors_exit_2(
     assert "usage:" in printed
 
 
+@pytest.mark.parametrize(
+    ("flag", "value", "says"),
+    [
+        ("--concurrency", "0", "must be over 0"),
+        ("--batch-size", "0", "must be over 0"),
+        ("--tpm", "-5", "must be over 0"),
+        ("--tpm", "1.5", "not a whole number"),
+        ("--window-s", "0", "must be over 0"),
+        ("--overlap-tokens", "-1", "must be at least 0"),
+        ("--grace-s", "-1", "must be at least 0"),
+        ("--checkpoint-rows", "0", "must be over 0"),
+        ("--dimensions", "0", "must be over 0"),
+    ],
+)
+def test_a_count_or_time_out_of_range_exits_2_naming_the_flag(
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    source: Path,
+    flag: str,
+    value: str,
+    says: str,
+) -> None:
+    code, printed = _run(capsys, tmp_path, source, "--local", flag, value)
+    assert code == 2
+    assert f"argument {flag}: " in printed
+    assert says in printed
+    assert "Traceback" not in printed
+
+
 def test_a_key_given_to_api_key_env_is_never_printed(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, source: Path
 ) -> None:
