@@ -10,11 +10,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
 
-from ._config import Settings
+from ._config import LongMode, OutputDtype, Settings
 from ._sources import FORMATS as INPUT_FORMATS
-from ._writers import DTYPES
+from ._types import EncodingFormat, Truncate
 from ._writers import FORMATS as OUTPUT_FORMATS
 
 __all__ = ["OPTIONS", "Option", "add_options", "default_of"]
@@ -110,7 +110,7 @@ OPTIONS: tuple[Option, ...] = (
         "TYPE",
         "the element type of .npy output: {choices} (default: {default})",
         "output",
-        DTYPES,
+        get_args(OutputDtype),
     ),
     Option(
         "--checkpoint-rows",
@@ -146,7 +146,7 @@ OPTIONS: tuple[Option, ...] = (
         "how vectors travel from the server: {choices}; the output is the same "
         "(default: {default}, the smaller answer)",
         "model",
-        ("base64", "float"),
+        get_args(EncodingFormat),
     ),
     Option(
         "--long",
@@ -157,7 +157,7 @@ OPTIONS: tuple[Option, ...] = (
         "and average them into one row), chunks (one row per piece), truncate (the server cuts "
         "it) (default: {default})",
         "model",
-        ("pool", "chunks", "truncate"),
+        get_args(LongMode),
     ),
     Option(
         "--overlap-tokens",
@@ -174,7 +174,7 @@ OPTIONS: tuple[Option, ...] = (
         "SIDE",
         "with --long truncate, which end of a long text is cut off: {choices} (default: {default})",
         "model",
-        ("left", "right"),
+        get_args(Truncate),
     ),
     Option(
         "--rpm",

@@ -190,3 +190,16 @@ async def test_a_job_error_message_is_one_closed_sentence(server: LocalServer) -
             await embed(["fine", "", "  "], model="BAAI/bge-m3", client=client)
     message = str(raised.value)
     assert message == "2 input(s) could not be embedded (the first, input 1: empty text)."
+
+
+def test_a_mistyped_value_in_the_config_file_exits_2_naming_key_and_values(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, source: Path
+) -> None:
+    config = tmp_path / "job.toml"
+    config.write_text('long_mode = "chunk"\n')
+    code, printed = _run(capsys, tmp_path, source, "--local", "--config", str(config))
+    assert code == 2
+    assert "long_mode" in printed
+    assert "'chunk'" in printed
+    assert "pool" in printed
+    assert "Traceback" not in printed
