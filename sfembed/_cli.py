@@ -32,6 +32,7 @@ from ._options import add_options, overrides, replaced
 from ._progress import TqdmProgress
 from ._quota import SharedLimiter
 from ._report import load_report, plot_report, report_table
+from ._sources import count_lines, find_sources
 
 __all__ = ["main"]
 
@@ -236,13 +237,17 @@ def _add_embed(commands: Any) -> None:
     groups["input"].add_argument(
         "input",
         metavar="INPUT",
-        help="the file to embed: JSONL, TXT (one text per line), CSV/TSV or Parquet",
+        nargs="+",
+        help="what to embed: JSONL, TXT (one text per line), CSV/TSV or Parquet files, plain or "
+        ".gz/.zst; folders of them; globs; or - for standard input. Several are read as one "
+        "job in sorted path order",
     )
     groups["output"].add_argument(
         "--out",
         required=True,
         metavar="PATH",
-        help="the output file: .npy (with the ids in .ids.jsonl), .jsonl or .parquet (required)",
+        help="the output file: .npy (with the ids in .ids.jsonl), .jsonl or .parquet; or a "
+        "LanceDB table, NAME.lance (or its database folder with --table) (required)",
     )
     groups["output"].add_argument(
         "--errors",
@@ -485,16 +490,12 @@ class _Signals:
         self.deadline = self.loop.call_later(self.grace_s, self.job.cancel)
 
 
-def _count_lines(path: str) -> int | None:
-    """Lines of a plain text file, for the bar's total; None for anything else (a binary or
-    compressed format, several inputs, a pipe that must be read once, an input that cannot be
-    read: the job then says why)."""
-    if not path.endswith((".jsonl", ".txt", ".csv", ".tsv")) or not os.path.isfile(path):
-        return None
+def _count_lines(inputs: list[str]) -> int | None:
+    """Lines of the inputs, for the bar's total (None for binary, compressed or piped inputs,
+    or inputs that cannot be read: the job then says why)."""
     try:
-        with open(path, "rb") as handle:
-            return sum(chunk.count(b"\n") for chunk in iter(lambda: handle.read(1 << 20), b""))
-    except OSError:
+        return count_lines(find_sources(inputs))
+    except (SFEmbedError, OSError):
         return None
 
 

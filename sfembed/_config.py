@@ -179,7 +179,9 @@ class IOSettings:
     path, for the multimodal model. A job's progress is made durable, and resumable, every
     ``checkpoint_rows`` rows (each checkpoint syncs the files to disk). With ``cache``, vectors
     are kept in an SQLite cache at ``cache_path`` (default: ``sfembed-cache.sqlite`` in the
-    output's folder) and a text it holds is not sent again.
+    output's folder) and a text it holds is not sent again. LanceDB output is a table named by
+    the output path (``vectors.lance``), or ``table`` in the folder the output names, and carries
+    the input fields ``keep_fields`` names (a tuple, or one comma-separated string).
     """
 
     input_format: str | None = None
@@ -191,6 +193,8 @@ class IOSettings:
     checkpoint_rows: int = 8192
     cache: bool = True
     cache_path: str = ""
+    table: str = ""  # LanceDB output: the table's name when the output names its folder
+    keep_fields: tuple[str, ...] = ()  # input fields carried over beside the vector (LanceDB)
 
     def __post_init__(self) -> None:
         for key in ("input_format", "image_field", "output_format"):
@@ -202,6 +206,12 @@ class IOSettings:
         _count("io.checkpoint_rows", self.checkpoint_rows)
         _flag("io.cache", self.cache)
         _text("io.cache_path", self.cache_path, empty=True)
+        _text("io.table", self.table, empty=True)
+        keep = self.keep_fields
+        names = keep.split(",") if isinstance(keep, str) else list(keep)
+        if not all(isinstance(name, str) and name.strip() for name in names):
+            raise ConfigError(f"io.keep_fields must name fields, as 'title,url', not {keep!r}")
+        object.__setattr__(self, "keep_fields", tuple(name.strip() for name in names))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -18,6 +18,7 @@ from typing import IO
 import orjson
 
 from ._report import reason_group
+from ._sources import Place
 from ._types import EmbeddedBatch
 from ._writers import reopen_at
 
@@ -73,16 +74,21 @@ class ErrorLog:
         if self._file is not None:
             self._file.close()
 
-    def write(self, batch: EmbeddedBatch, where: list[tuple[str | None, int]]) -> int:
-        """Log the failures of ``batch``, whose row i is the record ``where[i]`` (id, line);
-        returns how many. Each is also logged at WARNING, named by id and line."""
+    def write(self, batch: EmbeddedBatch, where: list[Place], *, with_source: bool) -> int:
+        """Log the failures of ``batch``, whose row i is the record ``where[i]``, by its id and
+        line (and its source, ``with_source``: a job over several inputs); returns how many.
+        Each is also logged at WARNING, named by id and line."""
         if not batch.failures:
             return 0
         rows = {position: row for row, position in enumerate(batch.positions.tolist())}
         lines = []
         for failure in batch.failures:
-            record_id, line = where[rows[failure.position]]
-            entry: dict[str, object] = {"id": record_id, "line": line, "reason": failure.reason}
+            record = where[rows[failure.position]]
+            record_id, line = record.id, record.line
+            entry: dict[str, object] = {"id": record_id}
+            if with_source:
+                entry["source"] = record.source
+            entry["line"], entry["reason"] = line, failure.reason
             if failure.chunk is not None:
                 entry["chunk"] = failure.chunk
             lines.append(orjson.dumps(entry) + b"\n")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +34,9 @@ class DryRun:
     cost: float
 
 
-def dry_run(input_path: str | Path, settings: Settings, spec: ModelSpec, price: float) -> DryRun:
+def dry_run(
+    input_path: str | Path | Sequence[str | Path], settings: Settings, spec: ModelSpec, price: float
+) -> DryRun:
     """Count the job's tokens exactly and estimate requests, wall time at the configured limits
     (in seconds) and cost (``price`` per million tokens). Sends nothing.
 

@@ -19,7 +19,7 @@ import itertools
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from ._engine import embed_stream
 from ._errorlog import ErrorLog
 from ._exceptions import ConfigError
 from ._jobfiles import JobFiles, staged_path
+from ._lance import lance_location
 from ._limiter import Limiter
 from ._manifest import (
     Checkpoint,
@@ -45,7 +46,7 @@ from ._manifest import (
     save_manifest,
 )
 from ._report import run_report, write_report
-from ._sources import Record, find_sources, read_records
+from ._sources import Place, Record, Source, find_sources, read_sources
 from ._types import EmbeddedBatch, JobStats, Unusable
 from ._writers import Committed, Writer, format_of, open_writer
 
@@ -85,18 +86,19 @@ class _Reporting:
 
 @dataclass(slots=True)
 class _Ids:
-    """(id, line) of records whose rows are still in flight, in input order."""
+    """The places of records whose rows are still in flight, in input order (not the records:
+    their texts need not stay alive until their rows are written)."""
 
-    pending: deque[tuple[str | None, int]] = field(default_factory=deque)
+    pending: deque[Place] = field(default_factory=deque)
     first: int = 0  # input position of pending[0]
 
     def feed(self, records: Iterator[Record]) -> Iterator[str | dict[str, str] | Unusable]:
         for record in records:
-            self.pending.append((record.id, record.line))
+            self.pending.append(Place(record.id, record.line, record.source, record.kept))
             yield record.item if record.item is not None else Unusable(record.error or "unusable")
 
-    def take(self, batch: EmbeddedBatch) -> list[tuple[str | None, int]]:
-        """The (id, line) of each row, dropping the records this batch ends (it ends records
+    def take(self, batch: EmbeddedBatch) -> list[Place]:
+        """The place of each row's record, dropping the records this batch ends (it ends records
         only: see ``_Carry``)."""
         ids = [self.pending[position - self.first] for position in batch.positions.tolist()]
         for _ in range(int(batch.positions[-1]) + 1 - self.first):
@@ -157,7 +159,7 @@ def _joined(first: EmbeddedBatch, second: EmbeddedBatch) -> EmbeddedBatch:
 
 
 async def run_job(
-    input_path: str | Path,
+    input_path: str | Path | Sequence[str | Path],
     output_path: str | Path,
     settings: Settings,
     *,
@@ -173,6 +175,10 @@ async def run_job(
     prices_file: str | None = None,
 ) -> JobSummary:
     """Embed every record of ``input_path`` into ``output_path`` in input order.
+
+    ``input_path`` is a file, a folder, a glob, ``-`` for standard input, or a list of them (see
+    ``find_sources``); several sources are read in sorted path order, and then the errors file
+    (and an ``.npy`` output's id sidecar) name each record's source beside its line.
 
     Failed records keep their row (NaN) and get a line in ``errors_path`` (default: the output
     path with ``.errors.jsonl``), created only when something failed. Progress is checkpointed
@@ -202,25 +208,32 @@ class _FileJob:
 
     def __init__(
         self,
-        input_path: str | Path,
+        input_path: str | Path | Sequence[str | Path],
         output_path: str | Path,
         settings: Settings,
         client: EmbeddingClient,
         errors_path: str | Path | None,
         limiter: Limiter | None = None,
     ) -> None:
-        self.input_path = input_path
-        self.output_path = Path(output_path)
+        self.sources = find_sources(input_path, format=settings.io.input_format)
+        self.several = len(self.sources) > 1
         self.settings = settings
         self.client = client
         self.spec = model_spec(settings, client.catalog)
+        self.format = _output_format(output_path, settings)
+        if self.format == "lance":  # the table's own folder: its manifest and errors go beside
+            folder, table = lance_location(output_path, settings.io.table or None)
+            if folder.parent.is_dir():  # a new database folder, as LanceDB itself would make
+                folder.mkdir(exist_ok=True)
+            output_path = folder / f"{table}.lance"
+        self.output_path = Path(output_path)
         self.errors = Path(errors_path) if errors_path else Path(f"{output_path}.errors.jsonl")
-        self.format = format_of(output_path, settings.io.output_format)
         self.resumable = self.format != "parquet"  # a Parquet file is whole only once closed
         cache = None
         if settings.io.cache:
             cache = Path(settings.io.cache_path or self.output_path.parent / CACHE_NAME)
-        self.files = JobFiles.of([Path(input_path)], output_path, self.format, self.errors, cache)
+        inputs = [source.path for source in self.sources if source.path is not None]
+        self.files = JobFiles.of(inputs, output_path, self.format, self.errors, cache)
         self.manifest_path = self.files.manifest
         self.summary = JobSummary(JobStats(window_s=settings.rate.window_s), 0.0)
         self.writing = False  # a batch is half written: the files and the counts disagree
@@ -243,17 +256,21 @@ class _FileJob:
     ) -> JobSummary:
         if resume and not self.resumable and not restart:
             raise ConfigError("a Parquet file cannot be resumed: use .npy or .jsonl output")
+        if resume and not all(source.rereadable for source in self.sources):
+            raise ConfigError(
+                f"cannot resume: input {self.sources[0].name!r} is read once as it streams (a "
+                "pipe or standard input); save it to a file to make the job resumable"
+            )
+        if self.format == "lance" and self.settings.long_mode == "chunks":
+            raise ConfigError(
+                "LanceDB output holds one row per record: use --long pool or truncate"
+            )
         for role, path in (("output", self.output_path), ("errors file", self.errors)):
             if not path.parent.is_dir():  # found now, not at the first failure hours in
                 raise ConfigError(
                     f"the {role}'s folder {str(path.parent)!r} is missing or not a folder"
                 )
-        # Every input is found before any file is created, even a lock, and none may be one of
-        # the files the job writes.
-        sources = find_sources(self.input_path, format=self.settings.io.input_format)
-        inputs = tuple(source.path for source in sources if source.path is not None)
-        self.files = dataclasses.replace(self.files, inputs=inputs)
-        self.files.check()
+        self.files.check()  # the inputs were found readable by find_sources
         with self.files.locked():
             self.files.check_report()  # a refusal must not write the report it refused
             try:
@@ -276,7 +293,7 @@ class _FileJob:
     ) -> JobSummary:
         earlier = self._load_earlier(strict=resume and not restart)
         self.files.check_owned(earlier)
-        identity = await identify(self.input_path)
+        identity = await identify(self.sources)
         wanted = output_settings(self.settings, self.spec, self.format, self.errors)
         go_on = self._continued(earlier, identity, wanted, restart) if resume else None
         if go_on is None:
@@ -306,7 +323,7 @@ class _FileJob:
         }
         where = {
             "model": self.spec.name,
-            "input": str(self.input_path),
+            "input": ", ".join(source.name for source in self.sources),
             "output": str(self.output_path),
         }
         if self.report.prices_file is not None:
@@ -339,7 +356,7 @@ class _FileJob:
     def _continued(
         self,
         earlier: Manifest | None,
-        identity: InputIdentity,
+        identity: tuple[InputIdentity, ...],
         wanted: dict[str, Any],
         restart: bool,
     ) -> Manifest | None:
@@ -440,12 +457,13 @@ class _FileJob:
         """The output: new beside the earlier run's, or (``done``) reopened after its last
         checkpoint."""
         path, ids = self.output_path, self.files.ids
-        if done is None:
+        if done is None and self.format != "lance":  # a table is upserted in place
             path, ids = staged_path(path), staged_path(ids) if ids is not None else None
         return open_writer(
             path,
             format=self.format,
             dims=self.spec.output_dimensions(self.settings.dimensions),
+            keep_fields=self.settings.io.keep_fields,
             dtype=self.settings.io.dtype,
             fsync=self.resumable,
             resume=Committed(done.rows, done.lengths) if done is not None else None,
@@ -465,7 +483,8 @@ class _FileJob:
         """Embed the records after the first ``skip`` into ``writer``, record by whole record."""
         summary = self.summary
         ids, carry = _Ids(), _Carry(self.settings.long_mode == "chunks")
-        records = itertools.islice(_records(self.input_path, self.settings), skip, None)
+        keep = self.format == "lance"
+        records = itertools.islice(_records(self.sources, self.settings, keep), skip, None)
         stream = embed_stream(
             ids.feed(records),
             model=self.spec.name,
@@ -496,9 +515,11 @@ class _FileJob:
         # taken now (by an error's cleanup) would make a resume write these rows twice.
         self.writing = True
         where = ids.take(batch)
-        self.summary.failed += errors.write(batch, where)
+        self.summary.failed += errors.write(batch, where, with_source=self.several)
         placed = dataclasses.replace(batch, positions=batch.positions + offset)
-        writer.write([record_id for record_id, _ in where], placed)
+        places = [(r.source, r.line) for r in where] if self.several else None
+        kept = [r.kept or () for r in where] if self.format == "lance" else None
+        writer.write([r.id for r in where], placed, places=places, kept=kept)
         self.summary.rows += len(batch)
         self.summary.records = offset + int(batch.positions[-1]) + 1
         self.writing = False
@@ -562,12 +583,20 @@ class _Checkpoints:
         return summary.stats.requests > 0 and summary.rows > summary.failed
 
 
-def _records(input_path: str | Path, settings: Settings) -> Iterator[Record]:
+def _records(sources: Sequence[Source], settings: Settings, keep: bool) -> Iterator[Record]:
+    """The records of ``sources``, with the fields to keep when the output keeps them."""
     io = settings.io
-    return read_records(
-        input_path,
-        format=io.input_format,
+    return read_sources(
+        sources,
         id_field=io.id_field,
         text_field=io.text_field,
         image_field=io.image_field,
+        keep_fields=io.keep_fields if keep else (),
     )
+
+
+def _output_format(output_path: str | Path, settings: Settings) -> str:
+    """The output's format: the one set, else LanceDB when a table is named, else the suffix's."""
+    if settings.io.output_format is None and settings.io.table:
+        return "lance"
+    return format_of(output_path, settings.io.output_format)

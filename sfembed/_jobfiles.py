@@ -58,6 +58,7 @@ class JobFiles:
     manifest: Path
     cache: Path | None
     report: Path | None = None  # the run report, if one is asked for
+    table: bool = False  # the output is a LanceDB table: a folder, upserted in place
 
     @classmethod
     def of(
@@ -76,6 +77,7 @@ class JobFiles:
             errors=errors,
             manifest=manifest_path_for(out),
             cache=cache,
+            table=output_format == "lance",
         )
 
     def written(self) -> dict[str, Path]:
@@ -115,7 +117,8 @@ class JobFiles:
                         "choose another --out, --errors or --cache"
                     )
         for role, path in written.items():
-            _check_kind(role, path)
+            if not (self.table and path == self.output):  # a table is a folder
+                _check_kind(role, path)
 
     def check_owned(self, earlier: Manifest | None) -> None:
         """Raise ConfigError when an errors file exists that the earlier run of this output

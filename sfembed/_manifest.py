@@ -2,18 +2,20 @@
 
 A job writes ``<out>.manifest.json`` beside its output and rewrites it at every checkpoint::
 
-    {"format": "sfembed-manifest", "version": 1, "complete": false,
-     "input": {"path": "/data/docs.jsonl", "size": 10485760, "mtime_ns": ..., "sha256": "..."},
+    {"format": "sfembed-manifest", "version": 2, "complete": false,
+     "input": [{"path": "/data/docs.jsonl", "size": 10485760, "mtime_ns": ..., "sha256": "..."}],
      "settings": {"model": "BAAI/bge-m3", "dimensions": null, "encoding_format": "base64", ...},
      "checkpoint": {"records": 81920, "rows": 81920, "failed": 3,
                     "lengths": {"output": 335544448, "ids": 2457600, "errors": 311}}}
 
-``checkpoint`` says that the first ``records`` input records are done: their ``rows`` rows and
-``failed`` errors-file entries are held by the first ``lengths[role]`` bytes of each file, and
-those bytes reached the disk before the manifest did. A manifest is replaced atomically (written
-to a temporary file, synced, renamed over the old one, and the folder synced), so a crash leaves
-either the old checkpoint or the new one, never a mix. Whatever a file holds past its committed
-length is a torn write, and a resumed job cuts it off.
+``input`` holds one identity per source the job reads, in reading order (a job over a folder of
+shards records each shard). ``checkpoint`` says that the first ``records`` input records are
+done: their ``rows`` rows and ``failed`` errors-file entries are held by the first
+``lengths[role]`` bytes of each file, and those bytes reached the disk before the manifest did.
+A manifest is replaced atomically (written to a temporary file, synced, renamed over the old
+one, and the folder synced), so a crash leaves either the old checkpoint or the new one, never a
+mix. Whatever a file holds past its committed length is a torn write, and a resumed job cuts it
+off.
 
 ``settings`` holds the options that change the output (model, dimensions, encoding, long-text
 handling, fields, formats) and the errors file's path. The API key is never part of it.
@@ -25,7 +27,7 @@ import asyncio
 import dataclasses
 import hashlib
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,7 @@ import orjson
 from ._config import Settings
 from ._exceptions import ConfigError
 from ._models import ModelSpec
+from ._sources import Source
 
 __all__ = [
     "Checkpoint",
@@ -50,14 +53,16 @@ __all__ = [
 ]
 
 _FORMAT = "sfembed-manifest"
-_VERSION = 1
+_VERSION = 2
+_READABLE_VERSIONS = (1, 2)  # version 1 held one input identity, not a list
 _HASH_PIECE = 1 << 20  # bytes hashed per read
 
 
 @dataclass(frozen=True, slots=True)
 class InputIdentity:
     """An input file as it was when the job read it: absolute path, size in bytes, modification
-    time in nanoseconds, and the SHA-256 of its bytes."""
+    time in nanoseconds, and the SHA-256 of its bytes. An input read once as it streams
+    (standard input, a pipe) has its name, size and time 0 and no digest: it cannot be resumed."""
 
     path: str
     size: int
@@ -79,9 +84,9 @@ class Checkpoint:
 
 @dataclass(frozen=True, slots=True)
 class Manifest:
-    """A job's input, its output-changing settings, its last checkpoint, and whether it ended."""
+    """A job's inputs, its output-changing settings, its last checkpoint, and whether it ended."""
 
-    input: InputIdentity
+    input: tuple[InputIdentity, ...]
     settings: Mapping[str, Any]
     checkpoint: Checkpoint
     complete: bool = False
@@ -116,13 +121,24 @@ def output_settings(
     }
 
 
-async def identify(path: str | Path) -> InputIdentity:
-    """The identity of the file at ``path``; its bytes are hashed on a worker thread (SHA-256
-    runs at about 1.4 GB/s here). Raises ConfigError when it cannot be read."""
-    try:
-        return await asyncio.to_thread(_identify, Path(path))
-    except OSError as error:
-        raise ConfigError(f"cannot read input {str(path)!r}: {error.strerror or error}") from None
+async def identify(inputs: str | Path | Sequence[Source]) -> tuple[InputIdentity, ...]:
+    """The identity of each input, a path or the sources of ``find_sources``; their bytes are
+    hashed on a worker thread (SHA-256 runs at about 1.4 GB/s here). A source read once as it
+    streams is not read here. Raises ConfigError when a file cannot be read."""
+    sources = [inputs] if isinstance(inputs, str | Path) else list(inputs)
+    identities = []
+    for source in sources:
+        if isinstance(source, Source) and not source.rereadable:
+            identities.append(InputIdentity(source.name, 0, 0, ""))
+            continue
+        path = Path(source.name if isinstance(source, Source) else source)
+        try:
+            identities.append(await asyncio.to_thread(_identify, path))
+        except OSError as error:
+            raise ConfigError(
+                f"cannot read input {str(path)!r}: {error.strerror or error}"
+            ) from None
+    return tuple(identities)
 
 
 def _identify(path: Path) -> InputIdentity:
@@ -139,17 +155,24 @@ def _identify(path: Path) -> InputIdentity:
     )
 
 
-def check_resumable(manifest: Manifest, settings: Mapping[str, Any], input: InputIdentity) -> None:
+def check_resumable(
+    manifest: Manifest, settings: Mapping[str, Any], inputs: Sequence[InputIdentity]
+) -> None:
     """Raise ConfigError naming the first setting or input property that differs between the
     manifest's run and this one."""
     for key in sorted(set(manifest.settings) | set(settings)):
         was, now = manifest.settings.get(key), settings.get(key)
         if was != now:
             raise ConfigError(_refusal(f"setting {key} was {was!r}, now {now!r}"))
-    for name in ("path", "size", "mtime_ns", "sha256"):
-        was, now = getattr(manifest.input, name), getattr(input, name)
-        if was != now:
-            raise ConfigError(_refusal(f"the input's {name} was {was!r}, now {now!r}"))
+    if len(manifest.input) != len(inputs):
+        was_n, now_n = len(manifest.input), len(inputs)
+        raise ConfigError(_refusal(f"the job read {was_n} input(s), now {now_n}"))
+    for earlier, current in zip(manifest.input, inputs, strict=True):
+        for name in ("path", "size", "mtime_ns", "sha256"):
+            was, now = getattr(earlier, name), getattr(current, name)
+            if was != now:
+                which = f"input {earlier.path!r}" if len(inputs) > 1 else "the input"
+                raise ConfigError(_refusal(f"{which}'s {name} was {was!r}, now {now!r}"))
 
 
 def _refusal(difference: str) -> str:
@@ -172,11 +195,12 @@ def load_manifest(path: Path) -> Manifest | None:
 
 
 def _from_json(value: dict[str, Any]) -> Manifest:
-    if value.get("format") != _FORMAT or value.get("version") != _VERSION:
+    if value.get("format") != _FORMAT or value.get("version") not in _READABLE_VERSIONS:
         raise ValueError(f"format {value.get('format')!r} version {value.get('version')!r}")
     checkpoint = value["checkpoint"]
+    inputs = value["input"] if value["version"] > 1 else [value["input"]]
     return Manifest(
-        input=InputIdentity(**value["input"]),
+        input=tuple(InputIdentity(**identity) for identity in inputs),
         settings=value["settings"],
         checkpoint=Checkpoint(
             records=int(checkpoint["records"]),

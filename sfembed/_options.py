@@ -104,6 +104,24 @@ OPTIONS: tuple[Option, ...] = (
         OUTPUT_FORMATS,
     ),
     Option(
+        "--table",
+        "io.table",
+        str,
+        "NAME",
+        "LanceDB output: the table to upsert into, when --out names the database folder "
+        "(default: the NAME of --out NAME.lance)",
+        "output",
+    ),
+    Option(
+        "--keep-fields",
+        "io.keep_fields",
+        str,
+        "NAMES",
+        "LanceDB output: input fields to carry over beside each vector, comma-separated, as "
+        "title,url (default: none)",
+        "output",
+    ),
+    Option(
         "--dtype",
         "io.dtype",
         str,

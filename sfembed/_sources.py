@@ -36,14 +36,24 @@ from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
 from types import ModuleType
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 import orjson
 
 from ._exceptions import ConfigError
 from ._request import IMAGE_SUFFIXES
 
-__all__ = ["FORMATS", "STDIN", "Record", "Source", "find_sources", "read_records", "read_sources"]
+__all__ = [
+    "FORMATS",
+    "STDIN",
+    "Place",
+    "Record",
+    "Source",
+    "count_lines",
+    "find_sources",
+    "read_records",
+    "read_sources",
+]
 
 log = logging.getLogger("sfembed")
 
@@ -86,7 +96,9 @@ class Record:
     know it. ``item`` is the text, or ``{"image": value}`` for the multimodal model, or ``None``
     when the record is unusable, and then ``error`` says why. ``line`` is 1-based: the line (JSONL,
     TXT, TSV), the first line of the CSV record, the element of a JSON array or the Parquet row.
-    ``source`` names the input it came from (a path, or ``-`` for standard input).
+    ``source`` names the input it came from (a path, or ``-`` for standard input). ``kept``
+    holds the values of the fields ``keep_fields`` names (``None`` for a missing one), or is
+    ``None`` when none are asked for or the record could not be parsed.
     """
 
     id: str | None
@@ -94,6 +106,17 @@ class Record:
     line: int
     error: str | None = None
     source: str = ""
+    kept: tuple[object, ...] | None = None
+
+
+class Place(NamedTuple):
+    """Where a record stands, and what an output keeps of it, once its text is on its way: its
+    id, line, source and kept fields (see :class:`Record`)."""
+
+    id: str | None
+    line: int
+    source: str
+    kept: tuple[object, ...] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +144,7 @@ class _Fields:
     image: str | None
     prefix: str  # of ids made from line numbers: "" for one source, "<source>:" for several
     source: str
+    keep: tuple[str, ...] = ()
 
 
 # --- finding the sources ----------------------------------------------------------------------
@@ -264,6 +288,18 @@ def _format_from_name(path: Path) -> str:
     return kind
 
 
+def count_lines(sources: Sequence[Source]) -> int | None:
+    """The lines of the sources, for a progress bar's total; None when one cannot be counted
+    without reading it twice or decompressing it (a pipe, a compressed file, Parquet)."""
+    if not all(s.rereadable and s.compression is None and s.format != "parquet" for s in sources):
+        return None
+    total = 0
+    for source in sources:
+        with open(source.name, "rb") as handle:
+            total += sum(piece.count(b"\n") for piece in iter(lambda: handle.read(_BUFFER), b""))
+    return total
+
+
 # --- reading ----------------------------------------------------------------------------------
 
 
@@ -274,6 +310,7 @@ def read_records(
     id_field: str = "id",
     text_field: str = "text",
     image_field: str | None = None,
+    keep_fields: Sequence[str] = (),
     max_line_bytes: int = 16 * 2**20,
 ) -> Iterator[Record]:
     """Stream the records of ``inputs`` (see ``find_sources``), one per input line (or CSV record,
@@ -284,7 +321,8 @@ def read_records(
     1,000 lines; for a JSON array, the whole file); a longer one becomes an error record. With
     ``image_field``, a record whose image field is present and non-empty gives ``{"image": value}``,
     any other its text; an image value that is a local path (relative to the working directory)
-    must be readable, or the record is unusable.
+    must be readable, or the record is unusable. ``keep_fields`` names fields whose values each
+    record carries in ``kept`` (for an output that keeps them beside the vector).
 
     Raises ConfigError at once (not on first iteration) as ``find_sources`` does, and for a file
     that is a CSV/TSV or Parquet without the text column, or Parquet without pyarrow installed;
@@ -296,6 +334,7 @@ def read_records(
         id_field=id_field,
         text_field=text_field,
         image_field=image_field,
+        keep_fields=keep_fields,
         max_line_bytes=max_line_bytes,
     )
 
@@ -306,14 +345,18 @@ def read_sources(
     id_field: str = "id",
     text_field: str = "text",
     image_field: str | None = None,
+    keep_fields: Sequence[str] = (),
     max_line_bytes: int = 16 * 2**20,
 ) -> Iterator[Record]:
     """The records of ``sources`` (from ``find_sources``), as ``read_records``."""
     if max_line_bytes < 1:
         raise ConfigError(f"max_line_bytes must be at least 1, not {max_line_bytes}")
     several = len(sources) > 1
+    keep = tuple(keep_fields)
     fields = [
-        _Fields(id_field, text_field, image_field or None, f"{s.name}:" if several else "", s.name)
+        _Fields(
+            id_field, text_field, image_field or None, f"{s.name}:" if several else "", s.name, keep
+        )
         for s in sources
     ]
     for source, named in zip(sources, fields, strict=True):
@@ -533,12 +576,13 @@ def _from_value(value: object, line: int, fields: _Fields, raw: bytes | None = N
     ident = value.get(fields.id)
     if type(ident) is not str or not ident:
         ident = _ident(ident, line, fields, raw)
+    kept = tuple(value.get(name) for name in fields.keep) if fields.keep else None
     if fields.image is not None and _has_image(value.get(fields.image)):
-        return _image_record(ident, value[fields.image], line, fields)
+        return _image_record(ident, value[fields.image], line, fields, kept)
     text = value.get(fields.text, _MISSING)
     if type(text) is str and text and not text.isspace() and "\x00" not in text:
-        return Record(ident, text, line, None, fields.source)
-    return Record(ident, None, line, _text_problem(text, fields), fields.source)
+        return Record(ident, text, line, None, fields.source, kept)
+    return Record(ident, None, line, _text_problem(text, fields), fields.source, kept)
 
 
 def _has_image(image: object) -> bool:
@@ -573,14 +617,16 @@ def _text_problem(text: object, fields: _Fields) -> str:
     return f"NUL byte at character {text.index(chr(0))} of text field {name}"
 
 
-def _image_record(ident: str, image: object, line: int, fields: _Fields) -> Record:
+def _image_record(
+    ident: str, image: object, line: int, fields: _Fields, kept: tuple[object, ...] | None
+) -> Record:
     if not isinstance(image, str):
         why = f"image field {fields.image!r} is {_kind(image)}, not a string"
-        return Record(ident, None, line, why, fields.source)
+        return Record(ident, None, line, why, fields.source, kept)
     problem = _image_problem(image)
     if problem:
-        return Record(ident, None, line, problem, fields.source)
-    return Record(ident, {"image": image}, line, None, fields.source)
+        return Record(ident, None, line, problem, fields.source, kept)
+    return Record(ident, {"image": image}, line, None, fields.source, kept)
 
 
 def _image_problem(image: str) -> str | None:
@@ -875,7 +921,10 @@ def _parquet_columns(source: Source, fields: _Fields) -> list[str]:
     except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
         raise ConfigError(f"cannot read Parquet file {source.name!r}: {exc}") from None
     _check_columns(names, fields)
-    wanted = (fields.id, fields.text, fields.image)
+    missing = [name for name in fields.keep if name not in names]
+    if missing:
+        raise ConfigError(f"{source.name!r} has no column {missing[0]!r} to keep")
+    wanted = (fields.id, fields.text, fields.image, *fields.keep)
     return [name for name in dict.fromkeys(wanted) if name and name in names]
 
 

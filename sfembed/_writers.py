@@ -63,11 +63,11 @@ __all__ = [
 ]
 
 #: Output formats, by the name ``open_writer`` takes.
-FORMATS = ("npy", "jsonl", "parquet")
+FORMATS = ("npy", "jsonl", "parquet", "lance")
 #: Element types of ``.npy`` output.
 DTYPES = ("float32", "float16")
 
-_SUFFIXES = {".npy": "npy", ".jsonl": "jsonl", ".parquet": "parquet"}
+_SUFFIXES = {".npy": "npy", ".jsonl": "jsonl", ".parquet": "parquet", ".lance": "lance"}
 _NPY_HEADER_BYTES = 128  # whole header, magic included; a multiple of 64 keeps the data aligned
 _NPY_PREAMBLE_BYTES = 10  # magic (6), version (2), header length (2) of format 1.0
 
@@ -87,8 +87,17 @@ class Writer(Protocol):
 
     rows: int  # rows written so far
 
-    def write(self, ids: Sequence[str | None], batch: EmbeddedBatch) -> None:
-        """Append ``batch``; ``ids[i]`` is the record id of its row i."""
+    def write(
+        self,
+        ids: Sequence[str | None],
+        batch: EmbeddedBatch,
+        *,
+        places: Sequence[tuple[str, int]] | None = None,
+        kept: Sequence[tuple[object, ...]] | None = None,
+    ) -> None:
+        """Append ``batch``; ``ids[i]`` is the record id of its row i, ``places[i]`` its
+        (source, line) when a job reads several sources, ``kept[i]`` the input fields an output
+        carries over (LanceDB)."""
 
     def close(self) -> None:
         """Finalise the file; idempotent."""
@@ -116,6 +125,8 @@ def open_writer(
     fsync: bool = False,
     resume: Committed | None = None,
     ids_path: Path | None = None,
+    table: str = "",
+    keep_fields: Sequence[str] = (),
 ) -> Writer:
     """Open ``path`` for rows of ``dims`` floats, in ``format`` or the one its suffix names.
 
@@ -125,6 +136,9 @@ def open_writer(
     sidecar elsewhere than ``ids_path_for(path)``. Raises ConfigError for an unknown format
     or suffix, a bad ``dims`` or ``dtype``, a missing pyarrow (Parquet), a Parquet ``resume``, a
     file that does not hold what ``resume`` says, or a path that cannot be opened for writing.
+    LanceDB output (``lance``) is the table ``path`` names, or ``table`` in the folder it names,
+    with the input fields ``keep_fields`` carried over; a resume writes into it again (rows are
+    upserted by id).
     """
     name = _format_of(Path(path), format)
     if dtype != "float32" and name != "npy":
@@ -138,6 +152,12 @@ def open_writer(
             )
         if name == "jsonl":
             return JsonlWriter(path, dims=dims, fsync=fsync, resume=resume)
+        if name == "lance":
+            from ._lance import LanceWriter  # lancedb is imported only when it is used
+
+            writer = LanceWriter(path, dims=dims, table=table or None, keep_fields=keep_fields)
+            writer.rows = resume.rows if resume is not None else 0
+            return writer
         return ParquetWriter(path, dims=dims)
     except OSError as error:
         raise ConfigError(f"cannot write {os.fspath(path)!r}: {error.strerror or error}") from error
@@ -221,15 +241,24 @@ class _BaseWriter:
         # Close on errors too: the rows written so far are complete and worth keeping.
         self.close()
 
-    def write(self, ids: Sequence[str | None], batch: EmbeddedBatch) -> None:
-        """Append ``batch``; ``ids[i]`` is the record id of its row i.
+    def write(
+        self,
+        ids: Sequence[str | None],
+        batch: EmbeddedBatch,
+        *,
+        places: Sequence[tuple[str, int]] | None = None,
+        kept: Sequence[tuple[object, ...]] | None = None,
+    ) -> None:
+        """Append ``batch``; ``ids[i]`` is the record id of its row i, ``places[i]`` its
+        (source, line) in a job over several sources (the ``.npy`` sidecar names them); ``kept``
+        is for outputs that carry input fields over, and these do not.
 
         Raises ValueError when the writer is closed, the rows are not (n, dims), ``ids`` does not
         match them, or the batch's mode (chunks or not) differs from earlier batches'.
         """
         self._check(ids, batch)
         if len(batch):
-            self._append(ids, batch)
+            self._append(ids, batch, places)
             self.rows += len(batch)
 
     def close(self) -> None:
@@ -238,7 +267,12 @@ class _BaseWriter:
             self.closed = True
             self._finish()
 
-    def _append(self, ids: Sequence[str | None], batch: EmbeddedBatch) -> None:
+    def _append(
+        self,
+        ids: Sequence[str | None],
+        batch: EmbeddedBatch,
+        places: Sequence[tuple[str, int]] | None,
+    ) -> None:
         raise NotImplementedError
 
     def _finish(self) -> None:
@@ -350,9 +384,16 @@ class NpyWriter(_BaseWriter):
             return open(self.ids_path, "wb")
         return reopen_at(self.ids_path, resume.lengths.get("ids", -1))
 
-    def write(self, ids: Sequence[str | None], batch: EmbeddedBatch) -> None:
+    def write(
+        self,
+        ids: Sequence[str | None],
+        batch: EmbeddedBatch,
+        *,
+        places: Sequence[tuple[str, int]] | None = None,
+        kept: Sequence[tuple[object, ...]] | None = None,
+    ) -> None:
         """Append ``batch`` (see ``_BaseWriter.write``), committing every ``flush_rows`` rows."""
-        super().write(ids, batch)
+        super().write(ids, batch, places=places)
         if self.rows - self._committed >= self._flush_rows:
             self.flush()
 
@@ -365,10 +406,15 @@ class NpyWriter(_BaseWriter):
             raise ValueError(f"flush of closed writer of {str(self.path)!r}")
         self._commit()
 
-    def _append(self, ids: Sequence[str | None], batch: EmbeddedBatch) -> None:
+    def _append(
+        self,
+        ids: Sequence[str | None],
+        batch: EmbeddedBatch,
+        places: Sequence[tuple[str, int]] | None,
+    ) -> None:
         rows = np.ascontiguousarray(batch.embeddings, dtype=self.dtype)
         self._data.write(rows.data.cast("B"))
-        _write_sidecar(self._ids, self.rows, ids, batch)
+        _write_sidecar(self._ids, self.rows, ids, batch, places)
 
     def commit(self) -> Committed:
         """Commit (see :meth:`flush`) and say what is durable. Raises as :meth:`flush`."""
@@ -412,25 +458,29 @@ class NpyWriter(_BaseWriter):
 
 
 def _write_sidecar(
-    file: IO[bytes], first: int, ids: Sequence[str | None], batch: EmbeddedBatch
+    file: IO[bytes],
+    first: int,
+    ids: Sequence[str | None],
+    batch: EmbeddedBatch,
+    places: Sequence[tuple[str, int]] | None = None,
 ) -> None:
-    """Write the sidecar lines of ``batch``, whose first row is row ``first`` of the output."""
+    """Write the sidecar lines of ``batch``, whose first row is row ``first`` of the output;
+    with ``places``, each line names its record's source and line."""
     rows = range(first, first + len(ids))
     meta = _chunk_meta(batch)
+    lines: list[dict[str, object]]
     if meta is None:
-        lines: list[dict[str, object]] = [
-            {"row": row, "id": id_} for row, id_ in zip(rows, ids, strict=True)
-        ]
-        _write_json_lines(file, lines)
-        return
-    columns = zip(rows, ids, batch.positions.tolist(), *meta, strict=True)
-    _write_json_lines(
-        file,
-        [
+        lines = [{"row": row, "id": id_} for row, id_ in zip(rows, ids, strict=True)]
+    else:
+        columns = zip(rows, ids, batch.positions.tolist(), *meta, strict=True)
+        lines = [
             {"row": row, "id": id_, "position": position, "chunk": number, "span": span}
             for row, id_, position, number, span in columns
-        ],
-    )
+        ]
+    if places is not None:
+        for line, (source, number) in zip(lines, places, strict=True):
+            line["source"], line["line"] = source, number
+    _write_json_lines(file, lines)
 
 
 def _write_json_lines(file: IO[bytes], objects: Sequence[dict[str, object]]) -> None:
@@ -487,7 +537,12 @@ class JsonlWriter(_BaseWriter):
         self.flush()
         return Committed(self.rows, {"output": self._file.tell()})
 
-    def _append(self, ids: Sequence[str | None], batch: EmbeddedBatch) -> None:
+    def _append(
+        self,
+        ids: Sequence[str | None],
+        batch: EmbeddedBatch,
+        places: Sequence[tuple[str, int]] | None,
+    ) -> None:
         rows = np.ascontiguousarray(batch.embeddings, dtype=np.float32)
         failed = _failed_rows(rows).tolist()
         meta = _chunk_meta(batch)
@@ -556,7 +611,12 @@ class ParquetWriter(_BaseWriter):
             raise ValueError(f"flush of closed writer of {str(self.path)!r}")
         self._write_group()
 
-    def _append(self, ids: Sequence[str | None], batch: EmbeddedBatch) -> None:
+    def _append(
+        self,
+        ids: Sequence[str | None],
+        batch: EmbeddedBatch,
+        places: Sequence[tuple[str, int]] | None,
+    ) -> None:
         # A copy: the pooled rows outlive this call and the caller may reuse its buffer.
         rows = np.array(batch.embeddings, dtype=np.float32, order="C", copy=True)
         record = self._record(ids, batch, rows)

@@ -1,0 +1,142 @@
+"""The LanceDB sink, for real on a temporary folder (LanceDB is embedded: no server to start).
+
+A job upserts by id: after two nightly runs over a folder of shards (the second with 2% of the
+texts changed and one shard added) the table holds exactly one row per id, with the new texts'
+vectors, and the second run sends only the changed and new texts (the cache has the rest).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import lancedb
+import numpy as np
+import pytest
+from test_resume import M3, MakeServer, job, settings_for
+from test_shards import PER_SHARD, shard_lines, write_shard
+
+from sfembed import ConfigError, IOSettings
+from sfembed._lance import LanceWriter
+from sfembed._types import EmbeddedBatch, Failure
+from sfembed.testing import LocalServer, expected_embedding
+
+DIMS = 4
+
+
+def batch(first: int, count: int, *, failed: tuple[int, ...] = ()) -> EmbeddedBatch:
+    rows = np.arange(first * DIMS, (first + count) * DIMS, dtype=np.float32).reshape(count, DIMS)
+    for position in failed:
+        rows[position - first] = np.nan
+    failures = tuple(Failure(position, f"refused {position}") for position in failed)
+    return EmbeddedBatch(np.arange(first, first + count), rows, failures=failures)
+
+
+def table_rows(folder: Path, name: str = "vectors") -> dict[str, dict[str, Any]]:
+    rows = lancedb.connect(folder).open_table(name).to_arrow().to_pylist()
+    by_id = {row["id"]: row for row in rows}
+    assert len(by_id) == len(rows), "one row per id"
+    return by_id
+
+
+def test_rows_are_upserted_by_id_with_errors_and_kept_fields(tmp_path: Path) -> None:
+    path = tmp_path / "vectors.lance"
+    with LanceWriter(path, dims=DIMS, keep_fields=("title",), group_rows=2) as writer:
+        ids = ["a", "b", "c", None]
+        writer.write(ids, batch(0, 4, failed=(2,)), kept=[("A",), (7,), (None,), ("x",)])
+        writer.write(["a"], batch(4, 1), kept=[("A again",)])  # a later row of an id wins
+    rows = table_rows(tmp_path)
+    assert sorted(rows) == ["a", "b", "c"]  # no row without an id
+    assert rows["a"]["title"] == "A again"
+    assert rows["a"]["vector"] == [16.0, 17.0, 18.0, 19.0]
+    assert rows["b"]["title"] == "7"  # kept as text (its JSON)
+    assert (rows["c"]["vector"], rows["c"]["error"]) == (None, "refused 2")
+    assert rows["b"]["error"] is None
+
+    with LanceWriter(path, dims=DIMS, keep_fields=("title",)) as writer:
+        writer.write(["b", "d"], batch(10, 2), kept=[("B",), ("D",)])
+    rows = table_rows(tmp_path)
+    assert sorted(rows) == ["a", "b", "c", "d"]
+    assert (rows["b"]["title"], rows["b"]["vector"]) == ("B", [40.0, 41.0, 42.0, 43.0])
+
+
+def test_a_failed_row_never_replaces_an_earlier_vector(tmp_path: Path) -> None:
+    with LanceWriter(tmp_path / "vectors.lance", dims=DIMS) as writer:
+        writer.write(["a", "b"], batch(0, 2, failed=(1,)))
+    with LanceWriter(tmp_path / "vectors.lance", dims=DIMS) as writer:
+        writer.write(["a", "b"], batch(5, 2, failed=(5,)))  # a fails now, b is embedded now
+    rows = table_rows(tmp_path)
+    assert (rows["a"]["vector"], rows["a"]["error"]) == ([0.0, 1.0, 2.0, 3.0], None)
+    assert (rows["b"]["vector"], rows["b"]["error"]) == ([24.0, 25.0, 26.0, 27.0], None)
+
+
+def test_a_table_of_another_shape_is_refused_and_left_alone(tmp_path: Path) -> None:
+    with LanceWriter(tmp_path / "vectors.lance", dims=DIMS) as writer:
+        writer.write(["a"], batch(0, 1))
+    with pytest.raises(ConfigError, match=r"vectors of 4 dims; this job writes id, vector \(8"):
+        LanceWriter(tmp_path / "vectors.lance", dims=8)
+    with pytest.raises(ConfigError, match="has columns id, vector, error"):
+        LanceWriter(tmp_path, table="vectors", dims=DIMS, keep_fields=("url",))
+    with pytest.raises(ConfigError, match="cannot carry id"):
+        LanceWriter(tmp_path / "other.lance", dims=DIMS, keep_fields=("id",))
+    with pytest.raises(ConfigError, match=r"name a table as NAME\.lance"):
+        LanceWriter(tmp_path / "vectors.npy", dims=DIMS)
+    assert len(table_rows(tmp_path)) == 1
+
+
+async def nightly(server: LocalServer, folder: Path, out: Path, **io: Any) -> Any:
+    settings = settings_for(server, M3)
+    options = IOSettings(checkpoint_rows=50, keep_fields=("title",), **io)
+    return await job(server, folder, out, dataclasses.replace(settings, io=options))
+
+
+async def test_two_nightly_runs_keep_one_row_per_id_and_send_only_what_changed(
+    make_server: MakeServer, tmp_path: Path
+) -> None:
+    server, reference = await make_server(), await make_server()
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    for shard in range(4):
+        write_shard(folder, shard, shard_lines(shard))
+    out = tmp_path / "db" / "vectors.lance"
+    await nightly(server, folder, out)
+    first = table_rows(out.parent)
+    assert len(first) == 4 * PER_SHARD - 1  # the malformed line of shard 2 has no id
+
+    # The next night: 2% of the texts edited (one in 50) and a fifth shard.
+    for shard in range(4):
+        write_shard(folder, shard, shard_lines(shard, edit=50))
+    write_shard(folder, 4, shard_lines(4))
+    before = server.stats.tokens_accepted
+    summary = await nightly(server, folder, out)
+    assert summary.records == 5 * PER_SHARD
+    rows = table_rows(out.parent)
+    assert len(rows) == 5 * PER_SHARD - 1
+    edited = "shard 1 document 0 about rivers and winter libraries (edited)"
+    np.testing.assert_allclose(rows["s1-0"]["vector"], expected_embedding(M3, edited), atol=1e-6)
+    assert rows["s4-3"]["title"] == "T3"
+
+    # Sent: the edited texts and the new shard, nothing else (the same run without the cache
+    # over just those texts is charged exactly as much).
+    changed = tmp_path / "changed"
+    changed.mkdir()
+    lines = [line for shard in range(4) for line in shard_lines(shard, edit=50)[::50]]
+    write_shard(changed, 0, [line for line in lines if b"(edited)" in line])
+    write_shard(changed, 1, shard_lines(4))
+    await job(reference, changed, tmp_path / "ref" / "out.npy", settings_for(reference, M3))
+    assert server.stats.tokens_accepted - before == reference.stats.tokens_accepted > 0
+
+
+async def test_a_folder_and_table_name_and_chunks_mode_refused(
+    server: LocalServer, tmp_path: Path
+) -> None:
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    write_shard(folder, 0, shard_lines(0, 5))
+    await nightly(server, folder, tmp_path / "db", table="docs")
+    assert len(table_rows(tmp_path / "db", "docs")) == 5
+    assert (tmp_path / "db" / "docs.lance.manifest.json").exists()
+    settings = dataclasses.replace(settings_for(server, M3), long_mode="chunks")
+    with pytest.raises(ConfigError, match="one row per record"):
+        await job(server, folder, tmp_path / "db" / "docs.lance", settings)
