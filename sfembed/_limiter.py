@@ -9,7 +9,12 @@ shared limiter keeps it in Redis, for many processes on one quota).
 FIFO-fair, driven by timers on a clock. Two rules must both allow a request before it is admitted:
 
 * a sliding log of admissions (time, tokens) never holds more than the effective limit within any
-  ``window_s`` seconds: this is the hard guarantee, whatever the pace does;
+  ``window_s`` seconds: this is the hard guarantee, whatever the pace does. The server counts a
+  request from its arrival, which lies between our admission and its answer, by a latency that
+  varies (a busy event loop sends late). So an answered request stays in the log until a window
+  after its answer, and one not yet answered until a window and half the headroom's share of a
+  window after its admission: a request admitted as an old one leaves our window finds it gone
+  from the server's too;
 * a pace (GCRA, virtual scheduling) per resource spreads a window's quota evenly over the window
   and may run at most ``burst_s`` seconds ahead of it, so a job never spends a whole window's
   quota in its first second (a sliding-window server would then reject the rest of the minute).
@@ -27,6 +32,7 @@ import asyncio
 import heapq
 import itertools
 import math
+import os
 from collections import deque
 from collections.abc import Callable
 from typing import Protocol
@@ -53,6 +59,9 @@ _FLOOR = 0.25
 #: At most one cut per this fraction of a window: a burst of 429s answers one overshoot, and
 #: cutting once per response would collapse the pace to the floor at once.
 _CUT_SPACING = 0.1
+#: A fresh process may spend the time it took to start, up to this fraction of a window, out of
+#: the first window's quota (see ``RateLimiter``).
+_STARTUP_SHARE = 0.1
 
 
 class Limiter(Protocol):
@@ -177,12 +186,15 @@ class ManualClock:
 class LocalTicket(Ticket):
     """A ticket of :class:`RateLimiter`; ``admitted_at`` is the limiter's clock time in seconds."""
 
-    __slots__ = ("_limiter", "_live", "admitted_at")
+    __slots__ = ("_expires_at", "_limiter", "_live", "admitted_at")
 
-    def __init__(self, limiter: RateLimiter, id: str, tokens: int, admitted_at: float) -> None:
+    def __init__(
+        self, limiter: RateLimiter, id: str, tokens: int, admitted_at: float, expires_at: float
+    ) -> None:
         super().__init__(id, tokens)
         self._limiter = limiter
-        self._live = True  # still inside the sliding log (admitted less than a window ago)
+        self._live = True  # still inside the sliding log
+        self._expires_at = expires_at  # when it leaves the log
         self.admitted_at = admitted_at
 
     def __repr__(self) -> str:
@@ -198,13 +210,14 @@ class _Pace:
     over one window.
     """
 
-    __slots__ = ("burst_s", "cut_at", "cut_factor", "limit", "tat", "window_s")
+    __slots__ = ("banked", "burst_s", "cut_at", "cut_factor", "limit", "tat", "window_s")
 
     def __init__(self, limit: int, window_s: float, burst_s: float) -> None:
         self.limit = limit
         self.window_s = window_s
         self.burst_s = max(0.0, burst_s)
         self.tat = -math.inf
+        self.banked = False  # tat lags the clock by a start-up credit not yet spent
         self.cut_factor = 1.0
         self.cut_at = -math.inf
 
@@ -227,11 +240,19 @@ class _Pace:
         return self.tat - self.burst_s
 
     def charge(self, cost: int, now: float) -> None:
-        self.tat = max(self.tat, now) + cost / self.rate(now)
+        # Pace not spent while idle is lost (max with now), except the start-up credit.
+        self.tat = (self.tat if self.banked else max(self.tat, now)) + cost / self.rate(now)
+        self.banked = self.banked and self.tat < now
 
     def adjust(self, delta: int, now: float) -> None:
         """Correct an earlier charge by ``delta`` units (negative gives pace back)."""
         self.tat += delta / self.rate(now)
+
+    def start(self, now: float, credit_s: float) -> None:
+        """Let the first admissions run up to ``credit_s`` seconds of pace ahead of ``now``."""
+        if self.tat == -math.inf:
+            self.tat = now - credit_s
+            self.banked = credit_s > 0
 
     def cut(self, now: float) -> None:
         if now - self.cut_at < _CUT_SPACING * self.window_s:
@@ -240,15 +261,15 @@ class _Pace:
         self.cut_at = now
         # Credit banked while idle would let a burst through right after the server said no.
         self.tat = max(self.tat, now)
+        self.banked = False
 
 
 class _Log:
     """The admissions of the last window, oldest first, with running sums of their charges."""
 
-    __slots__ = ("entries", "requests", "tokens", "window_s")
+    __slots__ = ("entries", "requests", "tokens")
 
-    def __init__(self, window_s: float) -> None:
-        self.window_s = window_s
+    def __init__(self) -> None:
         self.entries: deque[LocalTicket] = deque()
         self.tokens = 0
         self.requests = 0
@@ -259,10 +280,11 @@ class _Log:
         self.requests += ticket.requests
 
     def prune(self, now: float) -> None:
-        # ``admitted_at + window_s <= now`` is the very expression ``ready_at`` returns, so an entry
-        # is always gone when the timer set for its expiry fires (no float mismatch).
+        # ``_expires_at`` is the very value ``ready_at`` returns, so an entry is always gone when
+        # the timer set for its expiry fires (no float mismatch). Entries answered out of order
+        # leave with the oldest before them: a little late, never early.
         entries = self.entries
-        while entries and entries[0].admitted_at + self.window_s <= now:
+        while entries and entries[0]._expires_at <= now:
             ticket = entries.popleft()
             ticket._live = False
             self.tokens -= ticket.tokens
@@ -276,11 +298,13 @@ class _Log:
         if extra_tokens <= 0 and extra_requests <= 0:
             return now
         freed_tokens = freed_requests = 0
+        when = now
         for entry in self.entries:
             freed_tokens += entry.tokens
             freed_requests += entry.requests
+            when = max(when, entry._expires_at)
             if freed_tokens >= extra_tokens and freed_requests >= extra_requests:
-                return entry.admitted_at + self.window_s
+                return when
         return math.inf  # unreachable: acquire refuses requests larger than the window
 
 
@@ -299,22 +323,55 @@ def _effective(nominal: int, headroom: float) -> int:
     return max(1, math.floor(nominal * (1.0 - headroom) + 1e-9))
 
 
+def _effective_requests(nominal: int, headroom: float) -> int:
+    # Requests are counted alike by both sides, so headroom guards only against timing, which
+    # the log's edge margin covers; rounding it up to a whole request would cost 10% of an
+    # RPM of 10 (9 per window, not 10).
+    return nominal - math.floor(nominal * headroom + 1e-9)
+
+
+def process_age_s() -> float:
+    """Seconds since this process started (Linux; 0.0 where it cannot be read)."""
+    try:
+        with open("/proc/self/stat", "rb") as stat, open("/proc/uptime", "rb") as uptime:
+            fields = stat.read().rsplit(b")", 1)[1].split()
+            since_boot = float(uptime.read().split()[0])
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: start time, in ticks
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return max(0.0, since_boot - started)
+
+
 class RateLimiter:
     """The local :class:`Limiter`: admits requests of one model under its RPM and TPM, within
     one process (see the module docstring).
 
     ``limits`` gives the nominal limits per ``window_s`` seconds; the effective ones are
-    nominal * (1 - headroom), rounded down. ``clock`` defaults to the running loop's clock.
+    nominal * (1 - headroom), tokens rounded down and requests up. ``clock`` defaults to the
+    running loop's clock.
+
+    ``startup_s`` is how long the process took to start before this limiter was made. A
+    sliding-window server allows a whole window's quota at once, so the pace may run that far
+    ahead at first (at most a tenth of a window, and only when the process is younger than a
+    window): the first window's quota pays for the start-up. Pass :func:`process_age_s` for a
+    job that starts the process.
     """
 
-    def __init__(self, limits: RateLimits, clock: Clock | None = None) -> None:
+    def __init__(
+        self, limits: RateLimits, clock: Clock | None = None, *, startup_s: float = 0.0
+    ) -> None:
         self._clock: Clock = clock if clock is not None else LoopClock()
         self._window_s = limits.window_s
+        self._nominal_tokens = limits.tpm
         self.max_tokens = _effective(limits.tpm, limits.headroom)
-        self.max_requests = _effective(limits.rpm, limits.headroom)
+        self.max_requests = _effective_requests(limits.rpm, limits.headroom)
         self._tpm = _Pace(self.max_tokens, limits.window_s, limits.burst_allowance_s)
         self._rpm = _Pace(self.max_requests, limits.window_s, limits.burst_allowance_s)
-        self._log = _Log(limits.window_s)
+        self._log = _Log()
+        self._unanswered_s = limits.window_s * (1.0 + limits.headroom / 2)
+        fresh = 0.0 <= startup_s < limits.window_s
+        self._startup_s = min(startup_s, _STARTUP_SHARE * limits.window_s) if fresh else 0.0
+        self._last_429_at = -math.inf
         self._queue: deque[_Waiter] = deque()
         self._hold_until = -math.inf
         self._timer: TimerHandle | None = None
@@ -342,11 +399,15 @@ class RateLimiter:
 
     async def acquire(self, tokens: int) -> LocalTicket:
         """Wait, in arrival order, until one request of ``tokens`` tokens may be sent; the ticket
-        is charged from then on. Raises ConfigError if ``tokens`` exceeds the effective TPM of a
-        whole window (it could never pass) and InputError if it is negative. If cancelled, the
-        caller leaves the line (or, if just admitted, its charge is refunded)."""
-        self._check(tokens)
+        is charged from then on. A request over the effective TPM of a window but within the
+        nominal one waits for an empty window and is charged the whole effective window. Raises
+        ConfigError if ``tokens`` exceeds the nominal TPM (it could never pass) and InputError if
+        it is negative. If cancelled, the caller leaves the line (or, if just admitted, its
+        charge is refunded)."""
+        tokens = self._check(tokens)
         now = self._clock.now()
+        self._tpm.start(now, self._startup_s)
+        self._rpm.start(now, self._startup_s)
         self._log.prune(now)
         if not self._queue and self._ready_at(tokens, now) <= now:
             return self._admit(tokens, now)
@@ -363,14 +424,16 @@ class RateLimiter:
             if not admitted:
                 self._abandon(waiter)
 
-    def _check(self, tokens: int) -> None:
+    def _check(self, tokens: int) -> int:
+        """``tokens`` as charged; raises for a request that could never pass."""
         if tokens < 0:
             raise InputError(f"a request cannot have a negative token count ({tokens})")
-        if tokens > self.max_tokens:
+        if tokens > self._nominal_tokens:
             raise ConfigError(
-                f"a request of {tokens} tokens exceeds the effective TPM of {self.max_tokens} "
+                f"a request of {tokens} tokens exceeds the TPM of {self._nominal_tokens} "
                 f"per {self._window_s:g} s window: it could never be admitted"
             )
+        return min(tokens, self.max_tokens)
 
     def _ready_at(self, tokens: int, now: float) -> float:
         """The earliest time (s) a request of ``tokens`` may pass, given the state at ``now``."""
@@ -382,7 +445,7 @@ class RateLimiter:
         )
 
     def _admit(self, tokens: int, now: float) -> LocalTicket:
-        ticket = LocalTicket(self, str(next(self._ids)), tokens, now)
+        ticket = LocalTicket(self, str(next(self._ids)), tokens, now, now + self._unanswered_s)
         self._log.add(ticket)
         self._rpm.charge(1, now)
         self._tpm.charge(tokens, now)
@@ -442,7 +505,11 @@ class RateLimiter:
         if used_tokens < 0:
             raise InputError(f"a response cannot have a negative token count ({used_tokens})")
         if not own.refunded:
+            now = self._clock.now()
+            self._log.prune(now)  # one that has left the window stays out
             self._recharge(own, used_tokens, own.requests)
+            # The server counted it from its arrival, at the latest now.
+            own._expires_at = now + self._window_s
             self._pump()
 
     async def refund(self, ticket: Ticket) -> None:
@@ -479,12 +546,21 @@ class RateLimiter:
         """React to a 429 that came anyway: slow the named pace (``"tpm"`` or ``"rpm"``; None or
         anything else: both) to 0.8 of its current rate (at least 0.25 of the effective limit, at
         most one cut per tenth of a window), which then climbs back linearly to full over one
-        window. With ``retry_after_s`` (seconds), hold every admission until that long from now."""
+        window. With ``retry_after_s`` (seconds), hold every admission until that long from now.
+
+        A 429 alone (none in the window before it) costs no cut: a job that keeps to its own log
+        meets the server's limit only at a window's edge, by a difference of latency or a count
+        that differs a little, and the refused request's charge, kept, already slows the pace by
+        its size. A second within a window means someone else spends the quota too: then the
+        cut, and every further one within a window of the last cuts again."""
         now = self._clock.now()
-        if limit != "rpm":
-            self._tpm.cut(now)
-        if limit != "tpm":
-            self._rpm.cut(now)
+        alone = now - self._last_429_at >= self._window_s
+        self._last_429_at = now
+        if not alone:
+            if limit != "rpm":
+                self._tpm.cut(now)
+            if limit != "tpm":
+                self._rpm.cut(now)
         if retry_after_s is not None and retry_after_s > 0:
             self._hold_until = max(self._hold_until, now + retry_after_s)
         self._pump()

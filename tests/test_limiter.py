@@ -138,7 +138,23 @@ async def test_headroom_lowers_effective_limits() -> None:
     assert limiter.tokens_per_s == pytest.approx(490_000 / 60)
     assert limiter.requests_per_s == pytest.approx(1960 / 60)
     with pytest.raises(ConfigError):
-        await limiter.acquire(490_001)
+        await limiter.acquire(500_001)
+    # Requests are counted alike on both sides: headroom never rounds away a whole one.
+    small = RateLimiter(RateLimits(rpm=10, tpm=1000, headroom=0.02), ManualClock())
+    assert small.max_requests == 10
+
+
+async def test_request_within_the_nominal_window_waits_for_an_empty_one() -> None:
+    # An item that fits the account's TPM but not the headroom-lowered one still goes, alone.
+    clock = ManualClock()
+    limiter = RateLimiter(RateLimits(rpm=100, tpm=1000, window_s=10.0, headroom=0.1), clock)
+    first = await limiter.acquire(300)
+    big = start(limiter.acquire(1000))
+    await run_until(clock, 5.0)
+    assert not big.done()
+    await run_until(clock, 20.0)
+    assert big.result().tokens == limiter.max_tokens == 900
+    assert big.result().admitted_at >= first.admitted_at + 10.0
 
 
 async def test_zero_token_request_still_counts_as_a_request() -> None:
@@ -214,6 +230,51 @@ async def test_steady_state_uses_the_whole_effective_limit(
     assert max(sums) <= limit
     assert min(sums) >= 0.97 * limit, [s / limit for s in sums]
     assert window_sums(admitted, limits.window_s) <= (limiter.max_tokens, limiter.max_requests)
+
+
+async def test_start_up_is_paid_from_the_first_window_within_a_tenth_of_it() -> None:
+    limits = RateLimits(rpm=1000, tpm=1000, window_s=10.0, headroom=0.0, burst_s=0.0)
+    at_once = []
+    for startup_s in (0.0, 0.5, 5.0, 10.0):
+        clock = ManualClock(100.0)
+        limiter = RateLimiter(limits, clock, startup_s=startup_s)
+        tasks = [start(limiter.acquire(10)) for _ in range(50)]
+        await run_until(clock, 100.0)
+        at_once.append(sum(task.done() for task in tasks))
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    # 100 tokens/s: 0.5 s of start-up is 50 tokens ahead; at most a tenth of the window (1 s);
+    # none for a process older than a window (a library user's long-lived one).
+    assert at_once == [1, 6, 11, 1]
+
+
+async def test_log_keeps_an_entry_a_margin_past_the_window() -> None:
+    # The server's arrival times lag our admissions by a latency that varies: an entry stays
+    # half the headroom's share of a window longer than the window.
+    clock = ManualClock()
+    limiter = RateLimiter(RateLimits(rpm=1, tpm=1000, window_s=10.0, headroom=0.1), clock)
+    await limiter.acquire(1)
+    second = start(limiter.acquire(1))
+    await run_until(clock, 10.4)
+    assert not second.done()
+    await run_until(clock, 10.5)
+    assert second.result().admitted_at == 10.5
+
+
+async def test_an_answered_request_stays_a_window_after_its_answer() -> None:
+    # The server counted it at some moment before its answer: a window from the answer is safe
+    # however late the request was really sent.
+    clock = ManualClock()
+    limiter = make(clock, rpm=1, tpm=1000, window_s=10.0)
+    ticket = await limiter.acquire(1)
+    second = start(limiter.acquire(1))
+    await run_until(clock, 0.3)
+    await limiter.settle(ticket, 1)
+    await run_until(clock, 10.2)
+    assert not second.done()
+    await run_until(clock, 10.3)
+    assert second.result().admitted_at == pytest.approx(10.3)
 
 
 class CountingClock(ManualClock):
@@ -347,6 +408,8 @@ async def test_rate_limited_cuts_only_the_named_limit_then_recovers() -> None:
     clock = ManualClock()
     limiter = RateLimiter(RateLimits(), clock)
     tokens, requests = limiter.tokens_per_s, limiter.requests_per_s
+    await limiter.on_rate_limited("tpm")  # the window's first: an edge, no cut
+    assert (limiter.tokens_per_s, limiter.requests_per_s) == (tokens, requests)
     await limiter.on_rate_limited("tpm")
     assert limiter.tokens_per_s == pytest.approx(0.8 * tokens)
     assert limiter.requests_per_s == requests
@@ -356,6 +419,8 @@ async def test_rate_limited_cuts_only_the_named_limit_then_recovers() -> None:
     assert limiter.tokens_per_s == pytest.approx(0.9 * tokens)
     clock.advance(30.0)
     assert limiter.tokens_per_s == tokens
+    await limiter.on_rate_limited("rpm")  # a window after the last 429: alone again
+    assert limiter.requests_per_s == requests
     await limiter.on_rate_limited("rpm")
     assert limiter.tokens_per_s == tokens
     assert limiter.requests_per_s == pytest.approx(0.8 * requests)
@@ -365,6 +430,7 @@ async def test_repeated_429s_cut_step_by_step_down_to_a_floor() -> None:
     clock = ManualClock()
     limiter = RateLimiter(RateLimits(window_s=60.0), clock)
     nominal = limiter.tokens_per_s
+    await limiter.on_rate_limited(None)  # free
     await limiter.on_rate_limited(None)
     clock.advance(6.0)  # one tenth of a window later: climbed to 0.82, cut to 0.656
     await limiter.on_rate_limited(None)
@@ -383,6 +449,7 @@ async def test_tpm_cut_does_not_slow_an_rpm_bound_job_but_rpm_cut_does() -> None
         clock, rng = ManualClock(), random.Random(7)
         limiter = RateLimiter(RateLimits(rpm=300, tpm=1_000_000, burst_s=0.0), clock)
         if kind is not None:
+            await limiter.on_rate_limited(kind)  # free
             await limiter.on_rate_limited(kind)
         size = functools.partial(rng.randint, 100, 500)
         admitted = await saturate(limiter, clock, size, 8, 30.0)
@@ -517,6 +584,7 @@ async def test_loop_clock_smoke() -> None:
     assert [t.admitted_at for t in tickets] == sorted(t.admitted_at for t in tickets)
     assert window_sums(list(tickets), limits.window_s)[1] <= 5
     await limiter.settle(tickets[-1], 10)
+    await limiter.on_rate_limited("rpm")  # free
     await limiter.on_rate_limited("rpm")
     assert limiter.requests_per_s < 5 / 0.05
     assert limiter.queued == 0
