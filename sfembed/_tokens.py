@@ -4,8 +4,8 @@
   ``sfembed/data/tokenizers``; see NOTICE.md there) or a user's ``tokenizer.json``.
 * :class:`CharClassEstimator` needs nothing but numpy: it prices runs of character classes and
   over-counts rather than under-counts (at most 5% under on natural text, for every family).
-* :func:`upper_bound` is a strict bound from the UTF-8 length: a text whose bound fits a limit
-  needs no counting at all.
+* :func:`upper_bound` is a strict bound from the text's length (characters, or UTF-8 bytes for
+  byte-level tokenizers): a text whose bound fits a limit needs no counting at all.
 * :class:`Calibration` turns the server's ``usage`` into the factor by which local counts are
   scaled before the rate limiter is charged.
 
@@ -535,23 +535,31 @@ def upper_bound(text: str, spec: ModelSpec) -> int:
       such as U+0958 become two code points), so the bytes are counted after NFC.
     * WordPiece (``bert-*``): each token is at least one character of a word, or one [UNK] for
       a whole word; whitespace gives none. The normaliser (clean-up, NFD with accents removed,
-      lower case) never yields more characters than the text has UTF-8 bytes: a character
-      that decomposes into k kept characters (Hangul: 3 jamo) takes at least k bytes.
-    * Unigram with a Metaspace prefix (``xlmr``) and unknown tokenizers: each token holds at
-      least one character of the NFKC-normalised text, plus possibly one lone prefix "▁". NFKC
-      can expand one character a lot (U+FDFA becomes 18), so the bound is the larger of the
-      text's and its NFKC form's UTF-8 length, plus one.
+      lower case) never yields more characters than the lower-cased NFD form has (Hangul
+      syllables become 2-3 jamo, "İ" becomes two characters), so that length bounds it.
+    * Unigram with a Metaspace prefix (``xlmr``): no byte fallback, so each token holds at least
+      one code point of the text fully decomposed (a composed letter such as "ϊ" may come out
+      as two tokens; a space becomes the "▁" of the next word), plus possibly one lone prefix
+      "▁". NFKD can expand one character a lot (U+FDFA becomes 18), so the bound is the larger
+      of the text's and its NFKD form's length, plus one.
+    * unknown tokenizers (a user's file may be byte-level): the larger of the text's and its
+      NFC and NFKC forms' UTF-8 length, plus one.
+
+    Counting characters, not bytes, where the family allows it keeps the bound near the text's
+    length for Chinese (3 UTF-8 bytes a character), so that most texts are proved short.
     """
-    encoded = len(text.encode("utf-8", "surrogatepass"))
     family = spec.tokenizer
+    if text.isascii():  # NFC, NFD and NFKC leave ASCII as it is; lower case keeps its length
+        prefix = 0 if family in ("qwen3", "qwen3-vl", "bert-en", "bert-zh") else 1
+        return len(text) + prefix + spec.special_tokens
     if family in ("bert-en", "bert-zh"):
-        return encoded + spec.special_tokens
-    if text.isascii():  # NFC and NFKC leave ASCII as it is
-        return encoded + (0 if family in ("qwen3", "qwen3-vl") else 1) + spec.special_tokens
+        return len(unicodedata.normalize("NFD", text).lower()) + spec.special_tokens
+    if family == "xlmr":
+        return max(len(text), len(unicodedata.normalize("NFKD", text))) + 1 + spec.special_tokens
     if family in ("qwen3", "qwen3-vl"):
         return _utf8_len(unicodedata.normalize("NFC", text)) + spec.special_tokens
     nfc, nfkc = (_utf8_len(unicodedata.normalize(form, text)) for form in ("NFC", "NFKC"))
-    return max(encoded, nfc, nfkc) + 1 + spec.special_tokens
+    return max(_utf8_len(text), nfc, nfkc) + 1 + spec.special_tokens
 
 
 def _utf8_len(text: str) -> int:
