@@ -1,6 +1,7 @@
 """Does `sfembed embed`, as a user runs it, finish at the speed of the quota? Four account profiles.
 
     python benchmarks/bench_pacing.py [--profile tpm,rpm,faults,large] [--repeat 1] [--workdir DIR]
+    python benchmarks/bench_pacing.py --cpu [--cpu-counts 20000,100000] [--no-cache]
 
 Each profile runs the local server in a process of its own, shaped like the provider: a sliding
 6 s window, an answer in 30 ms + 5 ms per 1,000 tokens, and a token count of its own (about 14%
@@ -26,6 +27,11 @@ Profiles:
 * ``rpm``: 4,000 tiny documents, BAAI/bge-large-en-v1.5, 10 RPM per 6 s window;
 * ``faults``: ``tpm`` plus 3% 503, 1% 504, 1% connection resets and 0.5% answers stalled for 30 s;
 * ``large``: 12,000 documents of the ``tpm`` mix on 600,000 TPM and 2,000 RPM per 6 s window.
+
+With ``--cpu`` it measures instead the client CPU of the same command (defaults: cache on,
+progress on; bge-m3, 1024-d base64) on unique short texts (~24 tokens) against a server with
+no limits and no latency: the marginal CPU between the two job sizes, per million documents, so
+that start-up (imports, the interpreter) is left out.
 """
 
 from __future__ import annotations
@@ -76,6 +82,8 @@ class Profile:
     bound: str  # "tpm" or "rpm": which limit the ideal time is computed from
     tiny: bool = False
     faults: dict[str, float] = field(default_factory=dict)
+    latency: bool = True
+    options: tuple[str, ...] = ()
 
 
 PROFILES = {
@@ -110,6 +118,9 @@ def documents(profile: Profile) -> list[str]:
     rng = random.Random(11)
     if profile.tiny:
         return [f"item {i}: {rng.choice(_WORDS)}" for i in range(profile.documents)]
+    if profile.name.startswith("cpu"):
+        count = profile.documents
+        return [f"record {i} on {' '.join(rng.choices(_WORDS, k=18))}." for i in range(count)]
     return [mixed_text(rng) for _ in range(profile.documents)]
 
 
@@ -131,16 +142,18 @@ def run_profile(profile: Profile, texts: list[str], workdir: Path) -> Run:
     with open(source, "w", encoding="utf-8") as out:
         for i, text in enumerate(texts):
             out.write(json.dumps({"id": f"d{i}", "text": text}, ensure_ascii=False) + "\n")
-    faults = testing.Faults(
-        latency_s=LATENCY_S, latency_per_1k_tokens_s=LATENCY_PER_1K_S, **profile.faults
+    latency = {"latency_s": LATENCY_S, "latency_per_1k_tokens_s": LATENCY_PER_1K_S}
+    faults = testing.Faults(**(latency if profile.latency else {}), **profile.faults)
+    limits = testing.ModelLimits(rpm=profile.rpm, tpm=profile.tpm) if profile.latency else None
+    config = testing.ServerConfig(
+        window_s=WINDOW_S, default_limits=limits or testing.ModelLimits(), faults=faults
     )
-    limits = testing.ModelLimits(rpm=profile.rpm, tpm=profile.tpm)
-    config = testing.ServerConfig(window_s=WINDOW_S, default_limits=limits, faults=faults)
     with server_process(config) as (url, box):
         command = [
             *(sys.executable, "-m", "sfembed", "embed", str(source)),
             *("--out", str(workdir / "out.npy"), "--base-url", url, "--model", profile.model),
             *("--rpm", str(profile.rpm), "--tpm", str(profile.tpm), "--window-s", str(WINDOW_S)),
+            *profile.options,
         ]
         env = {**os.environ, "SILICONFLOW_API_KEY": KEY}
         with open(workdir / "stdout.txt", "wb") as out, open(workdir / "stderr.txt", "wb") as err:
@@ -208,12 +221,37 @@ def summarise(profile: Profile, run: Run) -> dict[str, str]:
     }
 
 
+def cpu_marginal(counts: list[int], options: tuple[str, ...], workdir: Path) -> None:
+    """Client CPU of the command per million documents, from the difference of two job sizes."""
+    runs = []
+    for count in counts:
+        profile = Profile(
+            f"cpu{count}", "BAAI/bge-m3", count, rpm=10**9, tpm=10**12, bound="tpm",
+            latency=False, options=options,
+        )  # fmt: skip
+        run = run_profile(profile, documents(profile), workdir / f"cpu{count}")
+        runs.append((count, run))
+        print(f"{count:,} documents: CPU {run.cpu_s:.1f} s, wall {run.wall_s:.1f} s, "
+              f"peak RSS {run.peak_rss_mb:.0f} MB, rows wrong {run.rows_wrong}, "
+              f"exit {run.exit_code}", flush=True)  # fmt: skip
+    (small, first), (large, last) = runs[0], runs[-1]
+    per_million = (last.cpu_s - first.cpu_s) / (large - small) * 1_000_000
+    print(f"marginal client CPU: {per_million:.1f} s per million documents ({' '.join(options)})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", default="tpm,rpm,faults,large", help="comma-separated")
     parser.add_argument("--repeat", type=int, default=1, help="runs per profile")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/sfembed-bench-pacing"))
+    parser.add_argument("--cpu", action="store_true", help="measure the marginal client CPU")
+    parser.add_argument("--cpu-counts", default="20000,100000", help="two job sizes for --cpu")
+    parser.add_argument("--no-cache", action="store_true", help="--cpu: run with --no-cache")
     args = parser.parse_args()
+    if args.cpu:
+        counts = [int(count) for count in args.cpu_counts.split(",")]
+        cpu_marginal(counts, ("--no-cache",) if args.no_cache else (), args.workdir)
+        return
     results: list[tuple[str, dict[str, str]]] = []
     for name in args.profile.split(","):
         profile = PROFILES[name]

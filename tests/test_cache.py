@@ -229,7 +229,27 @@ async def test_two_caches_share_one_file(tmp_path: Path) -> None:
     keys = _keys(3)
     async with EmbeddingCache(path) as writer, EmbeddingCache(path) as reader:
         await writer.store(MODEL, DIMS, keys, _rows(3))
+        assert await reader.lookup(MODEL, DIMS, keys) == {}  # gathered, not yet written
+        await writer.flush()
         assert len(await reader.lookup(MODEL, DIMS, keys)) == 3
+
+
+async def test_rows_are_written_once_write_rows_are_gathered(tmp_path: Path) -> None:
+    path = tmp_path / "cache.sqlite"
+    keys, rows = _keys(10), _rows(10)
+    async with EmbeddingCache(path, write_rows=4) as writer, EmbeddingCache(path) as reader:
+        await writer.store(MODEL, DIMS, keys[:3], rows[:3])
+        assert await reader.lookup(MODEL, DIMS, keys) == {}
+        assert len(await writer.lookup(MODEL, DIMS, keys)) == 3  # its own gathered rows
+        await writer.store(MODEL, DIMS, keys[3:5], rows[3:5])  # 5 >= 4: written together
+        found = await reader.lookup(MODEL, DIMS, keys)
+        assert sorted(found) == sorted(keys[:5])
+        assert all(np.array_equal(found[k], r) for k, r in zip(keys[:5], rows, strict=False))
+        await writer.store(MODEL, DIMS, keys[5:], rows[5:])
+    async with EmbeddingCache(path) as reopened:
+        assert len(await reopened.lookup(MODEL, DIMS, keys)) == 10
+    with pytest.raises(ConfigError, match="write_rows"):
+        EmbeddingCache(path, write_rows=0)
 
 
 def _file_bytes(path: Path) -> bytes:
@@ -244,6 +264,7 @@ async def test_the_file_holds_no_text(tmp_path: Path) -> None:
     rows = _rows(50)
     async with EmbeddingCache(path) as cache:
         await cache.store(MODEL, DIMS, cache.keys(texts), rows)
+        await cache.flush()
         assert len(await cache.lookup(MODEL, DIMS, cache.keys(texts))) == 50
         while_open = _file_bytes(path)
     after_close = _file_bytes(path)
