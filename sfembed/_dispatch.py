@@ -36,7 +36,7 @@ from ._retry import (
     stopping_error,
 )
 from ._streams import EndOfStream, ReceiveStream
-from ._tokens import Calibration
+from ._tokens import Calibration, upper_bound
 from ._types import Chunk, EmbeddingResult, InputItem, JobStats, Ticket
 
 __all__ = ["Dispatch", "PacedSender"]
@@ -307,9 +307,15 @@ class Dispatch:
             self._fail(request[0], rows, reason)
 
     def _near_limit(self, chunk: Chunk) -> bool:
-        """True for a text over half the per-item limit, which halving can bring under it."""
+        """True for a text over half the per-item limit, which halving can bring under it, and
+        for one intake sent whole by its estimate alone, which its strict bound does not prove
+        short (see ``Splitter``): both depend on the text alone."""
+        if not isinstance(chunk.item, str):
+            return False
         known = chunk.weight or chunk.tokens  # the exact count when we have one
-        return isinstance(chunk.item, str) and known * 2 > self.limit
+        return known * 2 > self.limit or (
+            not chunk.weight and upper_bound(chunk.item, self.sender.spec) > self.limit
+        )
 
     def _fail(self, chunk: Chunk, rows: RowWriter, reason: str) -> None:
         rows.fail(chunk, reason)

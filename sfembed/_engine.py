@@ -37,7 +37,7 @@ from ._dedup import Dedup
 from ._delivery import Delivery
 from ._dispatch import Dispatch, PacedSender
 from ._intake import Input, Intake, Splitter
-from ._limiter import Limiter, RateLimiter
+from ._limiter import Limiter, RateLimiter, process_age_s
 from ._packer import packer_for
 from ._quota import SharedLimiter
 from ._reorder import ReorderBuffer
@@ -237,7 +237,9 @@ class Engine:
             scope=scope(spec.name, client.endpoint),  # whose vectors these are
             truncating=settings.long_mode == "truncate",
         )
-        sender = PacedSender(settings, spec, client, limiter or RateLimiter(settings.rate), stats)
+        # A fresh process may pay its start-up from the first window's quota (see RateLimiter).
+        limiter = limiter or RateLimiter(settings.rate, startup_s=process_age_s())
+        sender = PacedSender(settings, spec, client, limiter, stats)
         self.dispatch = Dispatch(
             settings,
             sender,

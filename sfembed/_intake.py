@@ -1,8 +1,10 @@
 """The first stage: records -> counted, split, packed requests.
 
 Records are read in blocks. Each block's tokens are estimated in one call (every request is
-charged by the estimator, so one calibration holds for all), and the few texts that might be over
-the model's per-item limit are counted exactly, off the event loop. A text over the limit is cut
+charged by the estimator, so one calibration holds for all), and the few texts that can really be
+over the model's per-item limit are counted exactly, off the event loop and off the way of the
+others: the rest of the block is packed and sent at once, while the exact tokenizer loads (up to
+seconds, the first time) and counts. A text over the limit is cut
 at token boundaries into pieces (:class:`Splitter`); its row is reserved in the reorder ring and
 pooled back when its last piece is answered (``pool``), or each piece has a row (``chunks``). The
 chunks pass the dedup stage and are packed into requests, which go to dispatch through a bounded
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from asyncio import TaskGroup
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
 from itertools import islice
 
@@ -40,6 +43,13 @@ __all__ = ["BLOCK", "Input", "Intake", "Splitter"]
 
 BLOCK = 512  # records counted per tokenizer call: large enough to amortise, small to stream
 _IMAGE_TOKENS = 1024  # charged for an image before the server's count corrects it
+#: A text is counted exactly only when its estimate is over this share of the limit (and its
+#: strict bound over the limit): the estimator is never more than 5% under on natural text,
+#: so such a text fits with room to spare, and one that does not is halved when refused.
+_SURE_SHARE = 0.75
+#: A block of more characters than this is estimated off the event loop (a 10 MB text took
+#: seconds of it).
+_ESTIMATE_OFF_LOOP = 1 << 20
 
 Input = str | dict[str, str] | Unusable
 Offsets = Sequence[Span]
@@ -58,44 +68,52 @@ class Splitter:
         self.exact = exact  # False in truncate mode: the server cuts, nothing is counted exactly
         family = FAMILIES.get(spec.tokenizer or "")
         self.estimator = CharClassEstimator(spec.special_tokens, family=family)
-        self._counter: TokenCounter | None = None
+        self._counter: asyncio.Future[TokenCounter] | None = None
 
-    async def measure(self, block: Sequence[Input]) -> tuple[list[str], list[int], dict[int, int]]:
-        """The texts of a block, their estimated tokens, and exact counts (by index) of those
-        that might be over the limit."""
+    async def measure(self, block: Sequence[Input]) -> tuple[list[str], list[int], list[int]]:
+        """The texts of a block, their estimated tokens, and the indices of those that can
+        really be over the limit, to count exactly (:meth:`exact_counts`)."""
         texts = [_text_of(item) for item in block]
-        estimates = iter(self.estimator.count([t for t in texts if t]))
+        present = [text for text in texts if text]
+        if sum(map(len, present)) > _ESTIMATE_OFF_LOOP:
+            loop = asyncio.get_running_loop()
+            counted = await loop.run_in_executor(None, self.estimator.count, present)
+        else:
+            counted = self.estimator.count(present)
+        estimates = iter(counted)
         tokens = [
             next(estimates) if text else _IMAGE_TOKENS if _is_image(item) else 0
             for item, text in zip(block, texts, strict=True)
         ]
-        return texts, tokens, await self._exact_counts(texts)
+        return texts, tokens, self._doubtful(texts, tokens)
 
-    async def _exact_counts(self, texts: Sequence[str]) -> dict[int, int]:
-        """A strict upper bound (UTF-8 bytes plus special tokens) proves most texts fit, so they
-        are never tokenized; the rest are counted in one batch off the event loop. A text that
-        is not valid Unicode (a lone surrogate) is not counted: no tokenizer takes it, and it
-        goes whole, for the client to refuse it alone."""
+    def _doubtful(self, texts: Sequence[str], tokens: Sequence[int]) -> list[int]:
+        """A strict upper bound (from the text's length) proves most texts fit, and an estimate
+        well under the limit the rest but a few: those are counted exactly. A text is thus cut,
+        or sent whole, by what it is alone. A text that is not valid Unicode (a lone surrogate)
+        is not counted: no tokenizer takes it, and it goes whole, for the client to refuse it
+        alone."""
         if not self.exact:
-            return {}
-        doubtful = [
+            return []
+        sure = _SURE_SHARE * self.limit
+        return [
             i
             for i, text in enumerate(texts)
-            if upper_bound(text, self.spec) > self.limit and _encodable(text)
+            if tokens[i] > sure and upper_bound(text, self.spec) > self.limit and _encodable(text)
         ]
-        if not doubtful:
-            return {}
-        counts = await count_async(await self.counter(), [texts[i] for i in doubtful])
-        return dict(zip(doubtful, counts, strict=True))
+
+    async def exact_counts(self, texts: Sequence[str]) -> list[int]:
+        """Exact counts of ``texts``, in one batch off the event loop."""
+        return await count_async(await self.counter(), texts)
 
     async def counter(self) -> TokenCounter:
-        """The exact counter, loaded off the event loop the first time a text may be too long:
-        loading takes up to a second and, for XLM-R, some 280 MB that a job of short texts
-        never needs."""
+        """The exact counter, loaded once, off the event loop, the first time a text may be too
+        long: loading takes seconds and, for XLM-R, some 300 MB that a job of short texts never
+        needs. Callers that come while it loads wait for the same load."""
         if self._counter is None:
             loop = asyncio.get_running_loop()
-            self._counter = await loop.run_in_executor(None, counter_for, self.spec)
-        return self._counter
+            self._counter = loop.run_in_executor(None, counter_for, self.spec)
+        return await asyncio.shield(self._counter)
 
     def fits(self, problem: str | None, exact: int | None) -> bool:
         """True when the record goes whole: unusable, proved short by its upper bound (``exact``
@@ -165,17 +183,32 @@ class Intake:
     async def run(self, inputs: Iterable[Input] | AsyncIterable[Input]) -> None:
         """Read every input into requests; the request stream and the row writer are closed
         however this ends, which ends dispatch once it has sent what is buffered."""
-        with self._requests, self._rows:
-            position = 0
-            async for block in _blocks(inputs, BLOCK):
-                texts, tokens, exact = await self.splitter.measure(block)
-                if self.chunks_mode:
-                    await self._chunk_rows(position, block, texts, tokens, exact)
-                else:
-                    await self._record_rows(position, block, texts, tokens, exact)
-                position += len(block)
-                self.stats.records += len(block)
-            await self._send(self.packer.flush())
+        try:
+            with self._requests, self._rows:
+                async with asyncio.TaskGroup() as group:
+                    await self._read(inputs, group)
+                # The long records of the last blocks may still have been counting.
+                await self._send(list(self.packer.flush()))
+        except BaseExceptionGroup as group:  # a long record's task failed: its error, unwrapped
+            raise group.exceptions[0] from None
+
+    async def _read(self, inputs: Iterable[Input] | AsyncIterable[Input], group: TaskGroup) -> None:
+        position = 0
+        async for block in _blocks(inputs, BLOCK):
+            texts, tokens, doubtful = await self.splitter.measure(block)
+            if self.chunks_mode:
+                exact = await self._exact(texts, doubtful)
+                await self._chunk_rows(position, block, texts, tokens, exact)
+            else:
+                await self._record_rows(position, block, texts, tokens, doubtful, group)
+            position += len(block)
+            self.stats.records += len(block)
+
+    async def _exact(self, texts: Sequence[str], doubtful: list[int]) -> dict[int, int]:
+        if not doubtful:
+            return {}
+        counts = await self.splitter.exact_counts([texts[i] for i in doubtful])
+        return dict(zip(doubtful, counts, strict=True))
 
     async def _record_rows(
         self,
@@ -183,19 +216,36 @@ class Intake:
         block: Sequence[Input],
         texts: Sequence[str],
         tokens: Sequence[int],
-        exact: dict[int, int],
+        doubtful: list[int],
+        group: TaskGroup,
     ) -> None:
         """One row per record (``pool``, ``truncate``): the block's rows are reserved at once and
-        its chunks built without an await per record (but an over-long one), the hot path."""
+        its chunks built without an await per record, the hot path. Records to count exactly
+        are left to a task of their own, so that they hold up nothing but their own rows."""
         unit = await self._reserve(len(block))
+        later = set(doubtful)
         chunks: list[Chunk] = []
         for i, (item, text) in enumerate(zip(block, texts, strict=True)):
-            record = self._record(unit + i, first + i, item, text, tokens[i], exact.get(i))
+            if i not in later:
+                chunks.extend(self._record(unit + i, first + i, item, text, tokens[i], None) or [])
+        await self._pack(chunks)
+        if doubtful:
+            long = _Long(unit, first, [block[i] for i in doubtful], doubtful)
+            group.create_task(self._long_rows(long, [texts[i] for i in doubtful], tokens))
+
+    async def _long_rows(self, long: _Long, texts: list[str], tokens: Sequence[int]) -> None:
+        """The records of a block that may be over the limit: counted exactly, then sent whole
+        or cut into pieces pooled back into their row."""
+        counts = await self.splitter.exact_counts(texts)
+        chunks: list[Chunk] = []
+        for i, item, text, count in zip(long.indices, long.items, texts, counts, strict=True):
+            unit, position = long.unit + i, long.first + i
+            record = self._record(unit, position, item, text, tokens[i], count)
             if record is None:  # over the limit: pieces pooled back into the one row
                 offsets, spans = await self.splitter.cuts(text)
-                self._rows.expect_parts(unit + i, len(spans) - 1)
+                self._rows.expect_parts(unit, len(spans) - 1)
                 record = [
-                    self.splitter.piece(unit + i, first + i, number, text, offsets, span)
+                    self.splitter.piece(unit, position, number, text, offsets, span)
                     for number, span in enumerate(spans)
                 ]
             chunks.extend(record)
@@ -250,17 +300,30 @@ class Intake:
     async def _reserve(self, units: int) -> int:
         # Send the open request before waiting for room: the oldest unfinished row may be in it.
         if not self._rows.has_room(units):
-            await self._send(self.packer.flush())
+            await self._send(list(self.packer.flush()))
         return await self._rows.reserve(units)
 
     async def _pack(self, chunks: list[Chunk]) -> None:
-        """Pack the chunks the dedup stage lets through; send the requests they fill."""
-        await self._send(self.packer.add(await self.dedup.admit(chunks, self._rows)))
+        """Pack the chunks the dedup stage lets through; send the requests they fill. Packing
+        is done before the first await, as long records' tasks pack too."""
+        admitted = await self.dedup.admit(chunks, self._rows)
+        await self._send(list(self.packer.add(admitted)))
 
     async def _send(self, packed: Iterable[list[Chunk]]) -> None:
         for request in packed:
             self.stats.chunks += len(request)
             await self._requests.send(request)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Long:
+    """The records of a block left to count exactly: row of the block's first record, its
+    position, the records and their indices in the block."""
+
+    unit: int
+    first: int
+    items: list[Input]
+    indices: list[int]
 
 
 def _describe(rows: RowWriter, unit: int, position: int, number: int, span: Span) -> None:

@@ -444,11 +444,14 @@ class RateLimiter:
             self._log.ready_at(tokens, self.max_tokens, self.max_requests, now),
         )
 
-    def _admit(self, tokens: int, now: float) -> LocalTicket:
+    def _admit(self, tokens: int, now: float, late_s: float = 0.0) -> LocalTicket:
+        """Admit a request at ``now``, by a timer that fired ``late_s`` seconds late."""
         ticket = LocalTicket(self, str(next(self._ids)), tokens, now, now + self._unanswered_s)
         self._log.add(ticket)
-        self._rpm.charge(1, now)
-        self._tpm.charge(tokens, now)
+        # The pace goes on from when the timer was due: a busy event loop's lateness is then not
+        # quota lost for good (the log still holds every window to the limit).
+        self._rpm.charge(1, now - late_s)
+        self._tpm.charge(tokens, now - late_s)
         return ticket
 
     def _abandon(self, waiter: _Waiter) -> None:
@@ -463,8 +466,9 @@ class RateLimiter:
 
     # -- the one timer -----------------------------------------------------------------------
 
-    def _pump(self) -> None:
-        """Admit waiters from the head while they fit, then arm one timer for the next one."""
+    def _pump(self, late_s: float = 0.0) -> None:
+        """Admit waiters from the head while they fit, then arm one timer for the next one;
+        ``late_s``: how late the timer that calls it fired."""
         now = self._clock.now()
         self._log.prune(now)
         while self._queue:
@@ -476,7 +480,7 @@ class RateLimiter:
             self._queue.popleft()
             head.queued = False
             if not head.future.done():  # done: cancelled, its task has not cleaned up yet
-                head.future.set_result(self._admit(head.tokens, now))
+                head.future.set_result(self._admit(head.tokens, now, late_s))
         self._disarm()
 
     def _arm(self, when: float) -> None:
@@ -493,7 +497,7 @@ class RateLimiter:
 
     def _on_timer(self) -> None:
         self._timer = None
-        self._pump()
+        self._pump(late_s=max(0.0, self._clock.now() - self._timer_at))
 
     # -- after the response ------------------------------------------------------------------
 

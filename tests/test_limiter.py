@@ -277,6 +277,29 @@ async def test_an_answered_request_stays_a_window_after_its_answer() -> None:
     assert second.result().admitted_at == pytest.approx(10.3)
 
 
+class LateClock(ManualClock):
+    """A ManualClock whose timers fire ``lag_s`` late, as a busy event loop's do."""
+
+    def __init__(self, lag_s: float) -> None:
+        super().__init__()
+        self.lag_s = lag_s
+
+    def call_at(self, when: float, callback: Callable[[], object]) -> TimerHandle:
+        return super().call_at(when + self.lag_s, callback)
+
+
+async def test_late_timers_cost_no_quota() -> None:
+    # Timers 0.2 s late with no burst allowance: the pace goes on from where each waiter was
+    # due, so a saturated job still gets the whole rate, and never more than a window allows.
+    clock = LateClock(0.2)
+    limits = RateLimits(rpm=10_000, tpm=6000, window_s=6.0, headroom=0.0, burst_s=0.0)
+    limiter = RateLimiter(limits, clock)
+    admitted = await saturate(limiter, clock, lambda: 100, workers=8, until=60.0)
+    sums = per_window(admitted, limits.window_s, 10, tokens=True)
+    assert min(sums[1:]) >= 0.95 * 6000, sums
+    assert window_sums(admitted, limits.window_s)[0] <= 6000
+
+
 class CountingClock(ManualClock):
     """A ManualClock that counts the callbacks scheduled and neither fired nor cancelled."""
 
