@@ -187,8 +187,9 @@ class Intake:
             with self._requests, self._rows:
                 async with asyncio.TaskGroup() as group:
                     await self._read(inputs, group)
-                # The long records of the last blocks may still have been counting.
-                await self._send(list(self.packer.flush()))
+                    # The last request goes now, not after the long records still counting.
+                    await self._send(list(self.packer.flush()))
+                await self._send(list(self.packer.flush()))  # what those records left open
         except BaseExceptionGroup as group:  # a long record's task failed: its error, unwrapped
             raise group.exceptions[0] from None
 

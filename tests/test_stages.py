@@ -209,3 +209,52 @@ async def test_a_running_job_names_its_stage_tasks() -> None:
                 assert names.count("sfembed:dispatch") == 2
                 break
         assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("sfembed:")]
+
+
+async def test_intake_sends_short_records_while_the_exact_tokenizer_loads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The load is held until the server has answered a request: short records of the same
+    # block must not wait behind it.
+    import threading
+
+    from sfembed import _intake, embed
+    from sfembed.testing import expected_embedding
+
+    release = threading.Event()
+    real = _intake.counter_for
+
+    def held_load(spec: object) -> object:
+        release.wait(45)  # under the test's timeout: a job stuck behind it then fails below
+        return real(spec)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_intake, "counter_for", held_load)
+    short = [f"short record {i}" for i in range(20)]
+    long = "river mountain winter library " * 2000  # 60,000 characters: cut in pieces
+    async with LocalServer() as server:
+        settings = load_settings(base_url=server.url, rate=RateLimits(rpm=10**6, tpm=10**9))
+        async with EmbeddingClient(api_key="sk-local-test", base_url=server.url) as client:
+            job = asyncio.create_task(
+                embed([*short, long], model=M3, settings=settings, client=client)
+            )
+            while server.stats.by_status[200] == 0 and not job.done():
+                await asyncio.sleep(0.01)
+            answered_before_load = server.stats.by_status[200]
+            held_throughout = not job.done()  # done only once the load gave up waiting
+            release.set()
+            rows = await job
+    assert answered_before_load >= 1 and held_throughout
+    for row, text in zip(rows, short, strict=False):
+        assert np.array_equal(row, expected_embedding(M3, text))
+    assert np.isfinite(rows[-1]).all()
+
+
+def test_only_a_text_that_can_really_be_over_the_limit_is_counted_exactly() -> None:
+    splitter = Splitter(SPEC, overlap_tokens=0, exact=True)
+    chinese = "中文" * 3000  # 18,000 UTF-8 bytes, 6,000 characters: proved short by its length
+    english = "the river " * 1000  # 10,000 characters, about 2,000 tokens: short by estimate
+    long = "the river " * 8000  # about 16,000 tokens
+    texts = [chinese, english, long]
+    tokens = splitter.estimator.count(texts)
+    assert splitter._doubtful(texts, tokens) == [2]
+    assert Splitter(SPEC, overlap_tokens=0, exact=False)._doubtful(texts, tokens) == []
