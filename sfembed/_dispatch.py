@@ -8,6 +8,10 @@ packer's item cap and bisects, a 400 sends near-limit texts alone (halved if ref
 bisects the rest, an item the client refuses fails alone. Rows and failures are settled in the
 delivery stage's ring through each worker's :class:`RowWriter`.
 
+An answer far slower than the usual ones (a stalled request) is given up on early and sent again,
+paced like any retry: rows leave in order, so one stalled answer holds up every row after it until
+the read timeout (30 s by default) would end it.
+
 A stop starts nothing new: workers waiting for work, the limiter or a backoff are cancelled,
 and a worker with a request out finishes it (a retry or a split after the stop is not sent).
 """
@@ -17,6 +21,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import statistics
+import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
@@ -54,10 +61,31 @@ _FATAL = (
 #: A server count under 1/8 of the local estimate is not a count: the estimator is never that far
 #: over (an image, charged 1,024 before the server counts it, is the furthest case).
 _TRUSTED_UNDERCOUNT = 8
+#: A request not answered within this many times the median of recent answers' times ...
+_STALL_FACTOR = 10.0
+#: ... and at least this long (s), once this many answers are known, is sent again.
+_STALL_MIN_S = 1.0
+_STALL_SAMPLES = 8
 
 
 class _Stopped(Exception):
     """A request not started because the job was told to stop."""
+
+
+class _StallClock:
+    """How long answers take (the last 64), and how long is too long to wait for one."""
+
+    def __init__(self, read_s: float) -> None:
+        self.read_s = read_s
+        self.times_s: deque[float] = deque(maxlen=64)
+
+    def deadline_s(self) -> float | None:
+        """Seconds after which an attempt counts as stalled, or None (not enough answers yet,
+        or no shorter than the client's own read timeout)."""
+        if len(self.times_s) < _STALL_SAMPLES:
+            return None
+        limit = max(_STALL_MIN_S, _STALL_FACTOR * statistics.median(self.times_s))
+        return limit if limit < self.read_s else None
 
 
 class PacedSender:
@@ -84,6 +112,7 @@ class PacedSender:
         self._calibrated = asyncio.Event()
         self._probing = False
         self._usage_missing = False  # warned once that answers lack a usable usage
+        self._stalls = _StallClock(settings.timeouts.read_s)
 
     async def send(self, request: list[Chunk]) -> EmbeddingResult:
         """One paced send. The job's first request goes alone: until the server's ``usage`` has
@@ -110,14 +139,26 @@ class PacedSender:
             raise _Stopped
         self.in_flight.add(asyncio.current_task())  # a stop lets this request finish
         self.stats.sending()
+        deadline_s = self._stalls.deadline_s()
+        started = time.monotonic()
         try:
-            result = await self.client.embed(
-                cast(list[InputItem], [chunk.item for chunk in request]),
-                model=self.spec.name,
-                encoding_format="base64" if self.settings.encoding_format == "base64" else "float",
-                dimensions=self.settings.dimensions,
-                truncate=self._truncate(),
-            )
+            async with asyncio.timeout(deadline_s) as deadline:
+                result = await self.client.embed(
+                    cast(list[InputItem], [chunk.item for chunk in request]),
+                    model=self.spec.name,
+                    encoding_format="base64"
+                    if self.settings.encoding_format == "base64"
+                    else "float",
+                    dimensions=self.settings.dimensions,
+                    truncate=self._truncate(),
+                )
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            # The charge stands: the server may have counted the request it never answered.
+            raise exc.APITimeoutError(
+                f"no answer within {deadline_s:g} s, {_STALL_FACTOR:g} times the usual: sent again"
+            ) from None
         except exc.RateLimitError as error:
             self.stats.limited(error.limit)
             wait_s = honoured_wait_s(error, self.settings.retry, quiet=True)
@@ -133,6 +174,7 @@ class PacedSender:
             raise
         finally:
             self.stats.in_flight -= 1
+        self._stalls.times_s.append(time.monotonic() - started)
         await self._account(ticket, local, result)
         return result
 

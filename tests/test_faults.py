@@ -385,3 +385,27 @@ async def test_a_request_cut_off_by_a_restart_during_its_latency_is_no_answer(
     assert server.stats.requests == 1
     assert sum(server.stats.by_status.values()) == 0
     assert injected(server.stats)["dropped"] == 1
+
+
+async def test_a_stalled_answer_is_sent_again_long_before_the_read_timeout(
+    make_server: MakeServer,
+) -> None:
+    # One request in 30 stalls for 20 s (seed 8: the 17th); the read timeout is the default
+    # 30 s. Once answers are known to come in milliseconds, the stalled one is given up on
+    # after ten times their median (at least 1 s) and sent again: a retry, every row right.
+    server = await make_server(faults=Faults(rate_stall=0.05, stall_s=20.0, seed=8))
+    texts = [f"stall test record {i}" for i in range(30)]
+    settings = load_settings(
+        model=M3,
+        base_url=server.url,
+        concurrency=1,
+        batch=BatchLimits(max_items=1),
+        rate=RateLimits(rpm=10**6, tpm=10**9),
+    )
+    stats = JobStats()
+    async with EmbeddingClient(api_key=KEY, base_url=server.url) as client:
+        stream = embed_stream(texts, model=M3, settings=settings, client=client, stats=stats)
+        rows = [batch.embeddings async for batch in stream]
+    assert server.stats.stalls >= 1
+    assert stats.retries >= 1
+    assert_rows(np.concatenate(rows), texts)
