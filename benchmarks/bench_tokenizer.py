@@ -30,13 +30,8 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from sfembed._tokens import (
-    FAMILIES,
-    CharClassEstimator,
-    ExactCounter,
-    bundled_tokenizer,
-    count_async,
-)
+from sfembed._estimator import CharClassEstimator
+from sfembed._tokenizers import FAMILIES, ExactCounter, bundled_tokenizer, count_async
 
 QUOTA_TPS = 10_000_000 / 60
 FAMILY_NAMES = ("qwen3", "xlmr", "bert-en", "bert-zh")

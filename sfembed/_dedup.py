@@ -13,9 +13,9 @@ from typing import Protocol, cast
 
 import numpy as np
 
+from ._bounds import upper_bound
 from ._cache import EmbeddingCache
 from ._models import ModelSpec
-from ._tokens import upper_bound
 from ._types import Chunk, FloatArray, JobStats
 
 __all__ = ["Dedup", "RowSink"]

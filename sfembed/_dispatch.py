@@ -28,6 +28,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 from . import _exceptions as exc
+from ._bounds import upper_bound
+from ._calibration import Calibration
 from ._client import EmbeddingClient
 from ._config import Settings
 from ._dedup import Dedup
@@ -43,7 +45,6 @@ from ._retry import (
     stopping_error,
 )
 from ._streams import EndOfStream, ReceiveStream
-from ._tokens import Calibration, upper_bound
 from ._types import Chunk, EmbeddingResult, InputItem, JobStats, Ticket
 
 __all__ = ["Dispatch", "PacedSender"]

@@ -8,12 +8,14 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ._bounds import may_exceed
 from ._config import Settings
+from ._estimator import CharClassEstimator
 from ._exceptions import ConfigError
 from ._models import ModelSpec
 from ._packer import packer_for
 from ._sources import Record, read_records
-from ._tokens import FAMILIES, CharClassEstimator, counter_for, upper_bound
+from ._tokenizers import FAMILIES, counter_for
 from ._types import Chunk
 
 __all__ = ["DryRun", "dry_run", "price_of"]
@@ -62,8 +64,8 @@ def dry_run(
             tokens, items = _plan(count, spec, settings.long_mode)
             totals[2] += tokens
             totals[3] += items
-            # Intake knows the exact count only of a text its upper bound cannot prove short.
-            known = truncating is False and upper_bound(text, spec) > spec.max_input_tokens
+            # Intake knows the exact count only of a text that can really be over the limit.
+            known = truncating is False and may_exceed(text, guess, spec)
             chunks = _items(count, guess, items, spec, known)
             totals[4] += sum(1 for _ in packer.add(chunks))
     totals[4] += sum(1 for _ in packer.flush())

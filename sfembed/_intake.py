@@ -21,32 +21,23 @@ from itertools import islice
 
 import numpy as np
 
+from ._bounds import may_exceed
 from ._cache import normalise
 from ._chunker import char_range, drop_blank, split_spans
 from ._config import Settings
 from ._dedup import Dedup
 from ._delivery import RowWriter
+from ._estimator import CharClassEstimator
 from ._models import ModelSpec
 from ._packer import Packer
 from ._streams import SendStream
-from ._tokens import (
-    FAMILIES,
-    CharClassEstimator,
-    TokenCounter,
-    count_async,
-    counter_for,
-    upper_bound,
-)
+from ._tokenizers import FAMILIES, TokenCounter, count_async, counter_for
 from ._types import Chunk, JobStats, Span, Unusable
 
 __all__ = ["BLOCK", "Input", "Intake", "Splitter"]
 
 BLOCK = 512  # records counted per tokenizer call: large enough to amortise, small to stream
 _IMAGE_TOKENS = 1024  # charged for an image before the server's count corrects it
-#: A text is counted exactly only when its estimate is over this share of the limit (and its
-#: strict bound over the limit): the estimator is never more than 5% under on natural text,
-#: so such a text fits with room to spare, and one that does not is halved when refused.
-_SURE_SHARE = 0.75
 #: A block of more characters than this is estimated off the event loop (a 10 MB text took
 #: seconds of it).
 _ESTIMATE_OFF_LOOP = 1 << 20
@@ -95,11 +86,10 @@ class Splitter:
         alone."""
         if not self.exact:
             return []
-        sure = _SURE_SHARE * self.limit
         return [
             i
             for i, text in enumerate(texts)
-            if tokens[i] > sure and upper_bound(text, self.spec) > self.limit and _encodable(text)
+            if may_exceed(text, tokens[i], self.spec) and _encodable(text)
         ]
 
     async def exact_counts(self, texts: Sequence[str]) -> list[int]:

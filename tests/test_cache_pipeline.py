@@ -12,7 +12,7 @@ import pytest
 
 from sfembed import DEFAULT_CATALOG, BatchLimits, EmbeddingClient, JobStats, embed, load_settings
 from sfembed._cache import EmbeddingCache, normalise
-from sfembed._tokens import counter_for
+from sfembed._tokenizers import counter_for
 from sfembed.testing import (
     LocalServer,
     count_tokens,

@@ -48,7 +48,7 @@ from sfembed._cache import normalise
 from sfembed._cli import main
 from sfembed._limiter import RateLimiter, Ticket
 from sfembed._retry import call_with_retries
-from sfembed._tokens import counter_for
+from sfembed._tokenizers import counter_for
 from sfembed.testing import (
     Faults,
     LocalServer,

@@ -40,7 +40,7 @@ from sfembed import (
 )
 from sfembed._cache import normalise
 from sfembed._engine import Engine
-from sfembed._tokens import counter_for
+from sfembed._tokenizers import counter_for
 from sfembed._types import Unusable
 from sfembed.testing import (
     Faults,

@@ -1,5 +1,6 @@
-"""sfembed._tokens: exact bundled counts, spans, the estimator's bounds, the strict upper bound,
-count_async and Calibration. Everything runs offline on the vendored tokenizers."""
+"""Token counting (_tokenizers, _estimator, _bounds, _calibration): exact bundled counts, spans,
+the estimator's bounds, the strict upper bound, count_async and Calibration. Everything runs
+offline on the vendored tokenizers."""
 
 # ruff: noqa: RUF001  (Chinese text is written with its own full-width punctuation)
 
@@ -23,17 +24,13 @@ from pathlib import Path
 
 import pytest
 
-from sfembed import _tokens
+from sfembed import _estimator, _tokenizers
+from sfembed._bounds import upper_bound
+from sfembed._calibration import Calibration
+from sfembed._estimator import CharClassEstimator
 from sfembed._exceptions import ConfigError, InputError
 from sfembed._models import DEFAULT_CATALOG, ModelSpec
-from sfembed._tokens import (
-    Calibration,
-    CharClassEstimator,
-    ExactCounter,
-    count_async,
-    counter_for,
-    upper_bound,
-)
+from sfembed._tokenizers import ExactCounter, count_async, counter_for
 
 FAMILIES = ("qwen3", "xlmr", "bert-en", "bert-zh")
 MODEL_OF = {
@@ -54,7 +51,7 @@ def spec_of(family: str) -> ModelSpec:
 
 def bare(family: str) -> ExactCounter:
     """The exact counter of ``family`` without special tokens."""
-    return ExactCounter(_tokens.bundled_tokenizer(_tokens.FAMILIES[family]))
+    return ExactCounter(_tokenizers.bundled_tokenizer(_tokenizers.FAMILIES[family]))
 
 
 # --- a deterministic, varied corpus ----------------------------------------------------------
@@ -302,7 +299,7 @@ def test_spans_cut_where_the_tokens_are() -> None:
 def test_a_user_tokenizer_json_counts_exactly_and_is_never_truncated(tmp_path: Path) -> None:
     from tokenizers import Tokenizer
 
-    tokenizer = Tokenizer.from_str(_tokens.bundled_tokenizer("bert-en").to_str())
+    tokenizer = Tokenizer.from_str(_tokenizers.bundled_tokenizer("bert-en").to_str())
     tokenizer.enable_truncation(max_length=4)  # as hub files often do: must not cap our count
     path = tmp_path / "tokenizer.json"
     tokenizer.save(str(path))
@@ -330,7 +327,7 @@ def test_without_the_tokenizers_package_the_estimator_counts(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setitem(sys.modules, "tokenizers", None)  # "import tokenizers" now fails
-    assert _tokens._import_tokenizers() is None
+    assert _tokenizers._import_tokenizers() is None
     for family in MODEL_OF:
         counter = counter_for(spec_of(family))
         assert isinstance(counter, CharClassEstimator)
@@ -342,7 +339,7 @@ def test_a_spec_without_tokenizer_gets_the_estimator_for_any_family() -> None:
     spec = ModelSpec(name="m", max_input_tokens=512, default_dimensions=8, special_tokens=2)
     counter = counter_for(spec)
     assert isinstance(counter, CharClassEstimator)
-    assert counter.prices == _tokens._ANY_FAMILY
+    assert counter.prices == _estimator._ANY_FAMILY
 
 
 # --- the estimator against the exact counts ------------------------------------------------------
@@ -454,7 +451,7 @@ class ThreadRecorder:
 async def test_count_async_counts_in_batches_off_the_loop(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(_tokens, "_BATCH_TEXTS", 7)
+    monkeypatch.setattr(_tokenizers, "_BATCH_TEXTS", 7)
     recorder = ThreadRecorder()
     texts = [f"text {i}" * (i % 5) for i in range(50)]
     with ThreadPoolExecutor(2) as pool:

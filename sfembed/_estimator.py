@@ -1,0 +1,303 @@
+"""CharClassEstimator: token counts without a tokenizer, from runs of character classes.
+
+It needs nothing but numpy: it prices runs of letters, digits, punctuation, CJK and other classes
+per tokenizer family, and over-counts rather than under-counts (at most 5% under on natural text,
+for every family). Every request is charged by it, so one calibration against the server's
+``usage`` (``_calibration``) holds for all.
+"""
+
+from __future__ import annotations
+
+import functools
+import unicodedata
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from ._types import IntArray, Span
+
+__all__ = ["CharClassEstimator"]
+
+#: Token costs of character runs, in float64 (sums of many small costs).
+CostArray = npt.NDArray[np.float64]
+
+
+# Character classes of the estimator; _SEP marks the joints between texts counted together.
+_CLASSES = (
+    "sep",
+    "space",
+    "letter",
+    "digit",
+    "punct",
+    "cjk",
+    "kana",
+    "hangul",
+    "european",
+    "other",
+    "symbol",
+    "astral",
+    "control",
+)
+(
+    _SEP,
+    _SPACE,
+    _LETTER,
+    _DIGIT,
+    _PUNCT,
+    _CJK,
+    _KANA,
+    _HANGUL,
+    _EUROPEAN,
+    _OTHER,
+    _SYMBOL,
+    _ASTRAL,
+    _CONTROL,
+) = range(len(_CLASSES))
+
+_APART = np.array([_DIGIT, _CJK, _KANA, _HANGUL, _SYMBOL, _ASTRAL])  # classes a space won't join
+
+
+@dataclass(frozen=True, slots=True)
+class _Prices:
+    """What text costs, linearly: ``base`` per run plus ``rate`` per character of each class;
+    ``upper`` per ASCII capital (cased words split into more pieces); ``gap`` per whitespace
+    run before a digit, CJK, kana, hangul or symbol run (Qwen and XLM-R keep such a space as a
+    token of its own; before a word it joins the word's token, so a lone " " is otherwise free);
+    ``hump`` per capital after a small letter (camelCase and base64 split there); ``joint``
+    per letter run touching a digit run (hashes, ids and base64 split at each one);
+    ``text`` once per non-empty text. A text costs the ceiling of its sum."""
+
+    base: tuple[float, ...]
+    rate: tuple[float, ...]
+    upper: float = 0.0
+    hump: float = 0.0
+    gap: float = 0.0
+    joint: float = 0.0
+    text: float = 0.0
+
+    @classmethod
+    def of(cls, **prices: Any) -> _Prices:
+        """From ``class_name=(base, rate)`` pairs and the scalars; unnamed classes cost nothing."""
+        pairs = [prices.pop(name, (0.0, 0.0)) for name in _CLASSES]
+        return cls(tuple(b for b, _ in pairs), tuple(r for _, r in pairs), **prices)
+
+    def cost(self, runs: _Runs) -> CostArray:
+        """Fractional tokens of each run."""
+        kinds = runs.kinds
+        price = np.take(self.base, kinds) + runs.lengths * np.take(self.rate, kinds)
+        price += runs.uppers * self.upper + runs.humps * self.hump
+        price = np.where(runs.lone_space | (kinds == _SEP), 0.0, price)
+        price += runs.gap * self.gap + runs.joint * self.joint
+        return price.astype(np.float64)
+
+
+# Fitted against each family's exact tokenizer on English, Chinese (common and rare words),
+# Python code, CSV, numbers, ids and logs, mixed and emoji text: the prices that minimise the
+# mean over-count while every document of the fit is counted at least 1.06 times its exact
+# count (a linear programme). Refitted on any two thirds of that corpus, they counted the
+# worst document of the other third at 0.949 of its exact count (XLM-R, rare-word Chinese).
+_PRICES: dict[str, _Prices] = {
+    "qwen3": _Prices.of(
+        space=(0.0, 0.219),
+        letter=(0.748, 0.101),
+        digit=(0.671, 0.909),
+        punct=(0.206, 0.716),
+        cjk=(0.262, 0.543),
+        kana=(0.0, 0.502),
+        hangul=(0.0, 0.502),
+        european=(0.925, 0.827),
+        other=(1.504, 0.897),
+        symbol=(1.032, 0.941),
+        astral=(0.0, 1.003),
+        control=(0.255, 0.255),
+        upper=0.255,
+        hump=1.504,
+        gap=1.504,
+        joint=0.029,
+        text=1.003,
+    ),
+    "xlmr": _Prices.of(
+        space=(0.0, 0.046),
+        letter=(0.375, 0.227),
+        digit=(0.0, 0.292),
+        punct=(0.0, 1.304),
+        cjk=(0.0, 0.904),
+        kana=(0.0, 0.502),
+        hangul=(0.0, 0.502),
+        european=(1.115, 0.151),
+        other=(0.494, 0.151),
+        symbol=(0.717, 0.502),
+        astral=(0.17, 1.004),
+        upper=0.159,
+        hump=1.475,
+        gap=1.402,
+        joint=0.722,
+        text=1.004,
+    ),
+    "bert-en": _Prices.of(
+        space=(0.0, 0.109),
+        letter=(0.0, 0.334),
+        digit=(0.329, 0.48),
+        punct=(0.0, 1.052),
+        cjk=(0.098, 1.064),
+        kana=(0.372, 0.822),
+        hangul=(0.0, 2.306),
+        european=(1.207, 0.806),
+        other=(0.0, 0.985),
+        symbol=(0.0, 0.973),
+        astral=(1.004, 0.0),
+        gap=0.791,
+        joint=1.506,
+        text=1.004,
+    ),
+    "bert-zh": _Prices.of(
+        space=(0.0, 0.022),
+        letter=(0.131, 0.447),
+        digit=(0.47, 0.37),
+        punct=(0.0, 1.101),
+        cjk=(0.007, 1.063),
+        kana=(0.0, 0.838),
+        hangul=(0.0, 2.324),
+        european=(1.504, 0.833),
+        other=(0.0, 0.333),
+        symbol=(0.0, 1.049),
+        astral=(1.003, 0.0),
+        gap=0.696,
+        joint=1.027,
+        text=1.003,
+    ),
+}
+
+_ANY_FAMILY = tuple(_PRICES.values())  # an unknown tokenizer: the largest of their estimates
+_PRICES["qwen3-vl"] = _PRICES["qwen3"]
+
+
+@functools.lru_cache(maxsize=1)
+def _bmp_classes() -> npt.NDArray[np.uint8]:
+    """The class of every BMP code point, built once (~50 ms) from unicodedata."""
+    return np.array([_classify(code) for code in range(0x10000)], dtype=np.uint8)
+
+
+def _classify(code: int) -> int:
+    char = chr(code)
+    if char.isspace():
+        return _SPACE
+    if 0x30 <= code <= 0x39:
+        return _DIGIT
+    if code < 0x80:
+        return _LETTER if char.isalpha() else _CONTROL if code < 0x20 or code == 0x7F else _PUNCT
+    category = unicodedata.category(char)
+    if 0x3400 <= code <= 0x9FFF or 0xF900 <= code <= 0xFAFF:
+        return _CJK if category == "Lo" else _SYMBOL
+    if 0x3040 <= code <= 0x30FF:
+        return _KANA
+    if 0xAC00 <= code <= 0xD7AF or 0x1100 <= code <= 0x11FF or 0x3130 <= code <= 0x318F:
+        return _HANGUL
+    if category[0] == "C" or 0xFE00 <= code <= 0xFE0F:  # with emoji variation selectors
+        return _CONTROL
+    if category[0] in "LM" or category == "Nd":
+        # Accented Latin, Greek, Cyrillic, Vietnamese: far fewer tokens per letter than the rest.
+        return _EUROPEAN if code <= 0x052F or 0x1E00 <= code <= 0x1FFF else _OTHER
+    return _SYMBOL
+
+
+@dataclass(frozen=True, slots=True)
+class _Runs:
+    """Maximal runs of one class: first character, length, class, ASCII capitals, and whether
+    the run is a lone " "."""
+
+    starts: IntArray
+    lengths: IntArray
+    kinds: IntArray
+    uppers: IntArray
+    humps: IntArray
+    lone_space: npt.NDArray[np.bool_]
+    gap: npt.NDArray[np.bool_]
+    joint: npt.NDArray[np.bool_]
+
+
+def _runs(text: str, separators: IntArray | None = None) -> _Runs:
+    """The runs of ``text``; characters at ``separators`` are joints, in runs of their own."""
+    codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4")
+    classes = _bmp_classes()[np.minimum(codes, 0xFFFF)]
+    classes[codes > 0xFFFF] = _ASTRAL  # emoji, rare CJK, historic scripts
+    if separators is not None:
+        classes[separators] = _SEP
+    edges = np.flatnonzero(classes[1:] != classes[:-1]) + 1
+    starts = np.concatenate(([0], edges)).astype(np.int64) if codes.size else edges
+    lengths = np.diff(np.append(starts, codes.size)).astype(np.int64)
+    kinds = classes[starts].astype(np.int64)
+    capital = (codes >= 0x41) & (codes <= 0x5A)
+    hump = np.append(False, capital[1:] & (codes[:-1] >= 0x61) & (codes[:-1] <= 0x7A))
+    uppers, humps = (_per_run(flags, starts, lengths) for flags in (capital, hump))
+    lone_space = (lengths == 1) & (codes[starts] == 0x20)
+    following = np.append(kinds[1:], _SEP)
+    gap = (kinds == _SPACE) & np.isin(following, _APART)
+    joint = ((kinds == _LETTER) & (following == _DIGIT)) | (
+        (kinds == _DIGIT) & (following == _LETTER)
+    )
+    return _Runs(starts, lengths, kinds, uppers, humps, lone_space, gap, joint)
+
+
+def _per_run(flags: npt.NDArray[np.bool_], starts: IntArray, lengths: IntArray) -> IntArray:
+    """How many ``flags`` are set within each run."""
+    total: IntArray = np.concatenate(([0], np.cumsum(flags, dtype=np.int64)))
+    counts: IntArray = total[starts + lengths] - total[starts]
+    return counts
+
+
+class CharClassEstimator:
+    """A tokenizer-free estimate that over-counts rather than under-counts.
+
+    Runs of letters, digits, punctuation, CJK and other classes are priced per family (see
+    ``_PRICES``, fitted against the exact tokenizers); for an unknown tokenizer a text costs
+    the most any family's prices give. Measured on English, Chinese, code, CSV, mixed and
+    emoji text, it is at most 5% under the exact count of its family and below 2x over.
+    """
+
+    exact = False
+
+    def __init__(self, special_tokens: int = 0, *, family: str | None = None) -> None:
+        self.special_tokens = special_tokens
+        self.prices = (_PRICES[family],) if family in _PRICES else _ANY_FAMILY
+
+    def count(self, texts: Sequence[str]) -> list[int]:
+        """Estimated tokens of each text, ``special_tokens`` included; one numpy pass."""
+        if not texts:
+            return []
+        sizes = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
+        firsts = np.concatenate(([0], np.cumsum(sizes[:-1] + 1)))  # texts joined by one char
+        runs = _runs("\0".join(texts), separators=firsts[1:] - 1)
+        owner = np.searchsorted(firsts, runs.starts, side="right") - 1
+        sums = [
+            np.bincount(owner, weights=prices.cost(runs), minlength=len(texts))
+            + prices.text * (sizes > 0)  # an empty text is empty for every tokenizer
+            for prices in self.prices
+        ]
+        return [int(count) + self.special_tokens for count in _ceil(np.max(sums, axis=0))]
+
+    def spans(self, text: str) -> list[Span]:
+        """Approximate token offsets, as many as :meth:`count` gives (without specials). Each
+        run gets the whole tokens its cost completes, cut into equal pieces; the spans tile the
+        text from the first priced character, so a cut between any two loses no character."""
+        runs = _runs(text)
+        if not runs.starts.size:
+            return []
+        totals = [prices.text + np.cumsum(prices.cost(runs)) for prices in self.prices]
+        per_run = np.diff(_ceil(max(totals, key=lambda total: float(total[-1]))), prepend=0)
+        keep = per_run > 0
+        starts, lengths, per_run = runs.starts[keep], runs.lengths[keep], per_run[keep]
+        rank = np.arange(per_run.sum()) - np.repeat(np.cumsum(per_run) - per_run, per_run)
+        size, pieces = np.repeat(lengths, per_run), np.repeat(per_run, per_run)
+        begin = np.repeat(starts, per_run) + rank * size // pieces
+        end = np.append(begin[1:], starts[-1] + lengths[-1])
+        return list(zip(begin.tolist(), end.tolist(), strict=True))
+
+
+def _ceil(values: npt.ArrayLike) -> IntArray:
+    # The tolerance keeps float sums such as 0.1 * 30 from rounding up to a phantom token.
+    rounded: IntArray = np.ceil(np.asarray(values, dtype=np.float64) - 1e-9).astype(np.int64)
+    return rounded
