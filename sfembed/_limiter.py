@@ -8,7 +8,7 @@ shared limiter keeps it in Redis, for many processes on one quota).
 :class:`RateLimiter` is the local implementation: it holds one model's RPM and TPM at once,
 FIFO-fair, driven by timers on a clock. Two rules must both allow a request before it is admitted:
 
-* a sliding log of admissions (time, tokens) never holds more than the effective limit within any
+* a sliding log of admissions (time, tokens) never holds more than the account's limit within any
   ``window_s`` seconds: this is the hard guarantee, whatever the pace does. The server counts a
   request from its arrival, which lies between our admission and its answer, by a latency that
   varies (a busy event loop sends late). So an answered request stays in the log until a window
@@ -346,9 +346,9 @@ class RateLimiter:
     """The local :class:`Limiter`: admits requests of one model under its RPM and TPM, within
     one process (see the module docstring).
 
-    ``limits`` gives the nominal limits per ``window_s`` seconds; the effective ones are
-    nominal * (1 - headroom), tokens rounded down and requests up. ``clock`` defaults to the
-    running loop's clock.
+    ``limits`` gives the nominal limits per ``window_s`` seconds, which the log holds; the pace
+    runs at the effective ones, nominal * (1 - headroom), tokens rounded down and requests up.
+    ``clock`` defaults to the running loop's clock.
 
     ``startup_s`` is how long the process took to start before this limiter was made. A
     sliding-window server allows a whole window's quota at once, so the pace may run that far
@@ -363,6 +363,11 @@ class RateLimiter:
         self._clock: Clock = clock if clock is not None else LoopClock()
         self._window_s = limits.window_s
         self._nominal_tokens = limits.tpm
+        # The log holds the account's own limits: an entry leaves it a window after the server
+        # can have counted it at the latest, so no window of the server's can hold more. The
+        # headroom is the pace's: a log held to it too would bind the pace, as entries stay a
+        # latency longer than a window, and cost that latency's share of every window.
+        self._log_tokens, self._log_requests = limits.tpm, limits.rpm
         self.max_tokens = _effective(limits.tpm, limits.headroom)
         self.max_requests = _effective_requests(limits.rpm, limits.headroom)
         self._tpm = _Pace(self.max_tokens, limits.window_s, limits.burst_allowance_s)
@@ -441,7 +446,7 @@ class RateLimiter:
             self._hold_until,
             self._rpm.ready_at(),
             self._tpm.ready_at(),
-            self._log.ready_at(tokens, self.max_tokens, self.max_requests, now),
+            self._log.ready_at(tokens, self._log_tokens, self._log_requests, now),
         )
 
     def _admit(self, tokens: int, now: float, late_s: float = 0.0) -> LocalTicket:
