@@ -33,10 +33,16 @@ import sfembed.ray
 from sfembed import RateLimits, testing
 
 
-def embed_folder(source: str, target: str, args: argparse.Namespace, **settings: Any) -> None:
-    """Read ``source`` (Parquet), embed its ``text`` column, write ``target`` (Parquet)."""
+def embed_folder(
+    source: str, target: str, args: argparse.Namespace, blocks: int = 0, **settings: Any
+) -> None:
+    """Read ``source`` (Parquet), embed its ``text`` column, write ``target`` (Parquet). With
+    ``blocks``, the rows are first spread over that many blocks, so that a small corpus still
+    keeps every actor busy (a data lake's many files do that by themselves)."""
     rate = RateLimits(rpm=args.rpm, tpm=args.tpm, window_s=args.window_s)
     ds = ray.data.read_parquet(source)
+    if blocks:
+        ds = ds.repartition(blocks)
     ds = ds.map_batches(
         sfembed.ray.Embedder,
         fn_constructor_kwargs={"model": args.model, "quota": args.quota, "rate": rate, **settings},
@@ -92,7 +98,7 @@ def main() -> None:
     with testing.RedisServer() as redis:
         args.quota = redis.url
         ray.init(num_cpus=2)
-        embed_folder(str(work / "in"), str(work / "out"), args, base_url=url)
+        embed_folder(str(work / "in"), str(work / "out"), args, blocks=8, base_url=url)
         ray.shutdown()
     out = pq.read_table(work / "out")
     failed = out.num_rows - out.column("error").null_count
