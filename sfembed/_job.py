@@ -83,6 +83,36 @@ class _Reporting:
     price: float | None
     prices_file: str | None
 
+    def write(self, job: _FileJob, status: str, error: str | None) -> None:
+        """Rewrite the report of ``job`` (see ``_report``); ``error`` says why it failed."""
+        summary = job.summary
+        counts = {
+            "records": summary.records,
+            "rows": summary.rows,
+            "failed": summary.failed,
+            "resumed_records": summary.resumed_records,
+        }
+        where = {
+            "model": job.spec.name,
+            "input": ", ".join(source.name for source in job.sources),
+            "output": str(job.output_path),
+        }
+        if self.prices_file is not None:
+            where["prices"] = self.prices_file
+        report = run_report(
+            summary.stats,
+            job.settings.rate,
+            status=status,
+            counts=counts,
+            reasons=job.reasons,
+            wall_s=time.monotonic() - summary.stats.started_s,
+            price=self.price,
+            where=where,
+        )
+        if error is not None:
+            report["error"] = error
+        write_report(self.path, report)
+
 
 @dataclass(slots=True)
 class _Ids:
@@ -291,15 +321,17 @@ class _FileJob:
         stop: asyncio.Event | None,
         on_batch: Callable[[JobStats], None] | None,
     ) -> JobSummary:
-        earlier = self._load_earlier(strict=resume and not restart)
+        earlier = _earlier_run(self.manifest_path, strict=resume and not restart)
         self.files.check_owned(earlier)
         identity = await identify(self.sources)
         wanted = output_settings(self.settings, self.spec, self.format, self.errors)
-        go_on = self._continued(earlier, identity, wanted, restart) if resume else None
+        go_on = None
+        if resume:
+            go_on = _continued(earlier, identity, wanted, restart=restart, resumable=self.resumable)
         if go_on is None:
             await self._fresh(Manifest(identity, wanted, Checkpoint()), stop, on_batch)
         else:
-            self._check_lengths(go_on.checkpoint)  # before any file is cut back
+            self.files.check_lengths(go_on.checkpoint)  # before any file is cut back
             if go_on.complete:
                 summary = self._finished(go_on.checkpoint)
                 self._report("complete")
@@ -312,68 +344,8 @@ class _FileJob:
 
     def _report(self, status: str, error: str | None = None) -> None:
         """Rewrite the run report, if one was asked for; ``error`` says why a job failed."""
-        if self.report is None:
-            return
-        summary = self.summary
-        counts = {
-            "records": summary.records,
-            "rows": summary.rows,
-            "failed": summary.failed,
-            "resumed_records": summary.resumed_records,
-        }
-        where = {
-            "model": self.spec.name,
-            "input": ", ".join(source.name for source in self.sources),
-            "output": str(self.output_path),
-        }
-        if self.report.prices_file is not None:
-            where["prices"] = self.report.prices_file
-        report = run_report(
-            summary.stats,
-            self.settings.rate,
-            status=status,
-            counts=counts,
-            reasons=self.reasons,
-            wall_s=time.monotonic() - summary.stats.started_s,
-            price=self.report.price,
-            where=where,
-        )
-        if error is not None:
-            report["error"] = error
-        write_report(self.report.path, report)
-
-    def _load_earlier(self, *, strict: bool) -> Manifest | None:
-        """The earlier run's manifest. A fresh run passes over one it cannot read (``strict``
-        false): it replaces it at its first checkpoint."""
-        try:
-            return load_manifest(self.manifest_path)
-        except ConfigError:
-            if strict:
-                raise
-            log.warning("%s cannot be read: starting over", self.manifest_path)
-            return None
-
-    def _continued(
-        self,
-        earlier: Manifest | None,
-        identity: tuple[InputIdentity, ...],
-        wanted: dict[str, Any],
-        restart: bool,
-    ) -> Manifest | None:
-        """The earlier run to go on with, or None to start over."""
-        if earlier is None:
-            log.info("no manifest at %s: starting from the first record", self.manifest_path)
-            return None
-        try:
-            if not self.resumable:
-                raise ConfigError("a Parquet file cannot be resumed")
-            check_resumable(earlier, wanted, identity)
-        except ConfigError as difference:
-            if not restart:
-                raise
-            log.warning("starting over (%s)", difference)
-            return None
-        return earlier
+        if self.report is not None:
+            self.report.write(self, status, error)
 
     def _finished(self, done: Checkpoint | None) -> JobSummary:
         summary = self.summary
@@ -438,20 +410,6 @@ class _FileJob:
         if not self.resumable and (complete or summary.stopped):
             checkpoints.save(complete=complete)  # the Parquet file is whole now it is closed
         return checkpoints.swapped
-
-    def _check_lengths(self, done: Checkpoint) -> None:
-        """Raise ConfigError unless each file holds at least what the checkpoint committed."""
-        files = {"output": self.output_path, "errors": self.errors}
-        if self.files.ids is not None:
-            files["ids"] = self.files.ids
-        for role, path in files.items():
-            committed = done.lengths.get(role, 0)
-            size = path.stat().st_size if path.exists() else -1
-            if committed and size < committed:
-                raise ConfigError(
-                    f"cannot resume: {str(path)!r} holds {max(size, 0)} bytes, fewer than the "
-                    f"{committed} its checkpoint committed; run again without --resume"
-                )
 
     def _writer(self, done: Checkpoint | None) -> Writer:
         """The output: new beside the earlier run's, or (``done``) reopened after its last
@@ -581,6 +539,43 @@ class _Checkpoints:
         refused setting or a mistyped model would have stopped the job before."""
         summary = self.job.summary
         return summary.stats.requests > 0 and summary.rows > summary.failed
+
+
+def _earlier_run(path: Path, *, strict: bool) -> Manifest | None:
+    """The earlier run's manifest at ``path``. A fresh run passes over one it cannot read
+    (``strict`` false): it replaces it at its first checkpoint."""
+    try:
+        return load_manifest(path)
+    except ConfigError:
+        if strict:
+            raise
+        log.warning("%s cannot be read: starting over", path)
+        return None
+
+
+def _continued(
+    earlier: Manifest | None,
+    identity: tuple[InputIdentity, ...],
+    wanted: dict[str, Any],
+    *,
+    restart: bool,
+    resumable: bool,
+) -> Manifest | None:
+    """The earlier run to go on with, or None to start over. Raises ConfigError naming what
+    differs, unless ``restart``."""
+    if earlier is None:
+        log.info("no manifest: starting from the first record")
+        return None
+    try:
+        if not resumable:
+            raise ConfigError("a Parquet file cannot be resumed")
+        check_resumable(earlier, wanted, identity)
+    except ConfigError as difference:
+        if not restart:
+            raise
+        log.warning("starting over (%s)", difference)
+        return None
+    return earlier
 
 
 def _records(sources: Sequence[Source], settings: Settings, keep: bool) -> Iterator[Record]:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ._exceptions import ConfigError
-from ._manifest import Manifest, manifest_path_for, sync_folder
+from ._manifest import Checkpoint, Manifest, manifest_path_for, sync_folder
 from ._report import load_report
 from ._writers import ids_path_for
 
@@ -142,6 +142,20 @@ class JobFiles:
                     f"{str(self.report)!r} exists and is not an sfembed run report: refusing "
                     "to write over it; choose another --report"
                 ) from None
+
+    def check_lengths(self, done: Checkpoint) -> None:
+        """Raise ConfigError unless each file holds at least what the checkpoint committed."""
+        files = {"output": self.output, "errors": self.errors}
+        if self.ids is not None:
+            files["ids"] = self.ids
+        for role, path in files.items():
+            committed = done.lengths.get(role, 0)
+            size = path.stat().st_size if path.exists() else -1
+            if committed and size < committed:
+                raise ConfigError(
+                    f"cannot resume: {str(path)!r} holds {max(size, 0)} bytes, fewer than the "
+                    f"{committed} its checkpoint committed; run again without --resume"
+                )
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
