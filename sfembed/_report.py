@@ -182,6 +182,8 @@ def report_table(report: Mapping[str, Any]) -> str:
         ("limits", f"TPM {limits['tpm']:,}, RPM {limits['rpm']:,} per {limits['window_s']:g} s"),
         ("TPM used", f"{spent:.1%} over the run; busiest window {busiest:.1%}"),
     ]
+    if report.get("error"):
+        rows.insert(1, ("error", str(report["error"])))
     lines = [f"  {name:<18}{value}" for name, value in rows]
     lines.append("")
     lines.append(f"  {'window':>8}  {'tokens':>12}  {'TPM':>6}  {'requests':>8}  {'RPM':>6}  429s")

@@ -21,7 +21,7 @@ from sfembed import (
 )
 from sfembed._cli import main
 from sfembed._job import run_job
-from sfembed._report import load_report
+from sfembed._report import load_report, report_table
 from sfembed.testing import Faults, LocalServer, ModelLimits, synthetic_corpus
 
 MODEL = "BAAI/bge-m3"
@@ -174,3 +174,25 @@ def test_sfembed_report_refuses_a_file_that_is_not_a_report(
     other.write_bytes(b"[1, 2]")
     assert main(["report", str(other)]) == 2
     assert "not an sfembed run report" in capsys.readouterr().err
+
+
+async def test_a_failed_job_says_why_in_its_report_without_the_key(
+    server: LocalServer, tmp_path: Path
+) -> None:
+    from sfembed import AuthenticationError
+
+    source = write_lines(tmp_path / "in.jsonl", docs(5))
+    report_path = tmp_path / "run.json"
+    wrong = "sk-wrong-0123456789abcdef"
+    settings = load_settings(base_url=server.url, io=IOSettings(cache=False))
+    async with EmbeddingClient(api_key=wrong, base_url=server.url) as client:
+        with pytest.raises(AuthenticationError):
+            await run_job(
+                source, tmp_path / "o.npy", settings, client=client, report_path=report_path
+            )
+
+    report = load_report(report_path)
+    assert report["status"] == "failed"
+    assert "401" in report["error"]
+    assert wrong not in report_path.read_text()
+    assert "401" in report_table(report)
