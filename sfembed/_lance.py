@@ -218,10 +218,13 @@ class LanceWriter:
         self, pooled: dict[str, tuple[np.ndarray[Any, Any], str | None, tuple[object, ...]]]
     ) -> Any:
         pa = self._pa
-        vectors = np.stack([vector for vector, _, _ in pooled.values()])
+        vectors = np.stack([vector for vector, _, _ in pooled.values()])  # float32, a new array
         failed = np.isnan(vectors).any(axis=1)
-        validity = pa.py_buffer(np.packbits(~failed, bitorder="little")) if failed.any() else None
-        values = pa.array(np.where(failed[:, None], 0.0, vectors).reshape(-1).astype(np.float32))
+        validity = None
+        if failed.any():
+            vectors[failed] = 0.0  # under a null: never read
+            validity = pa.py_buffer(np.packbits(~failed, bitorder="little"))
+        values = pa.array(vectors.reshape(-1))  # over the array's buffer, no copy
         kind = pa.list_(pa.float32(), self.dims)
         columns = {
             "id": pa.array(list(pooled), type=pa.string()),
