@@ -12,12 +12,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ._types import FloatArray
+from ._types import FloatArray, Span
 
-__all__ = ["Span", "char_range", "drop_blank", "pool", "split_spans"]
-
-#: A chunk as (first token, end token) indices into the token list, end exclusive.
-Span = tuple[int, int]
+# A chunk is a Span of token indices: (first token, end token), end exclusive.
+__all__ = ["char_range", "drop_blank", "pool", "split_spans"]
 
 # Latin and CJK sentence ends (full-width ! ? ; written as escapes), then closing quotes.
 _SENTENCE_END = re.compile(r"[.!?;。\uff01\uff1f\uff1b…]['\")\]」』]*$")

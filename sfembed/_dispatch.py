@@ -45,7 +45,7 @@ from ._retry import (
     stopping_error,
 )
 from ._streams import EndOfStream, ReceiveStream
-from ._types import Chunk, EmbeddingResult, InputItem, JobStats, Ticket
+from ._types import Chunk, EmbeddingResult, InputItem, JobStats, Ticket, Truncate
 
 __all__ = ["Dispatch", "PacedSender"]
 
@@ -147,9 +147,7 @@ class PacedSender:
                 result = await self.client.embed(
                     cast(list[InputItem], [chunk.item for chunk in request]),
                     model=self.spec.name,
-                    encoding_format="base64"
-                    if self.settings.encoding_format == "base64"
-                    else "float",
+                    encoding_format=self.settings.encoding_format,
                     dimensions=self.settings.dimensions,
                     truncate=self._truncate(),
                 )
@@ -203,10 +201,8 @@ class PacedSender:
                 "such requests are paced by local token estimates"
             )
 
-    def _truncate(self) -> Any:
-        if self.settings.long_mode != "truncate":
-            return None
-        return "left" if self.settings.truncate_side == "left" else "right"
+    def _truncate(self) -> Truncate | None:
+        return self.settings.truncate_side if self.settings.long_mode == "truncate" else None
 
 
 class Dispatch:
