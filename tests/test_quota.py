@@ -387,6 +387,8 @@ SHARD_JOB = textwrap.dedent(
         rate = RateLimits(rpm=30, tpm=6_000, window_s=1.0)
         settings = load_settings(base_url=url, rate=rate, batch=BatchLimits(max_items=8))
         stats = JobStats()
+        print("ready", flush=True)
+        sys.stdin.readline()  # start together: the quota is only shared while the jobs overlap
         async with SharedLimiter(quota, rate, model="BAAI/bge-m3") as limiter:
             rows = await embed(texts, model="BAAI/bge-m3", settings=settings, stats=stats,
                                limiter=limiter, api_key_env="SFEMBED_TEST_KEY")
@@ -412,11 +414,18 @@ async def test_three_processes_on_one_quota_stay_under_it_with_every_row_right(
         await asyncio.create_subprocess_exec(
             *(sys.executable, "-W", "error", "-c", SHARD_JOB, server.url, redis_server.url),
             *(str(shard), str(tmp_path / f"{shard}.npy")),
+            stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             env=env,
         )
         for shard in range(3)
     ]
+    for job in jobs:  # each has imported everything and waits: a slow start cannot skew them
+        assert job.stdout is not None
+        assert await job.stdout.readline() == b"ready\n"
+    for job in jobs:
+        assert job.stdin is not None
+        job.stdin.write(b"go\n")
     outputs = [await job.communicate() for job in jobs]
     assert [job.returncode for job in jobs] == [0, 0, 0]
     reports = [json.loads(out) for out, _ in outputs]
@@ -427,7 +436,9 @@ async def test_three_processes_on_one_quota_stay_under_it_with_every_row_right(
         expected = np.stack([expected_embedding(MODEL, text) for text in texts[shard::3]])
         np.testing.assert_array_equal(rows, expected)
     refused = server.stats.rate_limited_tpm + server.stats.rate_limited_rpm
-    assert refused <= 2, server.stats.by_status
+    # Paced alone, the three refuse about 30 requests here; shared, a few at most, from the
+    # event loop's lateness at a 1 s window's edge on a busy machine.
+    assert refused <= 3, server.stats.by_status
     assert sum(report["rate_limited"] for report in reports) == refused
 
 
