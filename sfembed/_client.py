@@ -51,6 +51,7 @@ _STATUS_ERRORS: dict[int, type[exc.APIStatusError]] = {
 }
 #: Statuses a later attempt may get past although no narrower class covers them.
 _RETRYABLE_STATUSES = frozenset({408, 425})
+_UPLOAD_BYTES_PER_S = 1 << 20  # the slowest uplink a request's deadline allows for
 _MAX_FLOAT_BYTES = 32  # a float in JSON, with its comma, at its longest and then some
 _UNKNOWN_DIMS = 16384  # the width assumed for a model outside the catalogue
 _TITLE = re.compile(rb"<title[^>]*>(.*?)</title>", re.IGNORECASE | re.DOTALL)
@@ -193,7 +194,9 @@ class EmbeddingClient:
                 raise RuntimeError("this EmbeddingClient is closed: make another")
             raise RuntimeError("use EmbeddingClient inside 'async with'")
         failure: exc.APIError
-        deadline = asyncio.timeout(self._timeouts.request_s)
+        # Large uploads (images) get a second per MiB on top, so a slow uplink is no timeout.
+        allowed_s = self._timeouts.request_s + len(payload) / _UPLOAD_BYTES_PER_S
+        deadline = asyncio.timeout(allowed_s)
         try:
             # The per-read timeout never fires for an answer that trickles in byte by byte: the
             # whole exchange has a deadline of its own.
@@ -202,7 +205,8 @@ class EmbeddingClient:
         except (TimeoutError, aiohttp.ServerTimeoutError) as error:
             if deadline.expired():
                 failure = exc.APITimeoutError(
-                    f"no full answer within {self._timeouts.request_s:g} s (timeouts.request_s)"
+                    f"no full answer within {allowed_s:.0f} s (timeouts.request_s, plus a second "
+                    "per MiB sent)"
                 )
             else:
                 failure = exc.APITimeoutError(f"request timed out: {type(error).__name__}")

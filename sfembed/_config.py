@@ -140,7 +140,8 @@ class RetryPolicy:
 class Timeouts:
     """Timeouts in seconds: connecting, and waiting for each read of the answer, per request;
     ``request_s``, the whole of one request from sending to the last byte of its answer (an
-    answer trickling in byte by byte never trips the per-read limit); and ``grace_s``, how long
+    answer trickling in byte by byte never trips the per-read limit), plus a second per MiB
+    sent; and ``grace_s``, how long
     a job told to stop (Ctrl-C, SIGTERM) waits for the requests in flight before it exits
     without them."""
 
