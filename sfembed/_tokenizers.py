@@ -81,6 +81,31 @@ class TokenCounter(Protocol):
 
 # --- exact counting ------------------------------------------------------------------------------
 
+#: A text longer than this many characters is tokenized in segments: one tokenizer call holds
+#: some 200 bytes of working memory per character, so a 10 MB text took 2.2 GB whole.
+_SEGMENT_CHARS = 1 << 16
+
+
+def segments(text: str) -> list[Span]:
+    """``text`` cut into (start, end) ranges of at most ``_SEGMENT_CHARS`` characters, each cut
+    placed before a run of white space where one lies in the second half of the range.
+
+    The tokenizers split words at white space, and a word's leading space stays with it, so a
+    cut there gives the tokens of the whole text; a cut inside a run of letters (a long text
+    without spaces) may differ by a token near the cut, which is the same in every run."""
+    bounds: list[Span] = []
+    start, size = 0, len(text)
+    while size - start > _SEGMENT_CHARS:
+        low, high = start + _SEGMENT_CHARS // 2, start + _SEGMENT_CHARS
+        cut = max(text.rfind(" ", low, high), text.rfind("\n", low, high))
+        while cut > low and text[cut - 1].isspace():
+            cut -= 1
+        cut = cut if cut > low else high
+        bounds.append((start, cut))
+        start = cut
+    bounds.append((start, size))
+    return bounds
+
 
 class ExactCounter:
     """Counts with a ``tokenizers.Tokenizer``; batches run in Rust without the GIL."""
@@ -95,12 +120,25 @@ class ExactCounter:
 
     def count(self, texts: Sequence[str]) -> list[int]:
         """Tokens of each text, ``special_tokens`` included."""
-        encodings = self._encode_batch(list(texts), add_special_tokens=False)
-        return [len(encoding) + self.special_tokens for encoding in encodings]
+        if all(len(text) <= _SEGMENT_CHARS for text in texts):
+            encodings = self._encode_batch(list(texts), add_special_tokens=False)
+            return [len(encoding) + self.special_tokens for encoding in encodings]
+        return [self._count_long(text) + self.special_tokens for text in texts]
+
+    def _count_long(self, text: str) -> int:
+        pieces = [text[start:end] for start, end in segments(text)]
+        return sum(len(e) for e in self._encode_batch(pieces, add_special_tokens=False))
 
     def spans(self, text: str) -> list[Span]:
         """Character offsets of each token of ``text`` (no special tokens)."""
-        offsets = np.array(self.tokenizer.encode(text, add_special_tokens=False).offsets)
+        parts = [
+            np.array(
+                self.tokenizer.encode(text[start:end], add_special_tokens=False).offsets
+            ).reshape(-1, 2)
+            + start
+            for start, end in segments(text)
+        ]
+        offsets = np.concatenate(parts) if len(parts) > 1 else parts[0]
         if not offsets.size:
             return []
         # Tokens of one character (byte-level pieces of an emoji, NFKC expansions) share its

@@ -10,6 +10,7 @@ import asyncio
 import base64
 import importlib
 import inspect
+import itertools
 import json
 import random
 import sys
@@ -543,3 +544,33 @@ def test_base64_ids_do_not_fool_the_estimator() -> None:
     blob = base64.b64encode(bytes(rng.randrange(256) for _ in range(3000))).decode()
     for family in FAMILIES:
         assert CharClassEstimator(family=family).count([blob])[0] >= bare(family).count([blob])[0]
+
+
+@pytest.mark.parametrize("family", ["xlmr", "qwen3", "bert-en"])
+def test_a_long_text_is_tokenized_in_segments_with_the_whole_texts_tokens(family: str) -> None:
+    rng = random.Random(3)
+    words = ["alpha", "Beta", "gamma,", "delta.", "epsilon\n\n", "zeta  ", "eta!", "théta"]
+    text = " ".join(rng.choice(words) for _ in range(40_000))  # about 250,000 characters
+    assert len(_tokenizers.segments(text)) > 3
+    counter = bare(family)
+    whole = counter.tokenizer.encode(text, add_special_tokens=False)
+    assert counter.count([text]) == [len(whole)]
+    starts = ends = 0
+    expected = []
+    for start, end in whole.offsets:  # as spans() orders them: running maxima
+        starts = max(starts, start)
+        ends = max(ends, end, starts)
+        expected.append((starts, ends))
+    assert counter.spans(text) == expected
+
+
+def test_segments_cover_the_text_and_cut_before_white_space() -> None:
+    text = ("word " * 30_000) + ("字" * 200_000)
+    bounds = _tokenizers.segments(text)
+    assert bounds[0][0] == 0
+    assert bounds[-1][1] == len(text)
+    assert all(end == start for (_, end), (start, _) in itertools.pairwise(bounds))
+    assert all(end - start <= 1 << 16 for start, end in bounds)
+    spaced = [end for _, end in bounds if end < 150_000]
+    assert spaced
+    assert all(text[end] == " " and text[end - 1] != " " for end in spaced)
