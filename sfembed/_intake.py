@@ -112,7 +112,13 @@ class Splitter:
 
     async def cuts(self, text: str) -> tuple[Offsets, list[Span]]:
         """Token offsets of an over-long text and the token ranges it is cut into."""
-        offsets = (await self.counter()).spans(text)
+        counter = await self.counter()
+        # Off the event loop: a text of megabytes takes the tokenizer seconds, and the requests
+        # already packed must keep going out meanwhile.
+        return await asyncio.get_running_loop().run_in_executor(None, self._cut, counter, text)
+
+    def _cut(self, counter: TokenCounter, text: str) -> tuple[Offsets, list[Span]]:
+        offsets = counter.spans(text)
         limit = self.limit - self.spec.special_tokens
         spans = split_spans(text, offsets, limit, overlap=self.overlap_tokens)
         return offsets, drop_blank(text, offsets, spans)
