@@ -18,6 +18,10 @@ FIFO-fair, driven by timers on a clock. Two rules must both allow a request befo
 * a pace (GCRA, virtual scheduling) per resource spreads a window's quota evenly over the window
   and may run at most ``burst_s`` seconds ahead of it, so a job never spends a whole window's
   quota in its first second (a sliding-window server would then reject the rest of the minute).
+  Pace left unspent (a job reading, counting or loading a tokenizer, or held by the log rather
+  than the pace) is kept, up to half a window, and spent as far as the log has room in the
+  current window: a short job that idles in its first seconds would otherwise lose that share of
+  its quota for good.
 
 Tokens are charged before sending, from the caller's count, then corrected to the server's count
 by :meth:`RateLimiter.settle` (or removed by :meth:`RateLimiter.refund`). Waiters are served in
@@ -62,6 +66,10 @@ _CUT_SPACING = 0.1
 #: A fresh process may spend the time it took to start, up to this fraction of a window, out of
 #: the first window's quota (see ``RateLimiter``).
 _STARTUP_SHARE = 0.1
+#: Pace left unspent is kept up to this fraction of a window (and spent only as the log has
+#: room): the server's count may exceed the charge, which a burst of a whole window would learn
+#: only from its 429s.
+_IDLE_SHARE = 0.5
 
 
 class Limiter(Protocol):
@@ -239,9 +247,11 @@ class _Pace:
         # (a few ms under load) would be pace lost for good, some percent of the quota.
         return self.tat - self.burst_s
 
-    def charge(self, cost: int, now: float) -> None:
-        # Pace not spent while idle is lost (max with now), except the start-up credit.
-        self.tat = (self.tat if self.banked else max(self.tat, now)) + cost / self.rate(now)
+    def charge(self, cost: int, now: float, idle_s: float = 0.0) -> None:
+        """Charge ``cost`` units at ``now``; pace left unspent is kept up to ``idle_s`` seconds
+        of it (the rest is lost), and the start-up credit whole."""
+        kept = self.tat if self.banked else max(self.tat, now - max(0.0, idle_s))
+        self.tat = kept + cost / self.rate(now)
         self.banked = self.banked and self.tat < now
 
     def adjust(self, delta: int, now: float) -> None:
@@ -451,13 +461,23 @@ class RateLimiter:
 
     def _admit(self, tokens: int, now: float, late_s: float = 0.0) -> LocalTicket:
         """Admit a request at ``now``, by a timer that fired ``late_s`` seconds late."""
+        rpm_idle_s, tpm_idle_s = self._unspent_s(now)
         ticket = LocalTicket(self, str(next(self._ids)), tokens, now, now + self._unanswered_s)
         self._log.add(ticket)
         # The pace goes on from when the timer was due: a busy event loop's lateness is then not
         # quota lost for good (the log still holds every window to the limit).
-        self._rpm.charge(1, now - late_s)
-        self._tpm.charge(tokens, now - late_s)
+        self._rpm.charge(1, now - late_s, rpm_idle_s)
+        self._tpm.charge(tokens, now - late_s, tpm_idle_s)
         return ticket
+
+    def _unspent_s(self, now: float) -> tuple[float, float]:
+        """How many seconds of pace left unspent (requests, tokens) are kept: half a window, and
+        none within a window of a 429 (the server said no). The log, the hard guarantee, still
+        admits only what fits the current window: this only lets the pace catch up where it
+        fell behind."""
+        if now - self._last_429_at < self._window_s:
+            return 0.0, 0.0
+        return _IDLE_SHARE * self._window_s, _IDLE_SHARE * self._window_s
 
     def _abandon(self, waiter: _Waiter) -> None:
         """Undo a waiter whose caller was cancelled (or failed) around the await."""

@@ -252,6 +252,27 @@ async def test_start_up_is_paid_from_the_first_window_within_a_tenth_of_it() -> 
     assert at_once == [1, 6, 11, 1]
 
 
+async def test_pace_unspent_while_nobody_waited_is_kept_up_to_half_a_window() -> None:
+    limits = RateLimits(rpm=1000, tpm=1000, window_s=10.0, headroom=0.0, burst_s=0.0)
+    at_once = []
+    for idle_s in (0.0, 3.0, 100.0):
+        clock = ManualClock()
+        limiter = RateLimiter(limits, clock)
+        await limiter.acquire(10)  # 100 tokens/s: the pace is 0.1 s ahead
+        await run_until(clock, 0.1 + idle_s)
+        tasks = [start(limiter.acquire(10)) for _ in range(80)]
+        await spin()
+        at_once.append(sum(task.done() for task in tasks))
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    # None idle: one at a time. Idle 3 s: those 3 s of pace (300 tokens) at once, and the one
+    # due now. Idle far longer: half a window of pace (500 tokens), not the whole log's room.
+    assert at_once[0] == 1
+    assert 30 <= at_once[1] <= 31
+    assert 50 <= at_once[2] <= 51
+
+
 async def test_log_keeps_an_entry_a_margin_past_the_window() -> None:
     # The server's arrival times lag our admissions by a latency that varies: an entry stays
     # half the headroom's share of a window longer than the window.
