@@ -9,7 +9,8 @@ import orjson
 import pytest
 
 from sfembed import testing
-from sfembed._cli import _parser, _settings, main
+from sfembed._cli import _parser, main
+from sfembed._commands import settings_from
 
 MODEL = "BAAI/bge-m3"
 
@@ -111,7 +112,7 @@ def test_flags_override_config_keys(tmp_path: Path) -> None:
             "float16",
         ]
     )
-    settings = _settings(args)
+    settings = settings_from(args)
     assert settings.concurrency == 4
     assert (settings.rate.rpm, settings.rate.tpm) == (10, 5000)
     assert settings.io.text_field == "body"

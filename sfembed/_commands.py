@@ -1,0 +1,289 @@
+"""The commands ``sfembed embed``, ``report`` and ``serve``, run from their parsed arguments.
+
+``embed`` turns its flags into settings, checks the service's key and address, then runs the
+job with a progress bar and signal handling (a first SIGINT or SIGTERM stops it after a
+checkpoint, a second at once) and returns the exit code ``_cli`` documents.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import os
+import re
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from . import testing
+from ._client import EmbeddingClient, client_for
+from ._config import DEFAULT_KEY_ENV, RateLimits, Settings, load_settings, model_spec
+from ._engine import shared_limiter_for
+from ._estimate import dry_run, price_of
+from ._exceptions import ConfigError, SFEmbedError
+from ._job import JobSummary, run_job
+from ._manifest import load_manifest, manifest_path_for
+from ._options import overrides, replaced
+from ._progress import TqdmProgress
+from ._quota import SharedLimiter
+from ._report import load_report, plot_report, report_table
+from ._sources import count_lines, find_sources
+from ._summary import dry_run_table, quota_line, summary_table
+
+__all__ = [
+    "EXIT_FAILED",
+    "EXIT_INTERRUPTED",
+    "EXIT_OK",
+    "EXIT_STOPPED",
+    "EXIT_USAGE",
+    "embed",
+    "serve",
+    "settings_from",
+    "show_report",
+]
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+#: A job stopped by a signal after a clean checkpoint: run it again with --resume (EX_TEMPFAIL).
+EXIT_STOPPED = 75
+
+_VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_SHOWN_VARIABLE = re.compile(r"[A-Z_][A-Z0-9_]*")  # a conventional name, safe to print back
+_PRICES = Path("configs/prices.toml")
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    """The config file's settings, then every flag given on top (``dataclasses.replace``)."""
+    settings = load_settings(args.config)
+    for key, value in overrides(args).items():
+        settings = replaced(settings, key, value)
+    if args.allow_insecure_http:
+        settings = replaced(settings, "allow_insecure_http", True)
+    return replaced(settings, "io.cache", False) if args.no_cache else settings
+
+
+def _check_service(settings: Settings) -> None:
+    """Refuse, without printing them, a key given where a variable's name belongs, a variable
+    that holds no key, and a base URL with credentials or a query. Raises ConfigError."""
+    name = settings.api_key_env
+    shown = name if _SHOWN_VARIABLE.fullmatch(name) else "named by --api-key-env"
+    if not _VARIABLE.fullmatch(name):
+        raise ConfigError(
+            "--api-key-env takes the name of an environment variable (such as "
+            f"{DEFAULT_KEY_ENV}), not the key itself: export the key in a variable and name it"
+        )
+    if not os.environ.get(name, "").strip():  # the client strips a key file's newline
+        raise ConfigError(f"no API key: set the environment variable {shown}")
+    parts = urlsplit(settings.base_url)
+    if parts.username is not None or parts.password is not None:
+        raise ConfigError(
+            "the base URL holds credentials (user:password@host): remove them; the API key "
+            "goes in the environment variable --api-key-env names"
+        )
+    if parts.query or parts.fragment:
+        raise ConfigError(
+            "the base URL holds a query string or fragment (after ? or #): give the API's "
+            "address only, such as https://api.siliconflow.cn/v1"
+        )
+
+
+async def embed(args: argparse.Namespace) -> int:
+    settings = settings_from(args)
+    if args.dry_run:
+        return _dry_run(args, settings)
+    if not args.local:
+        _check_service(settings)
+        async with client_for(settings) as client:
+            return await _run(args, settings, client)
+    limits = testing.ModelLimits(rpm=settings.rate.rpm, tpm=settings.rate.tpm)
+    config = testing.ServerConfig(window_s=settings.rate.window_s, default_limits=limits)
+    async with testing.LocalServer(config) as server:
+        print(
+            f"local server on {server.url} (RPM {limits.rpm:,}, TPM {limits.tpm:,} "
+            f"per {settings.rate.window_s:g} s)"
+        )
+        local = dataclasses.replace(settings, base_url=server.url)
+        async with EmbeddingClient(api_key=config.api_key, base_url=server.url) as client:
+            return await _run(args, local, client)
+
+
+async def _run(args: argparse.Namespace, settings: Settings, client: EmbeddingClient) -> int:
+    if not settings.quota:
+        return await _run_with(args, settings, client, None)
+    async with shared_limiter_for(settings) as limiter:
+        return await _run_with(args, settings, client, limiter)
+
+
+async def _run_with(
+    args: argparse.Namespace,
+    settings: Settings,
+    client: EmbeddingClient,
+    limiter: SharedLimiter | None,
+) -> int:
+    progress = None if args.no_progress else TqdmProgress(total=_count_lines(args.input))
+    stop = asyncio.Event()
+    job = asyncio.ensure_future(
+        run_job(
+            args.input,
+            args.out,
+            settings,
+            client=client,
+            errors_path=args.errors,
+            on_batch=progress.update if progress else None,
+            resume=args.resume or args.resume_or_restart,
+            restart=args.resume_or_restart,
+            stop=stop,
+            limiter=limiter,
+            report_path=args.report,
+            **_pricing(args, settings),
+        )
+    )
+    try:
+        with _Signals(stop, job, settings.timeouts.grace_s) as signals:
+            summary = await _outcome(job)
+    finally:
+        if progress is not None:
+            progress.close(progress.last)
+    if summary is not None:
+        return _finish(summary, settings.rate, limiter)
+    if signals.forced:
+        print("sfembed: exited at once; run again with --resume to continue", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    grace = f"the {settings.timeouts.grace_s:g} s grace period ended with requests in flight"
+    print(
+        f"sfembed: stopped after {_records_done(args.out)} records ({grace}); "
+        "run again with --resume to continue",
+        file=sys.stderr,
+    )
+    return EXIT_STOPPED
+
+
+def _records_done(out: str) -> str:
+    """The records the last checkpoint of the job writing ``out`` holds, as text."""
+    try:
+        manifest = load_manifest(manifest_path_for(out))
+    except SFEmbedError:
+        manifest = None
+    return "?" if manifest is None else f"{manifest.checkpoint.records:,}"
+
+
+async def _outcome(job: asyncio.Future[JobSummary]) -> JobSummary | None:
+    """The job's summary, or None when a second signal or the grace period cancelled it."""
+    try:
+        return await job
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise  # we are being cancelled ourselves, not just the job
+        return None
+
+
+def _finish(summary: JobSummary, limits: RateLimits, limiter: SharedLimiter | None) -> int:
+    print(summary_table(summary, limits))
+    if limiter is not None:
+        print(quota_line(limiter))
+    if summary.errors_path is not None:
+        print(f"{summary.failed:,} record(s) failed: see {summary.errors_path}")
+    if summary.stopped:
+        again = "with --resume to continue" if summary.manifest_path else "to start over"
+        print(f"stopped after {summary.records:,} records; run again {again}", file=sys.stderr)
+        return EXIT_STOPPED
+    return EXIT_FAILED if summary.errors_path is not None else EXIT_OK
+
+
+class _Signals:
+    """SIGINT and SIGTERM while a job runs: the first stops it gracefully (no new requests, those
+    in flight answered, a checkpoint, then exit) within ``grace_s`` seconds; a second cancels it
+    at once. Either way the manifest's last checkpoint leaves the job resumable."""
+
+    def __init__(self, stop: asyncio.Event, job: asyncio.Future[Any], grace_s: float) -> None:
+        self.stop = stop
+        self.job = job
+        self.grace_s = grace_s
+        self.loop = asyncio.get_running_loop()
+        self.deadline: asyncio.TimerHandle | None = None
+        self.forced = False  # a second signal, not the grace period, cancelled the job
+
+    def __enter__(self) -> _Signals:
+        for number in (signal.SIGINT, signal.SIGTERM):
+            self.loop.add_signal_handler(number, self._on_signal)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for number in (signal.SIGINT, signal.SIGTERM):
+            self.loop.remove_signal_handler(number)
+        if self.deadline is not None:
+            self.deadline.cancel()
+
+    def _on_signal(self) -> None:
+        if self.stop.is_set():
+            print("sfembed: second signal, exiting now", file=sys.stderr)
+            self.forced = True
+            self.job.cancel()
+            return
+        print(
+            f"sfembed: stopping: waiting up to {self.grace_s:g} s for requests in flight "
+            "(Ctrl-C again to exit at once)",
+            file=sys.stderr,
+        )
+        self.stop.set()
+        self.deadline = self.loop.call_later(self.grace_s, self.job.cancel)
+
+
+def _count_lines(inputs: list[str]) -> int | None:
+    """Lines of the inputs, for the bar's total (None for binary, compressed or piped inputs,
+    or inputs that cannot be read: the job then says why)."""
+    try:
+        return count_lines(find_sources(inputs))
+    except (SFEmbedError, OSError):
+        return None
+
+
+def _pricing(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    """The price per million tokens of the job's model, and the file it comes from: a prices
+    file the user names must exist; the shipped default is used when present."""
+    prices = Path(args.prices) if args.prices else _PRICES
+    if args.prices is None and not prices.exists():
+        return {"price_per_million": None, "prices_file": None}
+    spec = model_spec(settings)
+    return {"price_per_million": price_of(spec.name, prices), "prices_file": str(prices)}
+
+
+def _dry_run(args: argparse.Namespace, settings: Settings) -> int:
+    """``--dry-run``: count and price the job without sending; print the plan."""
+    spec = model_spec(settings)
+    pricing = _pricing(args, settings)
+    plan = dry_run(args.input, settings, spec, pricing["price_per_million"] or 0.0)
+    print(dry_run_table(plan, pricing["prices_file"]))
+    return EXIT_OK
+
+
+async def show_report(args: argparse.Namespace) -> int:
+    report = load_report(args.report)
+    print(report_table(report))
+    if args.plot:
+        plot_report(report, args.plot)
+        print(f"plot written to {args.plot}")
+    return EXIT_OK
+
+
+async def serve(args: argparse.Namespace) -> int:
+    faults = testing.Faults(
+        rate_503=args.rate_503,
+        rate_504=args.rate_504,
+        rate_reset=args.rate_reset,
+        rate_stall=args.rate_stall,
+        seed=args.seed,
+    )
+    config = testing.ServerConfig(
+        api_key=args.api_key,
+        host=args.host,
+        port=args.port,
+        window_s=args.window_s,
+        default_limits=testing.ModelLimits(rpm=args.rpm, tpm=args.tpm),
+        faults=faults,
+    )
+    await testing.serve(config, on_ready=lambda url: print(f"serving on {url}", flush=True))
+    return EXIT_OK
