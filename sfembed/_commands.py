@@ -9,29 +9,30 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
+import functools
 import os
 import re
 import signal
 import sys
+import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from . import testing
-from ._client import EmbeddingClient, client_for
 from ._config import DEFAULT_KEY_ENV, RateLimits, Settings, load_settings, model_spec
-from ._engine import shared_limiter_for
-from ._estimate import dry_run, price_of
 from ._exceptions import ConfigError, SFEmbedError
-from ._job import JobSummary, run_job
-from ._manifest import load_manifest, manifest_path_for
 from ._options import overrides, replaced
-from ._progress import TqdmProgress
-from ._quota import SharedLimiter
-from ._report import load_report, plot_report, report_table
-from ._sources import count_lines, find_sources
 from ._summary import dry_run_table, quota_line, summary_table
+
+# The modules a command needs are imported when it runs, not here: --help and a usage error
+# should not load the client, the local server or the cache, and a job should reach its first
+# request without paying for what only a later moment of it needs.
+if TYPE_CHECKING:
+    from ._client import EmbeddingClient
+    from ._job import JobSummary
+    from ._quota import SharedLimiter
 
 __all__ = [
     "EXIT_FAILED",
@@ -95,8 +96,13 @@ async def embed(args: argparse.Namespace) -> int:
         return _dry_run(args, settings)
     if not args.local:
         _check_service(settings)
+        from ._client import client_for
+
         async with client_for(settings) as client:
             return await _run(args, settings, client)
+    from . import testing
+    from ._client import EmbeddingClient
+
     limits = testing.ModelLimits(rpm=settings.rate.rpm, tpm=settings.rate.tpm)
     config = testing.ServerConfig(window_s=settings.rate.window_s, default_limits=limits)
     async with testing.LocalServer(config) as server:
@@ -112,6 +118,8 @@ async def embed(args: argparse.Namespace) -> int:
 async def _run(args: argparse.Namespace, settings: Settings, client: EmbeddingClient) -> int:
     if not settings.quota:
         return await _run_with(args, settings, client, None)
+    from ._engine import shared_limiter_for
+
     async with shared_limiter_for(settings) as limiter:
         return await _run_with(args, settings, client, limiter)
 
@@ -122,8 +130,12 @@ async def _run_with(
     client: EmbeddingClient,
     limiter: SharedLimiter | None,
 ) -> int:
-    progress = None if args.no_progress else TqdmProgress(total=_count_lines(args.input))
+    from ._job import run_job
+    from ._progress import TqdmProgress
+
     stop = asyncio.Event()
+    count = functools.partial(_count_lines, args.input)
+    progress = None if args.no_progress else TqdmProgress(count=count)
     job = asyncio.ensure_future(
         run_job(
             args.input,
@@ -137,15 +149,13 @@ async def _run_with(
             stop=stop,
             limiter=limiter,
             report_path=args.report,
-            **_pricing(args, settings),
+            # Only a report shows the cost (a prices file named is checked all the same).
+            **(_pricing(args, settings) if args.report or args.prices else {}),
         )
     )
-    try:
+    async with progress or contextlib.nullcontext():
         with _Signals(stop, job, settings.timeouts.grace_s) as signals:
             summary = await _outcome(job)
-    finally:
-        if progress is not None:
-            progress.close(progress.last)
     if summary is not None:
         return _finish(summary, settings.rate, limiter)
     if signals.forced:
@@ -162,6 +172,8 @@ async def _run_with(
 
 def _records_done(out: str) -> str:
     """The records the last checkpoint of the job writing ``out`` holds, as text."""
+    from ._manifest import load_manifest, manifest_path_for
+
     try:
         manifest = load_manifest(manifest_path_for(out))
     except SFEmbedError:
@@ -232,11 +244,13 @@ class _Signals:
         self.deadline = self.loop.call_later(self.grace_s, self.job.cancel)
 
 
-def _count_lines(inputs: list[str]) -> int | None:
+def _count_lines(inputs: list[str], stop: threading.Event) -> int | None:
     """Lines of the inputs, for the bar's total (None for binary, compressed or piped inputs,
-    or inputs that cannot be read: the job then says why)."""
+    or inputs that cannot be read: the job then says why; or once ``stop`` is set)."""
+    from ._sources import count_lines, find_sources
+
     try:
-        return count_lines(find_sources(inputs))
+        return count_lines(find_sources(inputs), stop)
     except (SFEmbedError, OSError):
         return None
 
@@ -247,12 +261,16 @@ def _pricing(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     prices = Path(args.prices) if args.prices else _PRICES
     if args.prices is None and not prices.exists():
         return {"price_per_million": None, "prices_file": None}
+    from ._estimate import price_of
+
     spec = model_spec(settings)
     return {"price_per_million": price_of(spec.name, prices), "prices_file": str(prices)}
 
 
 def _dry_run(args: argparse.Namespace, settings: Settings) -> int:
     """``--dry-run``: count and price the job without sending; print the plan."""
+    from ._estimate import dry_run
+
     spec = model_spec(settings)
     pricing = _pricing(args, settings)
     plan = dry_run(args.input, settings, spec, pricing["price_per_million"] or 0.0)
@@ -261,6 +279,8 @@ def _dry_run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def show_report(args: argparse.Namespace) -> int:
+    from ._report import load_report, plot_report, report_table
+
     report = load_report(args.report)
     print(report_table(report))
     if args.plot:
@@ -270,6 +290,8 @@ async def show_report(args: argparse.Namespace) -> int:
 
 
 async def serve(args: argparse.Namespace) -> int:
+    from . import testing
+
     faults = testing.Faults(
         rate_503=args.rate_503,
         rate_504=args.rate_504,

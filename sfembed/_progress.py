@@ -1,31 +1,107 @@
-"""The progress hook: a tqdm bar fed from a job's live counters. The only module importing tqdm."""
+"""The progress hook: a tqdm bar fed from a job's live counters. The only module importing tqdm.
+
+The bar stays off a job's way to its first request: tqdm is imported when the bar is first
+drawn (at the first update, or ``show_after_s`` into the job), and its total, the input's lines,
+is counted on a thread meanwhile (a file of gigabytes takes seconds to count).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
-from typing import TextIO
-
-from tqdm import tqdm
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TextIO
 
 from ._types import JobStats
 
+if TYPE_CHECKING:
+    from tqdm import tqdm
+
 __all__ = ["TqdmProgress", "eta_s"]
+
+#: tqdm's default lock holds a multiprocessing lock as well, whose import and semaphore cost
+#: some 20 ms of start-up; the bar is only written from this process's threads.
+_LOCK = threading.RLock()
+
+#: Counts the input's lines for the bar's total; returns None when it cannot (a pipe, a compressed
+#: file) or when the event it is given is set (the job ended first).
+LineCounter = Callable[[threading.Event], int | None]
 
 
 class TqdmProgress:
     """Records done, tokens/s, requests in flight, 429s and retries, and an ETA at the limiter's
-    pace (``eta``; tqdm's own estimate from the record rate stays in the bar)."""
+    pace (``eta``; tqdm's own estimate from the record rate stays in the bar).
 
-    def __init__(self, *, total: int | None = None, file: TextIO | None = None) -> None:
-        self._bar = tqdm(total=total, unit="rec", file=file, dynamic_ncols=True, smoothing=0.1)
+    As an async context manager it counts its total with ``count`` on a thread and draws the bar
+    after ``show_after_s`` seconds if no update came first; leaving it stops the count and
+    closes the bar."""
+
+    def __init__(
+        self,
+        *,
+        total: int | None = None,
+        file: TextIO | None = None,
+        count: LineCounter | None = None,
+        show_after_s: float = 0.5,
+    ) -> None:
+        self._total = total
+        self._file = file
+        self._count = count
+        self._show_after_s = show_after_s
+        self._bar: tqdm[Any] | None = None
         self._shown = 0
+        self._stop_counting = threading.Event()
+        self._tasks: list[asyncio.Future[Any] | asyncio.TimerHandle] = []
         self.last = JobStats()
+
+    async def __aenter__(self) -> TqdmProgress:
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.call_later(self._show_after_s, self.show))
+        if self._count is not None:
+            counting = asyncio.ensure_future(asyncio.to_thread(self._count, self._stop_counting))
+            counting.add_done_callback(self._counted)
+            self._tasks.append(counting)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._stop_counting.set()
+        for task in self._tasks:
+            task.cancel()
+        self.close(self.last)
+
+    def _counted(self, counting: asyncio.Future[int | None]) -> None:
+        if not counting.cancelled() and counting.exception() is None:
+            self.set_total(counting.result())
+
+    def set_total(self, total: int | None) -> None:
+        """The records the job will have done at the end (None: unknown)."""
+        self._total = total
+        if self._bar is not None and total is not None:
+            self._bar.total = total
+            self._bar.refresh()
+
+    def show(self) -> tqdm[Any]:
+        """The bar, drawn now if it was not yet."""
+        if self._bar is None:
+            from tqdm import tqdm
+
+            tqdm.set_lock(_LOCK)
+            self._bar = tqdm(
+                total=self._total,
+                unit="rec",
+                file=self._file,
+                dynamic_ncols=True,
+                smoothing=0.1,
+            )
+        return self._bar
 
     def update(self, stats: JobStats) -> None:
         self.last = stats
+        bar = self.show()
         elapsed = max(time.monotonic() - stats.started_s, 1e-9)
-        self._bar.set_postfix(
-            eta=_eta(stats, self._bar.total),
+        bar.set_postfix(
+            eta=_eta(stats, bar.total),
             tok_s=f"{stats.tokens / elapsed:,.0f}",
             inflight=stats.in_flight,
             r429=stats.rate_limited,
@@ -34,12 +110,15 @@ class TqdmProgress:
             refresh=False,
         )
         done = stats.resumed + stats.rows
-        self._bar.update(done - self._shown)
+        bar.update(done - self._shown)
         self._shown = done
 
     def close(self, stats: JobStats) -> None:
-        self.update(stats)
-        self._bar.close()
+        """The bar with ``stats`` shown, closed; none is drawn now if none was (a job that
+        ended before its first row)."""
+        if self._bar is not None:
+            self.update(stats)
+            self._bar.close()
 
 
 def eta_s(stats: JobStats, total: int | None) -> float | None:

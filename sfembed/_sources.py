@@ -28,6 +28,7 @@ import os
 import re
 import stat
 import sys
+import threading
 import zlib
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
@@ -288,15 +289,19 @@ def _format_from_name(path: Path) -> str:
     return kind
 
 
-def count_lines(sources: Sequence[Source]) -> int | None:
+def count_lines(sources: Sequence[Source], stop: threading.Event | None = None) -> int | None:
     """The lines of the sources, for a progress bar's total; None when one cannot be counted
-    without reading it twice or decompressing it (a pipe, a compressed file, Parquet)."""
+    without reading it twice or decompressing it (a pipe, a compressed file, Parquet), or when
+    ``stop`` is set before the count is done (it is checked between reads)."""
     if not all(s.rereadable and s.compression is None and s.format != "parquet" for s in sources):
         return None
     total = 0
     for source in sources:
         with open(source.name, "rb") as handle:
-            total += sum(piece.count(b"\n") for piece in iter(lambda: handle.read(_BUFFER), b""))
+            for piece in iter(lambda: handle.read(_BUFFER), b""):
+                if stop is not None and stop.is_set():
+                    return None
+                total += piece.count(b"\n")
     return total
 
 

@@ -15,11 +15,12 @@ TESTING_PASSES_ON = {"synthetic_corpus"}
 
 
 def _exposed(module: types.ModuleType) -> set[str]:
-    """The public names a package module makes available (what it imports for its users)."""
+    """The public names a package module makes available (what it imports for its users, at
+    once or on first use)."""
     return {
         name
-        for name, value in vars(module).items()
-        if not name.startswith("_") and not isinstance(value, types.ModuleType)
+        for name in dir(module)
+        if not name.startswith("_") and not isinstance(getattr(module, name), types.ModuleType)
     }
 
 

@@ -1,0 +1,211 @@
+"""How soon does `sfembed embed` send? Time from process start to the first request, as a user runs it.
+
+    python benchmarks/bench_startup.py [--scenario demo,tpm,rpm,big,help] [--repeat 5]
+
+The clock starts just before the job's process is spawned and stops when its first request
+arrives at the server, so interpreter start-up, imports, settings, the job's files, the cache and
+the first reading of the input all count. Each scenario runs ``--repeat`` times; the table gives
+the median, min and max.
+
+* ``demo``: ``make demo``'s command (``--local``: the server starts inside the job's process, so
+  its start counts too; the 40 long records need the exact XLM-R tokenizer). Runs to the end and
+  also gives the summary's "TPM utilisation" and wall time.
+* ``tpm``, ``rpm``: the TPM-bound and RPM-bound inputs of ``bench_pacing.py``, the command line
+  with its defaults (cache on, progress bar on) against the local server in another process;
+  stopped once the first request has arrived.
+* ``big``: 1,000,000 short documents (about 90 MB), as ``tpm`` otherwise: the cost of reading,
+  counting or hashing the whole input before the first request.
+* ``help``: ``sfembed --help``, the whole process's wall time (imports alone).
+
+In ``demo`` the server is inside the job's process: the first request's arrival is when the
+server's handler gets it, found by a wrapper that runs the same entry point as the ``sfembed``
+script and marks the handler's first call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import random
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+from _harness import table
+from bench_pacing import PROFILES, WINDOW_S, documents
+
+from sfembed import testing
+
+KEY = "sk-local-test"
+ROOT = Path(__file__).resolve().parent.parent
+
+# Runs the command line as the `sfembed` script does, and writes time.monotonic() of the local
+# server's first request into the file named by the first argument. The audit hook patches the
+# server's handler once sfembed.testing is imported; it imports nothing itself.
+_MARKED = r"""
+import sys, time
+mark = sys.argv.pop(1)
+state = {"patched": False, "done": False}
+def hook(event, args):
+    if state["patched"]:
+        return
+    server = getattr(sys.modules.get("sfembed.testing"), "LocalServer", None)
+    if server is None:
+        return
+    state["patched"] = True
+    respond = server._respond
+    async def first(self, request):
+        if not state["done"]:
+            state["done"] = True
+            with open(mark, "w") as out:
+                out.write(repr(time.monotonic()))
+        return await respond(self, request)
+    server._respond = first
+sys.addaudithook(hook)
+sys.argv[0] = "sfembed"
+from sfembed._cli import main
+sys.exit(main())
+"""
+
+
+def _serve_first(config: testing.ServerConfig, conn: Connection) -> None:
+    """The server for a stopped-early run: sends its URL, then the time of the first request
+    as soon as it arrives, then waits to be told to stop."""
+
+    async def run() -> None:
+        async with testing.LocalServer(config) as server:
+            conn.send(server.url)
+            while server.stats.first_request_at is None:
+                await asyncio.sleep(0.001)
+            conn.send(server.stats.first_request_at)
+            await asyncio.get_running_loop().run_in_executor(None, conn.recv)
+
+    asyncio.run(run())
+
+
+def _write_jsonl(path: Path, texts: list[str]) -> None:
+    with open(path, "w", encoding="utf-8") as out:
+        for i, text in enumerate(texts):
+            out.write(json.dumps({"id": f"d{i}", "text": text}, ensure_ascii=False) + "\n")
+
+
+def _big_texts() -> list[str]:
+    rng = random.Random(3)
+    words = "data model vector search index query token window request limit batch".split()
+    return [f"record {i} on {' '.join(rng.choices(words, k=12))}." for i in range(1_000_000)]
+
+
+def first_request_external(name: str, source: Path, workdir: Path) -> float:
+    """Seconds from spawning the job to its first request at a server in another process."""
+    profile = PROFILES["tpm" if name == "big" else name]
+    limits = testing.ModelLimits(rpm=profile.rpm, tpm=profile.tpm)
+    config = testing.ServerConfig(window_s=WINDOW_S, default_limits=limits)
+    parent, child = mp.Pipe()
+    server = mp.get_context("spawn").Process(target=_serve_first, args=(config, child))
+    server.start()
+    try:
+        url = parent.recv()
+        command = [
+            *(sys.executable, "-m", "sfembed", "embed", str(source)),
+            *("--out", str(workdir / "out.npy"), "--base-url", url, "--model", profile.model),
+            *("--rpm", str(profile.rpm), "--tpm", str(profile.tpm), "--window-s", str(WINDOW_S)),
+        ]
+        env = {**os.environ, "SILICONFLOW_API_KEY": KEY}
+        started = time.monotonic()
+        job = subprocess.Popen(
+            command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        try:
+            arrived = parent.recv() if parent.poll(60) else float("nan")
+        finally:
+            job.send_signal(signal.SIGKILL)
+            job.wait()
+        parent.send("stop")
+        return float(arrived) - started
+    finally:
+        server.join(timeout=10)
+        if server.is_alive():
+            server.kill()
+
+
+def demo(workdir: Path) -> tuple[float, float, float]:
+    """(first request s, wall s, TPM utilisation) of ``make demo``'s command."""
+    mark = workdir / "first"
+    command = [
+        *(sys.executable, "-c", _MARKED, str(mark), "embed", "--local"),
+        *(str(ROOT / "sfembed/data/sample.jsonl"), "--out", str(workdir / "demo.npy")),
+        *("--model", "BAAI/bge-m3", "--rpm", "600", "--tpm", "300000", "--window-s", "6"),
+        "--no-cache",
+    ]
+    started = time.monotonic()
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, check=True)
+    wall = time.monotonic() - started
+    found = re.search(r"TPM utilisation\s+([\d.]+)%", done.stdout)
+    utilisation = float(found.group(1)) / 100 if found else float("nan")
+    return float(mark.read_text()) - started, wall, utilisation
+
+
+def help_wall() -> float:
+    started = time.monotonic()
+    subprocess.run([sys.executable, "-m", "sfembed", "--help"], capture_output=True, check=True)
+    return time.monotonic() - started
+
+
+def spread(values: list[float], show: Callable[[float], str]) -> str:
+    return f"{show(statistics.median(values))} ({show(min(values))}-{show(max(values))})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scenario", default="demo,tpm,rpm,big,help", help="comma-separated")
+    parser.add_argument("--repeat", type=int, default=5, help="runs per scenario")
+    args = parser.parse_args()
+    load = os.getloadavg()[0]
+    rows = []
+    seconds: Callable[[float], str] = lambda s: f"{s:.2f} s"  # noqa: E731
+    with tempfile.TemporaryDirectory(prefix="sfembed-startup-") as folder:
+        base = Path(folder)
+        for name in args.scenario.split(","):
+            firsts: list[float] = []
+            extra: list[tuple[float, float]] = []
+            source = base / f"{name}.jsonl"
+            if name in ("tpm", "rpm"):
+                _write_jsonl(source, documents(PROFILES[name]))
+            elif name == "big":
+                _write_jsonl(source, _big_texts())
+            for _ in range(args.repeat):
+                workdir = base / "run"
+                shutil.rmtree(workdir, ignore_errors=True)
+                workdir.mkdir()
+                if name == "demo":
+                    first, wall, utilisation = demo(workdir)
+                    extra.append((wall, utilisation))
+                elif name == "help":
+                    first = help_wall()
+                else:
+                    first = first_request_external(name, source, workdir)
+                firsts.append(first)
+                print(f"{name}: {first:.3f} s", file=sys.stderr, flush=True)
+            label = "whole process (--help)" if name == "help" else "first request"
+            rows.append((name, label, spread(firsts, seconds)))
+            if extra:
+                walls, shares = [w for w, _ in extra], [u for _, u in extra]
+                rows.append((name, "wall", spread(walls, seconds)))
+                rows.append((name, "TPM utilisation", spread(shares, lambda u: f"{u:.1%}")))
+    print(f"load average at the start: {load:.1f}; median (min-max) of {args.repeat} runs")
+    print(table(rows, ("scenario", "figure", "value")))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""Nothing slow before it is needed: importing sfembed, asking for --help and starting a job load
+only what they use, and the progress bar's total is counted beside the job, not before it.
+
+Each import check runs in a fresh interpreter, as a user's process starts."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from sfembed import JobStats
+from sfembed._progress import TqdmProgress
+
+OPTIONAL = {"lancedb", "pyarrow", "zstandard", "redis", "ray", "matplotlib"}
+
+
+def _modules_after(code: str, tmp_path: Path) -> set[str]:
+    """The modules a fresh interpreter holds once ``code`` has run (in ``tmp_path``)."""
+    listing = "import sys, json\nprint(json.dumps(sorted(sys.modules)))"
+    done = subprocess.run(
+        [sys.executable, "-c", f"{code}\n{listing}"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return set(json.loads(done.stdout.splitlines()[-1]))
+
+
+def test_importing_sfembed_loads_no_stage_until_a_name_is_used(tmp_path: Path) -> None:
+    modules = _modules_after("import sfembed", tmp_path)
+    assert "sfembed._exceptions" in modules  # the check sees what is imported
+    unwanted = {"sfembed._cache", "sfembed._client", "sfembed._engine", "aiohttp", "numpy"}
+    assert not modules & (unwanted | OPTIONAL)
+    modules = _modules_after("from sfembed import EmbeddingCache", tmp_path)
+    assert "sfembed._cache" in modules
+
+
+def test_help_loads_no_client_cache_server_bar_or_optional_library(tmp_path: Path) -> None:
+    code = (
+        "import contextlib, io\n"
+        "from sfembed._cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    assert main(['embed', '--help']) == 0"
+    )
+    modules = _modules_after(code, tmp_path)
+    assert "sfembed._options" in modules
+    unwanted = {"sfembed._cache", "sfembed._client", "sfembed.testing", "sfembed._job"}
+    assert not modules & (unwanted | {"aiohttp", "tqdm", "tokenizers"} | OPTIONAL)
+
+
+def test_a_job_of_short_texts_loads_no_tokenizer_bar_or_optional_library(tmp_path: Path) -> None:
+    lines = (json.dumps({"id": str(i), "text": f"text number {i}"}) for i in range(50))
+    (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
+    code = (
+        "import contextlib, io\n"
+        "from sfembed._cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    assert main(['embed', '--local', 'in.jsonl', '--out', 'out.npy', '--no-cache',\n"
+        "                 '--no-progress', '--model', 'BAAI/bge-m3']) == 0"
+    )
+    modules = _modules_after(code, tmp_path)
+    assert {"sfembed._job", "sfembed.testing"} <= modules
+    assert (tmp_path / "out.npy").exists()
+    unwanted = {"tqdm", "tokenizers", "sfembed._estimate", "multiprocessing"}
+    assert not modules & (unwanted | OPTIONAL)
+
+
+async def test_the_bar_counts_its_total_beside_the_job_and_stops_counting_when_it_ends() -> None:
+    counting, finished = threading.Event(), threading.Event()
+    stopped: list[bool] = []
+
+    def count(stop: threading.Event) -> int | None:
+        counting.set()
+        stopped.append(stop.wait(timeout=30))  # a count still going when the job ends
+        finished.set()
+        return None
+
+    out = io.StringIO()
+    async with TqdmProgress(count=count, file=out, show_after_s=3600) as bar:
+        assert await asyncio.to_thread(counting.wait, 30)
+        bar.update(JobStats(rows=3))
+        assert not stopped
+    assert await asyncio.to_thread(finished.wait, 30)
+    assert stopped == [True]
+    assert "3rec" in out.getvalue()
+
+
+async def test_the_bar_takes_its_total_once_counted_and_draws_itself_unasked() -> None:
+    out = io.StringIO()
+    async with TqdmProgress(count=lambda stop: 40, file=out, show_after_s=0) as bar:
+        while "/40" not in out.getvalue():
+            await asyncio.sleep(0.01)
+        bar.update(JobStats(rows=40))
+    assert "40/40" in out.getvalue()
+
+
+async def test_a_job_that_ends_before_its_first_row_draws_no_bar() -> None:
+    out = io.StringIO()
+    async with TqdmProgress(count=lambda stop: 10, file=out, show_after_s=3600):
+        pass
+    assert out.getvalue() == ""
