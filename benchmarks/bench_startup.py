@@ -1,4 +1,4 @@
-"""How soon does `sfembed embed` send? Time from process start to the first request, as a user runs it.
+"""How soon does `sfembed embed` send? From process start to the first request, as a user runs it.
 
     python benchmarks/bench_startup.py [--scenario demo,tpm,rpm,big,help] [--repeat 5]
 
@@ -86,7 +86,7 @@ def _serve_first(config: testing.ServerConfig, conn: Connection) -> None:
     async def run() -> None:
         async with testing.LocalServer(config) as server:
             conn.send(server.url)
-            while server.stats.first_request_at is None:
+            while server.stats.first_request_at is None:  # noqa: ASYNC110 (no event to wait on)
                 await asyncio.sleep(0.001)
             conn.send(server.stats.first_request_at)
             await asyncio.get_running_loop().run_in_executor(None, conn.recv)
@@ -102,7 +102,7 @@ def _write_jsonl(path: Path, texts: list[str]) -> None:
 
 def _big_texts() -> list[str]:
     rng = random.Random(3)
-    words = "data model vector search index query token window request limit batch".split()
+    words = ["data", "model", "vector", "search", "index", "query", "token", "window", "limit"]
     return [f"record {i} on {' '.join(rng.choices(words, k=12))}." for i in range(1_000_000)]
 
 

@@ -8,6 +8,7 @@ is counted on a thread meanwhile (a file of gigabytes takes seconds to count).
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -19,6 +20,8 @@ if TYPE_CHECKING:
     from tqdm import tqdm
 
 __all__ = ["TqdmProgress", "eta_s"]
+
+log = logging.getLogger("sfembed")
 
 #: tqdm's default lock holds a multiprocessing lock as well, whose import and semaphore cost
 #: some 20 ms of start-up; the bar is only written from this process's threads.
@@ -52,27 +55,28 @@ class TqdmProgress:
         self._bar: tqdm[Any] | None = None
         self._shown = 0
         self._stop_counting = threading.Event()
-        self._tasks: list[asyncio.Future[Any] | asyncio.TimerHandle] = []
+        self._counting: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
         self.last = JobStats()
 
     async def __aenter__(self) -> TqdmProgress:
-        loop = asyncio.get_running_loop()
-        self._tasks.append(loop.call_later(self._show_after_s, self.show))
+        self._timer = asyncio.get_running_loop().call_later(self._show_after_s, self.show)
         if self._count is not None:
-            counting = asyncio.ensure_future(asyncio.to_thread(self._count, self._stop_counting))
-            counting.add_done_callback(self._counted)
-            self._tasks.append(counting)
+            self._counting = asyncio.create_task(self._fill_total(self._count))
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         self._stop_counting.set()
-        for task in self._tasks:
-            task.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._counting is not None:
+            await asyncio.wait([self._counting])  # the count ends at its next read, if not yet
+            if not self._counting.cancelled() and self._counting.exception() is not None:
+                log.warning("the bar's total was not counted: %s", self._counting.exception())
         self.close(self.last)
 
-    def _counted(self, counting: asyncio.Future[int | None]) -> None:
-        if not counting.cancelled() and counting.exception() is None:
-            self.set_total(counting.result())
+    async def _fill_total(self, count: LineCounter) -> None:
+        self.set_total(await asyncio.to_thread(count, self._stop_counting))
 
     def set_total(self, total: int | None) -> None:
         """The records the job will have done at the end (None: unknown)."""

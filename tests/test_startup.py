@@ -92,12 +92,18 @@ async def test_the_bar_counts_its_total_beside_the_job_and_stops_counting_when_i
     assert "3rec" in out.getvalue()
 
 
-async def test_the_bar_takes_its_total_once_counted_and_draws_itself_unasked() -> None:
+async def test_the_bar_draws_itself_unasked() -> None:
     out = io.StringIO()
-    async with TqdmProgress(count=lambda stop: 40, file=out, show_after_s=0) as bar:
-        while "/40" not in out.getvalue():
-            await asyncio.sleep(0.01)
-        bar.update(JobStats(rows=40))
+    async with TqdmProgress(count=lambda stop: 40, file=out, show_after_s=0):
+        await asyncio.sleep(0.05)  # the bar is due at once; no update comes
+    assert "0/40" in out.getvalue()  # drawn before its total was known, or after
+
+
+async def test_the_bar_shows_the_total_counted_beside_the_job() -> None:
+    out = io.StringIO()
+    async with TqdmProgress(count=lambda stop: 40, file=out, show_after_s=3600) as bar:
+        bar.update(JobStats(rows=10))
+        bar.last = JobStats(rows=40)
     assert "40/40" in out.getvalue()
 
 
