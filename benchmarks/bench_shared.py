@@ -60,6 +60,9 @@ class Worker:
 
     index: int
     admissions: list[tuple[float, int]] = field(default_factory=list)  # (wall time, tokens)
+    # (time.monotonic(), as the server's log: comparable across processes on one machine)
+    settles: list[tuple[float, int, int]] = field(default_factory=list)  # (time, charged, used)
+    limited_at: list[float] = field(default_factory=list)  # times of the 429s it was told of
     round_trips: int = 0
     rate_limited: int = 0
     fallbacks: int = 0
@@ -68,14 +71,26 @@ class Worker:
 
 
 class _Recording(SharedLimiter):
-    """A SharedLimiter that notes the wall time and tokens of each admission."""
+    """A SharedLimiter that notes each admission, settlement and 429 with its wall time."""
 
-    admissions: list[tuple[float, int]]
+    report: Worker
 
     async def acquire(self, tokens: int) -> Any:
         ticket = await super().acquire(tokens)
-        self.admissions.append((time.time(), tokens))
+        self.report.admissions.append((time.time(), tokens))
         return ticket
+
+    async def settle(self, ticket: Any, used_tokens: int) -> None:
+        charged = ticket.tokens
+        await super().settle(ticket, used_tokens)
+        if charged:
+            self.report.settles.append((time.monotonic(), charged, used_tokens))
+
+    async def on_rate_limited(
+        self, limit: str | None = None, retry_after_s: float | None = None
+    ) -> None:
+        self.report.limited_at.append(time.monotonic())
+        await super().on_rate_limited(limit, retry_after_s)
 
 
 def _work(index: int, texts: list[str], config: dict[str, Any], out: str, conn: Connection) -> None:
@@ -94,7 +109,7 @@ def _work(index: int, texts: list[str], config: dict[str, Any], out: str, conn: 
         limiter: SharedLimiter | None = None
         if config["quota"]:
             limiter = _Recording(config["quota"], rate, model=MODEL, lead_s=config["lead_s"])
-            limiter.admissions = report.admissions
+            limiter.report = report
         try:
             rows = await embed(
                 texts, model=MODEL, settings=settings, stats=stats, errors="nan", limiter=limiter
@@ -210,6 +225,11 @@ def _jain(results: dict[int, Worker]) -> float:
     return total * total / (len(shares) * sum(s * s for s in shares)) if total else float("nan")
 
 
+def _limited_at(run: Run, start: float) -> str:
+    times = sorted(t - start for w in run.results.values() for t in w.limited_at)
+    return ", ".join(f"{t:.1f}" for t in times) or "-"
+
+
 def _rows_wrong(run: Run) -> int:
     wrong = 0
     for index, (shard, out) in enumerate(zip(run.shards, run.outputs, strict=True)):
@@ -226,6 +246,20 @@ def _rows_wrong(run: Run) -> int:
     return wrong
 
 
+def _counted_over_charged(run: Run, start: float, window_s: float) -> str:
+    """Server's count over the charge of the settled requests, first window / after."""
+    first = [(c, u) for w in run.results.values() for t, c, u in w.settles if t < start + window_s]
+    later = [(c, u) for w in run.results.values() for t, c, u in w.settles if t >= start + window_s]
+
+    def ratio(pairs: list[tuple[int, int]]) -> str:
+        charged = sum(c for c, _ in pairs)
+        return f"{sum(u for _, u in pairs) / charged:.3f}" if charged else "-"
+
+    over = [u / c for w in run.results.values() for _, c, u in w.settles if u > c]
+    most = f", {len(over)} counted above it (at most {max(over):.3f})" if over else ""
+    return f"{ratio(first)} / {ratio(later)}{most}"
+
+
 def summarise(run: Run, args: argparse.Namespace) -> None:
     accepted = run.report.accepted
     per_window = windows(accepted, args.window_s)
@@ -239,6 +273,7 @@ def summarise(run: Run, args: argparse.Namespace) -> None:
     admitted = sum(len(w.admissions) for w in run.results.values())
     trips = sum(w.round_trips for w in run.results.values())
     bound = [s for s, _ in shares[1:]]
+    start = accepted[0][0] if accepted else 0.0
     title = {"kill": ", one SIGKILLed", "restart": f", Redis down {args.outage_s:g} s"}
     print(
         f"\n## {run.name}: {run.workers} processes{title.get(run.name, '')}, "
@@ -265,6 +300,11 @@ def summarise(run: Run, args: argparse.Namespace) -> None:
     ]
     if run.name != "alone":
         rows += [
+            ("429s at (s after the first accepted request)", _limited_at(run, start)),
+            (
+                "server count / charge: first window / after",
+                _counted_over_charged(run, start, args.window_s),
+            ),
             ("Redis round trips per admitted request", f"{trips / max(admitted, 1):.2f}"),
             ("workers seen at once (most)", max(w.workers_seen for w in run.results.values())),
             ("fallbacks to local pacing", sum(w.fallbacks for w in run.results.values())),

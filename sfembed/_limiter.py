@@ -38,7 +38,7 @@ import itertools
 import math
 import os
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from ._config import RateLimits
@@ -438,6 +438,17 @@ class RateLimiter:
         finally:
             if not admitted:
                 self._abandon(waiter)
+
+    def hold(self, admissions: Iterable[tuple[int, float]]) -> None:
+        """Count in the log requests admitted elsewhere: (tokens, when each leaves it, on this
+        limiter's clock), as when this limiter takes over from another whose requests a server's
+        window still holds; the pace starts now, with nothing banked."""
+        now = self._clock.now()
+        self._tpm.start(now, 0.0)
+        self._rpm.start(now, 0.0)
+        for tokens, leaves_at in sorted(admissions, key=lambda admission: admission[1]):
+            if leaves_at > now:
+                self._log.add(LocalTicket(self, str(next(self._ids)), tokens, now, leaves_at))
 
     def _check(self, tokens: int) -> int:
         """``tokens`` as charged; raises for a request that could never pass."""

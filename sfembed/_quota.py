@@ -1,10 +1,11 @@
 """SharedLimiter: one account's quota for a model, shared through Redis by many processes and hosts.
 
-The rules are the local limiter's (a sliding log of admissions and an even pace per resource, RPM
-and TPM together, a 429 cutting the pace), held in Redis and decided by one Lua script per call
-(``_quota_script.lua``) on the server's own clock (``TIME``), so that hosts' clocks are never
-compared. Every ticket has an id chosen here, so that a retried or repeated settle or refund
-never counts twice.
+The rules are the local limiter's (a sliding log of admissions that holds the account's own
+limits, an even pace per resource at the limits less the headroom, RPM and TPM together, pace
+left unspent kept up to half a window, a 429 cutting the pace unless it came alone), held in Redis
+and decided by one Lua script per call (``_quota_script.lua``) on the server's own clock
+(``TIME``), so that hosts' clocks are never compared. Every ticket has an id chosen here, so that
+a retried or repeated settle or refund never counts twice.
 
 The script may book a request a little ahead (``lead_s``) and says how long to wait; a refused
 request is told when to ask again. Each wait is one timer, never a polling loop. Within a process
@@ -14,7 +15,10 @@ Keys live under ``sfembed:{account}:{model}`` (the braces make them one Redis Cl
 expire a window after the last call, so a killed worker leaks nothing: its admissions leave the log
 as they leave the server's window. When Redis cannot be reached, the limiter paces locally at the
 limits divided by the live workers it last saw, says so once on the log, and goes back to Redis as
-soon as it answers again (it asks again at most every ``min(1 s, window / 20)``).
+soon as it answers again (it asks again at most every ``min(1 s, window / 20)``). Each worker
+remembers its own admissions of the last window: the local stand-in starts from them (the
+server's window still counts them), and they are carried into the shared log when Redis answers
+again, so that a Redis that restarted empty does not admit a window the server holds full.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from urllib.parse import urlsplit
 
 from ._config import RateLimits
 from ._exceptions import ConfigError, InputError
-from ._limiter import Clock, LoopClock, RateLimiter
+from ._limiter import Clock, LoopClock, RateLimiter, _effective, _effective_requests
 from ._types import Ticket
 
 __all__ = ["SharedLimiter", "SharedTicket"]
@@ -40,9 +44,6 @@ __all__ = ["SharedLimiter", "SharedTicket"]
 log = logging.getLogger("sfembed")
 
 _US = 1_000_000
-#: How late a request may reach the server after the time booked for it (the answer's way back,
-#: a timer fired late by a busy loop): its admission stays in the shared log this much longer.
-_LATE_S = 0.05
 
 
 def _import_redis() -> Any:
@@ -51,11 +52,6 @@ def _import_redis() -> Any:
         return importlib.import_module("redis.asyncio")
     except ImportError as error:
         raise ConfigError("a shared quota needs redis-py: pip install 'sfembed[redis]'") from error
-
-
-def _effective(nominal: int, headroom: float) -> int:
-    # As the local limiter rounds: whole units, never below one.
-    return max(1, math.floor(nominal * (1.0 - headroom) + 1e-9))
 
 
 def _where(url: str) -> str:
@@ -77,6 +73,42 @@ class SharedTicket(Ticket):
         self._asked = False  # the script may have booked it
 
 
+class _Recent:
+    """This worker's own admissions still in a window, as the shared log holds them: ticket id ->
+    [when it leaves (this clock's seconds), tokens charged]. What the local stand-in starts from,
+    and what is carried into the shared log when Redis answers again."""
+
+    def __init__(self, clock: Clock, limits: RateLimits) -> None:
+        self._clock = clock
+        self._window_s = limits.window_s
+        # As in the shared log: a window after the answer, or this long after the admission.
+        self.unanswered_s = limits.window_s * (1.0 + limits.headroom / 2)
+        self._entries: dict[str, list[float]] = {}  # in admission order
+
+    def admitted(self, id: str, tokens: int, at: float) -> None:
+        entries = self._entries
+        now = self._clock.now()
+        # Oldest first, as they leave the window (within a latency): this keeps about a window.
+        while entries:
+            oldest = next(iter(entries))
+            if entries[oldest][0] > now:
+                break
+            del entries[oldest]
+        entries[id] = [at + self.unanswered_s, float(tokens)]
+
+    def answered(self, id: str, tokens: int) -> None:
+        if (entry := self._entries.get(id)) is not None:
+            entry[:] = [self._clock.now() + self._window_s, float(tokens)]
+
+    def refunded(self, id: str) -> None:
+        self._entries.pop(id, None)
+
+    def live(self) -> list[tuple[str, int, float]]:
+        """(id, tokens, seconds left) of each admission still in the window."""
+        now = self._clock.now()
+        return [(id, int(t), at - now) for id, (at, t) in self._entries.items() if at > now]
+
+
 class _StandIn:
     """The local limiter that paces while Redis is unreachable, at the limits divided by the
     workers last seen; and when to try Redis again (at most every ``probe_s`` seconds)."""
@@ -95,8 +127,10 @@ class _StandIn:
         """True while the stand-in paces and it is not yet time to try Redis again."""
         return self.limiter is not None and self._clock.now() < self._retry_at
 
-    def take_over(self, error: BaseException, workers: int) -> None:
-        """Redis did not answer: pace locally (saying so once per outage) and wait a while."""
+    def take_over(self, error: BaseException, workers: int, recent: _Recent) -> None:
+        """Redis did not answer: pace locally (saying so once per outage) and wait a while. The
+        stand-in starts from this worker's admissions of the last window: the server's window
+        still holds them."""
         self._retry_at = self._clock.now() + self._probe_s
         if self.limiter is not None:
             return
@@ -106,6 +140,8 @@ class _StandIn:
             rpm=max(1, self._limits.rpm // workers),
         )
         self.limiter = RateLimiter(limits, clock=self._clock)
+        now = self._clock.now()
+        self.limiter.hold([(tokens, now + left_s) for _, tokens, left_s in recent.live()])
         self.times += 1
         log.warning(
             "shared quota: Redis at %s unreachable (%s); pacing locally at 1/%d of the limits "
@@ -126,10 +162,11 @@ class SharedLimiter:
     """Admits requests of one model under the account's RPM and TPM, shared by every process that
     uses the same Redis, ``account`` and ``model`` (see the module docstring).
 
-    ``limits`` are the account's nominal limits per ``window_s``; the effective ones are nominal *
-    (1 - headroom) as for the local limiter. ``lead_s`` is how far ahead the script may book a
-    request (default window / 20); ``timeout_s`` bounds each Redis call before the local stand-in
-    takes over. Raises ConfigError without redis-py. Close with :meth:`aclose` (or ``async with``).
+    ``limits`` are the account's nominal limits per ``window_s``, which the shared log holds; the
+    pace runs at the effective ones, nominal * (1 - headroom), as for the local limiter.
+    ``lead_s`` is how far ahead the script may book a request (default window / 20);
+    ``timeout_s`` bounds each Redis call before the local stand-in takes over. Raises ConfigError
+    without redis-py. Close with :meth:`aclose` (or ``async with``).
     """
 
     def __init__(
@@ -150,11 +187,12 @@ class SharedLimiter:
         self._limits = limits
         self._clock: Clock = clock if clock is not None else LoopClock()
         self.max_tokens = _effective(limits.tpm, limits.headroom)
-        self.max_requests = _effective(limits.rpm, limits.headroom)
-        window_us = int(limits.window_s * _US)
+        self.max_requests = _effective_requests(limits.rpm, limits.headroom)
+        self._recent = _Recent(self._clock, limits)
         lead = lead_s if lead_s is not None else limits.window_s / 20
-        self._head = [window_us, self.max_tokens, self.max_requests]
-        self._head += [int(limits.burst_allowance_s * _US), int(lead * _US), int(_LATE_S * _US)]
+        self._head = [int(limits.window_s * _US), limits.tpm, limits.rpm]
+        self._head += [self.max_tokens, self.max_requests, int(limits.burst_allowance_s * _US)]
+        self._head += [int(lead * _US), int(self._recent.unanswered_s * _US)]
         prefix = f"sfembed:{{{account}}}:{model}"
         self._keys = [
             f"{prefix}:{name}" for name in ("state", "log", "charges", "workers", "line", "due")
@@ -213,15 +251,16 @@ class SharedLimiter:
 
     async def acquire(self, tokens: int) -> SharedTicket:
         """Wait, behind this process's earlier callers, until one request of ``tokens`` tokens may
-        be sent under the shared limits. Raises ConfigError if ``tokens`` exceeds the effective
-        TPM of a whole window and InputError if negative. If cancelled, whatever was booked for
-        the call is given back."""
-        _check(tokens, self.max_tokens, self._limits.window_s)
+        be sent under the shared limits. Raises ConfigError if ``tokens`` exceeds the TPM of a
+        whole window and InputError if negative. If cancelled, whatever was booked for the call
+        is given back."""
+        _check(tokens, self._limits.tpm, self._limits.window_s)
         ticket = SharedTicket(id=f"{self._worker}:{next(self._ids)}", tokens=tokens)
         admitted = False
         try:
             async with self._turn:
                 wait_s = await self._book(ticket)
+            self._recent.admitted(ticket.id, ticket.tokens, self._clock.now() + wait_s)
             await _sleep(self._clock, wait_s)
             admitted = True
             return ticket
@@ -232,8 +271,9 @@ class SharedLimiter:
     async def _book(self, ticket: SharedTicket) -> float:
         """Book ``ticket``; returns the seconds to wait before sending it."""
         while True:
-            if self._stand_in.pacing and self._stand_in.limiter is not None:
-                await self._book_locally(ticket, self._stand_in.limiter)
+            stand_in = self._stand_in.limiter
+            if stand_in is not None and (self._stand_in.pacing or not await self._carry()):
+                await self._book_locally(ticket, stand_in)
                 return 0.0
             ticket._asked = True
             reply = await self._call(
@@ -253,6 +293,14 @@ class SharedLimiter:
         ticket.local = await fallback.acquire(min(ticket.tokens, fallback.max_tokens))
         ticket._fallback = fallback
 
+    async def _carry(self) -> bool:
+        """Ask Redis again after an outage, carrying this worker's admissions of the window into
+        the shared log (those it lacks; a count settled meanwhile corrects the one it holds).
+        True if Redis answered."""
+        live = self._recent.live()
+        entries = [str(x) for id, t, left_s in live for x in (id, t, int(left_s * _US))]
+        return await self._call("carry", *entries) is not None
+
     # -- after the response ------------------------------------------------------------------
 
     async def settle(self, ticket: Ticket, used_tokens: int) -> None:
@@ -264,9 +312,10 @@ class SharedLimiter:
         ticket = self._own(ticket)
         if ticket.refunded:
             return
+        self._recent.answered(ticket.id, used_tokens)
         if ticket.local is not None and ticket._fallback is not None:
             await ticket._fallback.settle(ticket.local, used_tokens)
-        else:
+        if self._stand_in.limiter is None:  # shared: the log may hold it (a carried one too)
             await self._call("settle", ticket.id, used_tokens)
         ticket.tokens = used_tokens
 
@@ -275,9 +324,10 @@ class SharedLimiter:
         ticket = self._own(ticket)
         if ticket.refunded:
             return
+        self._recent.refunded(ticket.id)
         if ticket.local is not None and ticket._fallback is not None:
             await ticket._fallback.refund(ticket.local)
-        else:
+        if self._stand_in.limiter is None:
             await self._call("refund", ticket.id, ticket.tokens)
         ticket.tokens = ticket.requests = 0
 
@@ -290,8 +340,9 @@ class SharedLimiter:
         self, limit: str | None = None, retry_after_s: float | None = None
     ) -> None:
         """A 429 came anyway: cut the shared pace named by ``limit`` (None: both), at most once
-        per tenth of a window for all workers together, and with ``retry_after_s`` hold every
-        admission that long."""
+        per tenth of a window for all workers together and not for a 429 alone (none within a
+        window before it, from any worker); with ``retry_after_s`` hold every admission that
+        long."""
         if self._stand_in.limiter is not None:
             await self._stand_in.limiter.on_rate_limited(limit, retry_after_s)
             return
@@ -309,7 +360,7 @@ class SharedLimiter:
                 keys=self._keys, args=[args[0], *self._head, *args[1:]]
             )
         except errors as error:
-            self._stand_in.take_over(error, self.workers)
+            self._stand_in.take_over(error, self.workers, self._recent)
             return None
         self._stand_in.hand_back()
         return reply
@@ -332,12 +383,12 @@ def _connect(url: str, timeout_s: float) -> Any:
         raise ConfigError(f"quota URL {_where(url)!r}: {error}") from None
 
 
-def _check(tokens: int, max_tokens: int, window_s: float) -> None:
+def _check(tokens: int, tpm: int, window_s: float) -> None:
     if tokens < 0:
         raise InputError(f"a request cannot have a negative token count ({tokens})")
-    if tokens > max_tokens:
+    if tokens > tpm:
         raise ConfigError(
-            f"a request of {tokens} tokens exceeds the effective TPM of {max_tokens} "
+            f"a request of {tokens} tokens exceeds the TPM of {tpm} "
             f"per {window_s:g} s window: it could never be admitted"
         )
 

@@ -1,11 +1,12 @@
 -- One decision of the shared quota, atomically, on the server's own clock (TIME).
 --
--- KEYS: 1 state (hash: running sums, the two paces, the hold), 2 log (zset: ticket id ->
--- admission time), 3 charges (hash: ticket id -> tokens charged), 4 workers (zset: worker id ->
--- last seen), 5 line (zset: "id|tokens" -> first refusal), 6 due (zset: "id|tokens" -> time by
--- which it must be back). Times are microseconds of the server's clock.
--- ARGV: 1 op, 2 window, 3 max tokens, 4 max requests, 5 burst, 6 lead, 7 lateness allowed, then
--- the op's own:
+-- KEYS: 1 state (hash: running sums, the two paces, the hold, the last 429), 2 log (zset: ticket
+-- id -> when it leaves the log), 3 charges (hash: ticket id -> tokens charged), 4 workers (zset:
+-- worker id -> last seen), 5 line (zset: "id|tokens" -> first refusal), 6 due (zset: "id|tokens"
+-- -> time by which it must be back). Times are microseconds of the server's clock.
+-- ARGV: 1 op, 2 window, 3 log tokens, 4 log requests (the account's own limits), 5 pace tokens,
+-- 6 pace requests (the limits less the headroom), 7 burst, 8 lead, 9 how long an unanswered
+-- admission stays in the log, then the op's own:
 --   acquire ticket tokens worker grace
 --       -> {admitted 0/1, wait (us), live workers, tpm factor, rpm factor}
 --       admitted: the request may be sent after `wait`; refused: it has a place in the line and
@@ -13,26 +14,32 @@
 --   settle ticket tokens         -> {1 if the ticket was still in the window, else 0}
 --   refund ticket tokens         -> {1 if the ticket was still in the window, else 0}
 --   cut kind retry_after         -> {1}       kind: "tpm", "rpm" or "" (both)
+--   carry (ticket tokens left)*  -> {tickets added}  admissions the log lacks (made while Redis
+--       was unreachable, or before it restarted empty), each leaving it `left` from now
 -- Factors are in millionths.
+--
+-- An admission leaves the log a window after its answer (settle), when the server has counted it
+-- at the latest; one never answered, `unanswered` after the time booked for it. The log holds the
+-- account's own limits and the pace the headroom's, as the local limiter does.
 
-local CUT, FLOOR, CUT_SPACING = 0.8, 0.25, 0.1
+local CUT, FLOOR, CUT_SPACING, IDLE_SHARE = 0.8, 0.25, 0.1, 0.5
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local op = ARGV[1]
 local window = tonumber(ARGV[2])
-local max_t, max_r = tonumber(ARGV[3]), tonumber(ARGV[4])
-local burst, lead = tonumber(ARGV[5]), tonumber(ARGV[6])
--- An admission stays in the log this much longer than the window: its request reaches the server
--- a little after the time booked for it (the answer's way back, a late timer), and the server's
--- window counts it from its arrival.
-local kept = window + tonumber(ARGV[7])
+local log_t, log_r = tonumber(ARGV[3]), tonumber(ARGV[4])
+local max_t, max_r = tonumber(ARGV[5]), tonumber(ARGV[6])
+local burst, lead = tonumber(ARGV[7]), tonumber(ARGV[8])
+local unanswered = tonumber(ARGV[9])
+local A = 10  -- the op's own arguments start here
 
 -- Numbers handed to redis.call are otherwise printed with 14 digits, which loses microseconds.
 local function int(x) return string.format('%.0f', x) end
 local function real(x) return string.format('%.17g', x) end
 
-local fields = {'tokens', 'requests', 't_tat', 'r_tat', 't_cut', 'r_cut', 't_cut_at', 'r_cut_at', 'hold'}
+local fields = {'tokens', 'requests', 't_tat', 'r_tat', 't_cut', 'r_cut', 't_cut_at', 'r_cut_at',
+  'hold', 'limited_at'}
 local raw = redis.call('HMGET', KEYS[1], unpack(fields))
 local s = {}
 for i, name in ipairs(fields) do s[name] = tonumber(raw[i]) end
@@ -45,12 +52,13 @@ s.r_cut = s.r_cut or 1
 s.t_cut_at = s.t_cut_at or -1e300
 s.r_cut_at = s.r_cut_at or -1e300
 s.hold = s.hold or -1e300
+s.limited_at = s.limited_at or -1e300
 
--- Admissions older than a window leave the log (unpack is kept under Lua's stack limit).
+-- Admissions whose time is up leave the log (unpack is kept under Lua's stack limit).
 local function each_chunk(list, fn)
   for i = 1, #list, 1000 do fn({unpack(list, i, math.min(i + 999, #list))}) end
 end
-local old = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', int(now - kept))
+local old = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', int(now))
 if #old > 0 then
   each_chunk(old, function(ids)
     for _, charge in ipairs(redis.call('HMGET', KEYS[3], unpack(ids))) do
@@ -59,7 +67,7 @@ if #old > 0 then
     redis.call('HDEL', KEYS[3], unpack(ids))
   end)
   s.requests = s.requests - #old
-  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', int(now - kept))
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', int(now))
 end
 
 -- The pace (GCRA) of one resource: its rate climbs back linearly over a window after a cut.
@@ -70,27 +78,39 @@ local function factor(kind, at)
 end
 local function rate(kind, limit, at) return limit * factor(kind, at) / window end
 
--- When enough old admissions will have left the window for one more request of `tokens`.
-local function log_ready(tokens)
-  local extra_t = s.tokens + tokens - max_t
-  local extra_r = s.requests + 1 - max_r
+-- When enough admissions will have left the log for `requests` more requests of `tokens` in all.
+local function log_ready(tokens, requests)
+  local extra_t = s.tokens + tokens - log_t
+  local extra_r = s.requests + requests - log_r
   if extra_t <= 0 and extra_r <= 0 then return now end
   local entries = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
   local freed_t, freed_r = 0, 0
   for i = 1, #entries, 2 do
     freed_t = freed_t + (tonumber(redis.call('HGET', KEYS[3], entries[i])) or 0)
     freed_r = freed_r + 1
-    if freed_t >= extra_t and freed_r >= extra_r then return tonumber(entries[i + 1]) + kept end
+    if freed_t >= extra_t and freed_r >= extra_r then return tonumber(entries[i + 1]) end
   end
-  return now + kept
+  return now + unanswered
+end
+
+-- Pace left unspent is kept up to half a window (the log still holds the window to the limit),
+-- none within a window of a 429, and none before the first admission of a fresh state: a
+-- restarted Redis must not let everyone burst into a server window that is still full.
+local function charge(kind, cost, limit, at)
+  local tat = s[kind .. '_tat']
+  local idle = IDLE_SHARE * window
+  if now - s.limited_at < window then idle = 0 end
+  if tat < -1e299 then tat = at end
+  s[kind .. '_tat'] = math.max(tat, at - idle) + cost / rate(kind, limit, at)
 end
 
 local function save()
   redis.call('HSET', KEYS[1], 'tokens', int(s.tokens), 'requests', int(s.requests),
     't_tat', real(s.t_tat), 'r_tat', real(s.r_tat), 't_cut', real(s.t_cut), 'r_cut', real(s.r_cut),
-    't_cut_at', int(s.t_cut_at), 'r_cut_at', int(s.r_cut_at), 'hold', int(s.hold))
+    't_cut_at', int(s.t_cut_at), 'r_cut_at', int(s.r_cut_at), 'hold', int(s.hold),
+    'limited_at', int(s.limited_at))
   -- Nothing outlives the window it describes: the state is gone a window after the last call.
-  local ttl = int(math.ceil((kept + lead + math.max(0, s.hold - now)) / 1000))
+  local ttl = int(math.ceil((unanswered + lead + math.max(0, s.hold - now)) / 1000))
   for i = 1, #KEYS do redis.call('PEXPIRE', KEYS[i], ttl) end
 end
 
@@ -106,7 +126,9 @@ local function recharge(id, tokens, requests)
     redis.call('HDEL', KEYS[3], id)
     redis.call('ZREM', KEYS[2], id)
   else
+    -- Answered: the server counted it on arrival, by now at the latest.
     redis.call('HSET', KEYS[3], id, int(tokens))
+    redis.call('ZADD', KEYS[2], 'XX', int(now + window), id)
   end
   save()
   return 1
@@ -122,27 +144,31 @@ local function prune_line()
   end
 end
 
--- When the request at `rank` in line will be due: the head's time plus the pace of those ahead.
-local function due_at(at, rank)
+-- When the request of `tokens` at `rank` in line will be due: its own time plus the pace of
+-- those ahead, and not before the log has room for them and for it.
+local function due_at(at, rank, tokens)
   if rank == 0 then return at end
   local t_rate, r_rate = rate('t', max_t, now), rate('r', max_r, now)
+  local ahead = 0
   for _, member in ipairs(redis.call('ZRANGE', KEYS[5], 0, rank - 1)) do
-    local tokens = tonumber(string.match(member, '|(%d+)$')) or 0
-    at = at + math.max(tokens / t_rate, 1 / r_rate)
+    local cost = tonumber(string.match(member, '|(%d+)$')) or 0
+    ahead = ahead + cost
+    at = at + math.max(cost / t_rate, 1 / r_rate)
   end
-  return at
+  return math.max(at, log_ready(ahead + tokens, rank + 1))
 end
 
 if op == 'acquire' then
-  local id, tokens, worker, grace = ARGV[8], tonumber(ARGV[9]), ARGV[10], tonumber(ARGV[11])
-  local member = id .. '|' .. ARGV[9]
+  local id, tokens, worker, grace = ARGV[A], tonumber(ARGV[A + 1]), ARGV[A + 2], tonumber(ARGV[A + 3])
+  local member = id .. '|' .. ARGV[A + 1]
   redis.call('ZADD', KEYS[4], int(now), worker)
   redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', int(now - window))
   local workers = redis.call('ZCARD', KEYS[4])
   local factors = {int(factor('t', now) * 1e6), int(factor('r', now) * 1e6)}
   local booked = redis.call('ZSCORE', KEYS[2], id)
   if booked then  -- asked again after a lost answer: the same booking
-    return {1, int(math.max(0, tonumber(booked) - now)), workers, factors[1], factors[2]}
+    local at = tonumber(booked) - unanswered
+    return {1, int(math.max(0, at - now)), workers, factors[1], factors[2]}
   end
   prune_line()
   local rank = redis.call('ZRANK', KEYS[5], member)
@@ -150,16 +176,16 @@ if op == 'acquire' then
     redis.call('ZADD', KEYS[5], int(now), member)
     rank = redis.call('ZRANK', KEYS[5], member)
   end
-  local at = math.max(now, s.hold, s.t_tat - burst, s.r_tat - burst, log_ready(tokens))
+  local at = math.max(now, s.hold, s.t_tat - burst, s.r_tat - burst, log_ready(tokens, 1))
   if (not rank or rank == 0) and at <= now + lead then
     redis.call('ZREM', KEYS[5], member)
     redis.call('ZREM', KEYS[6], member)
-    redis.call('ZADD', KEYS[2], int(at), id)
+    redis.call('ZADD', KEYS[2], int(at + unanswered), id)
     redis.call('HSET', KEYS[3], id, int(tokens))
     s.tokens = s.tokens + tokens
     s.requests = s.requests + 1
-    s.t_tat = math.max(s.t_tat, at) + tokens / rate('t', max_t, at)
-    s.r_tat = math.max(s.r_tat, at) + 1 / rate('r', max_r, at)
+    charge('t', tokens, max_t, at)
+    charge('r', 1, max_r, at)
     save()
     return {1, int(at - now), workers, factors[1], factors[2]}
   end
@@ -167,21 +193,41 @@ if op == 'acquire' then
     redis.call('ZADD', KEYS[5], int(now), member)
     rank = 0
   end
-  local back = math.max(now, due_at(at, rank) - lead)
+  local back = math.max(now, due_at(at, rank, tokens) - lead)
   redis.call('ZADD', KEYS[6], int(back + grace), member)
   save()
   return {0, int(back - now), workers, factors[1], factors[2]}
 elseif op == 'settle' then
-  return {recharge(ARGV[8], tonumber(ARGV[9]), 1)}
+  return {recharge(ARGV[A], tonumber(ARGV[A + 1]), 1)}
 elseif op == 'refund' then  -- also leaves the line (a caller cancelled while waiting)
-  local member = ARGV[8] .. '|' .. ARGV[9]
+  local member = ARGV[A] .. '|' .. ARGV[A + 1]
   redis.call('ZREM', KEYS[5], member)
   redis.call('ZREM', KEYS[6], member)
-  return {recharge(ARGV[8], 0, 0)}
+  return {recharge(ARGV[A], 0, 0)}
+elseif op == 'carry' then
+  local added = 0
+  for i = A, #ARGV - 2, 3 do
+    local id, tokens, left = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+    if left > 0 and redis.call('HSETNX', KEYS[3], id, int(tokens)) == 1 then
+      redis.call('ZADD', KEYS[2], int(now + math.min(left, unanswered)), id)
+      s.tokens = s.tokens + tokens
+      s.requests = s.requests + 1
+      added = added + 1
+    end
+  end
+  if added > 0 then save() end
+  return {added}
 elseif op == 'cut' then
-  local kind, retry_after = ARGV[8], tonumber(ARGV[9])
+  local kind, retry_after = ARGV[A], tonumber(ARGV[A + 1])
+  -- A 429 alone (none within a window before it) costs no cut: workers that keep to the log meet
+  -- the server's limit only at a window's edge, by a latency or a count that differs a little,
+  -- and the refused request's charge, kept, already slows the pace by its size. A second within
+  -- a window (from any worker) means the quota is spent elsewhere too: then the cut.
+  local alone = now - s.limited_at >= window
+  s.limited_at = now
   for _, k in ipairs({'t', 'r'}) do
-    if (kind == '' or kind == k .. 'pm') and now - s[k .. '_cut_at'] >= CUT_SPACING * window then
+    if not alone and (kind == '' or kind == k .. 'pm')
+        and now - s[k .. '_cut_at'] >= CUT_SPACING * window then
       s[k .. '_cut'] = math.max(FLOOR, factor(k, now) * CUT)
       s[k .. '_cut_at'] = now
       -- Credit banked while idle would let a burst through right after the server said no.

@@ -150,7 +150,7 @@ async def test_oversized_and_negative_requests_are_refused(
     make_limiter: Callable[..., SharedLimiter],
 ) -> None:
     limiter = make_limiter(limits(tpm=1000))
-    with pytest.raises(ConfigError, match="1001 tokens exceeds the effective TPM of 1000"):
+    with pytest.raises(ConfigError, match="1001 tokens exceeds the TPM of 1000"):
         await limiter.acquire(1001)
     with pytest.raises(InputError, match="negative"):
         await limiter.acquire(-1)
@@ -184,6 +184,17 @@ def test_without_redis_py_the_error_names_the_extra(
 
 
 # -- 429s --------------------------------------------------------------------------------------
+
+
+async def test_a_429_alone_costs_no_cut_and_a_second_within_the_window_cuts(
+    make_limiter: Callable[..., SharedLimiter], inspect: redis.Redis
+) -> None:
+    first, second = make_limiter(limits(window_s=30.0)), make_limiter(limits(window_s=30.0))
+    await first.acquire(10)
+    await first.on_rate_limited("tpm", None)
+    assert await inspect.hget(f"{PREFIX}:state", "t_cut") == "1"
+    await second.on_rate_limited("tpm", None)  # another worker, within the window
+    assert float(await inspect.hget(f"{PREFIX}:state", "t_cut") or 0) == pytest.approx(0.8)
 
 
 async def test_a_429_seen_by_every_worker_cuts_the_shared_pace_once(
@@ -330,6 +341,67 @@ async def test_redis_going_away_falls_back_locally_once_and_returns(
     assert limiter.shared
     assert [r for r in caplog.records if "answers again" in r.getMessage()]
     assert (await sums(inspect))[1] >= 1
+
+
+async def test_after_an_outage_a_worker_carries_its_window_into_the_shared_log_once(
+    redis_server: RedisServer, make_limiter: Callable[..., SharedLimiter], inspect: redis.Redis
+) -> None:
+    """Redis restarts empty while the server's window still counts what was sent: each worker
+    brings back its own admissions of the window, those before the outage and those made alone."""
+    limiter = make_limiter(limits(window_s=30.0))
+    before = [await limiter.acquire(100) for _ in range(2)]
+    await limiter.settle(before[0], 120)
+    redis_server.stop()
+    alone = [await limiter.acquire(50) for _ in range(2)]
+    assert not limiter.shared
+    await limiter.settle(alone[0], 40)
+    await limiter.refund(alone[1])  # never reached the model: not carried
+    redis_server.start()  # empty, on the same port
+
+    assert await limiter._carry()
+    assert limiter.shared
+    assert await sums(inspect) == (120 + 100 + 40, 3, 3)
+    carried = set(await inspect.zrange(f"{PREFIX}:log", 0, -1))
+    assert carried == {before[0].id, before[1].id, alone[0].id}
+    assert await limiter._carry()  # again: nothing is added twice
+    assert await sums(inspect) == (260, 3, 3)
+    await limiter.settle(alone[0], 45)  # a carried ticket settles in the shared log
+    await limiter.settle(before[1], 90)
+    assert await sums(inspect) == (120 + 90 + 45, 3, 3)
+
+
+async def test_the_local_stand_in_starts_from_the_workers_own_window(
+    redis_server: RedisServer, make_limiter: Callable[..., SharedLimiter]
+) -> None:
+    """The server's window still holds what this worker sent before Redis went away."""
+    limiter = make_limiter(limits(rpm=4, window_s=30.0, burst_s=30.0))  # the log binds
+    for _ in range(4):
+        await limiter.acquire(10)
+    redis_server.stop()
+    waiting = asyncio.create_task(limiter.acquire(10))
+    for _ in range(100):
+        if limiter._stand_in.limiter is not None and limiter._stand_in.limiter.queued:
+            break
+        await asyncio.sleep(0.01)
+    assert limiter._stand_in.limiter is not None
+    assert limiter._stand_in.limiter.queued == 1  # the window is full: it waits
+    waiting.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await waiting
+
+
+async def test_an_answered_admission_leaves_the_log_a_window_after_its_answer(
+    make_limiter: Callable[..., SharedLimiter], inspect: redis.Redis
+) -> None:
+    limiter = make_limiter(limits(window_s=30.0))
+    ticket = await limiter.acquire(100)
+    before = await inspect.time()
+    await limiter.settle(ticket, 90)
+    after = await inspect.time()
+    leaves = await inspect.zscore(f"{PREFIX}:log", ticket.id)
+    window_us = 30 * 1_000_000
+    assert before[0] * 1_000_000 + before[1] + window_us <= leaves
+    assert leaves <= after[0] * 1_000_000 + after[1] + window_us
 
 
 async def test_a_flushall_in_the_middle_loses_only_the_window(
