@@ -8,7 +8,6 @@ for every family). Every request is charged by it, so one calibration against th
 
 from __future__ import annotations
 
-import functools
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -175,10 +174,22 @@ _ANY_FAMILY = tuple(_PRICES.values())  # an unknown tokenizer: the largest of th
 _PRICES["qwen3-vl"] = _PRICES["qwen3"]
 
 
-@functools.lru_cache(maxsize=1)
-def _bmp_classes() -> npt.NDArray[np.uint8]:
-    """The class of every BMP code point, built once (~50 ms) from unicodedata."""
-    return np.array([_classify(code) for code in range(0x10000)], dtype=np.uint8)
+_UNKNOWN = 255
+#: The class of each BMP code point, filled in as texts bring new ones: the whole table took
+#: 30-50 ms of a job's start-up, before its first request, and a corpus uses a few thousand.
+_BMP_CLASSES = np.full(0x10000, _UNKNOWN, dtype=np.uint8)
+
+
+def _bmp_classes(codes: npt.NDArray[np.uint32]) -> npt.NDArray[np.uint8]:
+    """The class of each of ``codes`` (BMP code points), classifying those not met before.
+    Threads may fill the table at once: they write the same values."""
+    classes = _BMP_CLASSES[codes]
+    unknown = classes == _UNKNOWN
+    if unknown.any():
+        new = np.unique(codes[unknown])
+        _BMP_CLASSES[new] = [_classify(int(code)) for code in new]
+        classes[unknown] = _BMP_CLASSES[codes[unknown]]
+    return classes
 
 
 def _classify(code: int) -> int:
@@ -222,7 +233,7 @@ class _Runs:
 def _runs(text: str, separators: IntArray | None = None) -> _Runs:
     """The runs of ``text``; characters at ``separators`` are joints, in runs of their own."""
     codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4")
-    classes = _bmp_classes()[np.minimum(codes, 0xFFFF)]
+    classes = _bmp_classes(np.minimum(codes, 0xFFFF))
     classes[codes > 0xFFFF] = _ASTRAL  # emoji, rare CJK, historic scripts
     if separators is not None:
         classes[separators] = _SEP

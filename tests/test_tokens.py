@@ -23,6 +23,7 @@ from dataclasses import replace
 from functools import cache
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from sfembed import _estimator, _tokenizers
@@ -574,3 +575,17 @@ def test_segments_cover_the_text_and_cut_before_white_space() -> None:
     spaced = [end for _, end in bounds if end < 150_000]
     assert spaced
     assert all(text[end] == " " and text[end - 1] != " " for end in spaced)
+
+
+def test_the_class_table_filled_as_texts_come_classifies_as_the_whole_table_would() -> None:
+    everything = np.arange(0x10000, dtype=np.uint32)
+    rng = np.random.default_rng(5)
+    shuffled = rng.permutation(everything)
+    # In pieces and in any order, repeats included, each code point gets its own class.
+    parts = [_estimator._bmp_classes(part) for part in np.array_split(shuffled, 7)]
+    again = _estimator._bmp_classes(shuffled[:1000])
+    whole = np.concatenate(parts)
+    expected = np.array([_estimator._classify(int(code)) for code in shuffled], dtype=np.uint8)
+    np.testing.assert_array_equal(whole, expected)
+    np.testing.assert_array_equal(again, expected[:1000])
+    assert _estimator._UNKNOWN not in _estimator._BMP_CLASSES
