@@ -31,7 +31,8 @@ from ._estimator import CharClassEstimator
 from ._models import ModelSpec
 from ._packer import Packer
 from ._streams import SendStream
-from ._tokenizers import FAMILIES, TokenCounter, count_async, counter_for
+from ._tokenizer_process import ExactCounting
+from ._tokenizers import FAMILIES
 from ._types import Chunk, JobStats, Span, Unusable
 
 __all__ = ["BLOCK", "Input", "Intake", "Splitter"]
@@ -59,7 +60,7 @@ class Splitter:
         self.exact = exact  # False in truncate mode: the server cuts, nothing is counted exactly
         family = FAMILIES.get(spec.tokenizer or "")
         self.estimator = CharClassEstimator(spec.special_tokens, family=family)
-        self._counter: asyncio.Future[TokenCounter] | None = None
+        self._exact: ExactCounting | None = None
 
     async def measure(self, block: Sequence[Input]) -> tuple[list[str], list[int], list[int]]:
         """The texts of a block, their estimated tokens, and the indices of those that can
@@ -94,16 +95,23 @@ class Splitter:
 
     async def exact_counts(self, texts: Sequence[str]) -> list[int]:
         """Exact counts of ``texts``, in one batch off the event loop."""
-        return await count_async(await self.counter(), texts)
+        return await self.counting().count(texts)
 
-    async def counter(self) -> TokenCounter:
-        """The exact counter, loaded once, off the event loop, the first time a text may be too
-        long: loading takes seconds and, for XLM-R, some 300 MB that a job of short texts never
-        needs. Callers that come while it loads wait for the same load."""
-        if self._counter is None:
-            loop = asyncio.get_running_loop()
-            self._counter = loop.run_in_executor(None, counter_for, self.spec)
-        return await asyncio.shield(self._counter)
+    def counting(self) -> ExactCounting:
+        """The exact counter, started the first time a text may be too long: loading takes
+        seconds and, for XLM-R, some 300 MB that a job of short texts never needs. It runs in a
+        process of its own (``_tokenizer_process``), stopped on leaving the splitter's context."""
+        if self._exact is None:
+            self._exact = ExactCounting(self.spec)
+        return self._exact
+
+    async def __aenter__(self) -> Splitter:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        """Stop the exact counter, if one was started."""
+        if self._exact is not None:
+            await self._exact.aclose()
 
     def fits(self, problem: str | None, exact: int | None) -> bool:
         """True when the record goes whole: unusable, proved short by its upper bound (``exact``
@@ -112,13 +120,12 @@ class Splitter:
 
     async def cuts(self, text: str) -> tuple[Offsets, list[Span]]:
         """Token offsets of an over-long text and the token ranges it is cut into."""
-        counter = await self.counter()
-        # Off the event loop: a text of megabytes takes the tokenizer seconds, and the requests
-        # already packed must keep going out meanwhile.
-        return await asyncio.get_running_loop().run_in_executor(None, self._cut, counter, text)
+        offsets = await self.counting().spans(text)
+        # Off the event loop: a text of megabytes has millions of tokens to cut between, and the
+        # requests already packed must keep going out meanwhile.
+        return await asyncio.get_running_loop().run_in_executor(None, self._cut, text, offsets)
 
-    def _cut(self, counter: TokenCounter, text: str) -> tuple[Offsets, list[Span]]:
-        offsets = counter.spans(text)
+    def _cut(self, text: str, offsets: Offsets) -> tuple[Offsets, list[Span]]:
         limit = self.limit - self.spec.special_tokens
         spans = split_spans(text, offsets, limit, overlap=self.overlap_tokens)
         return offsets, drop_blank(text, offsets, spans)
@@ -139,7 +146,7 @@ class Splitter:
         dropped, so perhaps one), or None if it is a single token and cannot be cut."""
         text = chunk.item
         assert isinstance(text, str)
-        offsets = (await self.counter()).spans(text)
+        offsets = await self.counting().spans(text)
         middle = len(offsets) // 2
         if middle == 0:
             return None

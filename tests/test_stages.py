@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from pathlib import Path
 
 import numpy as np
@@ -214,25 +215,23 @@ async def test_a_running_job_names_its_stage_tasks() -> None:
 async def test_intake_sends_short_records_while_the_exact_tokenizer_loads(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # The load (on its own thread) is held until the server has answered a request: short
-    # records of the same block must not wait behind it, or it gives up waiting and fails this.
-    import time
-
-    from sfembed import _intake, embed
+    # The exact count is held until the server has answered a request: short records of the
+    # same block must not wait behind it, or it gives up waiting and fails this.
+    from sfembed import _tokenizer_process, embed
     from sfembed.testing import expected_embedding
 
-    real = _intake.counter_for
+    real = _tokenizer_process.ExactCounting.count
     answered_during_load: list[int] = []
     server = LocalServer()
 
-    def held_load(spec: object) -> object:
+    async def held_count(self: _tokenizer_process.ExactCounting, texts: list[str]) -> list[int]:
         deadline = time.monotonic() + 45  # under the test's timeout
-        while server.stats.by_status[200] == 0 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        while server.stats.by_status[200] == 0 and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
         answered_during_load.append(server.stats.by_status[200])
-        return real(spec)  # type: ignore[arg-type]
+        return await real(self, texts)
 
-    monkeypatch.setattr(_intake, "counter_for", held_load)
+    monkeypatch.setattr(_tokenizer_process.ExactCounting, "count", held_count)
     short = [f"short record {i}" for i in range(20)]
     long = "river mountain winter library " * 2000  # 60,000 characters: cut in pieces
     async with server:
