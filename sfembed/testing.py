@@ -686,6 +686,169 @@ class _Server(web.Server):
         self._handlers.clear()
 
 
+class _FaultPlan:
+    """Which fault each request meets: those injected, in order, then one drawn at random from the
+    faults' rates (one draw per request, so that a seed replays the same faults)."""
+
+    __slots__ = ("_injected", "_rng", "faults")
+
+    def __init__(self, faults: Faults) -> None:
+        self.faults = faults
+        self._rng = random.Random(faults.seed)
+        self._injected: deque[str] = deque()
+
+    def replace(self, faults: Faults) -> None:
+        """Put ``faults`` in force; the random draws restart from ``faults.seed``."""
+        self.faults = faults
+        self._rng = random.Random(faults.seed)
+
+    def inject(self, kind: str, count: int) -> None:
+        """Script ``count`` requests' outcome ``kind`` (see ``LocalServer.inject``)."""
+        if kind not in INJECT_KINDS:
+            raise ValueError(f"unknown fault {kind!r}; one of {sorted(INJECT_KINDS)}")
+        if count < 0:
+            raise ValueError("count must be >= 0")
+        self._injected.extend([kind] * count)
+
+    def injected(self) -> str | None:
+        """The next request's scripted outcome, if one is left."""
+        return self._injected.popleft() if self._injected else None
+
+    def draw(self, in_flight: int) -> str | None:
+        """A random fault for a request, with ``in_flight`` requests being answered, or None."""
+        faults = self.faults
+        if faults.max_in_flight is not None and in_flight > faults.max_in_flight:
+            return "503"
+        draw = self._rng.random()
+        for kind, rate in (
+            ("503", faults.rate_503),
+            ("504", faults.rate_504),
+            ("reset", faults.rate_reset),
+            ("stall", faults.rate_stall),
+        ):
+            if draw < rate:
+                return kind
+            draw -= rate
+        return None
+
+
+class _Quota:
+    """The account's limits per model (sliding windows); a request over one is refused."""
+
+    __slots__ = ("_config", "_stats", "_windows")
+
+    def __init__(self, config: ServerConfig, stats: ServerStats) -> None:
+        self._config = config
+        self._stats = stats
+        self._windows: dict[str, _Window] = {}
+
+    def refusal(self, call: _Call) -> str | None:
+        """``"RPM"`` or ``"TPM"`` if ``call`` is over its model's quota; otherwise None, and
+        ``call`` is charged to the quota."""
+        now = time.monotonic()
+        limits = self._config.limits.get(call.model, self._config.default_limits)
+        if limits.rpm is not None or limits.tpm is not None:  # unlimited models keep no log
+            window = self._windows.setdefault(call.model, _Window())
+            limit = window.refusal(now, call.tokens, limits, self._config.window_s)
+            if limit is not None:
+                return limit
+        self._stats.tokens_accepted += call.tokens
+        self._stats.accepted.append((now, call.tokens))
+        return None
+
+
+class _Answers:
+    """The server's HTTP answers: headers (trace id, Retry-After), the provider's error bodies,
+    and the faults' answers (a reset, a trickle, a body that never ends, a broken 200)."""
+
+    __slots__ = ("_config", "_plan", "_stats")
+
+    def __init__(self, config: ServerConfig, stats: ServerStats, plan: _FaultPlan) -> None:
+        self._config = config
+        self._stats = stats
+        self._plan = plan
+
+    async def fault(self, kind: str, request: web.BaseRequest, raw: bytes) -> web.StreamResponse:
+        if kind in _STATIC:
+            status, body, content_type = _STATIC[kind]
+            self.count_refusal(kind)
+            return self.answer(status, body, content_type, kind)
+        if kind == "reset":
+            return await self.reset(request)
+        if kind == "endless":
+            return await self.endless(request)
+        if kind == "413":
+            reject = _batch_too_large(_batch_size(raw), self._config.max_batch_items)
+            return self.answer(413, reject.body)
+        return self.answer(200, _broken_body(kind, raw))
+
+    def count_refusal(self, kind: str) -> None:
+        if kind in ("429-tpm", "429-hour", "429-date"):
+            self._stats.rate_limited_tpm += 1
+        elif kind == "429-rpm":
+            self._stats.rate_limited_rpm += 1
+
+    async def trickle(self, request: web.BaseRequest, answer: web.Response) -> web.StreamResponse:
+        """``answer`` one byte at a time, until done or the client leaves."""
+        response = web.StreamResponse(status=answer.status, headers=answer.headers)
+        body = bytes(cast(bytes, answer.body))
+        response.content_length = len(body)
+        await response.prepare(request)
+        for offset in range(len(body)):
+            if request.transport is None or request.transport.is_closing():
+                break  # the client gave up: the answer is never completed
+            await response.write(body[offset : offset + 1])
+            await asyncio.sleep(self._plan.faults.trickle_s)
+        return response
+
+    async def endless(self, request: web.BaseRequest) -> web.StreamResponse:
+        """A 200 whose body never ends (up to 256 MiB), until the client leaves."""
+        response = web.StreamResponse(headers=self.headers(200, _JSON))
+        await response.prepare(request)
+        await response.write(b'{"object":"list","data":[')
+        blanks = b" " * (1 << 20)
+        for _ in range(256):
+            if request.transport is None or request.transport.is_closing():
+                break
+            try:
+                await response.write(blanks)
+            except ConnectionError:
+                break
+        return response
+
+    async def reset(self, request: web.BaseRequest) -> web.StreamResponse:
+        """Headers and a part of the body, then an aborted connection: the client must see an
+        error, not a short answer."""
+        self._stats.resets += 1
+        response = web.StreamResponse(headers=self.headers(200, _JSON))
+        response.content_length = 4096
+        await response.prepare(request)
+        await response.write(b'{"object":"list","data":[{"object":"embedding","embedding":')
+        if request.transport is not None:
+            request.transport.abort()
+        return response
+
+    def headers(self, status: int, content_type: str, kind: str = "") -> dict[str, str]:
+        headers = {"Content-Type": content_type, TRACE_HEADER: uuid.uuid4().hex}
+        if kind == "redirect":
+            headers["Location"] = _REDIRECT_TO
+        elif kind == "429-hour":
+            headers["Retry-After"] = "3600"
+        elif kind == "429-date":
+            headers["Retry-After"] = email.utils.formatdate(time.time() + 3600, usegmt=True)
+        wait_s = self._plan.faults.retry_after_s
+        if wait_s is not None and status in (429, 503):
+            headers["Retry-After"] = str(math.ceil(wait_s))  # the header takes whole seconds
+            headers["retry-after-ms"] = str(round(wait_s * 1000))
+        return headers
+
+    def answer(
+        self, status: int, body: bytes, content_type: str = _JSON, kind: str = ""
+    ) -> web.Response:
+        headers = self.headers(status, content_type, kind)
+        return web.Response(status=status, body=body, headers=headers)
+
+
 class LocalServer:
     """A SiliconFlow-compatible server on real HTTP; an async context manager (start/stop).
 
@@ -697,10 +860,9 @@ class LocalServer:
     def __init__(self, config: ServerConfig | None = None) -> None:
         self.config = config or ServerConfig()
         self.stats = ServerStats()
-        self._faults = self.config.faults
-        self._rng = random.Random(self._faults.seed)
-        self._injected: deque[str] = deque()
-        self._windows: dict[str, _Window] = {}
+        self._plan = _FaultPlan(self.config.faults)
+        self._quota = _Quota(self.config, self.stats)
+        self._answers = _Answers(self.config, self.stats, self._plan)
         self._in_flight = 0
         self._runner: web.ServerRunner | None = None
         self._port: int | None = None  # the bound port, kept so restart() comes back on it
@@ -723,7 +885,7 @@ class LocalServer:
     @property
     def faults(self) -> Faults:
         """The faults in force."""
-        return self._faults
+        return self._plan.faults
 
     async def start(self) -> str:
         """Listen (on the port of an earlier start, if any) and return the base URL."""
@@ -763,8 +925,7 @@ class LocalServer:
 
     def set_faults(self, faults: Faults) -> None:
         """Replace the faults in force; the random draws restart from ``faults.seed``."""
-        self._faults = faults
-        self._rng = random.Random(faults.seed)
+        self._plan.replace(faults)
 
     def inject(self, kind: str, count: int = 1) -> None:
         """Give the next ``count`` requests to /v1/embeddings the outcome ``kind``, in order.
@@ -789,11 +950,7 @@ class LocalServer:
         lone one gets index 1), ``wrong-dims`` (the first vector one value short) and
         ``other-model`` (right vectors, named as another model's).
         """
-        if kind not in INJECT_KINDS:
-            raise ValueError(f"unknown fault {kind!r}; one of {sorted(INJECT_KINDS)}")
-        if count < 0:
-            raise ValueError("count must be >= 0")
-        self._injected.extend([kind] * count)
+        self._plan.inject(kind, count)
 
     # --- request handling ---
 
@@ -806,8 +963,8 @@ class LocalServer:
             if not response.prepared:  # a reset (prepared, then aborted) is no answer
                 # Latency follows the decision, so admission and rate limits act at arrival
                 # time; the answer counts only after it, as a stop may still drop the request.
-                if self._faults.latency_s > 0:
-                    await asyncio.sleep(self._faults.latency_s)
+                if self._plan.faults.latency_s > 0:
+                    await asyncio.sleep(self._plan.faults.latency_s)
                 self.stats.by_status[response.status] += 1
             return response
         finally:
@@ -815,24 +972,24 @@ class LocalServer:
 
     async def _respond(self, request: web.BaseRequest) -> web.StreamResponse:
         if request.method != "POST" or request.path != _PATH:
-            return self._answer(404, _NOT_FOUND, _TEXT)
+            return self._answers.answer(404, _NOT_FOUND, _TEXT)
         if self.stats.first_request_at is None:
             self.stats.first_request_at = time.monotonic()
         raw = await request.content.read()  # not request.read(): no 1 MiB cap for image inputs
-        injected = self._injected.popleft() if self._injected else None
+        injected = self._plan.injected()
         if injected is not None and injected not in _ANSWERED:
-            return await self._fault(injected, request, raw)
+            return await self._answers.fault(injected, request, raw)
         if not self._authorized(request.headers.get("Authorization", "")):
-            return self._answer(401, b'"Invalid token"')
-        fault = injected or self._draw_fault()
+            return self._answers.answer(401, b'"Invalid token"')
+        fault = injected or self._plan.draw(self._in_flight)
         if fault == "stall":
             self.stats.stalls += 1
-            await asyncio.sleep(self._faults.stall_s)
+            await asyncio.sleep(self._plan.faults.stall_s)
         elif fault is not None and fault not in _ANSWERED:
-            return await self._fault(fault, request, raw)
+            return await self._answers.fault(fault, request, raw)
         response = await self._embed(raw, fault)
         if fault == "trickle" and response.status == 200:
-            return await self._trickle(request, response)
+            return await self._answers.trickle(request, response)
         return response
 
     def _authorized(self, header: str) -> bool:
@@ -842,137 +999,28 @@ class LocalServer:
             return False
         return self.config.api_key is None or token == self.config.api_key
 
-    def _draw_fault(self) -> str | None:
-        faults = self._faults
-        if faults.max_in_flight is not None and self._in_flight > faults.max_in_flight:
-            return "503"
-        draw = self._rng.random()  # one draw per request, so a seed replays the same faults
-        for kind, rate in (
-            ("503", faults.rate_503),
-            ("504", faults.rate_504),
-            ("reset", faults.rate_reset),
-            ("stall", faults.rate_stall),
-        ):
-            if draw < rate:
-                return kind
-            draw -= rate
-        return None
-
-    async def _fault(self, kind: str, request: web.BaseRequest, raw: bytes) -> web.StreamResponse:
-        if kind in _STATIC:
-            status, body, content_type = _STATIC[kind]
-            self._count_refusal(kind)
-            return self._answer(status, body, content_type, kind)
-        if kind == "reset":
-            return await self._reset(request)
-        if kind == "endless":
-            return await self._endless(request)
-        if kind == "413":
-            reject = _batch_too_large(_batch_size(raw), self.config.max_batch_items)
-            return self._answer(413, reject.body)
-        return self._answer(200, _broken_body(kind, raw))
-
-    def _count_refusal(self, kind: str) -> None:
-        if kind in ("429-tpm", "429-hour", "429-date"):
-            self.stats.rate_limited_tpm += 1
-        elif kind == "429-rpm":
-            self.stats.rate_limited_rpm += 1
-
-    async def _trickle(self, request: web.BaseRequest, answer: web.Response) -> web.StreamResponse:
-        """``answer`` one byte at a time, until done or the client leaves."""
-        response = web.StreamResponse(status=answer.status, headers=answer.headers)
-        body = bytes(cast(bytes, answer.body))
-        response.content_length = len(body)
-        await response.prepare(request)
-        for offset in range(len(body)):
-            if request.transport is None or request.transport.is_closing():
-                break  # the client gave up: the answer is never completed
-            await response.write(body[offset : offset + 1])
-            await asyncio.sleep(self._faults.trickle_s)
-        return response
-
-    async def _endless(self, request: web.BaseRequest) -> web.StreamResponse:
-        """A 200 whose body never ends (up to 256 MiB), until the client leaves."""
-        response = web.StreamResponse(headers=self._headers(200, _JSON))
-        await response.prepare(request)
-        await response.write(b'{"object":"list","data":[')
-        blanks = b" " * (1 << 20)
-        for _ in range(256):
-            if request.transport is None or request.transport.is_closing():
-                break
-            try:
-                await response.write(blanks)
-            except ConnectionError:
-                break
-        return response
-
-    async def _reset(self, request: web.BaseRequest) -> web.StreamResponse:
-        """Headers and a part of the body, then an aborted connection: the client must see an
-        error, not a short answer."""
-        self.stats.resets += 1
-        response = web.StreamResponse(headers=self._headers(200, _JSON))
-        response.content_length = 4096
-        await response.prepare(request)
-        await response.write(b'{"object":"list","data":[{"object":"embedding","embedding":')
-        if request.transport is not None:
-            request.transport.abort()
-        return response
-
     async def _embed(self, raw: bytes, fault: str | None = None) -> web.Response:
         try:
             call = _parse_call(raw, self.config)
         except _Reject as reject:
-            return self._answer(reject.status, reject.body)
-        refused = self._refusal(call)
-        if refused is not None:
-            return refused
+            return self._answers.answer(reject.status, reject.body)
+        limit = self._quota.refusal(call)
+        if limit is not None:
+            self._answers.count_refusal(f"429-{limit.lower()}")
+            return self._answers.answer(429, _TPM if limit == "TPM" else _RPM)
         # The model's time, after admission: a limit acts at arrival, as the provider's does.
-        work_s = call.tokens / 1000 * self._faults.latency_per_1k_tokens_s
+        work_s = call.tokens / 1000 * self._plan.faults.latency_per_1k_tokens_s
         if work_s > 0:
             await asyncio.sleep(work_s)
         if fault in _ALTERED:
-            return self._answer(200, _altered_body(call, fault))
-        response = self._answer(200, _success_body(call))
+            return self._answers.answer(200, _altered_body(call, fault))
+        response = self._answers.answer(200, _success_body(call))
         if fault == "gzip":
             response.body = gzip.compress(cast(bytes, response.body))
             response.headers["Content-Encoding"] = "gzip"
         elif fault == "bom":
             response.body = b"\xef\xbb\xbf" + cast(bytes, response.body)
         return response
-
-    def _refusal(self, call: _Call) -> web.Response | None:
-        """A 429 if ``call`` is over its model's quota; otherwise it is charged to the quota."""
-        now = time.monotonic()
-        limits = self.config.limits.get(call.model, self.config.default_limits)
-        if limits.rpm is not None or limits.tpm is not None:  # unlimited models keep no log
-            window = self._windows.setdefault(call.model, _Window())
-            limit = window.refusal(now, call.tokens, limits, self.config.window_s)
-            if limit is not None:
-                self._count_refusal(f"429-{limit.lower()}")
-                return self._answer(429, _TPM if limit == "TPM" else _RPM)
-        self.stats.tokens_accepted += call.tokens
-        self.stats.accepted.append((now, call.tokens))
-        return None
-
-    def _headers(self, status: int, content_type: str, kind: str = "") -> dict[str, str]:
-        headers = {"Content-Type": content_type, TRACE_HEADER: uuid.uuid4().hex}
-        if kind == "redirect":
-            headers["Location"] = _REDIRECT_TO
-        elif kind == "429-hour":
-            headers["Retry-After"] = "3600"
-        elif kind == "429-date":
-            headers["Retry-After"] = email.utils.formatdate(time.time() + 3600, usegmt=True)
-        wait_s = self._faults.retry_after_s
-        if wait_s is not None and status in (429, 503):
-            headers["Retry-After"] = str(math.ceil(wait_s))  # the header takes whole seconds
-            headers["retry-after-ms"] = str(round(wait_s * 1000))
-        return headers
-
-    def _answer(
-        self, status: int, body: bytes, content_type: str = _JSON, kind: str = ""
-    ) -> web.Response:
-        headers = self._headers(status, content_type, kind)
-        return web.Response(status=status, body=body, headers=headers)
 
 
 def _broken_body(kind: str, raw: bytes) -> bytes:
