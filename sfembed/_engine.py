@@ -38,13 +38,14 @@ from ._delivery import Delivery
 from ._dispatch import Dispatch, PacedSender
 from ._intake import Input, Intake, Splitter
 from ._limiter import Limiter, RateLimiter, process_age_s
+from ._models import ModelSpec
 from ._packer import packer_for
 from ._quota import SharedLimiter
 from ._reorder import ReorderBuffer
 from ._streams import ReceiveStream, SendStream, open_stream
 from ._types import Chunk, EmbeddedBatch, FloatArray, JobStats
 
-__all__ = ["Engine", "embed", "embed_stream", "shared_limiter_for"]
+__all__ = ["Engine", "embed", "embed_stream", "job_stream", "shared_limiter_for"]
 
 _BATCHES_BUFFERED = 8  # batches delivery may run ahead of a caller that is busy with the last
 OnFailure = Literal["raise", "nan"]
@@ -159,6 +160,35 @@ async def embed_stream(
             yield batch
 
 
+async def job_stream(
+    inputs: Iterable[Input],
+    settings: Settings,
+    spec: ModelSpec,
+    *,
+    client: EmbeddingClient,
+    stats: JobStats,
+    limiter: Limiter | None,
+    stop: asyncio.Event | None,
+    cache: EmbeddingCache | None,
+) -> AsyncGenerator[EmbeddedBatch, None]:
+    """``embed_stream`` for a file job (``_job``), whose settings are whole and whose model
+    ``spec`` it has resolved already: the stages take that spec, not one resolved again."""
+    running = _running(
+        inputs,
+        settings,
+        {},
+        client=client,
+        stats=stats,
+        limiter=limiter,
+        stop=stop,
+        cache=cache,
+        spec=spec,
+    )
+    async with running as (_, batches):
+        async for batch in batches:
+            yield batch
+
+
 @contextlib.asynccontextmanager
 async def _running(
     inputs: Iterable[Input] | AsyncIterable[Input],
@@ -170,17 +200,18 @@ async def _running(
     limiter: Limiter | None = None,
     stop: asyncio.Event | None = None,
     cache: EmbeddingCache | None = None,
+    spec: ModelSpec | None = None,
 ) -> AsyncIterator[tuple[Engine, AsyncGenerator[EmbeddedBatch, None]]]:
     """The engine over ``inputs`` and its batches, with the client and the shared limiter it
     opened itself (when not given one): all closed on leaving, so its stages stop before the
-    caller goes on (not later, from a GC finaliser)."""
+    caller goes on (not later, from a GC finaliser). ``spec``: the model's, if resolved already."""
     run_settings = with_options(settings or load_settings(), **options)
     async with contextlib.AsyncExitStack() as stack:
         if client is None:
             client = await stack.enter_async_context(client_for(run_settings))
         if limiter is None and run_settings.quota:
             limiter = await stack.enter_async_context(shared_limiter_for(run_settings))
-        engine = Engine(run_settings, client, stats or JobStats(), limiter, stop, cache)
+        engine = Engine(run_settings, client, stats or JobStats(), limiter, stop, cache, spec)
         batches = await stack.enter_async_context(contextlib.aclosing(engine.run(inputs)))
         yield engine, batches
 
@@ -215,11 +246,13 @@ class Engine:
         limiter: Limiter | None,
         stop: asyncio.Event | None = None,
         cache: EmbeddingCache | None = None,
+        spec: ModelSpec | None = None,
     ) -> None:
         self.settings = settings
         self.stats = stats
         self.stop = stop
-        spec = model_spec(settings, client.catalog)  # resolved once, for every stage
+        if spec is None:  # resolved once, for every stage (a file job resolved it already)
+            spec = model_spec(settings, client.catalog)
         self.ring = ReorderBuffer(
             dims=spec.output_dimensions(settings.dimensions),
             capacity=max(1024, 4 * settings.concurrency * settings.batch.max_items),

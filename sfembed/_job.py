@@ -29,7 +29,7 @@ import numpy as np
 from ._cache import EmbeddingCache
 from ._client import EmbeddingClient
 from ._config import Settings, model_spec
-from ._engine import embed_stream
+from ._engine import job_stream
 from ._errorlog import ErrorLog
 from ._exceptions import ConfigError
 from ._jobfiles import JobFiles, staged_path
@@ -234,7 +234,9 @@ async def run_job(
 
 
 class _FileJob:
-    """One run of ``run_job``: its files, manifest and summary."""
+    """One run of ``run_job``: its files and their lock, whether it starts afresh or goes on
+    after a checkpoint, its summary and report. A ``_Feed`` embeds the records into the files;
+    ``_Checkpoints`` makes them durable and moves a fresh run's into place."""
 
     def __init__(
         self,
@@ -251,11 +253,8 @@ class _FileJob:
         self.client = client
         self.spec = model_spec(settings, client.catalog)
         self.format = _output_format(output_path, settings)
-        if self.format == "lance":  # the table's own folder: its manifest and errors go beside
-            folder, table = lance_location(output_path, settings.io.table or None)
-            if folder.parent.is_dir():  # a new database folder, as LanceDB itself would make
-                folder.mkdir(exist_ok=True)
-            output_path = folder / f"{table}.lance"
+        if self.format == "lance":
+            output_path = _table_path(output_path, settings)
         self.output_path = Path(output_path)
         self.errors = Path(errors_path) if errors_path else Path(f"{output_path}.errors.jsonl")
         self.resumable = self.format != "parquet"  # a Parquet file is whole only once closed
@@ -266,7 +265,6 @@ class _FileJob:
         self.files = JobFiles.of(inputs, output_path, self.format, self.errors, cache)
         self.manifest_path = self.files.manifest
         self.summary = JobSummary(JobStats(window_s=settings.rate.window_s), 0.0)
-        self.writing = False  # a batch is half written: the files and the counts disagree
         self.limiter = limiter
         self.reasons: Counter[str] = Counter()  # failures by reason group, for the report
         self.report: _Reporting | None = None
@@ -284,22 +282,7 @@ class _FileJob:
         stop: asyncio.Event | None,
         on_batch: Callable[[JobStats], None] | None,
     ) -> JobSummary:
-        if resume and not self.resumable and not restart:
-            raise ConfigError("a Parquet file cannot be resumed: use .npy or .jsonl output")
-        if resume and not all(source.rereadable for source in self.sources):
-            raise ConfigError(
-                f"cannot resume: input {self.sources[0].name!r} is read once as it streams (a "
-                "pipe or standard input); save it to a file to make the job resumable"
-            )
-        if self.format == "lance" and self.settings.long_mode == "chunks":
-            raise ConfigError(
-                "LanceDB output holds one row per record: use --long pool or truncate"
-            )
-        for role, path in (("output", self.output_path), ("errors file", self.errors)):
-            if not path.parent.is_dir():  # found now, not at the first failure hours in
-                raise ConfigError(
-                    f"the {role}'s folder {str(path.parent)!r} is missing or not a folder"
-                )
+        _check_runnable(self, resume=resume, restart=restart)
         self.files.check()  # the inputs were found readable by find_sources
         with self.files.locked():
             self.files.check_report()  # a refusal must not write the report it refused
@@ -321,6 +304,7 @@ class _FileJob:
         stop: asyncio.Event | None,
         on_batch: Callable[[JobStats], None] | None,
     ) -> JobSummary:
+        self.files.finish_swap()  # an earlier run's move into place, cut short by a crash
         earlier = _earlier_run(self.manifest_path, strict=resume and not restart)
         self.files.check_owned(earlier)
         identity = await identify(self.sources)
@@ -400,9 +384,10 @@ class _FileJob:
             cache = None
             if self.files.cache is not None:
                 cache = await files.enter_async_context(EmbeddingCache(self.files.cache))
-            checkpoints = _Checkpoints(self, manifest, writer, errors, swapped=resumed)
+            feed = _Feed(self, writer, errors, skip=done.records)
+            checkpoints = _Checkpoints(self, manifest, feed, swapped=resumed)
             try:
-                await self._stream(done.records, writer, errors, checkpoints, cache, stop, on_batch)
+                await feed.run(checkpoints, cache, stop, on_batch)
                 complete = not summary.stopped
             finally:
                 if self.resumable:
@@ -428,58 +413,66 @@ class _FileJob:
             ids_path=ids,
         )
 
-    async def _stream(
+
+class _Feed:
+    """One pass of a job over its records after the first ``skip``: through the engine into the
+    output and the errors file, record by whole record, the summary's counts kept with them."""
+
+    def __init__(self, job: _FileJob, writer: Writer, errors: ErrorLog, *, skip: int) -> None:
+        self.job = job
+        self.writer = writer
+        self.errors = errors
+        self.skip = skip
+        self.writing = False  # a batch is half written: the files and the counts disagree
+
+    async def run(
         self,
-        skip: int,
-        writer: Writer,
-        errors: ErrorLog,
         checkpoints: _Checkpoints,
         cache: EmbeddingCache | None,
         stop: asyncio.Event | None,
         on_batch: Callable[[JobStats], None] | None,
     ) -> None:
-        """Embed the records after the first ``skip`` into ``writer``, record by whole record."""
-        summary = self.summary
-        ids, carry = _Ids(), _Carry(self.settings.long_mode == "chunks")
-        keep = self.format == "lance"
-        records = itertools.islice(_records(self.sources, self.settings, keep), skip, None)
-        stream = embed_stream(
+        """Embed the records into the files, a checkpoint every so often (``checkpoints``)."""
+        job, summary = self.job, self.job.summary
+        ids, carry = _Ids(), _Carry(job.settings.long_mode == "chunks")
+        keep = job.format == "lance"
+        records = itertools.islice(_records(job.sources, job.settings, keep), self.skip, None)
+        stream = job_stream(
             ids.feed(records),
-            model=self.spec.name,
-            settings=self.settings,
-            client=self.client,
+            job.settings,
+            job.spec,
+            client=job.client,
             stats=summary.stats,
             stop=stop,
             cache=cache,
-            limiter=self.limiter,
+            limiter=job.limiter,
         )
         async with contextlib.aclosing(stream) as batches:
             async for batch in batches:
                 whole = carry.whole(batch)
                 if whole is not None:
-                    self._write(whole, ids, writer, errors, skip)
+                    self._write(whole, ids)
                     checkpoints.maybe_save()
                 if on_batch is not None:
                     on_batch(summary.stats)
         summary.stopped = stop is not None and stop.is_set()
         rest = None if summary.stopped else carry.rest()  # a stop may cut a record short
         if rest is not None:
-            self._write(rest, ids, writer, errors, skip)
+            self._write(rest, ids)
 
-    def _write(
-        self, batch: EmbeddedBatch, ids: _Ids, writer: Writer, errors: ErrorLog, offset: int
-    ) -> None:
+    def _write(self, batch: EmbeddedBatch, ids: _Ids) -> None:
         # Until the counts below are updated, the files hold more than they say: a checkpoint
         # taken now (by an error's cleanup) would make a resume write these rows twice.
         self.writing = True
+        summary, several, offset = self.job.summary, self.job.several, self.skip
         where = ids.take(batch)
-        self.summary.failed += errors.write(batch, where, with_source=self.several)
+        summary.failed += self.errors.write(batch, where, with_source=several)
         placed = dataclasses.replace(batch, positions=batch.positions + offset)
-        places = [(r.source, r.line) for r in where] if self.several else None
-        kept = [r.kept or () for r in where] if self.format == "lance" else None
-        writer.write([r.id for r in where], placed, places=places, kept=kept)
-        self.summary.rows += len(batch)
-        self.summary.records = offset + int(batch.positions[-1]) + 1
+        places = [(r.source, r.line) for r in where] if several else None
+        kept = [r.kept or () for r in where] if self.job.format == "lance" else None
+        self.writer.write([r.id for r in where], placed, places=places, kept=kept)
+        summary.rows += len(batch)
+        summary.records = offset + int(batch.positions[-1]) + 1
         self.writing = False
 
 
@@ -494,15 +487,15 @@ class _Checkpoints:
         self,
         job: _FileJob,
         manifest: Manifest,
-        writer: Writer,
-        errors: ErrorLog,
+        feed: _Feed,
         *,
         swapped: bool,
     ) -> None:
         self.job = job
         self.manifest = manifest
-        self.writer = writer
-        self.errors = errors
+        self.feed = feed
+        self.writer = feed.writer
+        self.errors = feed.errors
         self.every = job.settings.io.checkpoint_rows
         self.saved_rows = job.summary.rows
         self.swapped = swapped
@@ -514,23 +507,22 @@ class _Checkpoints:
     def save(self, *, complete: bool) -> None:
         """Errors file, then output, then the manifest that points into both."""
         job, summary = self.job, self.job.summary
-        if job.writing:
+        if self.feed.writing:
             log.warning("a batch was left half written: the last checkpoint stands")
             return
         if not self.swapped and not complete and not self._proven():
             return  # nothing embedded yet: the earlier run's files stay as they were
         errors_length = self.errors.commit()
         committed = self.writer.commit() if job.resumable else Committed(summary.rows, {})
-        if not self.swapped:
-            job.files.swap_in(errors_written=self.errors.opened)
-            self.errors.path = job.errors  # a first failure from now on opens it in place
-            self.swapped = True
         lengths = {**committed.lengths, "errors": errors_length}
         checkpoint = Checkpoint(summary.records, committed.rows, summary.failed, lengths)
-        save_manifest(
-            job.manifest_path,
-            dataclasses.replace(self.manifest, checkpoint=checkpoint, complete=complete),
-        )
+        manifest = dataclasses.replace(self.manifest, checkpoint=checkpoint, complete=complete)
+        if self.swapped:
+            save_manifest(job.manifest_path, manifest)
+        else:  # the files move into place with the manifest that describes them
+            job.files.swap_in(manifest)
+            self.errors.path = job.errors  # a first failure from now on opens it in place
+            self.swapped = True
         self.saved_rows = committed.rows
         job._report("running")
 
@@ -588,6 +580,33 @@ def _records(sources: Sequence[Source], settings: Settings, keep: bool) -> Itera
         image_field=io.image_field,
         keep_fields=io.keep_fields if keep else (),
     )
+
+
+def _table_path(output_path: str | Path, settings: Settings) -> Path:
+    """A LanceDB table's own folder, ``DB/NAME.lance``: the job's manifest and errors go beside."""
+    folder, table = lance_location(output_path, settings.io.table or None)
+    if folder.parent.is_dir():  # a new database folder, as LanceDB itself would make
+        folder.mkdir(exist_ok=True)
+    return folder / f"{table}.lance"
+
+
+def _check_runnable(job: _FileJob, *, resume: bool, restart: bool) -> None:
+    """Raise ConfigError, before anything is locked or written, for a job that cannot run as
+    asked: a resume of what cannot be resumed, a table asked for chunks, a missing folder."""
+    if resume and not job.resumable and not restart:
+        raise ConfigError("a Parquet file cannot be resumed: use .npy or .jsonl output")
+    if resume and not all(source.rereadable for source in job.sources):
+        raise ConfigError(
+            f"cannot resume: input {job.sources[0].name!r} is read once as it streams (a "
+            "pipe or standard input); save it to a file to make the job resumable"
+        )
+    if job.format == "lance" and job.settings.long_mode == "chunks":
+        raise ConfigError("LanceDB output holds one row per record: use --long pool or truncate")
+    for role, path in (("output", job.output_path), ("errors file", job.errors)):
+        if not path.parent.is_dir():  # found now, not at the first failure hours in
+            raise ConfigError(
+                f"the {role}'s folder {str(path.parent)!r} is missing or not a folder"
+            )
 
 
 def _output_format(output_path: str | Path, settings: Settings) -> str:

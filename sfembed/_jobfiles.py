@@ -10,7 +10,11 @@ replaced or removed.
 A run that starts afresh writes beside the earlier run's files, under hidden names
 (``.out.npy.sfembed-new``), and moves them into place at its first checkpoint that holds an
 embedded row, or when it ends: a rerun that stops at once (a mistyped setting, a wrong key, a
-model that refuses the dimensions) leaves the earlier run's files exactly as they were.
+model that refuses the dimensions) leaves the earlier run's files exactly as they were. The move
+is decided by writing the new manifest under its hidden name, and ends by renaming it over the
+earlier one; a crash in between leaves the hidden manifest, and the next job on this output
+finishes the move before anything else. So at every moment one manifest describes the files in
+place, or a staged one the files about to be.
 
 Each job holds an exclusive lock (``flock``) on a hidden lock file beside its output, and on one
 beside its cache, for its whole life: a second job writing the same output, or using the same
@@ -29,7 +33,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ._exceptions import ConfigError
-from ._manifest import Checkpoint, Manifest, manifest_path_for, sync_folder
+from ._manifest import (
+    Checkpoint,
+    Manifest,
+    load_manifest,
+    manifest_path_for,
+    save_manifest,
+    sync_folder,
+)
 from ._report import load_report
 from ._writers import ids_path_for
 
@@ -168,28 +179,49 @@ class JobFiles:
             yield
 
     def remove_staged(self) -> None:
-        """Remove what a fresh run wrote beside the earlier files (an earlier crash's too)."""
+        """Remove what a fresh run wrote beside the earlier files (an earlier crash's too),
+        unless a move into place was decided (a staged manifest): ``finish_swap`` ends that."""
+        if self._staged_manifest().exists():
+            return
         for path in self._replaced():
             staged = staged_path(path)
             with contextlib.suppress(FileNotFoundError):
                 if stat.S_ISREG(staged.lstat().st_mode):
                     staged.unlink()
 
-    def swap_in(self, errors_written: bool) -> None:
-        """Move a fresh run's files over the earlier run's. The earlier manifest goes first, so
-        that no manifest ever vouches for files it did not describe; a stale errors file goes
-        when this run has written none (``check`` made sure it was the earlier run's)."""
-        if self.manifest.exists():
-            self.manifest.unlink()
-            sync_folder(self.manifest.parent)
+    def swap_in(self, manifest: Manifest) -> None:
+        """Move a fresh run's files over the earlier run's, with ``manifest``, which describes
+        them. It is written first, under its staged name: from then on the move is decided, and
+        a crash at any later step is finished by the next run (``finish_swap``). Raises OSError.
+        """
+        save_manifest(self._staged_manifest(), manifest)
+        self.finish_swap()
+
+    def finish_swap(self) -> None:
+        """Finish the move a staged manifest decided (this run's, or one a crash cut short):
+        each staged file over the earlier one, then the manifest over the earlier manifest, last,
+        so that no manifest vouches for files it did not describe. An earlier errors file goes
+        when the new run wrote none (``check`` made sure it was the earlier run's). Each step
+        may be done again. Raises ConfigError for a staged manifest that cannot be read."""
+        staged_manifest = self._staged_manifest()
+        manifest = load_manifest(staged_manifest)
+        if manifest is None:
+            return
+        errors_written = manifest.checkpoint.lengths.get("errors", 0) > 0
         for path in self._replaced():
             staged = staged_path(path)
             if path == self.errors and not errors_written:
                 path.unlink(missing_ok=True)
+                staged.unlink(missing_ok=True)
             elif staged.exists():
                 os.replace(staged, path)
         for folder in {path.parent for path in self._replaced()}:
             sync_folder(folder)
+        os.replace(staged_manifest, self.manifest)
+        sync_folder(self.manifest.parent)
+
+    def _staged_manifest(self) -> Path:
+        return staged_path(self.manifest)
 
     def _replaced(self) -> list[Path]:
         return [self.output, self.errors] + ([self.ids] if self.ids is not None else [])

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import pickle
 import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -801,6 +802,7 @@ async def test_a_run_from_scratch_killed_before_its_first_checkpoint_does_not_pa
         raise _Killed  # at the run's first manifest: its files are open, and truncated
 
     monkeypatch.setattr(job_module, "save_manifest", killed)
+    monkeypatch.setattr("sfembed._jobfiles.save_manifest", killed)  # a fresh run's first
     with pytest.raises(_Killed):
         await job(server, source, out, settings)  # started over (say, after a refusal)
     monkeypatch.undo()
@@ -861,3 +863,114 @@ async def test_a_job_that_fails_while_writing_leaves_a_checkpoint_a_resume_can_t
         assert checkpoint.rows == checkpoint.records < len(lines)
     await job(server, source, out, settings, resume=True)
     assert outputs(out) == expected
+
+
+# --- a fresh run killed while it moves its files over the earlier run's --------------------------
+
+#: A fresh ``run_job`` in a child process, SIGKILLed right after the N-th rename or removal of
+#: its move into place (the first writes its staged manifest): a crash at that very point.
+_KILLED_IN_SWAP = r"""
+import asyncio, os, pickle, signal, sys
+from pathlib import Path
+
+from sfembed import EmbeddingClient
+from sfembed._job import run_job
+from sfembed._jobfiles import JobFiles
+
+url, key, source, out, settings_path, kill_after = sys.argv[1:]
+steps, swapping = 0, False
+real_replace, real_unlink, real_swap_in = os.replace, Path.unlink, JobFiles.swap_in
+
+
+def step():
+    global steps
+    if swapping:
+        steps += 1
+        if steps == int(kill_after):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def replace(*args, **kwargs):
+    real_replace(*args, **kwargs)
+    step()
+
+
+def unlink(self, *args, **kwargs):
+    real_unlink(self, *args, **kwargs)
+    step()
+
+
+def swap_in(self, *args, **kwargs):
+    global swapping
+    swapping = True
+    try:
+        real_swap_in(self, *args, **kwargs)
+    finally:
+        swapping = False
+
+
+os.replace, Path.unlink, JobFiles.swap_in = replace, unlink, swap_in
+
+
+async def main():
+    settings = pickle.loads(Path(settings_path).read_bytes())
+    async with EmbeddingClient(api_key=key, base_url=url) as client:
+        await run_job(source, out, settings, client=client)
+
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("new_errors", [True, False], ids=["new-errors", "no-new-errors"])
+@pytest.mark.parametrize("kill_after", [1, 2, 3, 4, 5])
+async def test_a_fresh_run_killed_at_any_step_of_its_swap_leaves_files_the_next_run_takes(
+    server: LocalServer, tmp_path: Path, kill_after: int, new_errors: bool
+) -> None:
+    """The steps: the staged manifest written; the errors file moved over the earlier one (or,
+    when the new run wrote none, the earlier one removed); the output and its id sidecar moved;
+    the manifest moved over the earlier one. After a kill at any of them, the nightly command
+    (resume, else restart) goes on without a hand's help and ends as an uninterrupted run."""
+    settings = settings_for(server, model=M3)
+    earlier = write_lines(tmp_path / "earlier.jsonl", corpus(100, seed=51))  # an errors file
+    source = write_lines(tmp_path / "in.jsonl", corpus(100, seed=52, bad=new_errors))
+    expected = await reference(server, source, tmp_path / "ref" / "out.npy", settings)
+    out = tmp_path / "job" / "out.npy"
+    await reference(server, earlier, out, settings)
+    assert errors_path_for(out).exists()
+
+    pickled = tmp_path / "settings.pickle"
+    pickled.write_bytes(pickle.dumps(settings))
+    process = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-W", "error", "-c", _KILLED_IN_SWAP, server.url, KEY),
+        *(str(source), str(out), str(pickled), str(kill_after)),
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(process.communicate(), WAIT_S)
+    assert process.returncode == -signal.SIGKILL, err.decode()  # killed in the swap, not before
+
+    summary = await job(server, source, out, settings, resume=True, restart=True)
+    assert outputs(out) == expected
+    assert summary.failed == (3 if new_errors else 0)
+    assert manifest_of(out).complete
+    assert not [path.name for path in out.parent.iterdir() if "sfembed-new" in path.name]
+
+
+async def test_a_file_job_resolves_its_model_once(
+    server: LocalServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The job and every stage of its engine share one spec of the model."""
+    import sfembed._config
+    import sfembed._engine
+
+    resolved: list[str] = []
+
+    def counted(settings: Settings, *args: Any) -> Any:
+        resolved.append(settings.model)
+        return sfembed._config.model_spec(settings, *args)
+
+    monkeypatch.setattr(job_module, "model_spec", counted)
+    monkeypatch.setattr(sfembed._engine, "model_spec", counted)
+    source = write_lines(tmp_path / "in.jsonl", corpus(20, seed=53))
+    await job(server, source, tmp_path / "out.npy", settings_for(server, model=M3))
+    assert resolved == [M3]
