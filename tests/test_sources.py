@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
 import os
+import pwd
 import random
+import shutil
+import socket
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -162,14 +168,58 @@ def test_image_problems_without_a_missing_file(tmp_path: Path) -> None:
     }
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
-def test_an_unreadable_image_file(tmp_path: Path) -> None:
-    picture = write(tmp_path / "locked.png", PIXEL)
-    picture.chmod(0)
-    path = write(tmp_path / "in.jsonl", jsonl({"image": str(picture)}))
-    assert read(path, image_field="image")[0].error == (
-        f"cannot read image {str(picture)!r}: Permission denied"
-    )
+@contextlib.contextmanager
+def unprivileged() -> Iterator[None]:
+    """Run the block as a user without root's right to read any file: when the tests run as root,
+    the effective uid becomes nobody's until the block ends (the real uid stays root, so the
+    effective one can be given back)."""
+    if os.geteuid() != 0:
+        yield
+        return
+    try:
+        nobody = pwd.getpwnam("nobody").pw_uid
+    except KeyError:
+        nobody = 65534
+    os.seteuid(nobody)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+
+
+def test_an_unreadable_image_file() -> None:
+    # A folder of the system's temporary space, which any user may enter (pytest's own are
+    # root's alone when root runs them), so that the file's mode alone refuses it.
+    folder = Path(tempfile.mkdtemp(prefix="sfembed-test-"))
+    try:
+        folder.chmod(0o755)
+        picture = write(folder / "locked.png", PIXEL)
+        picture.chmod(0)
+        readable = write(folder / "open.png", PIXEL)
+        readable.chmod(0o644)
+        path = write(folder / "in.jsonl", jsonl({"image": str(picture)}, {"image": str(readable)}))
+        path.chmod(0o644)
+        with unprivileged():
+            records = read(path, image_field="image")
+    finally:
+        shutil.rmtree(folder)
+    assert records[0].error == f"cannot read image {str(picture)!r}: Permission denied"
+    assert records[1].error is None  # the same user reads its neighbour: the mode refused it
+
+
+def test_image_paths_no_user_can_read(tmp_path: Path) -> None:
+    """Entries that even root cannot open: a socket, and a link that leads back to itself."""
+    sock = tmp_path / "socket.png"
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(sock))
+        loop = tmp_path / "loop.png"
+        loop.symlink_to(loop)
+        path = write(tmp_path / "in.jsonl", jsonl({"image": str(sock)}, {"image": str(loop)}))
+        records = read(path, image_field="image")
+    assert errors(records) == {
+        1: f"cannot read image {str(sock)!r}: No such device or address",
+        2: f"cannot read image {str(loop)!r}: Too many levels of symbolic links",
+    }
 
 
 # --- plain text -------------------------------------------------------------------------------
