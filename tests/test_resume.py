@@ -868,7 +868,7 @@ async def test_a_job_that_fails_while_writing_leaves_a_checkpoint_a_resume_can_t
 # --- a fresh run killed while it moves its files over the earlier run's --------------------------
 
 #: A fresh ``run_job`` in a child process, SIGKILLed right after the N-th rename or removal of
-#: its move into place (the first writes its staged manifest): a crash at that very point.
+#: its move into place (the first writes its staged manifest), or (0) as the move begins.
 _KILLED_IN_SWAP = r"""
 import asyncio, os, pickle, signal, sys
 from pathlib import Path
@@ -902,6 +902,8 @@ def unlink(self, *args, **kwargs):
 
 def swap_in(self, *args, **kwargs):
     global swapping
+    if int(kill_after) == 0:  # before the first step: the staged files written, nothing moved
+        os.kill(os.getpid(), signal.SIGKILL)
     swapping = True
     try:
         real_swap_in(self, *args, **kwargs)
@@ -923,7 +925,7 @@ asyncio.run(main())
 
 
 @pytest.mark.parametrize("new_errors", [True, False], ids=["new-errors", "no-new-errors"])
-@pytest.mark.parametrize("kill_after", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("kill_after", [0, 1, 2, 3, 4, 5])
 async def test_a_fresh_run_killed_at_any_step_of_its_swap_leaves_files_the_next_run_takes(
     server: LocalServer, tmp_path: Path, kill_after: int, new_errors: bool
 ) -> None:
