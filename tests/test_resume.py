@@ -976,3 +976,34 @@ async def test_a_file_job_resolves_its_model_once(
     source = write_lines(tmp_path / "in.jsonl", corpus(20, seed=53))
     await job(server, source, tmp_path / "out.npy", settings_for(server, model=M3))
     assert resolved == [M3]
+
+
+async def test_a_disk_error_in_the_middle_of_the_swap_leaves_it_for_the_next_run_to_finish(
+    server: LocalServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The move into place fails after its errors file has moved (the output's rename is
+    refused): the job fails, its cleanup keeps the staged files the staged manifest describes,
+    and the next run finishes the move and goes on from its checkpoint."""
+    settings = settings_for(server, model=M3)
+    source = write_lines(tmp_path / "in.jsonl", corpus(100, seed=54))
+    expected = await reference(server, source, tmp_path / "ref" / "out.npy", settings)
+    out = tmp_path / "job" / "out.npy"
+    await reference(
+        server, write_lines(tmp_path / "earlier.jsonl", corpus(100, seed=55)), out, settings
+    )
+    real_replace = os.replace
+
+    def refused_for_the_output(source: Any, destination: Any) -> None:
+        if Path(destination) == out:
+            raise OSError(5, "Input/output error")
+        real_replace(source, destination)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "replace", refused_for_the_output)
+        with pytest.raises(OSError, match="Input/output error"):
+            await job(server, source, out, settings)
+    assert [p.name for p in out.parent.iterdir() if p.name.endswith("manifest.json.sfembed-new")]
+
+    await job(server, source, out, settings, resume=True, restart=True)
+    assert outputs(out) == expected
+    assert not [path.name for path in out.parent.iterdir() if "sfembed-new" in path.name]
