@@ -20,6 +20,7 @@ import logging
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ from ._manifest import (
     InputIdentity,
     Manifest,
     check_resumable,
-    identify,
+    identify_soon,
     load_manifest,
     output_settings,
     save_manifest,
@@ -268,6 +269,7 @@ class _FileJob:
         self.limiter = limiter
         self.reasons: Counter[str] = Counter()  # failures by reason group, for the report
         self.report: _Reporting | None = None
+        self.identity: Future[tuple[InputIdentity, ...]] = Future()  # set as the run starts
 
     def reporting(self, path: Path, price: float | None, prices_file: str | None) -> None:
         """Write a run report to ``path`` (see ``_report``)."""
@@ -307,20 +309,22 @@ class _FileJob:
         self.files.finish_swap()  # an earlier run's move into place, cut short by a crash
         earlier = _earlier_run(self.manifest_path, strict=resume and not restart)
         self.files.check_owned(earlier)
-        identity = await identify(self.sources)
+        # Hashed beside the job: a fresh run first needs it at its first checkpoint.
+        self.identity = identify_soon(self.sources)
         wanted = output_settings(self.settings, self.spec, self.format, self.errors)
         go_on = None
         if resume:
+            identity = await asyncio.wrap_future(self.identity)
             go_on = _continued(earlier, identity, wanted, restart=restart, resumable=self.resumable)
         if go_on is None:
-            await self._fresh(Manifest(identity, wanted, Checkpoint()), stop, on_batch)
+            await self._fresh(Manifest((), wanted, Checkpoint()), stop, on_batch)
         else:
             self.files.check_lengths(go_on.checkpoint)  # before any file is cut back
             if go_on.complete:
                 summary = self._finished(go_on.checkpoint)
                 self._report("complete")
                 return summary
-            manifest = Manifest(identity, wanted, go_on.checkpoint)
+            manifest = Manifest((), wanted, go_on.checkpoint)
             await self._embed(manifest, resumed=True, stop=stop, on_batch=on_batch)
         summary = self._finished(None)
         self._report("stopped" if summary.stopped else "complete")
@@ -501,7 +505,10 @@ class _Checkpoints:
         self.swapped = swapped
 
     def maybe_save(self) -> None:
-        if self.job.resumable and self.job.summary.rows - self.saved_rows >= self.every:
+        """Save if ``checkpoint_rows`` rows were written since the last save and the inputs'
+        identity is known (else at a later batch)."""
+        due = self.job.summary.rows - self.saved_rows >= self.every
+        if self.job.resumable and due and self.job.identity.done():
             self.save(complete=False)
 
     def save(self, *, complete: bool) -> None:
@@ -512,11 +519,16 @@ class _Checkpoints:
             return
         if not self.swapped and not complete and not self._proven():
             return  # nothing embedded yet: the earlier run's files stay as they were
+        # At the job's end it may still be hashing a large input: waited for, and its error
+        # (an input that can no longer be read) raised, before any file is touched.
+        identity = job.identity.result()
         errors_length = self.errors.commit()
         committed = self.writer.commit() if job.resumable else Committed(summary.rows, {})
         lengths = {**committed.lengths, "errors": errors_length}
         checkpoint = Checkpoint(summary.records, committed.rows, summary.failed, lengths)
-        manifest = dataclasses.replace(self.manifest, checkpoint=checkpoint, complete=complete)
+        manifest = dataclasses.replace(
+            self.manifest, input=identity, checkpoint=checkpoint, complete=complete
+        )
         if self.swapped:
             save_manifest(job.manifest_path, manifest)
         else:  # the files move into place with the manifest that describes them

@@ -6,12 +6,17 @@ Each import check runs in a fresh interpreter, as a user's process starts."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import json
 import subprocess
 import sys
 import threading
+import time
+from dataclasses import replace
 from pathlib import Path
+
+import pytest
 
 from sfembed import JobStats
 from sfembed._progress import TqdmProgress
@@ -112,3 +117,46 @@ async def test_a_job_that_ends_before_its_first_row_draws_no_bar() -> None:
     async with TqdmProgress(count=lambda stop: 10, file=out, show_after_s=3600):
         pass
     assert out.getvalue() == ""
+
+
+async def test_a_fresh_job_sends_while_its_input_is_hashed_and_records_the_hash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The hash is held until the server has seen a request: a job that hashed its input before
+    # sending would hold it until the deadline, and this fails.
+    from sfembed import EmbeddingClient, RateLimits, _manifest, load_settings
+    from sfembed._job import run_job
+    from sfembed.testing import LocalServer
+
+    source = tmp_path / "in.jsonl"
+    lines = (json.dumps({"id": str(i), "text": f"text number {i}"}) for i in range(300))
+    source.write_text("\n".join(lines) + "\n")
+    real = _manifest._identify
+    server = LocalServer()
+    seen_by_hash: list[int] = []
+
+    def held(path: Path) -> _manifest.InputIdentity:
+        deadline = time.monotonic() + 20
+        while server.stats.requests == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        seen_by_hash.append(server.stats.requests)
+        return real(path)
+
+    monkeypatch.setattr(_manifest, "_identify", held)
+    settings = load_settings(rate=RateLimits(rpm=10**6, tpm=10**9))
+    settings = replace(settings, io=replace(settings.io, cache=False, checkpoint_rows=64))
+    async with server, EmbeddingClient(api_key="sk-local-test", base_url=server.url) as client:
+        out = tmp_path / "out.npy"
+        summary = await run_job(source, out, replace(settings, base_url=server.url), client=client)
+        assert summary.rows == 300
+        assert seen_by_hash[0] >= 1
+        manifest = _manifest.load_manifest(_manifest.manifest_path_for(out))
+        assert manifest is not None
+        assert manifest.complete
+        assert manifest.input[0].sha256 == hashlib.sha256(source.read_bytes()).hexdigest()
+        requests = server.stats.requests
+        again = await run_job(
+            source, out, replace(settings, base_url=server.url), client=client, resume=True
+        )
+        assert again.rows == 300
+        assert server.stats.requests == requests  # complete already: nothing sent
