@@ -216,7 +216,8 @@ def main() -> None:
                 walls, shares = [w for w, _ in extra], [u for _, u in extra]
                 rows.append((name, "wall", spread(walls, seconds)))
                 rows.append((name, "TPM utilisation", spread(shares, lambda u: f"{u:.1%}")))
-    print(f"sfembed from {package}; load average at the start: {load:.1f}; median (min-max) of {args.repeat} runs")
+    print(f"sfembed from {package}; load average at the start: {load:.1f}")
+    print(f"median (min-max) of {args.repeat} runs")
     print(table(rows, ("scenario", "figure", "value")))
 
 
