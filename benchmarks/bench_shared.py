@@ -63,6 +63,7 @@ class Worker:
     # (time.monotonic(), as the server's log: comparable across processes on one machine)
     settles: list[tuple[float, int, int]] = field(default_factory=list)  # (time, charged, used)
     limited_at: list[float] = field(default_factory=list)  # times of the 429s it was told of
+    switched_at: list[float] = field(default_factory=list)  # admissions that changed shared/local
     round_trips: int = 0
     rate_limited: int = 0
     fallbacks: int = 0
@@ -78,6 +79,8 @@ class _Recording(SharedLimiter):
     async def acquire(self, tokens: int) -> Any:
         ticket = await super().acquire(tokens)
         self.report.admissions.append((time.time(), tokens))
+        if self.shared == len(self.report.switched_at) % 2:  # it changed since the last note
+            self.report.switched_at.append(time.monotonic())
         return ticket
 
     async def settle(self, ticket: Any, used_tokens: int) -> None:
@@ -137,6 +140,8 @@ class Run:
     outputs: list[Path]
     killed: int | None = None
     keys_left: list[str] | None = None
+    event_at: float | None = None  # time.monotonic() of the kill or of Redis stopping
+    back_at: float | None = None  # and of Redis answering again
 
 
 def run(
@@ -156,6 +161,7 @@ def run(
     context = mp.get_context("spawn")
     results: dict[int, Worker] = {}
     killed = None
+    event_at = back_at = None
     with server_process(server) as (url, box):
         config = {"url": url, "rpm": args.rpm, "tpm": args.tpm, "window_s": args.window_s}
         config["quota"] = redis.url if redis is not None and name != "alone" else ""
@@ -177,12 +183,15 @@ def run(
         if name == "kill":
             time.sleep(ideal_s / 3)
             killed = 0
+            event_at = time.monotonic()
             os.kill(processes[killed].pid, signal.SIGKILL)
         elif name == "restart" and redis is not None:
             time.sleep(ideal_s / 3)
+            event_at = time.monotonic()
             redis.stop()
             time.sleep(args.outage_s)
             redis.start()
+            back_at = time.monotonic()
         for index, (parent, process) in enumerate(zip(pipes, processes, strict=True)):
             if index != killed:
                 results[index] = parent.recv()
@@ -191,7 +200,9 @@ def run(
     if redis is not None and name == "kill":
         time.sleep(args.window_s * 1.1)
         keys_left = _keys(redis.url)
-    return Run(name, workers, box[0], results, shards, outputs, killed, keys_left)
+    return Run(
+        name, workers, box[0], results, shards, outputs, killed, keys_left, event_at, back_at
+    )
 
 
 def _ideal_s(texts: list[str], args: argparse.Namespace) -> float:
@@ -228,6 +239,19 @@ def _jain(results: dict[int, Worker]) -> float:
 def _limited_at(run: Run, start: float) -> str:
     times = sorted(t - start for w in run.results.values() for t in w.limited_at)
     return ", ".join(f"{t:.1f}" for t in times) or "-"
+
+
+def _events(run: Run, start: float) -> str:
+    times = [t - start for t in (run.event_at, run.back_at) if t is not None]
+    return ", ".join(f"{t:.1f}" for t in times) or "-"
+
+
+def _local_spans(run: Run, start: float) -> str:
+    spans = []
+    for w in run.results.values():
+        times = [f"{t - start:.1f}" for t in w.switched_at]
+        spans += ["-".join(times[i : i + 2]) for i in range(0, len(times), 2)]
+    return ", ".join(spans) or "-"
 
 
 def _rows_wrong(run: Run) -> int:
@@ -301,6 +325,8 @@ def summarise(run: Run, args: argparse.Namespace) -> None:
     if run.name != "alone":
         rows += [
             ("429s at (s after the first accepted request)", _limited_at(run, start)),
+            ("killed / Redis stopped, started at (s)", _events(run, start)),
+            ("local pacing, per worker (s)", _local_spans(run, start)),
             (
                 "server count / charge: first window / after",
                 _counted_over_charged(run, start, args.window_s),

@@ -119,6 +119,7 @@ class _StandIn:
         self._where = where
         self._probe_s = min(1.0, limits.window_s / 20)
         self._retry_at = -math.inf
+        self._kept_until = -math.inf  # paces on after Redis answers, until then
         self.limiter: RateLimiter | None = None
         self.times = 0  # outages met
 
@@ -127,6 +128,11 @@ class _StandIn:
         """True while the stand-in paces and it is not yet time to try Redis again."""
         return self.limiter is not None and self._clock.now() < self._retry_at
 
+    @property
+    def restoring(self) -> bool:
+        """True while the stand-in paces on, Redis answering, as the shared state is restored."""
+        return self.limiter is not None and self._clock.now() < self._kept_until
+
     def take_over(self, error: BaseException, workers: int, recent: _Recent) -> None:
         """Redis did not answer: pace locally (saying so once per outage) and wait a while. The
         stand-in starts from this worker's admissions of the last window: the server's window
@@ -134,10 +140,15 @@ class _StandIn:
         self._retry_at = self._clock.now() + self._probe_s
         if self.limiter is not None:
             return
+        self._kept_until = -math.inf
+        # Its log holds a share of the limits less the headroom: each worker knows only its own
+        # window, and the workers above their share at the outage do not make room for those
+        # below it, whose stand-ins would fill the server's window past the limit by the difference.
+        nominal = self._limits
+        tpm = _effective(nominal.tpm, nominal.headroom)
+        rpm = _effective_requests(nominal.rpm, nominal.headroom)
         limits = dataclasses.replace(
-            self._limits,
-            tpm=max(1, self._limits.tpm // workers),
-            rpm=max(1, self._limits.rpm // workers),
+            nominal, tpm=max(1, tpm // workers), rpm=max(1, rpm // workers)
         )
         self.limiter = RateLimiter(limits, clock=self._clock)
         now = self._clock.now()
@@ -151,9 +162,18 @@ class _StandIn:
             workers,
         )
 
-    def hand_back(self) -> None:
-        """Redis answered again."""
-        if self.limiter is not None:
+    def hand_back(self, restoring_s: float = 0.0) -> None:
+        """Redis answered again. If it lost the shared state (a restart), it is restoring it for
+        ``restoring_s`` more seconds: the stand-in paces on until then (asking again as before)
+        while every worker carries its window back. Until all have, the shared log holds only
+        part of what the server's window counts, and each worker's stand-in, at its share of the
+        limits, is the safe judge."""
+        now = self._clock.now()
+        if self.limiter is not None and restoring_s > 0:
+            self._kept_until = now + restoring_s
+        if now < self._kept_until:
+            self._retry_at = now + self._probe_s
+        elif self.limiter is not None:
             log.warning("shared quota: Redis at %s answers again; pacing shared", self._where)
             self.limiter = None
 
@@ -260,7 +280,9 @@ class SharedLimiter:
         try:
             async with self._turn:
                 wait_s = await self._book(ticket)
-            self._recent.admitted(ticket.id, ticket.tokens, self._clock.now() + wait_s)
+                self._recent.admitted(ticket.id, ticket.tokens, self._clock.now() + wait_s)
+                if self._stand_in.restoring:  # every admission joins the shared log at once
+                    await self._carry()
             await _sleep(self._clock, wait_s)
             admitted = True
             return ticket
@@ -296,10 +318,13 @@ class SharedLimiter:
     async def _carry(self) -> bool:
         """Ask Redis again after an outage, carrying this worker's admissions of the window into
         the shared log (those it lacks; a count settled meanwhile corrects the one it holds).
-        True if Redis answered."""
+        True if pacing is shared again."""
         live = self._recent.live()
         entries = [str(x) for id, t, left_s in live for x in (id, t, int(left_s * _US))]
-        return await self._call("carry", *entries) is not None
+        reply = await self._call("carry", self._worker, *entries)
+        if reply is not None:
+            self._stand_in.hand_back(restoring_s=int(reply[1]) / _US)
+        return self._stand_in.limiter is None
 
     # -- after the response ------------------------------------------------------------------
 
@@ -362,7 +387,8 @@ class SharedLimiter:
         except errors as error:
             self._stand_in.take_over(error, self.workers, self._recent)
             return None
-        self._stand_in.hand_back()
+        if args[0] != "carry":  # which says itself whether the shared state is restoring
+            self._stand_in.hand_back()
         return reply
 
 

@@ -14,8 +14,12 @@
 --   settle ticket tokens         -> {1 if the ticket was still in the window, else 0}
 --   refund ticket tokens         -> {1 if the ticket was still in the window, else 0}
 --   cut kind retry_after         -> {1}       kind: "tpm", "rpm" or "" (both)
---   carry (ticket tokens left)*  -> {tickets added}  admissions the log lacks (made while Redis
---       was unreachable, or before it restarted empty), each leaving it `left` from now
+--   carry worker (ticket tokens left)*  -> {tickets added, restoring (us)}
+--       a worker's admissions of the window after an outage: those the log lacks (made while
+--       Redis was unreachable, or before it restarted empty) join it, each leaving `left` from
+--       now; those it holds take the count the worker settled meanwhile. A carry into an empty
+--       state starts a window of restoring: until every worker has carried its own, the log
+--       holds only part of what the server's window counts, and workers pace on locally.
 -- Factors are in millionths.
 --
 -- An admission leaves the log a window after its answer (settle), when the server has counted it
@@ -39,8 +43,9 @@ local function int(x) return string.format('%.0f', x) end
 local function real(x) return string.format('%.17g', x) end
 
 local fields = {'tokens', 'requests', 't_tat', 'r_tat', 't_cut', 'r_cut', 't_cut_at', 'r_cut_at',
-  'hold', 'limited_at'}
+  'hold', 'limited_at', 'restored_at'}
 local raw = redis.call('HMGET', KEYS[1], unpack(fields))
+local fresh = not raw[1]  -- no state: a first call, a restart, or nobody called for a window
 local s = {}
 for i, name in ipairs(fields) do s[name] = tonumber(raw[i]) end
 s.tokens = s.tokens or 0
@@ -53,6 +58,7 @@ s.t_cut_at = s.t_cut_at or -1e300
 s.r_cut_at = s.r_cut_at or -1e300
 s.hold = s.hold or -1e300
 s.limited_at = s.limited_at or -1e300
+s.restored_at = s.restored_at or -1e300
 
 -- Admissions whose time is up leave the log (unpack is kept under Lua's stack limit).
 local function each_chunk(list, fn)
@@ -108,7 +114,7 @@ local function save()
   redis.call('HSET', KEYS[1], 'tokens', int(s.tokens), 'requests', int(s.requests),
     't_tat', real(s.t_tat), 'r_tat', real(s.r_tat), 't_cut', real(s.t_cut), 'r_cut', real(s.r_cut),
     't_cut_at', int(s.t_cut_at), 'r_cut_at', int(s.r_cut_at), 'hold', int(s.hold),
-    'limited_at', int(s.limited_at))
+    'limited_at', int(s.limited_at), 'restored_at', int(s.restored_at))
   -- Nothing outlives the window it describes: the state is gone a window after the last call.
   local ttl = int(math.ceil((unanswered + lead + math.max(0, s.hold - now)) / 1000))
   for i = 1, #KEYS do redis.call('PEXPIRE', KEYS[i], ttl) end
@@ -205,18 +211,25 @@ elseif op == 'refund' then  -- also leaves the line (a caller cancelled while wa
   redis.call('ZREM', KEYS[6], member)
   return {recharge(ARGV[A], 0, 0)}
 elseif op == 'carry' then
+  if fresh then s.restored_at = now end
+  redis.call('ZADD', KEYS[4], int(now), ARGV[A])
   local added = 0
-  for i = A, #ARGV - 2, 3 do
+  for i = A + 1, #ARGV - 2, 3 do
     local id, tokens, left = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
-    if left > 0 and redis.call('HSETNX', KEYS[3], id, int(tokens)) == 1 then
+    local charged = tonumber(redis.call('HGET', KEYS[3], id))
+    if charged then
+      s.tokens = s.tokens + tokens - charged
+      redis.call('HSET', KEYS[3], id, int(tokens))
+    elseif left > 0 then
+      redis.call('HSET', KEYS[3], id, int(tokens))
       redis.call('ZADD', KEYS[2], int(now + math.min(left, unanswered)), id)
       s.tokens = s.tokens + tokens
       s.requests = s.requests + 1
       added = added + 1
     end
   end
-  if added > 0 then save() end
-  return {added}
+  save()
+  return {added, int(math.max(0, s.restored_at + window - now))}
 elseif op == 'cut' then
   local kind, retry_after = ARGV[A], tonumber(ARGV[A + 1])
   -- A 429 alone (none within a window before it) costs no cut: workers that keep to the log meet
