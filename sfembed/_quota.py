@@ -64,13 +64,14 @@ class SharedTicket(Ticket):
     """A ticket of :class:`SharedLimiter`: ``id`` names it in Redis. One issued while Redis was
     unreachable holds the local stand-in's ticket (``local``) and its issuer."""
 
-    __slots__ = ("_asked", "_fallback", "local")
+    __slots__ = ("_asked", "_fallback", "_raw", "local")
 
     def __init__(self, id: str, tokens: int) -> None:
         super().__init__(id, tokens)
         self.local: Ticket | None = None
         self._fallback: RateLimiter | None = None
         self._asked = False  # the script may have booked it
+        self._raw = tokens  # as asked (the charge may be more): names its place in the line
 
 
 class _Recent:
@@ -215,7 +216,8 @@ class SharedLimiter:
         self._head += [int(lead * _US), int(self._recent.unanswered_s * _US)]
         prefix = f"sfembed:{{{account}}}:{model}"
         self._keys = [
-            f"{prefix}:{name}" for name in ("state", "log", "charges", "workers", "line", "due")
+            f"{prefix}:{name}"
+            for name in ("state", "log", "charges", "workers", "line", "due", "counts")
         ]
         source = resources.files(__package__).joinpath("_quota_script.lua").read_text("utf-8")
         self._script = self._redis.register_script(source)
@@ -279,10 +281,8 @@ class SharedLimiter:
         admitted = False
         try:
             async with self._turn:
-                wait_s = await self._book(ticket)
-                self._recent.admitted(ticket.id, ticket.tokens, self._clock.now() + wait_s)
-                if self._stand_in.restoring:  # every admission joins the shared log at once
-                    await self._carry()
+                wait_s, charged = await self._book(ticket)
+                self._recent.admitted(ticket.id, charged, self._clock.now() + wait_s)
             await _sleep(self._clock, wait_s)
             admitted = True
             return ticket
@@ -290,25 +290,35 @@ class SharedLimiter:
             if not admitted and (ticket._asked or ticket.local is not None):
                 await self.refund(ticket)
 
-    async def _book(self, ticket: SharedTicket) -> float:
-        """Book ``ticket``; returns the seconds to wait before sending it."""
+    async def _book(self, ticket: SharedTicket) -> tuple[float, int]:
+        """Book ``ticket``; returns the seconds to wait before sending it and the tokens charged
+        (the shared log charges what the last answers say the server will count)."""
         while True:
             stand_in = self._stand_in.limiter
-            if stand_in is not None and (self._stand_in.pacing or not await self._carry()):
+            if (
+                stand_in is not None
+                and ticket.local is None
+                and (self._stand_in.pacing or not await self._carry())
+            ):
                 await self._book_locally(ticket, stand_in)
-                return 0.0
+                # While the shared state is restored, the shared log must allow it too: a worker
+                # that paces shared again meets workers still pacing locally there.
+                if not self._stand_in.restoring:
+                    return 0.0, ticket.tokens
             ticket._asked = True
             reply = await self._call(
-                "acquire", ticket.id, ticket.tokens, self._worker, self._grace_us
+                "acquire", ticket.id, ticket._raw, self._worker, self._grace_us
             )
             if reply is None:
+                if ticket.local is not None:
+                    return 0.0, ticket.tokens  # the stand-in booked it already
                 continue  # unreachable: the stand-in books it
-            admitted, wait_us, workers, tpm_factor, rpm_factor = (int(x) for x in reply)
+            admitted, wait_us, workers, tpm_factor, rpm_factor, charged = (int(x) for x in reply)
             self.workers = max(1, workers)
             self.max_workers = max(self.max_workers, self.workers)
             self._factors = (tpm_factor / _US, rpm_factor / _US)
             if admitted:
-                return wait_us / _US
+                return wait_us / _US, charged
             await _sleep(self._clock, wait_us / _US)
 
     async def _book_locally(self, ticket: SharedTicket, fallback: RateLimiter) -> None:
@@ -340,8 +350,8 @@ class SharedLimiter:
         self._recent.answered(ticket.id, used_tokens)
         if ticket.local is not None and ticket._fallback is not None:
             await ticket._fallback.settle(ticket.local, used_tokens)
-        if self._stand_in.limiter is None:  # shared: the log may hold it (a carried one too)
-            await self._call("settle", ticket.id, used_tokens)
+        if self._answering:  # the shared log may hold it (a carried one too)
+            await self._call("settle", ticket.id, used_tokens, ticket._raw)
         ticket.tokens = used_tokens
 
     async def refund(self, ticket: Ticket) -> None:
@@ -352,9 +362,14 @@ class SharedLimiter:
         self._recent.refunded(ticket.id)
         if ticket.local is not None and ticket._fallback is not None:
             await ticket._fallback.refund(ticket.local)
-        if self._stand_in.limiter is None:
-            await self._call("refund", ticket.id, ticket.tokens)
+        if self._answering:
+            await self._call("refund", ticket.id, ticket._raw)
         ticket.tokens = ticket.requests = 0
+
+    @property
+    def _answering(self) -> bool:
+        """Redis answers (pacing shared, or restoring the shared state)."""
+        return self._stand_in.limiter is None or self._stand_in.restoring
 
     def _own(self, ticket: Ticket) -> SharedTicket:
         if not isinstance(ticket, SharedTicket) or not ticket.id.startswith(self._worker):

@@ -3,15 +3,19 @@
 -- KEYS: 1 state (hash: running sums, the two paces, the hold, the last 429), 2 log (zset: ticket
 -- id -> when it leaves the log), 3 charges (hash: ticket id -> tokens charged), 4 workers (zset:
 -- worker id -> last seen), 5 line (zset: "id|tokens" -> first refusal), 6 due (zset: "id|tokens"
--- -> time by which it must be back). Times are microseconds of the server's clock.
+-- -> time by which it must be back), 7 counts (list: the server's count over the charge asked,
+-- of the last settled requests of any worker). Times are microseconds of the server's clock.
 -- ARGV: 1 op, 2 window, 3 log tokens, 4 log requests (the account's own limits), 5 pace tokens,
 -- 6 pace requests (the limits less the headroom), 7 burst, 8 lead, 9 how long an unanswered
 -- admission stays in the log, then the op's own:
 --   acquire ticket tokens worker grace
---       -> {admitted 0/1, wait (us), live workers, tpm factor, rpm factor}
+--       -> {admitted 0/1, wait (us), live workers, tpm factor, rpm factor, tokens charged}
 --       admitted: the request may be sent after `wait`; refused: it has a place in the line and
---       must ask again after `wait` (and within `grace` of it, or lose its place)
---   settle ticket tokens         -> {1 if the ticket was still in the window, else 0}
+--       must ask again after `wait` (and within `grace` of it, or lose its place). The charge is
+--       `tokens` times the largest count over charge of the last settled requests (at least 1):
+--       a worker whose charges fall short learns it for every worker, and until its request is
+--       settled the log holds what the server will likely count.
+--   settle ticket tokens asked   -> {1 if the ticket was still in the window, else 0}
 --   refund ticket tokens         -> {1 if the ticket was still in the window, else 0}
 --   cut kind retry_after         -> {1}       kind: "tpm", "rpm" or "" (both)
 --   carry worker (ticket tokens left)*  -> {tickets added, restoring (us)}
@@ -27,6 +31,9 @@
 -- account's own limits and the pace the headroom's, as the local limiter does.
 
 local CUT, FLOOR, CUT_SPACING, IDLE_SHARE = 0.8, 0.25, 0.1, 0.5
+-- Counts over charges: of the last COUNTS requests of at least COUNT_MIN tokens (a short text's
+-- ratio says little), the largest, never above COUNT_MAX (a runaway would stop everyone).
+local COUNTS, COUNT_MIN, COUNT_MAX = 32, 256, 1.25
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -43,7 +50,7 @@ local function int(x) return string.format('%.0f', x) end
 local function real(x) return string.format('%.17g', x) end
 
 local fields = {'tokens', 'requests', 't_tat', 'r_tat', 't_cut', 'r_cut', 't_cut_at', 'r_cut_at',
-  'hold', 'limited_at', 'restored_at'}
+  'hold', 'limited_at', 'restored_at', 'over'}
 local raw = redis.call('HMGET', KEYS[1], unpack(fields))
 local fresh = not raw[1]  -- no state: a first call, a restart, or nobody called for a window
 local s = {}
@@ -59,6 +66,7 @@ s.r_cut_at = s.r_cut_at or -1e300
 s.hold = s.hold or -1e300
 s.limited_at = s.limited_at or -1e300
 s.restored_at = s.restored_at or -1e300
+s.over = s.over or 1
 
 -- Admissions whose time is up leave the log (unpack is kept under Lua's stack limit).
 local function each_chunk(list, fn)
@@ -100,12 +108,13 @@ local function log_ready(tokens, requests)
 end
 
 -- Pace left unspent is kept up to half a window (the log still holds the window to the limit),
--- none within a window of a 429, and none before the first admission of a fresh state: a
--- restarted Redis must not let everyone burst into a server window that is still full.
+-- none within a window of a 429, and none before the first admission of a fresh state nor in the
+-- window after one was restored: workers pacing locally left the shared pace behind, and a
+-- burst into a server window that is still full would meet it at its limit.
 local function charge(kind, cost, limit, at)
   local tat = s[kind .. '_tat']
   local idle = IDLE_SHARE * window
-  if now - s.limited_at < window then idle = 0 end
+  if now - s.limited_at < window or now - s.restored_at < 2 * window then idle = 0 end
   if tat < -1e299 then tat = at end
   s[kind .. '_tat'] = math.max(tat, at - idle) + cost / rate(kind, limit, at)
 end
@@ -114,7 +123,7 @@ local function save()
   redis.call('HSET', KEYS[1], 'tokens', int(s.tokens), 'requests', int(s.requests),
     't_tat', real(s.t_tat), 'r_tat', real(s.r_tat), 't_cut', real(s.t_cut), 'r_cut', real(s.r_cut),
     't_cut_at', int(s.t_cut_at), 'r_cut_at', int(s.r_cut_at), 'hold', int(s.hold),
-    'limited_at', int(s.limited_at), 'restored_at', int(s.restored_at))
+    'limited_at', int(s.limited_at), 'restored_at', int(s.restored_at), 'over', real(s.over))
   -- Nothing outlives the window it describes: the state is gone a window after the last call.
   local ttl = int(math.ceil((unanswered + lead + math.max(0, s.hold - now)) / 1000))
   for i = 1, #KEYS do redis.call('PEXPIRE', KEYS[i], ttl) end
@@ -165,8 +174,9 @@ local function due_at(at, rank, tokens)
 end
 
 if op == 'acquire' then
-  local id, tokens, worker, grace = ARGV[A], tonumber(ARGV[A + 1]), ARGV[A + 2], tonumber(ARGV[A + 3])
+  local id, asked, worker, grace = ARGV[A], tonumber(ARGV[A + 1]), ARGV[A + 2], tonumber(ARGV[A + 3])
   local member = id .. '|' .. ARGV[A + 1]
+  local tokens = math.min(math.ceil(asked * s.over - 1e-9), math.max(asked, log_t))
   redis.call('ZADD', KEYS[4], int(now), worker)
   redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', int(now - window))
   local workers = redis.call('ZCARD', KEYS[4])
@@ -174,7 +184,8 @@ if op == 'acquire' then
   local booked = redis.call('ZSCORE', KEYS[2], id)
   if booked then  -- asked again after a lost answer: the same booking
     local at = tonumber(booked) - unanswered
-    return {1, int(math.max(0, at - now)), workers, factors[1], factors[2]}
+    local charged = redis.call('HGET', KEYS[3], id) or int(tokens)
+    return {1, int(math.max(0, at - now)), workers, factors[1], factors[2], charged}
   end
   prune_line()
   local rank = redis.call('ZRANK', KEYS[5], member)
@@ -193,7 +204,7 @@ if op == 'acquire' then
     charge('t', tokens, max_t, at)
     charge('r', 1, max_r, at)
     save()
-    return {1, int(at - now), workers, factors[1], factors[2]}
+    return {1, int(at - now), workers, factors[1], factors[2], int(tokens)}
   end
   if not rank then
     redis.call('ZADD', KEYS[5], int(now), member)
@@ -202,9 +213,21 @@ if op == 'acquire' then
   local back = math.max(now, due_at(at, rank, tokens) - lead)
   redis.call('ZADD', KEYS[6], int(back + grace), member)
   save()
-  return {0, int(back - now), workers, factors[1], factors[2]}
+  return {0, int(back - now), workers, factors[1], factors[2], int(tokens)}
 elseif op == 'settle' then
-  return {recharge(ARGV[A], tonumber(ARGV[A + 1]), 1)}
+  local used, asked = tonumber(ARGV[A + 1]), tonumber(ARGV[A + 2])
+  local live = recharge(ARGV[A], used, 1)
+  if live == 1 and asked >= COUNT_MIN then
+    redis.call('LPUSH', KEYS[7], real(used / asked))
+    redis.call('LTRIM', KEYS[7], 0, COUNTS - 1)
+    local over = 1
+    for _, ratio in ipairs(redis.call('LRANGE', KEYS[7], 0, -1)) do
+      over = math.max(over, tonumber(ratio))
+    end
+    s.over = math.min(COUNT_MAX, over)
+    save()
+  end
+  return {live}
 elseif op == 'refund' then  -- also leaves the line (a caller cancelled while waiting)
   local member = ARGV[A] .. '|' .. ARGV[A + 1]
   redis.call('ZREM', KEYS[5], member)

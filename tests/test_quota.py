@@ -98,6 +98,28 @@ async def test_a_ticket_is_charged_then_settled_to_the_servers_count(
     assert ticket.tokens == 300
 
 
+async def test_a_count_above_the_charge_is_learnt_by_every_worker(
+    make_limiter: Callable[..., SharedLimiter], inspect: redis.Redis
+) -> None:
+    """One worker's answers say the server counts 10% more than charged: every worker's next
+    charge holds that much until its own answer settles it."""
+    first, second = make_limiter(), make_limiter()
+    small = await first.acquire(100)
+    await first.settle(small, 200)  # too short to say anything: not learnt
+    ticket = await first.acquire(1000)
+    assert await sums(inspect) == (200 + 1000, 2, 2)
+    await first.settle(ticket, 1100)
+    other = await second.acquire(1000)
+    assert await sums(inspect) == (200 + 1100 + 1100, 3, 3)
+    assert other.tokens == 1000  # the ticket keeps what was asked: a settle without usage
+    await second.settle(other, 950)  # the server's count replaces the charge
+    assert await sums(inspect) == (200 + 1100 + 950, 3, 3)
+    again = await first.acquire(1000)  # the largest of the last counts still rules
+    assert await sums(inspect) == (200 + 1100 + 950 + 1100, 4, 4)
+    await first.refund(again)
+    assert await sums(inspect) == (200 + 1100 + 950, 3, 3)
+
+
 async def test_a_refund_removes_the_charge_once_and_settles_after_it_do_nothing(
     make_limiter: Callable[..., SharedLimiter], inspect: redis.Redis
 ) -> None:
