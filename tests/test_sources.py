@@ -188,9 +188,11 @@ def unprivileged() -> Iterator[None]:
 
 
 def test_an_unreadable_image_file() -> None:
-    # A folder of the system's temporary space, which any user may enter (pytest's own are
-    # root's alone when root runs them), so that the file's mode alone refuses it.
-    folder = Path(tempfile.mkdtemp(prefix="sfembed-test-"))
+    # A folder in /tmp, which any user may enter (pytest's own folders, and TMPDIR, may be
+    # root's alone when root runs the tests), so that the file's mode alone refuses it.
+    folder = Path(
+        tempfile.mkdtemp(prefix="sfembed-test-", dir="/tmp" if os.geteuid() == 0 else None)
+    )
     try:
         folder.chmod(0o755)
         picture = write(folder / "locked.png", PIXEL)
