@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 from asyncio import TaskGroup
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
 from itertools import islice
 
 import numpy as np
@@ -38,6 +39,9 @@ from ._types import Chunk, JobStats, Span, Unusable
 __all__ = ["BLOCK", "Input", "Intake", "Splitter"]
 
 BLOCK = 512  # records counted per tokenizer call: large enough to amortise, small to stream
+#: The first blocks are smaller, so that the first request waits for the reading and counting
+#: of its own records only (a request holds 64 items at most), not of a whole block.
+_FIRST_BLOCKS = (64, 128, 256)
 _IMAGE_TOKENS = 1024  # charged for an image before the server's count corrects it
 #: A block of more characters than this is estimated off the event loop (a 10 MB text took
 #: seconds of it).
@@ -198,7 +202,7 @@ class Intake:
 
     async def _read(self, inputs: Iterable[Input] | AsyncIterable[Input], group: TaskGroup) -> None:
         position = 0
-        async for block in _blocks(inputs, BLOCK):
+        async for block in _blocks(inputs, itertools.chain(_FIRST_BLOCKS, itertools.repeat(BLOCK))):
             texts, tokens, doubtful = await self.splitter.measure(block)
             if self.chunks_mode:
                 exact = await self._exact(texts, doubtful)
@@ -336,21 +340,23 @@ def _describe(rows: RowWriter, unit: int, position: int, number: int, span: Span
 
 
 async def _blocks(
-    inputs: Iterable[Input] | AsyncIterable[Input], size: int
+    inputs: Iterable[Input] | AsyncIterable[Input], sizes: Iterator[int]
 ) -> AsyncIterator[list[Input]]:
-    """Lists of up to ``size`` inputs; a sync source is sliced without a per-item await."""
+    """Lists of inputs, each of up to the next of ``sizes``; a sync source is sliced without a
+    per-item await."""
     if isinstance(inputs, AsyncIterable):
         block: list[Input] = []
+        size = next(sizes)
         async for item in inputs:
             block.append(item)
             if len(block) == size:
                 yield block
-                block = []
+                block, size = [], next(sizes)
         if block:
             yield block
         return
     iterator = iter(inputs)
-    while block := list(islice(iterator, size)):
+    while block := list(islice(iterator, next(sizes))):
         yield block
         await asyncio.sleep(0)  # let dispatch run between blocks of a fast sync source
 

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -160,3 +161,33 @@ async def test_a_fresh_job_sends_while_its_input_is_hashed_and_records_the_hash(
         )
         assert again.rows == 300
         assert server.stats.requests == requests  # complete already: nothing sent
+
+
+async def test_the_first_request_waits_for_its_own_records_not_a_whole_block(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from sfembed import EmbeddingClient, RateLimits, embed, load_settings
+    from sfembed._intake import BLOCK
+    from sfembed.testing import LocalServer
+
+    consumed: list[int] = []
+    read_at_first_send: list[int] = []
+    real = EmbeddingClient.embed
+
+    async def noting(self: EmbeddingClient, *args: object, **kwargs: object) -> object:
+        if not read_at_first_send:
+            read_at_first_send.append(len(consumed))
+        return await real(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    def texts() -> Iterator[str]:
+        for i in range(2 * BLOCK):
+            consumed.append(i)
+            yield f"text number {i}"
+
+    monkeypatch.setattr(EmbeddingClient, "embed", noting)
+    async with LocalServer() as server:
+        settings = load_settings(base_url=server.url, rate=RateLimits(rpm=10**6, tpm=10**9))
+        async with EmbeddingClient(api_key="sk-local-test", base_url=server.url) as client:
+            rows = await embed(texts(), model="BAAI/bge-m3", settings=settings, client=client)
+    assert len(rows) == 2 * BLOCK
+    assert 0 < read_at_first_send[0] < BLOCK
