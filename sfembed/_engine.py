@@ -292,8 +292,7 @@ class Engine:
         requests_out, requests_in = _requests_stream(self.settings.concurrency)
         batches_out, batches_in = _batches_stream()
         delivery = Delivery(self.ring, self.stats, batches_out)
-        # The splitter's exact tokenizer process, if one was started, ends with the stages.
-        async with self.splitter, asyncio.TaskGroup() as group:
+        async with asyncio.TaskGroup() as group:
             start = functools.partial(self._start, group)
             rows = delivery.writer()
             intake = Intake(

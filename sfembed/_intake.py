@@ -102,20 +102,12 @@ class Splitter:
         return await self.counting().count(texts)
 
     def counting(self) -> ExactCounting:
-        """The exact counter, started the first time a text may be too long: loading takes
-        seconds and, for XLM-R, some 300 MB that a job of short texts never needs. It runs in a
-        process of its own (``_tokenizer_process``), stopped on leaving the splitter's context."""
+        """The exact counter, used the first time a text may be too long: loading takes seconds
+        and, for XLM-R, some 300 MB that a job of short texts never needs. It runs in a process
+        of its own (``_tokenizer_process``)."""
         if self._exact is None:
             self._exact = ExactCounting(self.spec)
         return self._exact
-
-    async def __aenter__(self) -> Splitter:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        """Stop the exact counter, if one was started."""
-        if self._exact is not None:
-            await self._exact.aclose()
 
     def fits(self, problem: str | None, exact: int | None) -> bool:
         """True when the record goes whole: unusable, proved short by its upper bound (``exact``

@@ -9,23 +9,30 @@ over the child's standard input and output, one request at a time, each way a fr
 length and a pickle: first the model's spec, then ``("count", texts)`` or ``("spans", text)``,
 answered ``("ok", value)`` or ``("error", exception)``.
 
-The child ignores SIGINT and SIGTERM (the job decides when it ends: a first Ctrl-C lets the
-requests in flight finish) and exits when its input closes, so it never outlives the job, even a
-killed one. :meth:`ExactCounting.aclose` kills it. When no child can be started, or one dies,
-counting goes on in this process, on executor threads, with a warning.
+One child per model serves the whole process, as one loaded tokenizer used to: every job and
+every ``embed`` call of a Ray actor after the first finds it loaded. An exchange runs on an
+executor thread and always completes, even when the task that asked is cancelled, so that an
+answer never goes to the wrong request. The child ignores SIGINT and SIGTERM (the job decides
+when it ends: a first Ctrl-C lets the requests in flight finish) and exits when its input
+closes: when this process closes it at exit (:func:`close_children`) or dies. When no child can
+be started, or one dies, counting goes on in this process, on executor threads, with a warning.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import logging
 import os
 import pickle
 import signal
 import struct
+import subprocess
 import sys
+import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import IO, TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
@@ -33,7 +40,7 @@ if TYPE_CHECKING:
     from ._tokenizers import TokenCounter
     from ._types import IntArray, Span
 
-__all__ = ["ExactCounting"]
+__all__ = ["ExactCounting", "close_children"]
 
 log = logging.getLogger("sfembed")
 
@@ -42,6 +49,7 @@ _MODULE = "sfembed._tokenizer_process"
 #: The folder holding this sfembed, first on the child's path: it runs the same code as the job.
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _ERROR_TAIL = 2000  # characters of a dead child's standard error quoted in the warning
+_CLOSE_WAIT_S = 5.0  # a child asked to end (its input closed) is killed after this long
 
 
 class _ChildGone(Exception):
@@ -49,17 +57,13 @@ class _ChildGone(Exception):
 
 
 class ExactCounting:
-    """Exact token counts and token offsets for ``spec``, off this process (see the module
-    docstring); ``in_process`` counts on executor threads instead. Not thread-safe: use it from
-    one event loop. Raises what the tokenizer's loading raises (ConfigError for a bad
-    ``tokenizer.json`` path)."""
+    """Exact token counts and token offsets for ``spec``, from the process-wide child of its
+    model (see the module docstring); ``in_process`` counts on executor threads instead.
+    Raises what the tokenizer's loading raises (ConfigError for a bad ``tokenizer.json``
+    path)."""
 
     def __init__(self, spec: ModelSpec, *, in_process: bool = False) -> None:
         self.spec = spec
-        self._lock = asyncio.Lock()
-        self._child: asyncio.subprocess.Process | None = None
-        self._killed: list[asyncio.subprocess.Process] = []
-        self._local: asyncio.Future[TokenCounter] | None = None
         # A model without a tokenizer is estimated: cheap, nothing to keep off the loop.
         self.in_process = in_process or spec.tokenizer is None or not sys.executable
 
@@ -68,8 +72,9 @@ class ExactCounting:
         if not texts:
             return []
         if not self.in_process:
-            with contextlib.suppress(_ChildGone):
-                return cast(list[int], await self._ask("count", list(texts)))
+            answer = await self._ask("count", list(texts))
+            if answer is not None:
+                return cast(list[int], answer)
         from ._tokenizers import count_async
 
         return await count_async(await self._counter(), texts)
@@ -78,106 +83,133 @@ class ExactCounting:
         """(start, end) character offsets of each token of ``text`` (see ``TokenCounter``)."""
         loop = asyncio.get_running_loop()
         if not self.in_process:
-            with contextlib.suppress(_ChildGone):
-                offsets = cast("IntArray", await self._ask("spans", text))
+            offsets = await self._ask("spans", text)
+            if offsets is not None:
                 # Millions of tuples for a text of megabytes: built beside the loop.
                 return await loop.run_in_executor(None, _as_spans, offsets)
         counter = await self._counter()
         return await loop.run_in_executor(None, counter.spans, text)
 
-    async def aclose(self) -> None:
-        """Stop the child (at once: it holds nothing worth waiting for) and reap it."""
-        if self._child is not None:
-            self._discard_child()
-        killed, self._killed = self._killed, []
-        for child in killed:
-            await child.wait()
-
     async def _counter(self) -> TokenCounter:
-        """The counter in this process, loaded once on an executor thread."""
+        """The counter in this process, loaded once per process, on an executor thread."""
         from ._tokenizers import counter_for
 
-        if self._local is None:
-            self._local = asyncio.get_running_loop().run_in_executor(None, counter_for, self.spec)
-        return await asyncio.shield(self._local)
+        return await asyncio.get_running_loop().run_in_executor(None, counter_for, self.spec)
 
-    async def _ask(self, op: str, payload: object) -> object:
-        """The child's answer to one request; raises _ChildGone (and from then on counts in
-        this process) when there is no child to answer."""
-        async with self._lock:
-            try:
-                child = self._child or await self._start()
-                answer = await _exchange(child, (op, payload))
-            except _ChildGone as gone:
-                await self._fall_back(gone)
-                raise
-            except BaseException:  # cancelled mid-request: its answer would answer the next one
-                self._discard_child()
-                raise
-        status, value = answer
+    async def _ask(self, op: str, payload: object) -> Any:
+        """The child's answer, or None (and counting in this process from then on) when there
+        is no child to give one."""
+        loop = asyncio.get_running_loop()
+        try:
+            status, value = await loop.run_in_executor(_exchanges, _ask, self.spec, (op, payload))
+        except _ChildGone as gone:
+            log.warning("%s; counting tokens in this process from now on", str(gone).strip())
+            self.in_process = True
+            return None
         if status == "error":
             raise value
         return value
 
-    async def _start(self) -> asyncio.subprocess.Process:
+
+class _Child:
+    """One tokenizer process and the lock that keeps its exchanges whole."""
+
+    def __init__(self, spec: ModelSpec) -> None:
         path = os.pathsep.join([_PACKAGE_ROOT, *filter(None, [os.environ.get("PYTHONPATH")])])
         try:
-            child = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                _MODULE,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", _MODULE],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
                 env={**os.environ, "PYTHONPATH": path},
             )
         except OSError as error:
             raise _ChildGone(f"the tokenizer's process could not start: {error}") from None
-        self._child = child
-        await _send(child, self.spec)  # it loads the tokenizer while the first texts come
-        return child
+        self.pid = os.getpid()  # the process that started it: a fork must start its own
+        self.lock = threading.Lock()
+        with self.lock:
+            self._send(spec)  # it loads the tokenizer while the first texts come
 
-    def _discard_child(self) -> None:
-        """Kill the child now; it is reaped by ``aclose``."""
-        child, self._child = self._child, None
-        if child is not None:
-            with contextlib.suppress(ProcessLookupError):
-                child.kill()
-            self._killed.append(child)
+    def ask(self, request: object) -> tuple[str, Any]:
+        """Send ``request`` and read its answer. Raises _ChildGone."""
+        with self.lock:
+            self._send(request)
+            stdout = cast(IO[bytes], self.process.stdout)
+            header = stdout.read(_LENGTH.size)
+            answer = stdout.read(_LENGTH.unpack(header)[0]) if len(header) == _LENGTH.size else b""
+            if not answer:
+                raise _ChildGone(self._death())
+            return cast(tuple[str, Any], pickle.loads(answer))
 
-    async def _fall_back(self, gone: _ChildGone) -> None:
-        child = self._child
-        said = str(gone)
-        if child is not None:
-            self._discard_child()
-            await child.wait()
-            if child.stderr is not None:
-                tail = (await child.stderr.read())[-_ERROR_TAIL:]
-                said += f" (exit code {child.returncode}): {tail.decode(errors='replace')}"
-        log.warning("%s; counting tokens in this process from now on", said.strip())
-        self.in_process = True
+    def _send(self, message: object) -> None:
+        frame = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        stdin = cast(IO[bytes], self.process.stdin)
+        try:
+            stdin.write(_LENGTH.pack(len(frame)))
+            stdin.write(frame)
+            stdin.flush()
+        except (BrokenPipeError, ValueError):
+            raise _ChildGone(self._death()) from None
+
+    def _death(self) -> str:
+        """Why the child is gone, once it is: its exit code and last words."""
+        self.close()
+        said = f"the tokenizer's process ended (exit code {self.process.returncode})"
+        stderr = self.process.stderr
+        tail = stderr.read()[-_ERROR_TAIL:].decode(errors="replace") if stderr else ""
+        if stderr is not None:
+            stderr.close()
+        return f"{said}: {tail}" if tail.strip() else said
+
+    def close(self) -> None:
+        """Close its input (it ends), and kill it if it has not within a few seconds."""
+        process = self.process
+        if process.stdin is not None and not process.stdin.closed:
+            with contextlib.suppress(BrokenPipeError):
+                process.stdin.close()
+        try:
+            process.wait(_CLOSE_WAIT_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        if process.stdout is not None:
+            process.stdout.close()
 
 
-async def _exchange(child: asyncio.subprocess.Process, request: object) -> tuple[str, Any]:
-    await _send(child, request)
-    assert child.stdout is not None
+_children: dict[ModelSpec, _Child] = {}
+_children_lock = threading.Lock()
+#: The thread that waits on the children's answers, out of the way of the loop's own executor.
+_exchanges = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sfembed:tokenizer")
+
+
+def _ask(spec: ModelSpec, request: object) -> tuple[str, Any]:
+    """``request`` answered by the child of ``spec``, started if need be (on a worker thread).
+    A child found dead is forgotten, so that a later job may start another. Raises _ChildGone."""
+    with _children_lock:
+        child = _children.get(spec)
+        if child is None or child.pid != os.getpid():
+            child = _children[spec] = _Child(spec)
     try:
-        size = _LENGTH.unpack(await child.stdout.readexactly(_LENGTH.size))[0]
-        answer = await child.stdout.readexactly(size)
-    except (asyncio.IncompleteReadError, ConnectionError):
-        raise _ChildGone("the tokenizer's process ended") from None
-    return cast(tuple[str, Any], pickle.loads(answer))
+        return child.ask(request)
+    except _ChildGone:
+        with _children_lock:
+            if _children.get(spec) is child:
+                del _children[spec]
+        raise
 
 
-async def _send(child: asyncio.subprocess.Process, message: object) -> None:
-    assert child.stdin is not None
-    frame = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-    try:
-        child.stdin.write(_LENGTH.pack(len(frame)))
-        child.stdin.write(frame)
-        await child.stdin.drain()
-    except ConnectionError:
-        raise _ChildGone("the tokenizer's process ended") from None
+@atexit.register
+def close_children() -> None:
+    """End every child this process started (they would end anyway when it exits)."""
+    with _children_lock:
+        children = [c for c in _children.values() if c.pid == os.getpid()]
+        _children.clear()
+    for child in children:
+        with child.lock:
+            child.close()
+        if child.process.stderr is not None:
+            child.process.stderr.close()
 
 
 def _as_spans(offsets: IntArray) -> list[Span]:
