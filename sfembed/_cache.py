@@ -1,4 +1,4 @@
-"""EmbeddingCache: vectors already embedded, kept in SQLite and found again by a digest of the text.
+"""EmbeddingCache: vectors already embedded, found again by a digest of the text.
 
 An entry is keyed by (model, dims, key), where ``key`` is the 16-byte BLAKE2b digest of the UTF-8
 bytes of the *normalised* text. Normalisation makes texts that only differ in invisible ways share
@@ -16,32 +16,25 @@ any of these rules, or the digest, changes every key and needs a new ``SCHEMA_VE
 The engine files a vector under its model *and the endpoint that made it* (:func:`scope`): vectors
 from a local test server, or from another gateway, are never served to a run against the provider.
 
-The file holds model names, endpoints, dims, digests and vectors, never a text and never an API key
-(an endpoint never holds credentials: the client refuses a base URL with them). Tables::
+The files (see ``_cachestore``: an SQLite index and a vectors file beside it) hold model names,
+endpoints, dims, digests and vectors, never a text and never an API key (an endpoint never holds
+credentials: the client refuses a base URL with them). Rows stored are gathered in memory up to
+``write_rows`` (2,048 by default, 8 MiB at 1,024 dims) and appended in one write; their index
+entries are written every ``index_rows`` (32,768) rows. A crash (of the process or the machine)
+may lose what is not indexed yet, but never corrupts the cache; ``flush`` and ``close`` write and
+index everything. A second process may read and write the same files meanwhile, and sees what
+this one has indexed.
 
-    meta(name TEXT PRIMARY KEY, value TEXT)          -- format name and schema version
-    vectors(model TEXT, dims INTEGER, key BLOB, vector BLOB,
-            PRIMARY KEY (model, dims, key))
-
-``vector`` is the row as little-endian float32 bytes (``dims * 4`` of them). The database runs in
-WAL mode with ``synchronous=NORMAL``: rows stored are gathered in memory up to ``write_rows``
-(2,048 by default, 8 MiB at 1,024 dims) and written in one transaction, which a crash (of the
-process or the machine) may lose but never corrupts; ``flush`` and ``close`` write what is
-gathered. A second process may read and write the same file meanwhile. A transaction per request
-of 64 rows cost twice the CPU: rows land at random places of the key index, and every 64 KiB index
-page touched is written to the WAL again for each transaction.
-
-All SQLite work runs on one worker thread owned by the cache, so the event loop never waits on the
-disk and the connection is only ever used by the thread that opened it. Work is done in bulk: a
-``lookup`` is one SELECT per 500 keys (and sees rows not yet written), a write one
-``executemany`` and a commit.
+All file work runs on one worker thread owned by the cache, so the event loop never waits on the
+disk and the connection is only ever used by the thread that opened it. A write runs while the
+caller goes on (the next write waits for it); a ``lookup`` is one SELECT per 500 keys and one read
+per row found, and sees rows not yet written.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import sqlite3
 import unicodedata
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -53,6 +46,7 @@ from typing import Self, TypeVar
 import numpy as np
 import numpy.typing as npt
 
+from ._cachestore import SCHEMA_VERSION, CacheFiles, Gathered
 from ._exceptions import ConfigError
 from ._types import FloatArray
 
@@ -60,24 +54,10 @@ __all__ = ["KEY_BYTES", "SCHEMA_VERSION", "EmbeddingCache", "normalise", "scope"
 
 #: Bytes of a key: 128 bits make a collision among even 10**12 texts vanishingly unlikely.
 KEY_BYTES = 16
-#: Version of the tables and of the key rule; a cache of a higher version is refused.
-SCHEMA_VERSION = 1
 
-_FORMAT = "sfembed embedding cache"  # meta 'format': tells our file from any other SQLite file
 _VECTOR = np.dtype("<f4")  # stored byte order, whatever the machine's
-_IN_KEYS = 500  # keys per SELECT: with model and dims, 502 variables, below the 999 of old SQLite
-_PAGE_BYTES = 65_536
-_BUSY_TIMEOUT_S = 30.0  # how long to wait for another process's write transaction
 _WRITE_ROWS = 2048
-
-_SCHEMA = (
-    "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
-    "CREATE TABLE IF NOT EXISTS vectors (model TEXT NOT NULL, dims INTEGER NOT NULL, "
-    "key BLOB NOT NULL, vector BLOB NOT NULL, PRIMARY KEY (model, dims, key))",
-)
-_SELECT = "SELECT key, vector FROM vectors WHERE model = ? AND dims = ? AND key IN "
-# REPLACE, not IGNORE: a fresh vector also mends an entry whose bytes were damaged.
-_INSERT = "INSERT OR REPLACE INTO vectors (model, dims, key, vector) VALUES (?, ?, ?, ?)"
+_INDEX_ROWS = 32_768
 
 _T = TypeVar("_T")
 
@@ -102,34 +82,41 @@ def normalise(text: str) -> str:
 
 
 class EmbeddingCache:
-    """Vectors already embedded, keyed by (model, dims, hash of the normalised text), in SQLite.
+    """Vectors already embedded, keyed by (model, dims, hash of the normalised text).
 
-    Opening creates ``path`` if need be (not its directory); it blocks for the few milliseconds
-    the open takes. Raises ConfigError naming ``path`` when it cannot be opened or created, is not
-    an sfembed cache, or has a newer schema version. An async context manager that closes.
+    Opening creates ``path`` (and its vectors file, ``path`` + ``-vectors``) if need be (not
+    their directory); it blocks for the few milliseconds the open takes. Raises ConfigError
+    naming ``path`` when it cannot be opened or created, is not an sfembed cache, or has a newer
+    schema version. An async context manager that closes.
 
-    ``write_rows`` rows are gathered before a write (1: every ``store`` writes at once).
+    ``write_rows`` rows are gathered before a write (1: every ``store`` writes at once), and
+    ``index_rows`` rows written before their index entries are.
 
     Counters, over the cache's life: ``hits`` and ``misses`` count the keys of each ``lookup``
     (a key given twice counts twice), ``stored`` the rows kept by ``store``.
     """
 
-    def __init__(self, path: str | Path, *, write_rows: int = _WRITE_ROWS) -> None:
-        if write_rows < 1:
-            raise ConfigError(f"embedding cache: write_rows must be at least 1, not {write_rows}")
+    def __init__(
+        self, path: str | Path, *, write_rows: int = _WRITE_ROWS, index_rows: int = _INDEX_ROWS
+    ) -> None:
+        for name, value in (("write_rows", write_rows), ("index_rows", index_rows)):
+            if value < 1:
+                raise ConfigError(f"embedding cache: {name} must be at least 1, not {value}")
         self.path = Path(path)
         self.hits = 0
         self.misses = 0
         self.stored = 0
         self._write_rows = write_rows
-        # Rows not yet written, by (model, dims) then key: a lookup sees them.
-        self._gathered: dict[tuple[str, int], dict[bytes, FloatArray]] = {}
+        # Rows not yet handed to the worker, by (model, dims) then key: a lookup sees them.
+        self._gathered: Gathered = {}
         self._gathered_rows = 0
+        self._writing: asyncio.Future[None] | None = None  # the write under way, if any
         self._closing: asyncio.Future[None] | None = None
-        self._db: sqlite3.Connection | None = None  # used on the worker thread only
+        self._files: CacheFiles | None = None  # used on the worker thread only
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sfembed-cache")
         try:
-            self._db = self._worker.submit(_connect, self.path).result()
+            opening = partial(CacheFiles, self.path, index_rows=index_rows)
+            self._files = self._worker.submit(opening).result()
         except BaseException:
             self._worker.shutdown(wait=False)
             raise
@@ -149,8 +136,9 @@ class EmbeddingCache:
         """The stored vectors of ``keys`` for ``model`` at ``dims``: hits only, by key.
 
         Each value is a read-only float32 row of length ``dims`` (copy it to change it); an entry
-        of the wrong length (a damaged file) counts as a miss. Raises ValueError for a bad
-        ``model``, ``dims`` or key, or when closed; sqlite3.Error when the disk refuses.
+        whose row is not whole or not what was stored (a damaged file, a torn write) counts as
+        a miss. Raises ValueError for a bad ``model``, ``dims`` or key, or when closed; OSError
+        or sqlite3.Error when the disk refuses.
         """
         _check_target(model, dims)
         _check_keys(keys)
@@ -173,7 +161,7 @@ class EmbeddingCache:
         A row holding a NaN (a failed input) or an infinity is skipped: failures are never cached.
         An existing entry, or a key given twice, is replaced by the later row. Raises ValueError
         when ``rows`` is not (len(keys), dims), for a bad ``model``, ``dims`` or key, or when
-        closed; sqlite3.Error when the disk refuses.
+        closed; OSError or sqlite3.Error when the disk refused an earlier write.
         """
         _check_target(model, dims)
         _check_keys(keys)
@@ -193,20 +181,33 @@ class EmbeddingCache:
         self._gathered_rows += len(keys)
         self.stored += len(keys)
         if self._gathered_rows >= self._write_rows:
-            await self.flush()
+            await self._write(index=False)
 
     async def flush(self) -> None:
-        """Write every row gathered by :meth:`store`, in one transaction. The write goes on if
-        the caller is cancelled. Raises sqlite3.Error when the disk refuses."""
-        if not self._gathered:
+        """Write and index every row gathered by :meth:`store`. The write goes on if the caller
+        is cancelled. Raises OSError or sqlite3.Error when the disk refuses."""
+        await self._write(index=True)
+        assert self._writing is not None
+        await asyncio.shield(self._writing)
+
+    async def _write(self, *, index: bool) -> None:
+        """Hand the gathered rows to the worker, once the write before has ended (raising its
+        error, if it failed); with ``index``, their index entries are written too."""
+        while self._writing is not None and not self._writing.done():
+            await asyncio.shield(self._writing)  # another caller may start one meanwhile
+        if self._writing is not None:
+            self._writing.result()  # a failed write's error, to every later caller
+        if not self._gathered and not index:
             return
         gathered, self._gathered, self._gathered_rows = self._gathered, {}, 0
-        await asyncio.shield(self._run(partial(self._store, gathered)))
+        self._writing = self._submit(partial(self._append, gathered, index))
 
     async def close(self) -> None:
-        """Commit and close the file, after any work already queued; later calls only wait for it.
+        """Write and index what is gathered and close the files, after any work already queued;
+        later calls only wait for it.
 
-        Cancelling the caller does not stop the close. Raises sqlite3.Error if closing fails.
+        Cancelling the caller does not stop the close. Raises OSError or sqlite3.Error if the
+        last write or the close fails.
         """
         if self._closing is None:
             try:
@@ -218,8 +219,7 @@ class EmbeddingCache:
 
     def _close_worker(self) -> None:
         if self._closing is None:
-            loop = asyncio.get_running_loop()
-            self._closing = loop.run_in_executor(self._worker, self._close)
+            self._closing = self._submit(self._close)
             # The thread ends once the queued work and the close have run; nothing waits for it.
             self._worker.shutdown(wait=False)
 
@@ -238,7 +238,10 @@ class EmbeddingCache:
         """Run ``work`` on the worker thread, after the work queued before it."""
         if self._closing is not None:
             raise ValueError(f"embedding cache {str(self.path)!r} is closed")
-        return await asyncio.get_running_loop().run_in_executor(self._worker, work)
+        return await self._submit(work)
+
+    def _submit(self, work: Callable[[], _T]) -> asyncio.Future[_T]:
+        return asyncio.get_running_loop().run_in_executor(self._worker, work)
 
     # --- on the worker thread ---------------------------------------------------------------
 
@@ -246,47 +249,27 @@ class EmbeddingCache:
         self, model: str, dims: int, keys: list[bytes]
     ) -> tuple[dict[bytes, FloatArray], int]:
         """(vectors found by key, how many of ``keys`` were found)."""
-        db = self._connection()
-        size = dims * _VECTOR.itemsize
         unique = list(dict.fromkeys(keys))
-        found: dict[bytes, FloatArray] = {}
-        for start in range(0, len(unique), _IN_KEYS):
-            part = unique[start : start + _IN_KEYS]
-            sql = f"{_SELECT}({','.join('?' * len(part))})"
-            for key, vector in db.execute(sql, (model, dims, *part)):
-                if isinstance(vector, bytes) and len(vector) == size:
-                    found[key] = np.frombuffer(vector, _VECTOR).astype(np.float32, copy=False)
+        found = self._opened().lookup(model, dims, unique)
         hits = len(keys) if len(found) == len(unique) else sum(key in found for key in keys)
         return found, hits
 
-    def _store(self, gathered: dict[tuple[str, int], dict[bytes, FloatArray]]) -> None:
-        """Write the gathered rows in one transaction."""
-        db = self._connection()
-        entries = [
-            (model, dims, key, row.tobytes())
-            for (model, dims), rows in gathered.items()
-            for key, row in rows.items()
-        ]
-        db.execute("BEGIN IMMEDIATE")  # take the write lock now, not halfway through
-        try:
-            db.executemany(_INSERT, entries)
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
+    def _append(self, gathered: Gathered, index: bool) -> None:
+        files = self._opened()
+        if gathered:
+            files.append(gathered)
+        if index:
+            files.commit()
 
     def _close(self) -> None:
-        db, self._db = self._db, None
-        if db is not None:
-            if db.in_transaction:  # never left open by store; committed all the same
-                db.execute("COMMIT")
-            db.close()
+        files, self._files = self._files, None
+        if files is not None:
+            files.close()
 
-    def _connection(self) -> sqlite3.Connection:
-        if self._db is None:  # only if work slipped in after close; _run refuses new ones
+    def _opened(self) -> CacheFiles:
+        if self._files is None:  # only if work slipped in after close; _run refuses new ones
             raise ValueError(f"embedding cache {str(self.path)!r} is closed")
-        return self._db
+        return self._files
 
 
 def _check_target(model: str, dims: int) -> None:
@@ -304,74 +287,3 @@ def _check_keys(keys: Sequence[bytes]) -> None:
             raise ValueError(
                 f"a key must be the {KEY_BYTES}-byte digest from EmbeddingCache.key, not {given}"
             )
-
-
-def _connect(path: Path) -> sqlite3.Connection:
-    """Open or create the cache at ``path`` (on the worker thread). Raises ConfigError."""
-    try:
-        db = sqlite3.connect(path, timeout=_BUSY_TIMEOUT_S, isolation_level=None)
-    except sqlite3.Error as error:
-        raise ConfigError(f"cannot open embedding cache {str(path)!r}: {error}") from error
-    try:
-        _prepare(db, path)
-    except sqlite3.Error as error:
-        db.close()
-        raise ConfigError(f"cannot open embedding cache {str(path)!r}: {error}") from error
-    except BaseException:
-        db.close()
-        raise
-    return db
-
-
-def _prepare(db: sqlite3.Connection, path: Path) -> None:
-    """Create the tables in an empty database, check an existing one, then set the journal."""
-    # Reading the schema is the first read of the file: junk fails here, "not a database".
-    tables = db.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table'").fetchone()[0]
-    if tables == 0:
-        # Before the first table: a vector (4 KiB at 1,024 dims) would overflow a 4 KiB page;
-        # 64 KiB pages halve the CPU of a store (measured: 26 -> 12.5 ms per 1,000 rows).
-        db.execute(f"PRAGMA page_size = {_PAGE_BYTES}")
-        _create(db)
-    _check_version(db, path)
-    # Only now: another program's SQLite file must not be switched to WAL by a wrong path.
-    db.execute("PRAGMA journal_mode = WAL")
-    db.execute("PRAGMA synchronous = NORMAL")
-
-
-def _create(db: sqlite3.Connection) -> None:
-    # IF NOT EXISTS and OR IGNORE: another process may be creating the same file right now.
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        for statement in _SCHEMA:
-            db.execute(statement)
-        db.executemany(
-            "INSERT OR IGNORE INTO meta (name, value) VALUES (?, ?)",
-            [("format", _FORMAT), ("schema_version", str(SCHEMA_VERSION))],
-        )
-        db.execute("COMMIT")
-    except BaseException:
-        if db.in_transaction:
-            db.execute("ROLLBACK")
-        raise
-
-
-def _check_version(db: sqlite3.Connection, path: Path) -> None:
-    """Raise ConfigError unless the database is an sfembed cache of a version we can read."""
-    not_ours = ConfigError(f"{str(path)!r} is an SQLite file but not an sfembed embedding cache")
-    try:
-        meta = dict(db.execute("SELECT name, value FROM meta"))
-    except sqlite3.OperationalError:  # no meta table, or not the columns we wrote
-        raise not_ours from None
-    if meta.get("format") != _FORMAT:
-        raise not_ours
-    try:
-        version = int(meta.get("schema_version", ""))
-    except ValueError:
-        raise not_ours from None
-    if version > SCHEMA_VERSION:
-        raise ConfigError(
-            f"embedding cache {str(path)!r} has schema version {version}; this sfembed reads "
-            f"version {SCHEMA_VERSION}: upgrade sfembed or use another cache file"
-        )
-    if version < 1:
-        raise not_ours

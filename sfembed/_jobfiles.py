@@ -32,6 +32,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ._cachestore import vectors_path
 from ._exceptions import ConfigError
 from ._manifest import (
     Checkpoint,
@@ -98,8 +99,9 @@ class JobFiles:
             roles["id sidecar"] = self.ids
         if self.cache is not None:
             roles["cache"] = self.cache
+            roles["cache's vectors"] = vectors_path(self.cache)
         for role, path in list(roles.items()):
-            if role != "cache":
+            if not role.startswith("cache"):
                 roles[f"{role} being written"] = staged_path(path)
         if self.report is not None:
             roles["report"] = self.report

@@ -4,6 +4,7 @@ cached, the file holds no text, and cancellation or a second close leave it soun
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import threading
 from collections.abc import AsyncIterator
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 from sfembed._cache import KEY_BYTES, SCHEMA_VERSION, EmbeddingCache, normalise
+from sfembed._cachestore import vectors_path
 from sfembed._exceptions import ConfigError
 
 MODEL = "BAAI/bge-m3"
@@ -221,7 +223,9 @@ async def test_the_file_is_wal_with_a_schema_version(cache: EmbeddingCache) -> N
         assert other.execute("PRAGMA journal_mode").fetchone() == ("wal",)
         meta = dict(other.execute("SELECT name, value FROM meta"))
     other.close()
-    assert meta["schema_version"] == str(SCHEMA_VERSION)
+    assert meta["schema_version"] == str(SCHEMA_VERSION) == "2"
+    assert vectors_path(cache.path) == cache.path.with_name("cache.sqlite-vectors")
+    assert vectors_path(cache.path).is_file()
 
 
 async def test_two_caches_share_one_file(tmp_path: Path) -> None:
@@ -234,28 +238,74 @@ async def test_two_caches_share_one_file(tmp_path: Path) -> None:
         assert len(await reader.lookup(MODEL, DIMS, keys)) == 3
 
 
-async def test_rows_are_written_once_write_rows_are_gathered(tmp_path: Path) -> None:
+async def test_two_writers_append_without_overwriting_each_other(tmp_path: Path) -> None:
+    path = tmp_path / "cache.sqlite"
+    keys, rows = _keys(60), _rows(60)
+    async with EmbeddingCache(path, write_rows=3) as one, EmbeddingCache(path, write_rows=4) as two:
+        for start in range(0, 60, 10):  # interleaved blocks of both, each appended on its own
+            await one.store(MODEL, DIMS, keys[start : start + 5], rows[start : start + 5])
+            await two.store(MODEL, DIMS, keys[start + 5 : start + 10], rows[start + 5 : start + 10])
+        await one.flush()
+        await two.flush()
+    async with EmbeddingCache(path) as reader:
+        found = await reader.lookup(MODEL, DIMS, keys)
+    assert len(found) == 60
+    assert all(np.array_equal(found[key], row) for key, row in zip(keys, rows, strict=True))
+
+
+async def test_rows_are_written_in_blocks_and_indexed_in_larger_ones(tmp_path: Path) -> None:
     path = tmp_path / "cache.sqlite"
     keys, rows = _keys(10), _rows(10)
-    async with EmbeddingCache(path, write_rows=4) as writer, EmbeddingCache(path) as reader:
-        await writer.store(MODEL, DIMS, keys[:3], rows[:3])
+    vectors = vectors_path(path)
+    async with (
+        EmbeddingCache(path, write_rows=2, index_rows=4) as writer,
+        EmbeddingCache(path) as reader,
+    ):
+        await writer.store(MODEL, DIMS, keys[:1], rows[:1])
         assert await reader.lookup(MODEL, DIMS, keys) == {}
-        assert len(await writer.lookup(MODEL, DIMS, keys)) == 3  # its own gathered rows
-        await writer.store(MODEL, DIMS, keys[3:5], rows[3:5])  # 5 >= 4: written together
+        assert len(await writer.lookup(MODEL, DIMS, keys)) == 1  # its own gathered row
+        assert vectors.stat().st_size == 0
+        await writer.store(MODEL, DIMS, keys[1:3], rows[1:3])  # 3 >= 2: written, not indexed
+        assert len(await writer.lookup(MODEL, DIMS, keys)) == 3  # runs after the write
+        assert vectors.stat().st_size == 3 * DIMS * 4
+        assert await reader.lookup(MODEL, DIMS, keys) == {}  # not indexed yet
+        await writer.store(MODEL, DIMS, keys[3:5], rows[3:5])  # 5 >= 4 written: indexed
+        await writer.lookup(MODEL, DIMS, keys[:1])  # waits for the write queued before it
         found = await reader.lookup(MODEL, DIMS, keys)
         assert sorted(found) == sorted(keys[:5])
         assert all(np.array_equal(found[k], r) for k, r in zip(keys[:5], rows, strict=False))
         await writer.store(MODEL, DIMS, keys[5:], rows[5:])
     async with EmbeddingCache(path) as reopened:
-        assert len(await reopened.lookup(MODEL, DIMS, keys)) == 10
-    with pytest.raises(ConfigError, match="write_rows"):
-        EmbeddingCache(path, write_rows=0)
+        found = await reopened.lookup(MODEL, DIMS, keys)
+    assert all(np.array_equal(found[k], r) for k, r in zip(keys, rows, strict=True))
+    for name in ("write_rows", "index_rows"):
+        with pytest.raises(ConfigError, match=name):
+            EmbeddingCache(path, **{name: 0})
+
+
+async def test_lookups_find_every_row_across_many_blocks(tmp_path: Path) -> None:
+    """Rows gathered, written but not indexed, indexed, and after a reopen: all found, each the
+    row stored under its key."""
+    path = tmp_path / "cache.sqlite"
+    keys, rows = _keys(1000), _rows(1000, 16)
+    async with EmbeddingCache(path, write_rows=16, index_rows=100) as cache:
+        for start in range(0, 1000, 7):
+            await cache.store(MODEL, 16, keys[start : start + 7], rows[start : start + 7])
+            if start % 140 == 0:
+                seen = await cache.lookup(MODEL, 16, keys[: start + 7])
+                assert len(seen) == start + 7 if start + 7 <= 1000 else 1000
+        found = await cache.lookup(MODEL, 16, keys)
+        assert all(np.array_equal(found[k], r) for k, r in zip(keys, rows, strict=True))
+    async with EmbeddingCache(path) as reopened:
+        found = await reopened.lookup(MODEL, 16, keys[::-1])
+    assert len(found) == 1000
+    assert all(np.array_equal(found[k], r) for k, r in zip(keys, rows, strict=True))
 
 
 def _file_bytes(path: Path) -> bytes:
-    """The database and its WAL (the WAL is gone after a clean close), as one byte string."""
-    wal = path.with_name(path.name + "-wal")
-    return path.read_bytes() + (wal.read_bytes() if wal.exists() else b"")
+    """The database, its WAL (gone after a clean close) and the vectors, as one byte string."""
+    parts = [path, path.with_name(path.name + "-wal"), vectors_path(path)]
+    return b"".join(part.read_bytes() for part in parts if part.exists())
 
 
 async def test_the_file_holds_no_text(tmp_path: Path) -> None:
@@ -276,20 +326,114 @@ async def test_the_file_holds_no_text(tmp_path: Path) -> None:
         assert rows[17].tobytes() in content
 
 
-async def test_a_damaged_vector_is_a_miss_and_a_store_mends_it(tmp_path: Path) -> None:
-    path = tmp_path / "cache.sqlite"
-    keys, rows = _keys(2), _rows(2)
+def _overwrite(path: Path, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as file:
+        file.seek(offset)
+        file.write(data)
+
+
+async def _stored(path: Path, count: int) -> tuple[list[bytes], np.ndarray]:
+    keys, rows = _keys(count), _rows(count)
     async with EmbeddingCache(path) as cache:
         await cache.store(MODEL, DIMS, keys, rows)
-    with sqlite3.connect(path) as other:
-        other.execute("UPDATE vectors SET vector = x'0000' WHERE key = ?", (keys[0],))
-    other.close()
+    return keys, rows
+
+
+async def test_a_torn_tail_is_a_miss_never_a_vector(tmp_path: Path) -> None:
+    path = tmp_path / "cache.sqlite"
+    keys, rows = await _stored(path, 4)
+    vectors = vectors_path(path)
+    size = DIMS * 4
+    assert vectors.stat().st_size == 4 * size
+    os.truncate(vectors, 3 * size + size // 2)  # a crash wrote half of the last row
     async with EmbeddingCache(path) as cache:
-        assert list(await cache.lookup(MODEL, DIMS, keys)) == [keys[1]]
-        assert (cache.hits, cache.misses) == (1, 1)
-        await cache.store(MODEL, DIMS, keys[:1], rows[:1])
         found = await cache.lookup(MODEL, DIMS, keys)
-    assert np.array_equal(found[keys[0]], rows[0])
+        assert sorted(found) == sorted(keys[:3])
+        assert all(np.array_equal(found[k], r) for k, r in zip(keys[:3], rows, strict=False))
+        await cache.store(MODEL, DIMS, keys[3:], rows[3:])  # the row is stored again, whole
+        await cache.flush()
+        assert np.array_equal((await cache.lookup(MODEL, DIMS, keys[3:]))[keys[3]], rows[3])
+    async with EmbeddingCache(path) as cache:
+        assert len(await cache.lookup(MODEL, DIMS, keys)) == 4
+
+
+@pytest.mark.parametrize("damage", ["zeros", "another row", "garbage"])
+async def test_a_row_that_is_not_what_was_stored_is_a_miss(tmp_path: Path, damage: str) -> None:
+    path = tmp_path / "cache.sqlite"
+    keys, rows = await _stored(path, 3)
+    size = DIMS * 4
+    replacement = {
+        "zeros": bytes(size),  # pages a machine crash left unwritten read as zeros
+        "another row": rows[2].tobytes(),
+        "garbage": bytes(range(size)),
+    }[damage]
+    _overwrite(vectors_path(path), size, replacement)  # the second row
+    async with EmbeddingCache(path) as cache:
+        found = await cache.lookup(MODEL, DIMS, keys)
+        assert sorted(found) == sorted([keys[0], keys[2]])
+        assert (cache.hits, cache.misses) == (2, 1)
+        await cache.store(MODEL, DIMS, keys[1:2], rows[1:2])  # a store mends it
+        found = await cache.lookup(MODEL, DIMS, keys)
+    assert np.array_equal(found[keys[1]], rows[1])
+
+
+async def test_a_lost_vectors_file_is_misses_and_a_fresh_start(tmp_path: Path) -> None:
+    path = tmp_path / "cache.sqlite"
+    keys, rows = await _stored(path, 3)
+    vectors_path(path).unlink()
+    async with EmbeddingCache(path) as cache:
+        assert await cache.lookup(MODEL, DIMS, keys) == {}
+        await cache.store(MODEL, DIMS, keys, rows)
+    async with EmbeddingCache(path) as cache:
+        found = await cache.lookup(MODEL, DIMS, keys)
+    assert all(np.array_equal(found[k], r) for k, r in zip(keys, rows, strict=True))
+
+
+def _version_one_cache(path: Path, keys: list[bytes], rows: np.ndarray) -> None:
+    """A cache as schema version 1 wrote it: the vectors inside SQLite."""
+    with sqlite3.connect(path) as db:
+        db.execute("PRAGMA page_size = 65536")
+        db.execute("CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        db.execute(
+            "CREATE TABLE vectors (model TEXT NOT NULL, dims INTEGER NOT NULL, key BLOB NOT NULL, "
+            "vector BLOB NOT NULL, PRIMARY KEY (model, dims, key))"
+        )
+        db.executemany(
+            "INSERT INTO meta VALUES (?, ?)",
+            [("format", "sfembed embedding cache"), ("schema_version", "1")],
+        )
+        db.executemany(
+            "INSERT INTO vectors VALUES (?, ?, ?, ?)",
+            [
+                (MODEL, DIMS, key, row.astype("<f4").tobytes())
+                for key, row in zip(keys, rows, strict=True)
+            ],
+        )
+        db.execute("UPDATE vectors SET vector = x'0000' WHERE key = ?", (keys[-1],))  # damaged
+    db.close()
+
+
+async def test_a_version_one_cache_is_upgraded_and_its_rows_still_served(tmp_path: Path) -> None:
+    path = tmp_path / "cache.sqlite"
+    old_keys, old_rows = _keys(5, "old"), _rows(5, seed=5)
+    _version_one_cache(path, old_keys, old_rows)
+    new_keys, new_rows = _keys(3, "new"), _rows(3, seed=6)
+    async with EmbeddingCache(path) as cache:
+        found = await cache.lookup(MODEL, DIMS, old_keys)
+        assert sorted(found) == sorted(old_keys[:4])  # the damaged one is a miss
+        assert all(np.array_equal(found[k], r) for k, r in zip(old_keys[:4], old_rows, strict=False))
+        await cache.store(
+            MODEL, DIMS, [*new_keys, old_keys[-1]], np.vstack([new_rows, old_rows[-1:]])
+        )
+    with sqlite3.connect(path) as db:
+        meta = dict(db.execute("SELECT name, value FROM meta"))
+    db.close()
+    assert meta["schema_version"] == "2"
+    async with EmbeddingCache(path) as cache:
+        found = await cache.lookup(MODEL, DIMS, [*old_keys, *new_keys])
+    assert len(found) == 8
+    expected = zip([*old_keys, *new_keys], [*old_rows, *new_rows], strict=True)
+    assert all(np.array_equal(found[k], r) for k, r in expected)
 
 
 def test_a_file_that_is_not_sqlite_is_refused(tmp_path: Path) -> None:
