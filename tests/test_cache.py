@@ -421,7 +421,9 @@ async def test_a_version_one_cache_is_upgraded_and_its_rows_still_served(tmp_pat
     async with EmbeddingCache(path) as cache:
         found = await cache.lookup(MODEL, DIMS, old_keys)
         assert sorted(found) == sorted(old_keys[:4])  # the damaged one is a miss
-        assert all(np.array_equal(found[k], r) for k, r in zip(old_keys[:4], old_rows, strict=False))
+        assert all(
+            np.array_equal(found[k], r) for k, r in zip(old_keys[:4], old_rows, strict=False)
+        )
         await cache.store(
             MODEL, DIMS, [*new_keys, old_keys[-1]], np.vstack([new_rows, old_rows[-1:]])
         )
@@ -541,3 +543,42 @@ async def test_close_is_idempotent_and_ends_use(cache: EmbeddingCache) -> None:
         await cache.lookup(MODEL, DIMS, _keys(1))
     with pytest.raises(ValueError, match="closed"):
         await cache.store(MODEL, DIMS, _keys(1), _rows(1))
+
+
+async def test_cancelling_a_flush_leaves_its_write_going(tmp_path: Path) -> None:
+    path = tmp_path / "cache.sqlite"
+    keys, rows = _keys(50), _rows(50)
+    async with EmbeddingCache(path) as cache:
+        await cache.store(MODEL, DIMS, keys, rows)
+        release = threading.Event()
+        blocker = asyncio.get_running_loop().run_in_executor(cache._worker, release.wait)
+        flush = asyncio.create_task(cache.flush())
+        await asyncio.sleep(0.01)
+        flush.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await flush
+        release.set()
+        await blocker
+    async with EmbeddingCache(path) as reopened:
+        found = await reopened.lookup(MODEL, DIMS, keys)
+    assert all(np.array_equal(found[k], r) for k, r in zip(keys, rows, strict=True))
+
+
+async def test_a_store_cancelled_behind_a_write_keeps_its_rows(tmp_path: Path) -> None:
+    path = tmp_path / "cache.sqlite"
+    keys, rows = _keys(6), _rows(6)
+    async with EmbeddingCache(path, write_rows=2) as cache:
+        release = threading.Event()
+        blocker = asyncio.get_running_loop().run_in_executor(cache._worker, release.wait)
+        await cache.store(MODEL, DIMS, keys[:3], rows[:3])  # its write queued behind the blocker
+        second = asyncio.create_task(cache.store(MODEL, DIMS, keys[3:], rows[3:]))
+        await asyncio.sleep(0.01)  # waiting for the first write to end
+        second.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await second
+        release.set()
+        await blocker
+        assert len(await cache.lookup(MODEL, DIMS, keys)) == 6  # gathered rows are seen
+    async with EmbeddingCache(path) as reopened:
+        found = await reopened.lookup(MODEL, DIMS, keys)
+    assert all(np.array_equal(found[k], r) for k, r in zip(keys, rows, strict=True))
