@@ -10,8 +10,8 @@ beside it holds the vectors as little-endian float32 rows, appended and never re
             PRIMARY KEY (scope, key)) WITHOUT ROWID
 
 ``offset`` is where the row starts in the vectors file and ``checksum`` the sum of its 64-bit
-words (see :func:`checksums`). A row is only served when it is whole and its checksum agrees: a torn tail after a crash,
-a vectors file cut short or replaced, is a miss, never a vector.
+words (see :func:`checksums`). A row is only served when it is whole and its checksum agrees: a
+torn tail after a crash, a vectors file cut short or replaced, is a miss, never a vector.
 
 Why the vectors left SQLite: a store of 4 KiB rows into SQLite cost about 15 s of CPU per million
 rows, most of it copying each row into B-tree pages and again into the WAL. Rows are now written

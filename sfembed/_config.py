@@ -180,9 +180,10 @@ class IOSettings:
     path, for the multimodal model. A job's progress is made durable, and resumable, every
     ``checkpoint_rows`` rows (each checkpoint syncs the files to disk). With ``cache``, vectors
     are kept in a cache at ``cache_path`` (default: ``sfembed-cache.sqlite`` in the output's
-    folder, and its vectors beside it, ``sfembed-cache.sqlite-vectors``) and a text it holds is not sent again. LanceDB output is a table named by
-    the output path (``vectors.lance``), or ``table`` in the folder the output names, and carries
-    the input fields ``keep_fields`` names (a tuple, or one comma-separated string).
+    folder, and its vectors beside it, ``sfembed-cache.sqlite-vectors``) and a text it holds is
+    not sent again. LanceDB output is a table named by the output path (``vectors.lance``), or
+    ``table`` in the folder the output names, and carries the input fields ``keep_fields`` names
+    (a tuple, or one comma-separated string).
     """
 
     input_format: str | None = None
