@@ -46,7 +46,8 @@ from typing import Self, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from ._cachestore import SCHEMA_VERSION, CacheFiles, Gathered
+from ._cachestore import SCHEMA_VERSION, Block, CacheFiles, Gathered
+from ._decoder import all_finite
 from ._exceptions import ConfigError
 from ._types import FloatArray
 
@@ -147,8 +148,8 @@ class EmbeddingCache:
         found, hits = await self._run(partial(self._lookup, model, dims, list(keys)))
         gathered = self._gathered.get((model, dims))
         if gathered and len(found) < len(keys):
-            unfound = [key for key in keys if key not in found and key in gathered]
-            found.update((key, gathered[key]) for key in unfound)
+            unfound = [key for key in keys if key not in found and key in gathered.where]
+            found.update((key, gathered.row(key)) for key in unfound)
             hits += len(unfound)
         self.hits += hits
         self.misses += len(keys) - hits
@@ -169,15 +170,15 @@ class EmbeddingCache:
             raise ValueError(f"rows of shape {rows.shape} for {len(keys)} keys of {dims} dims")
         if self._closing is not None:
             raise ValueError(f"embedding cache {str(self.path)!r} is closed")
-        finite: npt.NDArray[np.bool_] = np.all(np.isfinite(rows), axis=1)
-        if not finite.all():
+        if not all_finite(rows):
+            finite: npt.NDArray[np.bool_] = np.all(np.isfinite(rows), axis=1)
             keys = [key for key, keep in zip(keys, finite.tolist(), strict=True) if keep]
             rows = rows[finite]
         if not keys:
             return
         # A copy: the caller may reuse its buffer before the rows are written.
         snapshot = np.array(rows, dtype=_VECTOR, order="C")
-        self._gathered.setdefault((model, dims), {}).update(zip(keys, snapshot, strict=True))
+        self._gathered.setdefault((model, dims), Block()).add(list(keys), snapshot)
         self._gathered_rows += len(keys)
         self.stored += len(keys)
         if self._gathered_rows >= self._write_rows:

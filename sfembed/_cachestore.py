@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+from itertools import repeat
 from pathlib import Path
 
 import numpy as np
@@ -40,13 +41,39 @@ import numpy.typing as npt
 from ._exceptions import ConfigError
 from ._types import FloatArray
 
-__all__ = ["SCHEMA_VERSION", "CacheFiles", "Gathered", "checksums", "vectors_path"]
+__all__ = ["SCHEMA_VERSION", "Block", "CacheFiles", "Gathered", "checksums", "vectors_path"]
 
 #: Version of the tables, the files and the key rule; a cache of a higher version is refused.
 SCHEMA_VERSION = 2
 
-#: Rows waiting to be written, by (model, dims) and then key.
-Gathered = dict[tuple[str, int], dict[bytes, FloatArray]]
+
+class Block:
+    """Rows waiting to be written for one (model, dims): arrays as they were stored, and where
+    each key's last row is (a key stored twice is written twice; the later row is indexed)."""
+
+    __slots__ = ("arrays", "keys", "where")
+
+    def __init__(self) -> None:
+        self.keys: list[bytes] = []
+        self.arrays: list[FloatArray] = []
+        self.where: dict[bytes, tuple[int, int]] = {}  # key -> (array, row)
+
+    def add(self, keys: list[bytes], rows: FloatArray) -> None:
+        """Gather ``rows`` (kept, not copied) under ``keys``."""
+        array = len(self.arrays)
+        self.arrays.append(rows)
+        self.keys.extend(keys)
+        self.where.update(zip(keys, zip(repeat(array), range(len(keys))), strict=False))
+
+    def row(self, key: bytes) -> FloatArray:
+        """The last row gathered under ``key``. Raises KeyError when there is none."""
+        array, row = self.where[key]
+        found: FloatArray = self.arrays[array][row]
+        return found
+
+
+#: Rows waiting to be written, by (model, dims).
+Gathered = dict[tuple[str, int], Block]
 
 _FORMAT = "sfembed embedding cache"  # meta 'format': tells our file from any other SQLite file
 _VECTOR = np.dtype("<f4")  # stored byte order, whatever the machine's
@@ -63,7 +90,8 @@ _SCHEMA = (
 )
 _SELECT = "SELECT key, offset, checksum FROM entries WHERE scope = ? AND key IN "
 # REPLACE: a fresh row also mends an entry whose bytes were damaged.
-_INSERT = "INSERT OR REPLACE INTO entries (scope, key, offset, checksum) VALUES (?, ?, ?, ?)"
+# The scope is an integer of ours, put in the statement: each row binds the three values it has.
+_INSERT = "INSERT OR REPLACE INTO entries (scope, key, offset, checksum) VALUES ({}, ?, ?, ?)"
 _LEGACY_SELECT = "SELECT key, vector FROM vectors WHERE model = ? AND dims = ? AND key IN "
 
 
@@ -104,8 +132,8 @@ class CacheFiles:
                 f"cannot open embedding cache {str(path)!r}: its vectors file: "
                 f"{error.strerror or error}"
             ) from None
-        # Rows written but not yet indexed: (model, dims) -> key -> (offset, checksum).
-        self.unindexed: dict[tuple[str, int], dict[bytes, tuple[int, int]]] = {}
+        # Rows written but not yet indexed: (model, dims) -> key -> (key, offset, checksum).
+        self.unindexed: dict[tuple[str, int], dict[bytes, tuple[bytes, int, int]]] = {}
         self.unindexed_rows = 0
         self._scopes: dict[tuple[str, int], int] = {}
 
@@ -114,7 +142,7 @@ class CacheFiles:
         places: dict[bytes, tuple[int, int]] = {}
         unindexed = self.unindexed.get((model, dims))
         if unindexed:
-            places.update((key, unindexed[key]) for key in keys if key in unindexed)
+            places.update((key, unindexed[key][1:]) for key in keys if key in unindexed)
         rest = [key for key in keys if key not in places] if places else keys
         scope = self._scope(model, dims, create=False)
         if scope is not None:
@@ -131,8 +159,8 @@ class CacheFiles:
     def append(self, gathered: Gathered) -> None:
         """Append the gathered rows to the vectors file (one write per model), and index them
         once ``index_rows`` are waiting. Raises OSError when the disk refuses."""
-        for (model, dims), by_key in gathered.items():
-            rows = np.stack(list(by_key.values())).astype(_VECTOR, copy=False)
+        for (model, dims), block in gathered.items():
+            rows = np.concatenate(block.arrays).astype(_VECTOR, copy=False)
             data = rows.data.cast("B")
             written = os.write(self.fd, data)
             if written != len(data):  # a full disk: the part written is never indexed
@@ -141,9 +169,11 @@ class CacheFiles:
             end = os.lseek(self.fd, 0, os.SEEK_CUR)  # O_APPEND: just after our own rows
             size = dims * _VECTOR.itemsize
             offsets = range(end - len(data), end, size)
-            places = zip(offsets, checksums(rows).tolist(), strict=True)
-            self.unindexed.setdefault((model, dims), {}).update(zip(by_key, places, strict=True))
-            self.unindexed_rows += len(by_key)
+            entries = zip(block.keys, offsets, checksums(rows).tolist(), strict=True)
+            self.unindexed.setdefault((model, dims), {}).update(
+                zip(block.keys, entries, strict=True)
+            )
+            self.unindexed_rows += len(block.keys)
         if self.unindexed_rows >= self.index_rows:
             self.commit()
 
@@ -156,11 +186,10 @@ class CacheFiles:
         db = self.db
         db.execute("BEGIN IMMEDIATE")  # take the write lock now, not halfway through
         try:
-            for (model, dims), places in self.unindexed.items():
+            for (model, dims), entries in self.unindexed.items():
                 scope = self._scope(model, dims, create=True)
                 assert scope is not None
-                entries = sorted(places.items())
-                db.executemany(_INSERT, [(scope, key, at, check) for key, (at, check) in entries])
+                db.executemany(_INSERT.format(int(scope)), sorted(entries.values()))
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:

@@ -16,7 +16,7 @@ import pybase64
 from ._exceptions import MalformedResponseError
 from ._types import EncodingFormat, FloatArray, Usage
 
-__all__ = ["DecodedBody", "decode_body"]
+__all__ = ["DecodedBody", "all_finite", "decode_body"]
 
 #: (rows, usage or ``None`` when the answer carried none that can be trusted, model name).
 DecodedBody = tuple[FloatArray, Usage | None, str]
@@ -49,6 +49,8 @@ def decode_body(
         raise _malformed("an embedding lacks its 'embedding'", trace_id) from None
     except (ValueError, TypeError) as exc:
         raise _malformed(f"bad embedding values: {exc}", trace_id) from None
+    if order is None:  # in order already, as answers usually are: the rows are the result
+        return rows, _usage(payload), str(payload.get("model", ""))
     out = np.empty(rows.shape, dtype=np.float32)
     out[order] = rows  # scatter by index: row i of out belongs to input item i
     return out, _usage(payload), str(payload.get("model", ""))
@@ -75,7 +77,8 @@ def _no_data(payload: object) -> str:
     return "response has no 'data' list"
 
 
-def _indices(data: list[Any], items: int, trace_id: str | None) -> np.ndarray[Any, Any]:
+def _indices(data: list[Any], items: int, trace_id: str | None) -> np.ndarray[Any, Any] | None:
+    """Where each entry's row goes, or None when entry i has index i."""
     if len(data) != items:
         raise _malformed(f"expected {items} embeddings, got {len(data)}", trace_id)
     try:
@@ -85,6 +88,8 @@ def _indices(data: list[Any], items: int, trace_id: str | None) -> np.ndarray[An
     # Exactly int: numpy would take "1", 1.5 and true as index 1 and misplace a vector.
     if any(type(index) is not int for index in indices):
         raise _malformed("an embedding lacks an integer 'index'", trace_id)
+    if indices == list(range(items)):
+        return None
     order = np.array(indices, dtype=np.int64)
     if items and (order.min() < 0 or order.max() >= items):
         raise _malformed("an embedding index is out of range", trace_id)
@@ -98,14 +103,24 @@ def _rows(data: list[Any], encoding_format: EncodingFormat, dimensions: int | No
         chunks = [pybase64.b64decode(entry["embedding"], validate=True) for entry in data]
         if len({len(chunk) for chunk in chunks}) > 1:
             raise ValueError("vectors differ in length")
-        rows = np.frombuffer(b"".join(chunks), dtype="<f4").reshape(len(data), -1)
+        # A bytearray: the rows are the caller's to change, as any array it is given.
+        rows = np.frombuffer(bytearray().join(chunks), dtype="<f4").reshape(len(data), -1)
     else:
         rows = _float_rows([entry["embedding"] for entry in data])
     if rows.ndim != 2 or (dimensions is not None and rows.shape[1] != dimensions):
         raise ValueError(f"vectors have shape {rows.shape[1:]}, expected ({dimensions},)")
-    if not np.isfinite(rows).all():
+    if not all_finite(rows):
         raise ValueError("a vector holds NaN or infinity")
     return rows
+
+
+def all_finite(rows: FloatArray) -> bool:
+    """True when no value is NaN or infinite: one sum, and a look at each value only when the
+    sum is not finite (a NaN or an infinity makes it so, and so may huge values)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        if np.isfinite(rows.sum()):
+            return True
+    return bool(np.isfinite(rows).all())
 
 
 def _float_rows(lists: list[Any]) -> FloatArray:

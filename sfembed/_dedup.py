@@ -55,7 +55,10 @@ class Dedup:
         repeat of a text already on its way waits for that copy's answer."""
         if self.cache is None:
             return chunks
-        keyed = [chunk for chunk in chunks if self._cacheable(chunk)]
+        if self.truncating:
+            keyed = [chunk for chunk in chunks if self._cacheable(chunk)]
+        else:  # the usual case, without a call per chunk: every text is cacheable
+            keyed = [chunk for chunk in chunks if type(chunk.item) is str and chunk.item]
         if not keyed:
             return chunks
         keys = self.cache.keys([cast(str, chunk.item) for chunk in keyed])
@@ -94,14 +97,17 @@ class Dedup:
     async def answered(self, request: list[Chunk], vectors: FloatArray, rows: RowSink) -> None:
         """Give each answered text's vector to the repeats waiting for it, then keep the vectors
         in the cache."""
-        if self._waiting:
+        waiting = self._waiting
+        if waiting:
             for i, chunk in enumerate(request):
-                repeats = self.repeats_of(chunk)
+                repeats = waiting.pop(chunk.key, None) if chunk.key is not None else None
                 if repeats:
                     rows.put(repeats, np.repeat(vectors[i : i + 1], len(repeats), axis=0))
         if self.cache is None:
             return
-        keyed = [i for i, chunk in enumerate(request) if chunk.key is not None]
-        if keyed:
-            keys = [cast(bytes, request[i].key) for i in keyed]
+        keys = [chunk.key for chunk in request if chunk.key is not None]
+        if len(keys) == len(request):  # the usual case: every text was keyed
+            await self.cache.store(self.scope, self.dims, keys, vectors)
+        elif keys:
+            keyed = [i for i, chunk in enumerate(request) if chunk.key is not None]
             await self.cache.store(self.scope, self.dims, keys, vectors[keyed])

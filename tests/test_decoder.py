@@ -85,3 +85,37 @@ def test_base64_vectors_of_unequal_length_are_refused() -> None:
 def test_invalid_json_is_malformed() -> None:
     with pytest.raises(MalformedResponseError, match="not valid JSON"):
         _decoder.decode_body(b'{"data": [', items=1, dimensions=4, encoding_format="float")
+
+
+@pytest.mark.parametrize("encoding", ["float", "base64"])
+def test_rows_in_order_are_the_callers_to_change(encoding: str) -> None:
+    vectors = np.random.default_rng(2).standard_normal((4, 8)).astype(np.float32)
+    body = _body(vectors, [0, 1, 2, 3], encoding)
+    rows, _, _ = _decoder.decode_body(
+        body,
+        items=4,
+        dimensions=8,
+        encoding_format=encoding,  # type: ignore[arg-type]
+    )
+    np.testing.assert_array_equal(rows, vectors)
+    rows[0] = 0.0  # writable, as an array made by the scatter is
+    assert rows.flags.c_contiguous
+
+
+@pytest.mark.parametrize(
+    ("value", "refused"),
+    [(np.nan, True), (np.inf, True), (-np.inf, True), (3e38, False)],
+)
+def test_base64_values_must_be_finite_however_large(value: float, refused: bool) -> None:
+    vectors = np.full((3, 4), 3e38, dtype=np.float32)  # finite, though their sum is not
+    vectors[1, 2] = value
+    body = _body(vectors, [0, 1, 2], "base64")
+
+    def decode() -> np.ndarray:
+        return _decoder.decode_body(body, items=3, dimensions=4, encoding_format="base64")[0]
+
+    if refused:
+        with pytest.raises(MalformedResponseError, match="NaN or infinity"):
+            decode()
+    else:
+        np.testing.assert_array_equal(decode(), vectors)
