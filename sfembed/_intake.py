@@ -224,9 +224,17 @@ class Intake:
         are left to a task of their own, so that they hold up nothing but their own rows."""
         unit = await self._reserve(len(block))
         later = set(doubtful)
+        limit = self.splitter.limit
         chunks: list[Chunk] = []
         for i, (item, text) in enumerate(zip(block, texts, strict=True)):
-            if i not in later:
+            if i in later:
+                continue
+            if type(item) is str and item and not item.isspace():  # a text that goes whole
+                sent = normalise(item)
+                chunks.append(
+                    Chunk(unit + i, first + i, 0, sent, min(tokens[i], limit), 0, len(item))
+                )
+            else:
                 chunks.extend(self._record(unit + i, first + i, item, text, tokens[i], None) or [])
         await self._pack(chunks)
         if doubtful:

@@ -31,6 +31,8 @@ _LOCK = threading.RLock()
 #: file) or when the event it is given is set (the job ended first).
 LineCounter = Callable[[threading.Event], int | None]
 
+_REDRAW_S = 0.1  # tqdm's own shortest interval between redraws
+
 
 class TqdmProgress:
     """Records done, tokens/s, requests in flight, 429s and retries, and an ETA at the limiter's
@@ -57,6 +59,7 @@ class TqdmProgress:
         self._stop_counting = threading.Event()
         self._counting: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._drawn_s = 0.0  # when the bar was last redrawn, on the monotonic clock
         self.last = JobStats()
 
     async def __aenter__(self) -> TqdmProgress:
@@ -101,7 +104,16 @@ class TqdmProgress:
         return self._bar
 
     def update(self, stats: JobStats) -> None:
+        """Show ``stats``: at once the first time, then at most every ``_REDRAW_S`` (a job hands
+        over a batch of rows every few milliseconds; the bar redraws no faster)."""
         self.last = stats
+        now = time.monotonic()
+        if self._bar is not None and now - self._drawn_s < _REDRAW_S:
+            return
+        self._drawn_s = now
+        self._draw(stats)
+
+    def _draw(self, stats: JobStats) -> None:
         bar = self.show()
         elapsed = max(time.monotonic() - stats.started_s, 1e-9)
         bar.set_postfix(
@@ -121,7 +133,8 @@ class TqdmProgress:
         """The bar with ``stats`` shown, closed; none is drawn now if none was (a job that
         ended before its first row)."""
         if self._bar is not None:
-            self.update(stats)
+            self.last = stats
+            self._draw(stats)
             self._bar.close()
 
 

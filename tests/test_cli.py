@@ -192,6 +192,20 @@ def test_the_bar_of_a_resumed_job_counts_from_the_records_done_before() -> None:
     assert "1000/1000" in out.getvalue()
 
 
+def test_the_last_of_many_quick_updates_is_shown_at_the_end() -> None:
+    import io
+
+    from sfembed import JobStats
+    from sfembed._progress import TqdmProgress
+
+    out = io.StringIO()
+    bar = TqdmProgress(total=500, file=out)
+    for rows in range(1, 501):  # faster than the bar redraws: most are only remembered
+        bar.update(JobStats(rows=rows))
+    bar.close(bar.last)
+    assert "500/500" in out.getvalue()
+
+
 def test_dry_run_refuses_a_missing_prices_file(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
