@@ -290,7 +290,8 @@ class CharClassEstimator:
             + prices.text * (sizes > 0)  # an empty text is empty for every tokenizer
             for prices in self.prices
         ]
-        return [int(count) + self.special_tokens for count in _ceil(np.max(sums, axis=0))]
+        counts: list[int] = (_ceil(np.max(sums, axis=0)) + self.special_tokens).tolist()
+        return counts
 
     def spans(self, text: str) -> list[Span]:
         """Approximate token offsets, as many as :meth:`count` gives (without specials). Each
