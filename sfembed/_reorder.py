@@ -141,8 +141,7 @@ class ReorderBuffer:
             return None, []
         slots = np.arange(start, end) % self._size
         batch = self._batch(np.arange(start, end), slots)
-        self._rows[slots] = np.nan
-        self._done[slots] = False
+        self._done[slots] = False  # the rows stay: a slot is written before it is done again
         self.emitted = end
         return batch, self._failures(start, end, batch)
 
@@ -165,9 +164,9 @@ class ReorderBuffer:
             self._finish(chunk.unit, pool(vectors, [entry.weights[i] for i in order]))
 
     def _finish(self, unit: int, row: FloatArray | None) -> None:
+        """Unit ``unit`` is done: its row is ``row``, or NaN (failed)."""
         slot = unit % self._size
-        if row is not None:
-            self._rows[slot] = row
+        self._rows[slot] = np.nan if row is None else row
         self._done[slot] = True
 
     def _contiguous_end(self) -> int:

@@ -159,3 +159,21 @@ async def test_rows_and_chunk_details_survive_the_ring_growing_around_its_end() 
     assert batch.embeddings[:, 0].tolist() == list(range(150, 500))
     assert batch.spans is not None
     assert batch.spans[:, 0].tolist() == list(range(150, 500))
+
+
+async def test_a_failed_unit_is_nan_in_a_slot_an_earlier_row_used() -> None:
+    ring = ReorderBuffer(dims=3, capacity=4)
+    assert await ring.reserve(4) == 0
+    ring.put(_chunks([0, 1, 2, 3]), _rows([10, 11, 12, 13]))
+    batch, _ = ring.take()
+    assert batch is not None
+    await ring.notify_room()
+    assert await ring.reserve(4) == 4  # the same slots again
+    ring.put(_chunks([4, 6, 7]), _rows([14, 16, 17]))
+    ring.fail(Chunk(5, 5, 0, "x", 1), "refused")
+    batch, failures = ring.take()
+    assert batch is not None
+    assert batch.positions.tolist() == [4, 5, 6, 7]
+    assert np.isnan(batch.embeddings[1]).all()  # not unit 1's row, left in its slot
+    assert batch.embeddings[[0, 2, 3], 0].tolist() == [14, 16, 17]
+    assert [failure.position for failure in failures] == [5]
