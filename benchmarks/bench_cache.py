@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import random
 import shutil
+import socket
 import sys
 import time
 from pathlib import Path
@@ -32,6 +33,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _harness import server_process, table
 
 from sfembed import EmbeddingClient, RateLimits, load_settings, testing
+from sfembed._cache import normalise
+from sfembed._cachestore import vectors_path
 from sfembed._job import CACHE_NAME, JobSummary, run_job
 
 MODEL = "BAAI/bge-m3"
@@ -64,15 +67,25 @@ def check(out: Path, texts: list[str], sample: int = 500) -> str:
         return "WRONG shape or NaN"
     picks = random.Random(1).sample(range(len(texts)), min(sample, len(texts)))
     wrong = sum(
-        not np.allclose(rows[i], testing.expected_embedding(MODEL, texts[i]), atol=1e-6)
+        # Texts are sent normalised (see sfembed._cache): the server's vector is of that form.
+        not np.allclose(rows[i], testing.expected_embedding(MODEL, normalise(texts[i])), atol=1e-6)
         for i in picks
     )
     return f"{len(picks) - wrong}/{len(picks)} sampled rows right"
 
 
-def run(name: str, source: Path, out: Path, texts: list[str]) -> dict[str, Any]:
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def run(name: str, source: Path, out: Path, texts: list[str], port: int) -> dict[str, Any]:
+    # One port for every run: the cache files vectors under the endpoint that made them, and a
+    # server on another port is another endpoint, whose vectors are not served.
     config = testing.ServerConfig(
-        window_s=WINDOW_S, default_limits=testing.ModelLimits(rpm=RPM, tpm=TPM)
+        window_s=WINDOW_S, default_limits=testing.ModelLimits(rpm=RPM, tpm=TPM), port=port
     )
     started = time.monotonic()
     with server_process(config) as (url, box):
@@ -105,13 +118,18 @@ def main() -> None:
         edited[n] = edited[n] + " (edited)"
     write(args.workdir / "docs.jsonl", texts)
     write(args.workdir / "docs-edited.jsonl", edited)
+    port = free_port()
     rows = [
-        run("first", args.workdir / "docs.jsonl", args.workdir / "a.npy", texts),
-        run("unchanged", args.workdir / "docs.jsonl", args.workdir / "b.npy", texts),
-        run("changed", args.workdir / "docs-edited.jsonl", args.workdir / "c.npy", edited),
+        run("first", args.workdir / "docs.jsonl", args.workdir / "a.npy", texts, port),
+        run("unchanged", args.workdir / "docs.jsonl", args.workdir / "b.npy", texts, port),
+        run("changed", args.workdir / "docs-edited.jsonl", args.workdir / "c.npy", edited, port),
     ]
-    size = (args.workdir / CACHE_NAME).stat().st_size
-    print(f"{args.count:,} documents, {len(picks):,} edited; cache file {size / 2**20:,.0f} MiB")
+    cache = args.workdir / CACHE_NAME
+    index, vectors = (path.stat().st_size / 2**20 for path in (cache, vectors_path(cache)))
+    print(
+        f"{args.count:,} documents, {len(picks):,} edited; cache: index {index:,.0f} MiB, "
+        f"vectors {vectors:,.0f} MiB"
+    )
     print(table([tuple(row.values()) for row in rows], tuple(rows[0])))
 
 
