@@ -18,7 +18,13 @@ limits divided by the live workers it last saw, says so once on the log, and goe
 soon as it answers again (it asks again at most every ``min(1 s, window / 20)``). Each worker
 remembers its own admissions of the last window: the local stand-in starts from them (the
 server's window still counts them), and they are carried into the shared log when Redis answers
-again, so that a Redis that restarted empty does not admit a window the server holds full.
+again, so that a Redis that restarted empty does not admit a window the server holds full. After
+such a restart every worker paces on locally for a window, booking in the shared log too, until
+all have carried theirs.
+
+A request is charged in the shared log at its tokens times the largest server count over charge
+of the last answers of any worker, until its own answer settles it: one worker's short charges
+teach every worker.
 """
 
 from __future__ import annotations
@@ -109,6 +115,10 @@ class _Recent:
         now = self._clock.now()
         return [(id, int(t), at - now) for id, (at, t) in self._entries.items() if at > now]
 
+    def carried(self) -> list[str]:
+        """The live admissions as the script's ``carry`` takes them: id, tokens, microseconds."""
+        return [str(x) for id, t, left_s in self.live() for x in (id, t, int(left_s * _US))]
+
 
 class _StandIn:
     """The local limiter that paces while Redis is unreachable, at the limits divided by the
@@ -133,6 +143,11 @@ class _StandIn:
     def restoring(self) -> bool:
         """True while the stand-in paces on, Redis answering, as the shared state is restored."""
         return self.limiter is not None and self._clock.now() < self._kept_until
+
+    @property
+    def answering(self) -> bool:
+        """Redis answers (pacing shared, or restoring the shared state)."""
+        return self.limiter is None or self.restoring
 
     def take_over(self, error: BaseException, workers: int, recent: _Recent) -> None:
         """Redis did not answer: pace locally (saying so once per outage) and wait a while. The
@@ -203,7 +218,6 @@ class SharedLimiter:
     ) -> None:
         if not account or any(c in account for c in "{}"):
             raise ConfigError(f"quota account label {account!r}: must be non-empty, without braces")
-        self._redis = _connect(url, timeout_s)
         self.where = _where(url)  # host:port/db, without a password
         self._limits = limits
         self._clock: Clock = clock if clock is not None else LoopClock()
@@ -211,16 +225,10 @@ class SharedLimiter:
         self.max_requests = _effective_requests(limits.rpm, limits.headroom)
         self._recent = _Recent(self._clock, limits)
         lead = lead_s if lead_s is not None else limits.window_s / 20
-        self._head = [int(limits.window_s * _US), limits.tpm, limits.rpm]
-        self._head += [self.max_tokens, self.max_requests, int(limits.burst_allowance_s * _US)]
-        self._head += [int(lead * _US), int(self._recent.unanswered_s * _US)]
-        prefix = f"sfembed:{{{account}}}:{model}"
-        self._keys = [
-            f"{prefix}:{name}"
-            for name in ("state", "log", "charges", "workers", "line", "due", "counts")
-        ]
-        source = resources.files(__package__).joinpath("_quota_script.lua").read_text("utf-8")
-        self._script = self._redis.register_script(source)
+        head = [int(limits.window_s * _US), limits.tpm, limits.rpm]
+        head += [self.max_tokens, self.max_requests, int(limits.burst_allowance_s * _US)]
+        head += [int(lead * _US), int(self._recent.unanswered_s * _US)]
+        self._script = _Script(url, timeout_s, f"sfembed:{{{account}}}:{model}", head)
         self._worker = uuid.uuid4().hex
         self._ids = itertools.count()
         self._turn = asyncio.Lock()  # callers of this process ask Redis in arrival order
@@ -231,7 +239,6 @@ class SharedLimiter:
         self._grace_us = int((lead + 0.1) * _US)
         self.workers = 1  # live workers (processes) the script saw at the last admission
         self.max_workers = 1  # the most seen at once
-        self.round_trips = 0  # calls to Redis, answered or not
 
     async def __aenter__(self) -> SharedLimiter:
         return self
@@ -241,7 +248,12 @@ class SharedLimiter:
 
     async def aclose(self) -> None:
         """Close the connections to Redis."""
-        await self._redis.aclose()
+        await self._script.redis.aclose()
+
+    @property
+    def round_trips(self) -> int:
+        """Calls to Redis so far, answered or not."""
+        return self._script.calls
 
     # -- what progress bars and ETAs read ----------------------------------------------------
 
@@ -300,7 +312,8 @@ class SharedLimiter:
                 and ticket.local is None
                 and (self._stand_in.pacing or not await self._carry())
             ):
-                await self._book_locally(ticket, stand_in)
+                ticket.local = await stand_in.acquire(min(ticket.tokens, stand_in.max_tokens))
+                ticket._fallback = stand_in
                 # While the shared state is restored, the shared log must allow it too: a worker
                 # that paces shared again meets workers still pacing locally there.
                 if not self._stand_in.restoring:
@@ -321,17 +334,11 @@ class SharedLimiter:
                 return wait_us / _US, charged
             await _sleep(self._clock, wait_us / _US)
 
-    async def _book_locally(self, ticket: SharedTicket, fallback: RateLimiter) -> None:
-        ticket.local = await fallback.acquire(min(ticket.tokens, fallback.max_tokens))
-        ticket._fallback = fallback
-
     async def _carry(self) -> bool:
         """Ask Redis again after an outage, carrying this worker's admissions of the window into
         the shared log (those it lacks; a count settled meanwhile corrects the one it holds).
         True if pacing is shared again."""
-        live = self._recent.live()
-        entries = [str(x) for id, t, left_s in live for x in (id, t, int(left_s * _US))]
-        reply = await self._call("carry", self._worker, *entries)
+        reply = await self._call("carry", self._worker, *self._recent.carried())
         if reply is not None:
             self._stand_in.hand_back(restoring_s=int(reply[1]) / _US)
         return self._stand_in.limiter is None
@@ -350,7 +357,7 @@ class SharedLimiter:
         self._recent.answered(ticket.id, used_tokens)
         if ticket.local is not None and ticket._fallback is not None:
             await ticket._fallback.settle(ticket.local, used_tokens)
-        if self._answering:  # the shared log may hold it (a carried one too)
+        if self._stand_in.answering:  # the shared log may hold it (a carried one too)
             await self._call("settle", ticket.id, used_tokens, ticket._raw)
         ticket.tokens = used_tokens
 
@@ -362,14 +369,9 @@ class SharedLimiter:
         self._recent.refunded(ticket.id)
         if ticket.local is not None and ticket._fallback is not None:
             await ticket._fallback.refund(ticket.local)
-        if self._answering:
+        if self._stand_in.answering:
             await self._call("refund", ticket.id, ticket._raw)
         ticket.tokens = ticket.requests = 0
-
-    @property
-    def _answering(self) -> bool:
-        """Redis answers (pacing shared, or restoring the shared state)."""
-        return self._stand_in.limiter is None or self._stand_in.restoring
 
     def _own(self, ticket: Ticket) -> SharedTicket:
         if not isinstance(ticket, SharedTicket) or not ticket.id.startswith(self._worker):
@@ -393,17 +395,34 @@ class SharedLimiter:
 
     async def _call(self, *args: object) -> list[Any] | None:
         """One run of the script; None (and the local stand-in) when Redis is unreachable."""
-        errors = _unreachable()
-        self.round_trips += 1
         try:
-            reply: list[Any] = await self._script(
-                keys=self._keys, args=[args[0], *self._head, *args[1:]]
-            )
-        except errors as error:
+            reply = await self._script(*args)
+        except _unreachable() as error:
             self._stand_in.take_over(error, self.workers, self._recent)
             return None
         if args[0] != "carry":  # which says itself whether the shared state is restoring
             self._stand_in.hand_back()
+        return reply
+
+
+class _Script:
+    """The quota's script on one Redis, for the keys under ``prefix``: ``head`` are the limits
+    every call passes (see the script's header)."""
+
+    _NAMES = ("state", "log", "charges", "workers", "line", "due", "counts")
+
+    def __init__(self, url: str, timeout_s: float, prefix: str, head: list[int]) -> None:
+        self.redis = _connect(url, timeout_s)
+        source = resources.files(__package__).joinpath("_quota_script.lua").read_text("utf-8")
+        self._run = self.redis.register_script(source)
+        self._keys = [f"{prefix}:{name}" for name in self._NAMES]
+        self._head = head
+        self.calls = 0
+
+    async def __call__(self, op: object, *args: object) -> list[Any]:
+        """One run of operation ``op``; raises redis-py's errors."""
+        self.calls += 1
+        reply: list[Any] = await self._run(keys=self._keys, args=[op, *self._head, *args])
         return reply
 
 

@@ -393,6 +393,12 @@ async def test_after_an_outage_a_worker_carries_its_window_into_the_shared_log_o
     await limiter._carry()
     assert await sums(inspect) == (120 + 90 + 45, 3, 3)
     assert await inspect.zcard(f"{PREFIX}:workers") == 1
+    # Restoring, a request is booked by the stand-in and in the shared log both.
+    restoring = await limiter.acquire(30)
+    assert not limiter.shared
+    assert restoring.local is not None
+    assert await inspect.zscore(f"{PREFIX}:log", restoring.id) is not None
+    assert await sums(inspect) == (120 + 90 + 45 + 30, 4, 4)
 
 
 async def test_the_local_stand_in_starts_from_the_workers_own_window(
