@@ -352,6 +352,90 @@ def process_age_s() -> float:
     return max(0.0, since_boot - started)
 
 
+class _Allowance:
+    """What one model's limits allow, and when: the sliding log, a pace per resource, a hold the
+    server asked for, and the memory of the last 429. It decides and charges; it never waits
+    (the line of waiters and the timer are :class:`RateLimiter`'s).
+
+    ``limits`` gives the nominal limits per window, which the log holds; the paces run at the
+    effective ones, nominal * (1 - headroom), tokens rounded down and requests up.
+    """
+
+    def __init__(self, limits: RateLimits, startup_s: float) -> None:
+        self.window_s = limits.window_s
+        # The log holds the account's own limits: an entry leaves it a window after the server
+        # can have counted it at the latest, so no window of the server's can hold more. The
+        # headroom is the pace's: a log held to it too would bind the pace, as entries stay a
+        # latency longer than a window, and cost that latency's share of every window.
+        self.log_tokens, self.log_requests = limits.tpm, limits.rpm
+        self.max_tokens = _effective(limits.tpm, limits.headroom)
+        self.max_requests = _effective_requests(limits.rpm, limits.headroom)
+        self.tpm = _Pace(self.max_tokens, limits.window_s, limits.burst_allowance_s)
+        self.rpm = _Pace(self.max_requests, limits.window_s, limits.burst_allowance_s)
+        self.log = _Log()
+        self.unanswered_s = limits.window_s * (1.0 + limits.headroom / 2)
+        fresh = 0.0 <= startup_s < limits.window_s
+        self.startup_s = min(startup_s, _STARTUP_SHARE * limits.window_s) if fresh else 0.0
+        self.last_429_at = -math.inf
+        self.hold_until = -math.inf
+
+    def start(self, now: float) -> None:
+        """Called before each admission: starts the paces once, and prunes the log."""
+        self.tpm.start(now, self.startup_s)
+        self.rpm.start(now, self.startup_s)
+        self.log.prune(now)
+
+    def ready_at(self, tokens: int, now: float) -> float:
+        """The earliest time (s) a request of ``tokens`` may pass, given the state at ``now``."""
+        return max(
+            self.hold_until,
+            self.rpm.ready_at(),
+            self.tpm.ready_at(),
+            self.log.ready_at(tokens, self.log_tokens, self.log_requests, now),
+        )
+
+    def admit(self, ticket: LocalTicket, now: float, late_s: float) -> None:
+        """Charge ``ticket`` at ``now``, let in by a timer that fired ``late_s`` seconds late."""
+        idle_s = self._unspent_s(now)
+        self.log.add(ticket)
+        # The pace goes on from when the timer was due: a busy event loop's lateness is then not
+        # quota lost for good (the log still holds every window to the limit).
+        self.rpm.charge(ticket.requests, now - late_s, idle_s)
+        self.tpm.charge(ticket.tokens, now - late_s, idle_s)
+
+    def _unspent_s(self, now: float) -> float:
+        """How many seconds of pace left unspent are kept: half a window, and none within a
+        window of a 429 (the server said no). The log, the hard guarantee, still admits only
+        what fits the current window: this only lets the pace catch up where it fell behind."""
+        if now - self.last_429_at < self.window_s:
+            return 0.0
+        return _IDLE_SHARE * self.window_s
+
+    def recharge(self, ticket: LocalTicket, tokens: int, requests: int, now: float) -> None:
+        """Correct ``ticket``'s charge to ``tokens`` and ``requests``, in the log and the pace."""
+        # Only a ticket still in the log matters: an older one has left both the window and,
+        # since its pace was spent long ago, any debt worth correcting.
+        if ticket._live:
+            self.log.tokens += tokens - ticket.tokens
+            self.log.requests += requests - ticket.requests
+            self.tpm.adjust(tokens - ticket.tokens, now)
+            self.rpm.adjust(requests - ticket.requests, now)
+        ticket.tokens = tokens
+        ticket.requests = requests
+
+    def rate_limited(self, limit: str | None, retry_after_s: float | None, now: float) -> None:
+        """A 429 at ``now``; see :meth:`RateLimiter.on_rate_limited`."""
+        alone = now - self.last_429_at >= self.window_s
+        self.last_429_at = now
+        if not alone:
+            if limit != "rpm":
+                self.tpm.cut(now)
+            if limit != "tpm":
+                self.rpm.cut(now)
+        if retry_after_s is not None and retry_after_s > 0:
+            self.hold_until = max(self.hold_until, now + retry_after_s)
+
+
 class RateLimiter:
     """The local :class:`Limiter`: admits requests of one model under its RPM and TPM, within
     one process (see the module docstring).
@@ -365,6 +449,9 @@ class RateLimiter:
     ahead at first (at most a tenth of a window, and only when the process is younger than a
     window): the first window's quota pays for the start-up. Pass :func:`process_age_s` for a
     job that starts the process.
+
+    What the limits allow is :class:`_Allowance`'s to decide; this class keeps the line of
+    waiters, in arrival order, and the one timer that wakes its head.
     """
 
     def __init__(
@@ -373,22 +460,10 @@ class RateLimiter:
         self._clock: Clock = clock if clock is not None else LoopClock()
         self._window_s = limits.window_s
         self._nominal_tokens = limits.tpm
-        # The log holds the account's own limits: an entry leaves it a window after the server
-        # can have counted it at the latest, so no window of the server's can hold more. The
-        # headroom is the pace's: a log held to it too would bind the pace, as entries stay a
-        # latency longer than a window, and cost that latency's share of every window.
-        self._log_tokens, self._log_requests = limits.tpm, limits.rpm
-        self.max_tokens = _effective(limits.tpm, limits.headroom)
-        self.max_requests = _effective_requests(limits.rpm, limits.headroom)
-        self._tpm = _Pace(self.max_tokens, limits.window_s, limits.burst_allowance_s)
-        self._rpm = _Pace(self.max_requests, limits.window_s, limits.burst_allowance_s)
-        self._log = _Log()
-        self._unanswered_s = limits.window_s * (1.0 + limits.headroom / 2)
-        fresh = 0.0 <= startup_s < limits.window_s
-        self._startup_s = min(startup_s, _STARTUP_SHARE * limits.window_s) if fresh else 0.0
-        self._last_429_at = -math.inf
+        self._allowance = _Allowance(limits, startup_s)
+        self.max_tokens = self._allowance.max_tokens
+        self.max_requests = self._allowance.max_requests
         self._queue: deque[_Waiter] = deque()
-        self._hold_until = -math.inf
         self._timer: TimerHandle | None = None
         self._timer_at = math.nan
         self._ids = itertools.count()
@@ -398,12 +473,12 @@ class RateLimiter:
     @property
     def tokens_per_s(self) -> float:
         """The current token pace in tokens per second (lowered for a while after a TPM 429)."""
-        return self._tpm.rate(self._clock.now())
+        return self._allowance.tpm.rate(self._clock.now())
 
     @property
     def requests_per_s(self) -> float:
         """The current request pace in requests per second (lowered for a while after a 429)."""
-        return self._rpm.rate(self._clock.now())
+        return self._allowance.rpm.rate(self._clock.now())
 
     @property
     def queued(self) -> int:
@@ -421,10 +496,8 @@ class RateLimiter:
         charge is refunded)."""
         tokens = self._check(tokens)
         now = self._clock.now()
-        self._tpm.start(now, self._startup_s)
-        self._rpm.start(now, self._startup_s)
-        self._log.prune(now)
-        if not self._queue and self._ready_at(tokens, now) <= now:
+        self._allowance.start(now)
+        if not self._queue and self._allowance.ready_at(tokens, now) <= now:
             return self._admit(tokens, now)
         waiter = _Waiter(tokens, asyncio.get_running_loop().create_future())
         self._queue.append(waiter)
@@ -461,34 +534,12 @@ class RateLimiter:
             )
         return min(tokens, self.max_tokens)
 
-    def _ready_at(self, tokens: int, now: float) -> float:
-        """The earliest time (s) a request of ``tokens`` may pass, given the state at ``now``."""
-        return max(
-            self._hold_until,
-            self._rpm.ready_at(),
-            self._tpm.ready_at(),
-            self._log.ready_at(tokens, self._log_tokens, self._log_requests, now),
-        )
-
     def _admit(self, tokens: int, now: float, late_s: float = 0.0) -> LocalTicket:
         """Admit a request at ``now``, by a timer that fired ``late_s`` seconds late."""
-        rpm_idle_s, tpm_idle_s = self._unspent_s(now)
-        ticket = LocalTicket(self, str(next(self._ids)), tokens, now, now + self._unanswered_s)
-        self._log.add(ticket)
-        # The pace goes on from when the timer was due: a busy event loop's lateness is then not
-        # quota lost for good (the log still holds every window to the limit).
-        self._rpm.charge(1, now - late_s, rpm_idle_s)
-        self._tpm.charge(tokens, now - late_s, tpm_idle_s)
+        expires_at = now + self._allowance.unanswered_s
+        ticket = LocalTicket(self, str(next(self._ids)), tokens, now, expires_at)
+        self._allowance.admit(ticket, now, late_s)
         return ticket
-
-    def _unspent_s(self, now: float) -> tuple[float, float]:
-        """How many seconds of pace left unspent (requests, tokens) are kept: half a window, and
-        none within a window of a 429 (the server said no). The log, the hard guarantee, still
-        admits only what fits the current window: this only lets the pace catch up where it
-        fell behind."""
-        if now - self._last_429_at < self._window_s:
-            return 0.0, 0.0
-        return _IDLE_SHARE * self._window_s, _IDLE_SHARE * self._window_s
 
     def _abandon(self, waiter: _Waiter) -> None:
         """Undo a waiter whose caller was cancelled (or failed) around the await."""
@@ -506,10 +557,10 @@ class RateLimiter:
         """Admit waiters from the head while they fit, then arm one timer for the next one;
         ``late_s``: how late the timer that calls it fired."""
         now = self._clock.now()
-        self._log.prune(now)
+        self._allowance.log.prune(now)
         while self._queue:
             head = self._queue[0]
-            when = now if head.future.done() else self._ready_at(head.tokens, now)
+            when = now if head.future.done() else self._allowance.ready_at(head.tokens, now)
             if when > now:
                 self._arm(when)
                 return
@@ -546,8 +597,8 @@ class RateLimiter:
             raise InputError(f"a response cannot have a negative token count ({used_tokens})")
         if not own.refunded:
             now = self._clock.now()
-            self._log.prune(now)  # one that has left the window stays out
-            self._recharge(own, used_tokens, own.requests)
+            self._allowance.log.prune(now)  # one that has left the window stays out
+            self._allowance.recharge(own, used_tokens, own.requests, now)
             # The server counted it from its arrival, at the latest now.
             own._expires_at = now + self._window_s
             self._pump()
@@ -560,25 +611,13 @@ class RateLimiter:
 
     def _refund(self, ticket: LocalTicket) -> None:
         if not ticket.refunded:
-            self._recharge(ticket, 0, 0)
+            self._allowance.recharge(ticket, 0, 0, self._clock.now())
             self._pump()
 
     def _own(self, ticket: Ticket) -> LocalTicket:
         if not isinstance(ticket, LocalTicket) or ticket._limiter is not self:
             raise ValueError("this ticket was issued by another RateLimiter")
         return ticket
-
-    def _recharge(self, ticket: LocalTicket, tokens: int, requests: int) -> None:
-        # Only a ticket still in the log matters: an older one has left both the window and,
-        # since its pace was spent long ago, any debt worth correcting.
-        if ticket._live:
-            now = self._clock.now()
-            self._log.tokens += tokens - ticket.tokens
-            self._log.requests += requests - ticket.requests
-            self._tpm.adjust(tokens - ticket.tokens, now)
-            self._rpm.adjust(requests - ticket.requests, now)
-        ticket.tokens = tokens
-        ticket.requests = requests
 
     async def on_rate_limited(
         self, limit: str | None = None, retry_after_s: float | None = None
@@ -593,14 +632,5 @@ class RateLimiter:
         that differs a little, and the refused request's charge, kept, already slows the pace by
         its size. A second within a window means someone else spends the quota too: then the
         cut, and every further one within a window of the last cuts again."""
-        now = self._clock.now()
-        alone = now - self._last_429_at >= self._window_s
-        self._last_429_at = now
-        if not alone:
-            if limit != "rpm":
-                self._tpm.cut(now)
-            if limit != "tpm":
-                self._rpm.cut(now)
-        if retry_after_s is not None and retry_after_s > 0:
-            self._hold_until = max(self._hold_until, now + retry_after_s)
+        self._allowance.rate_limited(limit, retry_after_s, self._clock.now())
         self._pump()

@@ -105,7 +105,8 @@ class Faults:
 
     ``rate_503`` / ``rate_504``: answer with that status. ``rate_reset``: send the headers and part
     of the body, then abort the connection. ``rate_stall``: hold the request ``stall_s`` seconds
-    (past a client's read timeout) before answering it normally. A scripted ``trickle`` sends its
+    (past a client's read timeout) before answering it normally; it is counted against the limits
+    on arrival, as any request the model takes. A scripted ``trickle`` sends its
     answer one byte every ``trickle_s`` seconds. ``latency_s`` seconds are added to
     every response, and ``latency_per_1k_tokens_s`` seconds per 1,000 tokens to each accepted
     request (a model's time grows with its input: 0.030 and 0.005 are a plausible shape). Over
@@ -982,10 +983,7 @@ class LocalServer:
         if not self._authorized(request.headers.get("Authorization", "")):
             return self._answers.answer(401, b'"Invalid token"')
         fault = injected or self._plan.draw(self._in_flight)
-        if fault == "stall":
-            self.stats.stalls += 1
-            await asyncio.sleep(self._plan.faults.stall_s)
-        elif fault is not None and fault not in _ANSWERED:
+        if fault is not None and fault not in _ANSWERED:
             return await self._answers.fault(fault, request, raw)
         response = await self._embed(raw, fault)
         if fault == "trickle" and response.status == 200:
@@ -1008,6 +1006,9 @@ class LocalServer:
         if limit is not None:
             self._answers.count_refusal(f"429-{limit.lower()}")
             return self._answers.answer(429, _TPM if limit == "TPM" else _RPM)
+        if fault == "stall":  # counted at arrival, as a limit acts at arrival, then held
+            self.stats.stalls += 1
+            await asyncio.sleep(self._plan.faults.stall_s)
         # The model's time, after admission: a limit acts at arrival, as the provider's does.
         work_s = call.tokens / 1000 * self._plan.faults.latency_per_1k_tokens_s
         if work_s > 0:

@@ -354,7 +354,7 @@ async def test_one_timer_at_a_time_and_log_holds_one_window() -> None:
     for _ in range(50):
         await run_until(clock, clock.now() + 0.5)
         assert clock.live <= 1
-        assert len(limiter._log.entries) <= limiter.max_requests
+        assert len(limiter._allowance.log.entries) <= limiter.max_requests
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)

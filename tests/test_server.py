@@ -411,6 +411,9 @@ async def test_stall_outlasts_a_read_timeout(make_server, http):
     with pytest.raises(asyncio.TimeoutError):
         await post(http, server, {"model": BGE, "input": "x"}, timeout=timeout)
     assert server.stats.stalls == 1
+    # Counted on arrival, as the provider's limits act, though never answered.
+    assert server.stats.tokens_accepted == count_tokens("x", DEFAULT_CATALOG[BGE])
+    assert server.stats.by_status == {}
 
 
 async def test_model_time_grows_with_tokens_and_follows_admission(make_server, http):
