@@ -31,7 +31,8 @@ Profiles:
   requests; seed 0, used before, drew no stall at all);
 * ``large``: 12,000 documents of the ``tpm`` mix on 600,000 TPM and 2,000 RPM per 6 s window;
 * ``long``: a model with long items (Qwen3, 32,768 tokens) on the ``tpm`` quota: 1,000 documents
-  of the ``tpm`` mix and 12 of 8,000 to 30,000 tokens among them, each up to half a window alone.
+  of the ``tpm`` mix and 12 of 5,000 to 22,000 words (6,600 to 29,000 tokens by the server's
+  count) among them, each up to half a window in a request of its own.
 
 With ``--cpu`` it measures instead the client CPU of the same command (defaults: cache on,
 progress on; bge-m3, 1024-d base64) on unique short texts (~24 tokens) against a server with
@@ -90,7 +91,7 @@ class Profile:
     latency: bool = True
     options: tuple[str, ...] = ()
     seed: int = 0  # of the server's fault draws
-    long_documents: int = 0  # of 8,000 to 30,000 tokens, spread through the corpus
+    long_documents: int = 0  # of 5,000 to 22,000 words, spread through the corpus
 
 
 PROFILES = {
@@ -140,7 +141,7 @@ def documents(profile: Profile) -> list[str]:
         return [f"record {i} on {' '.join(rng.choices(_WORDS, k=18))}." for i in range(count)]
     texts = [mixed_text(rng) for _ in range(profile.documents)]
     for number in range(profile.long_documents):
-        words = rng.choices(_WORDS, k=rng.randint(8_000, 30_000))
+        words = rng.choices(_WORDS, k=rng.randint(5_000, 22_000))
         texts.insert(number * len(texts) // profile.long_documents, " ".join(words) + ".")
     return texts
 

@@ -10,7 +10,8 @@ delivery stage's ring through each worker's :class:`RowWriter`.
 
 An answer far slower than the usual ones (a stalled request) is given up on early and sent again,
 paced like any retry: rows leave in order, so one stalled answer holds up every row after it until
-the read timeout (30 s by default) would end it.
+the read timeout (30 s by default) would end it. A lost answer (a stall given up on, a reset, a
+504) keeps its place in the limiter's window, as the server may have counted it, but not its pace.
 
 A stop starts nothing new: workers waiting for work, the limiter or a backoff are cancelled,
 and a worker with a request out finishes it (a retry or a split after the stop is not sent).
@@ -154,7 +155,7 @@ class PacedSender:
         except TimeoutError:
             if not deadline.expired():
                 raise
-            # The charge stands: the server may have counted the request it never answered.
+            await self.limiter.unanswered(ticket)
             raise exc.APITimeoutError(
                 f"no answer within {deadline_s:g} s, {_STALL_FACTOR:g} times the usual: sent again"
             ) from None
@@ -167,6 +168,11 @@ class PacedSender:
                     wait_s,
                 )
             await self.limiter.on_rate_limited(error.limit, wait_s)
+            raise
+        except (exc.GatewayTimeoutError, exc.APIConnectionError):
+            # Sent, and the answer lost: the server may have counted it (the limiter keeps it
+            # where it bounds the window), and the request sent again must not pay twice.
+            await self.limiter.unanswered(ticket)
             raise
         except (exc.ServerError, exc.BadRequestError, exc.BatchTooLargeError, exc.InputError):
             await self.limiter.refund(ticket)  # refused or failed before the model ran

@@ -24,10 +24,12 @@ FIFO-fair, driven by timers on a clock. Two rules must both allow a request befo
   its quota for good.
 
 Tokens are charged before sending, from the caller's count, then corrected to the server's count
-by :meth:`RateLimiter.settle` (or removed by :meth:`RateLimiter.refund`). Waiters are served in
-arrival order; when the head cannot pass, exactly one timer is set for the moment it can. There is
-no polling loop and no background task, and the clock is injectable so that tests move time by
-hand (:class:`ManualClock`).
+by :meth:`RateLimiter.settle` (or removed by :meth:`RateLimiter.refund`). A request whose answer
+was lost (:meth:`RateLimiter.unanswered`) stays in the log, as the server may have counted it,
+and its pace is given back, so that sending it again does not cost the quota twice. Waiters are
+served in arrival order; when the head cannot pass, exactly one timer is set for the moment it
+can. There is no polling loop and no background task, and the clock is injectable so that tests
+move time by hand (:class:`ManualClock`).
 """
 
 from __future__ import annotations
@@ -75,9 +77,10 @@ _IDLE_SHARE = 0.5
 class Limiter(Protocol):
     """Admits requests under a quota of tokens and requests per window (TPM and RPM together).
 
-    The engine calls :meth:`acquire` before each send and, for every ticket it got, exactly one
-    of :meth:`settle` (the server answered and counted) or :meth:`refund` (the request was
-    refused before the model ran, or never sent); calling either again changes nothing.
+    The engine calls :meth:`acquire` before each send and, for every ticket it got, at most one
+    of :meth:`settle` (the server answered and counted), :meth:`refund` (the request was refused
+    before the model ran, or never sent) or :meth:`unanswered` (sent, answer lost); calling one
+    again changes nothing.
     """
 
     @property
@@ -104,6 +107,14 @@ class Limiter(Protocol):
     async def refund(self, ticket: Ticket) -> None:
         """Remove ``ticket``'s whole charge: the request was refused before the model ran, or
         never sent. Idempotent."""
+        ...
+
+    async def unanswered(self, ticket: Ticket) -> None:
+        """The request was sent but its answer never came whole (a connection reset, a 504, an
+        answer given up on), so the server may or may not have counted it. An implementation
+        may keep the charge whole, or keep it where it bounds the server's window and give the
+        rest back, so that the request sent again does not pay twice. Idempotent; the ticket is
+        then neither settled nor refunded."""
         ...
 
     async def on_rate_limited(self, limit: str | None, retry_after_s: float | None) -> None:
@@ -194,7 +205,7 @@ class ManualClock:
 class LocalTicket(Ticket):
     """A ticket of :class:`RateLimiter`; ``admitted_at`` is the limiter's clock time in seconds."""
 
-    __slots__ = ("_expires_at", "_limiter", "_live", "admitted_at")
+    __slots__ = ("_expires_at", "_limiter", "_live", "_paced", "admitted_at")
 
     def __init__(
         self, limiter: RateLimiter, id: str, tokens: int, admitted_at: float, expires_at: float
@@ -202,6 +213,7 @@ class LocalTicket(Ticket):
         super().__init__(id, tokens)
         self._limiter = limiter
         self._live = True  # still inside the sliding log
+        self._paced = True  # its charge is still in the pace (given back when unanswered)
         self._expires_at = expires_at  # when it leaves the log
         self.admitted_at = admitted_at
 
@@ -418,10 +430,18 @@ class _Allowance:
         if ticket._live:
             self.log.tokens += tokens - ticket.tokens
             self.log.requests += requests - ticket.requests
-            self.tpm.adjust(tokens - ticket.tokens, now)
-            self.rpm.adjust(requests - ticket.requests, now)
+            if ticket._paced:
+                self.tpm.adjust(tokens - ticket.tokens, now)
+                self.rpm.adjust(requests - ticket.requests, now)
         ticket.tokens = tokens
         ticket.requests = requests
+
+    def unpace(self, ticket: LocalTicket, now: float) -> None:
+        """Give ``ticket``'s charge back to the paces; the log keeps it."""
+        if ticket._live and ticket._paced:
+            self.tpm.adjust(-ticket.tokens, now)
+            self.rpm.adjust(-ticket.requests, now)
+        ticket._paced = False
 
     def rate_limited(self, limit: str | None, retry_after_s: float | None, now: float) -> None:
         """A 429 at ``now``; see :meth:`RateLimiter.on_rate_limited`."""
@@ -612,6 +632,18 @@ class RateLimiter:
     def _refund(self, ticket: LocalTicket) -> None:
         if not ticket.refunded:
             self._allowance.recharge(ticket, 0, 0, self._clock.now())
+            self._pump()
+
+    async def unanswered(self, ticket: Ticket) -> None:
+        """``ticket``'s request was sent and its answer lost (a reset, a 504, a stall given up
+        on): the server may have counted it. The log keeps its charge until it leaves the window
+        (so no 429 can follow if the server did count it), and the pace gets it back (so the
+        request sent again does not cost the quota twice if it did not; the pace spends it only
+        as far as the log has room). Idempotent; raises ValueError for another limiter's
+        ticket."""
+        own = self._own(ticket)
+        if own._paced and not own.refunded:
+            self._allowance.unpace(own, self._clock.now())
             self._pump()
 
     def _own(self, ticket: Ticket) -> LocalTicket:

@@ -373,6 +373,14 @@ class SharedLimiter:
             await self._call("refund", ticket.id, ticket._raw)
         ticket.tokens = ticket.requests = 0
 
+    async def unanswered(self, ticket: Ticket) -> None:
+        """``ticket``'s request was sent and its answer lost: the shared charge stands whole (the
+        server may have counted it); one booked by the local stand-in is the stand-in's to
+        handle. Idempotent."""
+        ticket = self._own(ticket)
+        if ticket.local is not None and ticket._fallback is not None:
+            await ticket._fallback.unanswered(ticket.local)
+
     def _own(self, ticket: Ticket) -> SharedTicket:
         if not isinstance(ticket, SharedTicket) or not ticket.id.startswith(self._worker):
             raise ValueError("this ticket was issued by another limiter")

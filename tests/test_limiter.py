@@ -431,6 +431,25 @@ async def test_refund_removes_tokens_and_the_request() -> None:
     assert first.tokens == 0
 
 
+async def test_an_unanswered_request_keeps_its_window_and_gives_its_pace_back() -> None:
+    clock = ManualClock()
+    limiter = make(clock, rpm=100, tpm=1000, window_s=10.0)  # no burst: 100 tokens a second
+    lost = await limiter.acquire(400)
+    paced = start(limiter.acquire(400))
+    await spin()
+    assert not paced.done()  # the pace holds it until 4 s
+    await limiter.unanswered(lost)
+    await limiter.unanswered(lost)  # idempotent: the pace is given back once
+    await spin()
+    assert paced.result().admitted_at == 0.0
+    small = start(limiter.acquire(100))  # the pace again: 4 s of it were spent at 0
+    third = start(limiter.acquire(400))  # the log: 1,300 > 1,000 while the lost one is in it
+    await run_until(clock, 30.0)
+    assert small.result().admitted_at == 4.0
+    assert third.result().admitted_at == 10.0  # when the lost one leaves the window
+    assert (lost.tokens, lost.requests, lost.refunded) == (400, 1, False)
+
+
 async def test_settle_after_the_window_changes_nothing_live() -> None:
     clock = ManualClock()
     limiter = make(clock, rpm=100, tpm=1000, window_s=10.0, burst_s=10.0)

@@ -30,6 +30,7 @@ from sfembed import (
     JobError,
     JobStats,
     ModelNotFoundError,
+    RateLimiter,
     RateLimits,
     RetryPolicy,
     Settings,
@@ -41,7 +42,7 @@ from sfembed import (
 from sfembed._cache import normalise
 from sfembed._engine import Engine
 from sfembed._tokenizers import counter_for
-from sfembed._types import Unusable
+from sfembed._types import Ticket, Unusable
 from sfembed.testing import (
     Faults,
     LocalServer,
@@ -600,7 +601,51 @@ async def test_transient_faults_are_retried(make_server: MakeServer, kind: str) 
     assert_rows(rows, M3, SHORT)
     assert stats.failures == []
     assert stats.retries == 2
-    assert server.stats.tokens_accepted == server_tokens(M3, SHORT)
+    if kind == "stall":  # counted on arrival though never answered, then sent again
+        assert len(server.stats.accepted) == server.stats.by_status[200] + 2
+        assert server.stats.tokens_accepted > server_tokens(M3, SHORT)
+    else:
+        assert server.stats.tokens_accepted == server_tokens(M3, SHORT)
+
+
+class VerbLimiter(RateLimiter):
+    """A local limiter that keeps which of settle, refund and unanswered each ticket got."""
+
+    def __init__(self, rate: RateLimits) -> None:
+        super().__init__(rate)
+        self.verbs: list[str] = []
+
+    async def settle(self, ticket: Ticket, used_tokens: int) -> None:
+        self.verbs.append("settle")
+        await super().settle(ticket, used_tokens)
+
+    async def refund(self, ticket: Ticket) -> None:
+        self.verbs.append("refund")
+        await super().refund(ticket)
+
+    async def unanswered(self, ticket: Ticket) -> None:
+        self.verbs.append("unanswered")
+        await super().unanswered(ticket)
+
+
+@pytest.mark.parametrize(
+    ("kind", "verb"),
+    [("503", "refund"), ("504", "unanswered"), ("reset", "unanswered"), ("stall", "unanswered")],
+)
+async def test_a_lost_answer_is_unanswered_and_a_refusal_refunded(
+    make_server: MakeServer, kind: str, verb: str
+) -> None:
+    # A 503 is refused before the model runs. A reset, a 504 or a stall may have been counted:
+    # the limiter keeps it in its window, and gives its pace back for the request sent again.
+    server = await make_server(faults=Faults(stall_s=2.0))
+    server.inject(kind)
+    limiter = VerbLimiter(RateLimits(rpm=10**6, tpm=10**9))
+    settings = settings_for(server, batch=BatchLimits(max_items=64), concurrency=1)
+    async with client_for(server, timeouts=Timeouts(read_s=0.2)) as client:
+        rows = await embed(SHORT, model=M3, settings=settings, client=client, limiter=limiter)
+    assert_rows(rows, M3, SHORT)
+    assert limiter.verbs[0] == verb
+    assert limiter.verbs[1:] == ["settle"] * (len(limiter.verbs) - 1)
 
 
 async def test_random_faults_lose_nothing(make_server: MakeServer) -> None:

@@ -135,6 +135,17 @@ async def test_a_refund_removes_the_charge_once_and_settles_after_it_do_nothing(
     assert await sums(inspect) == (120, 1, 1)
 
 
+async def test_an_unanswered_request_keeps_its_shared_charge(
+    make_limiter: Callable[..., SharedLimiter], inspect: redis.Redis
+) -> None:
+    limiter = make_limiter()
+    lost = await limiter.acquire(300)
+    await limiter.unanswered(lost)
+    await limiter.unanswered(lost)
+    assert await sums(inspect) == (300, 1, 1)
+    assert (lost.tokens, lost.refunded) == (300, False)
+
+
 async def test_a_repeated_booking_by_ticket_id_is_charged_once(
     make_limiter: Callable[..., SharedLimiter], inspect: redis.Redis
 ) -> None:
