@@ -68,6 +68,8 @@ _CUT_SPACING = 0.1
 #: A fresh process may spend the time it took to start, up to this fraction of a window, out of
 #: the first window's quota (see ``RateLimiter``).
 _STARTUP_SHARE = 0.1
+#: How many waiters behind a head that must wait are looked at for one that may go first.
+_BACKFILL_DEPTH = 16
 #: Pace left unspent is kept up to this fraction of a window (and spent only as the log has
 #: room): the server's count may exceed the charge, which a burst of a whole window would learn
 #: only from its 429s.
@@ -259,11 +261,15 @@ class _Pace:
         # (a few ms under load) would be pace lost for good, some percent of the quota.
         return self.tat - self.burst_s
 
-    def charge(self, cost: int, now: float, idle_s: float = 0.0) -> None:
-        """Charge ``cost`` units at ``now``; pace left unspent is kept up to ``idle_s`` seconds
-        of it (the rest is lost), and the start-up credit whole."""
+    def after(self, cost: int, now: float, idle_s: float = 0.0) -> float:
+        """Where ``tat`` would be after charging ``cost`` units at ``now``: pace left unspent is
+        kept up to ``idle_s`` seconds of it (the rest is lost), and the start-up credit whole."""
         kept = self.tat if self.banked else max(self.tat, now - max(0.0, idle_s))
-        self.tat = kept + cost / self.rate(now)
+        return kept + cost / self.rate(now)
+
+    def charge(self, cost: int, now: float, idle_s: float = 0.0) -> None:
+        """Charge ``cost`` units at ``now`` (see :meth:`after`)."""
+        self.tat = self.after(cost, now, idle_s)
         self.banked = self.banked and self.tat < now
 
     def adjust(self, delta: int, now: float) -> None:
@@ -415,6 +421,20 @@ class _Allowance:
         self.rpm.charge(ticket.requests, now - late_s, idle_s)
         self.tpm.charge(ticket.tokens, now - late_s, idle_s)
 
+    def spares(self, head: int, head_at: float, tokens: int, at: float) -> bool:
+        """True if a request of ``tokens`` admitted at ``at`` leaves a request of ``head``
+        tokens, due at ``head_at``, due no later: neither pace would then pass it later, nor
+        would the log (the newcomer is still in it at ``head_at`` unless gone by then)."""
+        idle_s = self._unspent_s(at)
+        if self.tpm.after(tokens, at, idle_s) - self.tpm.burst_s > head_at:
+            return False
+        if self.rpm.after(1, at, idle_s) - self.rpm.burst_s > head_at:
+            return False
+        if at + self.unanswered_s <= head_at:
+            return True
+        both = self.log.ready_at(head + tokens, self.log_tokens, self.log_requests - 1, at)
+        return both <= head_at
+
     def _unspent_s(self, now: float) -> float:
         """How many seconds of pace left unspent are kept: half a window, and none within a
         window of a 429 (the server said no). The log, the hard guarantee, still admits only
@@ -521,7 +541,7 @@ class RateLimiter:
             return self._admit(tokens, now)
         waiter = _Waiter(tokens, asyncio.get_running_loop().create_future())
         self._queue.append(waiter)
-        if len(self._queue) == 1:  # behind others, nothing changed for the head: no re-evaluation
+        if len(self._queue) <= _BACKFILL_DEPTH + 1:  # the head, or one that may go before it
             self._pump()
         admitted = False
         try:
@@ -574,21 +594,44 @@ class RateLimiter:
     # -- the one timer -----------------------------------------------------------------------
 
     def _pump(self, late_s: float = 0.0) -> None:
-        """Admit waiters from the head while they fit, then arm one timer for the next one;
-        ``late_s``: how late the timer that calls it fired."""
+        """Admit waiters from the head while they fit, then those behind it that put it off by
+        nothing, and arm one timer for the next one; ``late_s``: how late the timer that calls
+        it fired."""
         now = self._clock.now()
         self._allowance.log.prune(now)
         while self._queue:
             head = self._queue[0]
             when = now if head.future.done() else self._allowance.ready_at(head.tokens, now)
             if when > now:
-                self._arm(when)
+                self._arm(self._backfill(head, when, now))
                 return
             self._queue.popleft()
             head.queued = False
             if not head.future.done():  # done: cancelled, its task has not cleaned up yet
                 head.future.set_result(self._admit(head.tokens, now, late_s))
         self._disarm()
+
+    def _backfill(self, head: _Waiter, head_at: float, now: float) -> float:
+        """Admit the waiters behind ``head`` (due at ``head_at``) that can pass now without
+        putting it off; returns when one more of them, or the head, can pass (s).
+
+        A long request waits for room in the window; the room it will not need (a larger share
+        than it needs often leaves at once, as requests admitted together leave together) would
+        otherwise stay unused until it passes: a tenth of a Qwen3 job on a 60,000-token window."""
+        wake = head_at
+        for waiter in list(itertools.islice(self._queue, 1, _BACKFILL_DEPTH + 1)):
+            if waiter.future.done():
+                continue  # cancelled: its task has not cleaned up yet
+            at = max(now, self._allowance.ready_at(waiter.tokens, now))
+            if at >= wake or not self._allowance.spares(head.tokens, head_at, waiter.tokens, at):
+                continue
+            if at > now:
+                wake = at
+                continue
+            self._queue.remove(waiter)
+            waiter.queued = False
+            waiter.future.set_result(self._admit(waiter.tokens, now))
+        return wake
 
     def _arm(self, when: float) -> None:
         if self._timer is not None and self._timer_at == when:

@@ -365,7 +365,7 @@ async def test_one_timer_at_a_time_and_log_holds_one_window() -> None:
 # -- FIFO ------------------------------------------------------------------------------------
 
 
-async def test_fifo_large_request_is_not_starved_by_small_ones() -> None:
+async def test_fifo_large_request_is_not_put_off_by_small_ones_behind_it() -> None:
     clock = ManualClock()
     limiter = make(clock, rpm=1000, tpm=1000, window_s=10.0, burst_s=10.0)
     order: list[str] = []
@@ -376,15 +376,32 @@ async def test_fifo_large_request_is_not_starved_by_small_ones() -> None:
         return ticket
 
     small = [start(ask(f"s{i}", 100)) for i in range(5)]
-    large = start(ask("L", 900))
+    await spin()
+    clock.advance(1.0)
+    large = start(ask("L", 900))  # waits for the first five to leave the window at 10 s
     later = [start(ask(f"t{i}", 100)) for i in range(5)]
     await spin()
-    assert order == [f"s{i}" for i in range(5)]
-    assert limiter.queued == 6  # the later small ones would fit, but wait behind the large one
+    # t0 takes room the large one will not need (at 10 s: t0's 100 + 900 fit); t1 would put
+    # it off, so it and those after it wait behind it although they would fit now.
+    assert order == [*(f"s{i}" for i in range(5)), "t0"]
+    assert limiter.queued == 5
     await run_until(clock, 30.0)
-    assert order == [*(f"s{i}" for i in range(5)), "L", *(f"t{i}" for i in range(5))]
+    assert order == [*(f"s{i}" for i in range(5)), "t0", "L", *(f"t{i}" for i in range(1, 5))]
     assert large.result().admitted_at == 10.0
     assert all(t.done() for t in small + later)
+
+
+async def test_a_request_behind_one_that_waits_goes_first_only_if_it_leaves_in_time() -> None:
+    clock = ManualClock()
+    limiter = make(clock, rpm=1000, tpm=1000, window_s=10.0)  # no burst: 100 tokens a second
+    await limiter.acquire(500)
+    head = start(limiter.acquire(800))  # the pace would let it pass at 5 s, the log at 10 s
+    wider = start(limiter.acquire(300))  # at 10 s, 300 + 800 would not fit: it waits
+    narrow = start(limiter.acquire(200))  # at 10 s, 200 + 800 fit: it goes when the pace lets it
+    await run_until(clock, 30.0)
+    assert narrow.result().admitted_at == 5.0
+    assert head.result().admitted_at == 10.0
+    assert wider.result().admitted_at == 20.0  # 800 + 300 fit once the head has left
 
 
 # -- settle and refund -----------------------------------------------------------------------
@@ -543,14 +560,15 @@ async def test_cancelled_head_waiter_lets_the_next_one_in() -> None:
     clock = ManualClock()
     limiter = make(clock, rpm=100, tpm=1000, window_s=10.0, burst_s=10.0)
     await limiter.acquire(500)
+    clock.advance(1.0)
     head = start(limiter.acquire(900))
-    nxt = start(limiter.acquire(300))
+    nxt = start(limiter.acquire(300))  # still in the window at 10 s: it would put the head off
     await spin()
     assert limiter.queued == 2
     head.cancel()
     await spin()
     assert head.cancelled()
-    assert nxt.result().admitted_at == 0.0
+    assert nxt.result().admitted_at == 1.0
     assert limiter.queued == 0
 
 
@@ -634,10 +652,12 @@ async def test_random_workload_never_exceeds_any_window(seed: int) -> None:
         charged = [journal.seen(u, ticket.admitted_at) for u in inside]
         assert sum(c[0] for c in charged) <= limits.tpm
         assert sum(c[1] for c in charged) <= limits.rpm
-    # FIFO: nobody is admitted before someone who asked earlier.
-    by_seq = sorted(journal.calls, key=lambda call: call[0])
-    times = [ticket.admitted_at for _, ticket in by_seq]
-    assert times == sorted(times)
+    # Nobody is admitted before someone who asked earlier for as many tokens or more: only a
+    # smaller request may go first, into room the one before it will not need.
+    for asked, ticket in journal.calls:
+        for other_asked, other in journal.calls:
+            if other_asked > asked and other.admitted_at < ticket.admitted_at:
+                assert journal.first[id(other)][0] < journal.first[id(ticket)][0]
 
 
 # -- the real loop ---------------------------------------------------------------------------
