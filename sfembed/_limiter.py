@@ -336,6 +336,36 @@ class _Log:
         return math.inf  # unreachable: acquire refuses requests larger than the window
 
 
+class _Timer:
+    """At most one pending call of ``callback(late_s)`` on ``clock``, ``late_s`` being how many
+    seconds after its due time it ran."""
+
+    __slots__ = ("_callback", "_clock", "_handle", "_when")
+
+    def __init__(self, clock: Clock, callback: Callable[[float], None]) -> None:
+        self._clock = clock
+        self._callback = callback
+        self._handle: TimerHandle | None = None
+        self._when = math.nan
+
+    def arm(self, when: float) -> None:
+        """Call back at ``when`` (s) instead of any time set before."""
+        if self._handle is not None and self._when == when:
+            return
+        self.disarm()
+        self._when = when
+        self._handle = self._clock.call_at(when, self._fire)
+
+    def disarm(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _fire(self) -> None:
+        self._handle = None
+        self._callback(max(0.0, self._clock.now() - self._when))
+
+
 class _Waiter:
     __slots__ = ("future", "queued", "tokens")
 
@@ -377,6 +407,11 @@ class _Allowance:
 
     ``limits`` gives the nominal limits per window, which the log holds; the paces run at the
     effective ones, nominal * (1 - headroom), tokens rounded down and requests up.
+
+    ``startup_s`` is how long the process took to start. A sliding-window server allows a whole
+    window's quota at once, so the pace may run that far ahead at first (at most a tenth of a
+    window, and only when the process is younger than a window): the first window's quota pays
+    for the start-up.
     """
 
     def __init__(self, limits: RateLimits, startup_s: float) -> None:
@@ -402,6 +437,14 @@ class _Allowance:
         self.tpm.start(now, self.startup_s)
         self.rpm.start(now, self.startup_s)
         self.log.prune(now)
+
+    def hold(self, admitted_elsewhere: list[LocalTicket], now: float) -> None:
+        """Count in the log ``admitted_elsewhere``, in the order they leave it; the paces start
+        at ``now`` with nothing banked."""
+        self.tpm.start(now, 0.0)
+        self.rpm.start(now, 0.0)
+        for ticket in admitted_elsewhere:
+            self.log.add(ticket)
 
     def ready_at(self, tokens: int, now: float) -> float:
         """The earliest time (s) a request of ``tokens`` may pass, given the state at ``now``."""
@@ -464,7 +507,13 @@ class _Allowance:
         ticket._paced = False
 
     def rate_limited(self, limit: str | None, retry_after_s: float | None, now: float) -> None:
-        """A 429 at ``now``; see :meth:`RateLimiter.on_rate_limited`."""
+        """A 429 at ``now``; see :meth:`RateLimiter.on_rate_limited`.
+
+        A 429 alone (none in the window before it) costs no cut: a job that keeps to its own log
+        meets the server's limit only at a window's edge, by a difference of latency or a count
+        that differs a little, and the refused request's charge, kept, already slows the pace by
+        its size. A second within a window means someone else spends the quota too: then the
+        cut, and every further one within a window of the last cuts again."""
         alone = now - self.last_429_at >= self.window_s
         self.last_429_at = now
         if not alone:
@@ -480,18 +529,11 @@ class RateLimiter:
     """The local :class:`Limiter`: admits requests of one model under its RPM and TPM, within
     one process (see the module docstring).
 
-    ``limits`` gives the nominal limits per ``window_s`` seconds, which the log holds; the pace
-    runs at the effective ones, nominal * (1 - headroom), tokens rounded down and requests up.
-    ``clock`` defaults to the running loop's clock.
-
-    ``startup_s`` is how long the process took to start before this limiter was made. A
-    sliding-window server allows a whole window's quota at once, so the pace may run that far
-    ahead at first (at most a tenth of a window, and only when the process is younger than a
-    window): the first window's quota pays for the start-up. Pass :func:`process_age_s` for a
-    job that starts the process.
-
-    What the limits allow is :class:`_Allowance`'s to decide; this class keeps the line of
-    waiters, in arrival order, and the one timer that wakes its head.
+    ``limits`` gives the nominal limits per ``window_s`` seconds; ``clock`` defaults to the
+    running loop's clock; ``startup_s`` is how long the process took to start before this
+    limiter was made (pass :func:`process_age_s` for a job that starts the process): see
+    :class:`_Allowance`, which decides what the limits allow. This class keeps the line of
+    waiters and the one timer that wakes it.
     """
 
     def __init__(
@@ -504,8 +546,7 @@ class RateLimiter:
         self.max_tokens = self._allowance.max_tokens
         self.max_requests = self._allowance.max_requests
         self._queue: deque[_Waiter] = deque()
-        self._timer: TimerHandle | None = None
-        self._timer_at = math.nan
+        self._timer = _Timer(self._clock, self._pump)
         self._ids = itertools.count()
 
     # -- what progress bars and ETAs read ----------------------------------------------------
@@ -557,11 +598,12 @@ class RateLimiter:
         limiter's clock), as when this limiter takes over from another whose requests a server's
         window still holds; the pace starts now, with nothing banked."""
         now = self._clock.now()
-        self._tpm.start(now, 0.0)
-        self._rpm.start(now, 0.0)
-        for tokens, leaves_at in sorted(admissions, key=lambda admission: admission[1]):
-            if leaves_at > now:
-                self._log.add(LocalTicket(self, str(next(self._ids)), tokens, now, leaves_at))
+        held = [
+            LocalTicket(self, str(next(self._ids)), tokens, now, leaves_at)
+            for tokens, leaves_at in sorted(admissions, key=lambda admission: admission[1])
+            if leaves_at > now
+        ]
+        self._allowance.hold(held, now)
 
     def _check(self, tokens: int) -> int:
         """``tokens`` as charged; raises for a request that could never pass."""
@@ -603,13 +645,13 @@ class RateLimiter:
             head = self._queue[0]
             when = now if head.future.done() else self._allowance.ready_at(head.tokens, now)
             if when > now:
-                self._arm(self._backfill(head, when, now))
+                self._timer.arm(self._backfill(head, when, now))
                 return
             self._queue.popleft()
             head.queued = False
             if not head.future.done():  # done: cancelled, its task has not cleaned up yet
                 head.future.set_result(self._admit(head.tokens, now, late_s))
-        self._disarm()
+        self._timer.disarm()
 
     def _backfill(self, head: _Waiter, head_at: float, now: float) -> float:
         """Admit the waiters behind ``head`` (due at ``head_at``) that can pass now without
@@ -632,22 +674,6 @@ class RateLimiter:
             waiter.queued = False
             waiter.future.set_result(self._admit(waiter.tokens, now))
         return wake
-
-    def _arm(self, when: float) -> None:
-        if self._timer is not None and self._timer_at == when:
-            return
-        self._disarm()
-        self._timer_at = when
-        self._timer = self._clock.call_at(when, self._on_timer)
-
-    def _disarm(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        self._pump(late_s=max(0.0, self._clock.now() - self._timer_at))
 
     # -- after the response ------------------------------------------------------------------
 
@@ -701,11 +727,6 @@ class RateLimiter:
         anything else: both) to 0.8 of its current rate (at least 0.25 of the effective limit, at
         most one cut per tenth of a window), which then climbs back linearly to full over one
         window. With ``retry_after_s`` (seconds), hold every admission until that long from now.
-
-        A 429 alone (none in the window before it) costs no cut: a job that keeps to its own log
-        meets the server's limit only at a window's edge, by a difference of latency or a count
-        that differs a little, and the refused request's charge, kept, already slows the pace by
-        its size. A second within a window means someone else spends the quota too: then the
-        cut, and every further one within a window of the last cuts again."""
+        A 429 alone (none in the window before it) costs no cut."""
         self._allowance.rate_limited(limit, retry_after_s, self._clock.now())
         self._pump()
