@@ -26,10 +26,15 @@ FIFO-fair, driven by timers on a clock. Two rules must both allow a request befo
 Tokens are charged before sending, from the caller's count, then corrected to the server's count
 by :meth:`RateLimiter.settle` (or removed by :meth:`RateLimiter.refund`). A request whose answer
 was lost (:meth:`RateLimiter.unanswered`) stays in the log, as the server may have counted it,
-and its pace is given back, so that sending it again does not cost the quota twice. Waiters are
-served in arrival order; when the head cannot pass, exactly one timer is set for the moment it
-can. There is no polling loop and no background task, and the clock is injectable so that tests
-move time by hand (:class:`ManualClock`).
+and its pace is given back, so that sending it again does not cost the quota twice.
+
+Waiters are served in arrival order, but for one exception: when the head cannot pass yet, a
+smaller request behind it may go first if it puts the head off by nothing (it fits now, and the
+head still fits when its time comes). A long request waiting for room in the window would
+otherwise leave the room it will not need unused: requests admitted together leave the window
+together, so room comes in lumps. Exactly one timer is set, for the moment the head or one
+behind it can pass. There is no polling loop and no background task, and the clock is
+injectable so that tests move time by hand (:class:`ManualClock`).
 """
 
 from __future__ import annotations
@@ -569,12 +574,12 @@ class RateLimiter:
     # -- admission -------------------------------------------------------------------------
 
     async def acquire(self, tokens: int) -> LocalTicket:
-        """Wait, in arrival order, until one request of ``tokens`` tokens may be sent; the ticket
-        is charged from then on. A request over the effective TPM of a window but within the
-        nominal one waits for an empty window and is charged the whole effective window. Raises
-        ConfigError if ``tokens`` exceeds the nominal TPM (it could never pass) and InputError if
-        it is negative. If cancelled, the caller leaves the line (or, if just admitted, its
-        charge is refunded)."""
+        """Wait, in arrival order (see the module docstring), until one request of ``tokens``
+        tokens may be sent; the ticket is charged from then on. A request over the effective TPM
+        of a window but within the nominal one waits for an empty window and is charged the whole
+        effective window. Raises ConfigError if ``tokens`` exceeds the nominal TPM (it could never
+        pass) and InputError if it is negative. If cancelled, the caller leaves the line (or, if
+        just admitted, its charge is refunded)."""
         tokens = self._check(tokens)
         now = self._clock.now()
         self._allowance.start(now)
