@@ -166,7 +166,8 @@ local function due_at(at, rank, tokens)
   local t_rate, r_rate = rate('t', max_t, now), rate('r', max_r, now)
   local ahead = 0
   for _, member in ipairs(redis.call('ZRANGE', KEYS[5], 0, rank - 1)) do
-    local cost = tonumber(string.match(member, '|(%d+)$')) or 0
+    -- Each is charged its tokens times the count factor, as the asker is.
+    local cost = (tonumber(string.match(member, '|(%d+)$')) or 0) * s.over
     ahead = ahead + cost
     at = at + math.max(cost / t_rate, 1 / r_rate)
   end
