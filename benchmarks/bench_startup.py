@@ -17,9 +17,11 @@ the median, min and max.
   counting or hashing the whole input before the first request.
 * ``help``: ``sfembed --help``, the whole process's wall time (imports alone).
 
-In ``demo`` the server is inside the job's process: the first request's arrival is when the
-server's handler gets it, found by a wrapper that runs the same entry point as the ``sfembed``
-script and marks the handler's first call.
+The job runs through a wrapper that calls the same entry point as the ``sfembed`` script and
+marks the client's first send, with the CPU seconds the process has used until then (every
+thread, interpreter start included): on a busy machine the wall time varies with the load, the
+CPU much less. In ``demo`` the server is inside the job's process: the first request's arrival
+is when the server's handler gets it, marked by the same wrapper.
 
 sfembed's bytecode is compiled first, as an installed package's is (a process that may not write
 ``__pycache__``, as with PYTHONDONTWRITEBYTECODE, would compile every module at each start:
@@ -54,35 +56,46 @@ import sfembed
 from sfembed import testing
 
 KEY = "sk-local-test"
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(sfembed.__file__).parent.parent  # the sfembed measured, as `make demo` runs it
 
-# Runs the command line as the `sfembed` script does, and writes time.monotonic() of the local
-# server's first request into the file named by the first argument. The audit hook patches the
-# server's handler once sfembed.testing is imported; it imports nothing itself.
+# Runs the command line as the `sfembed` script does, and appends to the file named by the first
+# argument a line per mark: "client MONOTONIC CPU" when the client first sends (CPU: this
+# process's user and system seconds so far, every thread, interpreter start included) and
+# "server MONOTONIC" when a local server in this process first receives. An audit hook patches
+# the two methods once their modules are imported; it imports nothing itself.
 _MARKED = r"""
 import sys, time
 mark = sys.argv.pop(1)
-state = {"patched": False, "done": False}
+todo = {"sfembed.testing": ("LocalServer", "_respond", "server"),
+        "aiohttp.client": ("ClientSession", "_request", "client")}
+def patch(cls, name, what):
+    real, done = getattr(cls, name), []
+    async def first(self, *args, **kwargs):
+        if not done:
+            done.append(True)
+            cpu = f" {time.process_time()!r}" if what == "client" else ""
+            with open(mark, "a") as out:
+                out.write(f"{what} {time.monotonic()!r}{cpu}\n")
+        return await real(self, *args, **kwargs)
+    setattr(cls, name, first)
 def hook(event, args):
-    if state["patched"]:
-        return
-    server = getattr(sys.modules.get("sfembed.testing"), "LocalServer", None)
-    if server is None:
-        return
-    state["patched"] = True
-    respond = server._respond
-    async def first(self, request):
-        if not state["done"]:
-            state["done"] = True
-            with open(mark, "w") as out:
-                out.write(repr(time.monotonic()))
-        return await respond(self, request)
-    server._respond = first
+    for module in [m for m in todo if m in sys.modules]:
+        cls = getattr(sys.modules[module], todo[module][0], None)
+        if cls is not None:
+            patch(cls, *todo.pop(module)[1:])
 sys.addaudithook(hook)
 sys.argv[0] = "sfembed"
 from sfembed._cli import main
 sys.exit(main())
 """
+
+
+def _marks(path: Path) -> dict[str, list[float]]:
+    marks = {}
+    for line in path.read_text().splitlines():
+        what, *values = line.split()
+        marks[what] = [float(value) for value in values]
+    return marks
 
 
 def _serve_first(config: testing.ServerConfig, conn: Connection) -> None:
@@ -112,8 +125,9 @@ def _big_texts() -> list[str]:
     return [f"record {i} on {' '.join(rng.choices(words, k=12))}." for i in range(1_000_000)]
 
 
-def first_request_external(name: str, source: Path, workdir: Path) -> float:
-    """Seconds from spawning the job to its first request at a server in another process."""
+def first_request_external(name: str, source: Path, workdir: Path) -> tuple[float, float]:
+    """Seconds from spawning the job to its first request at a server in another process, and
+    the job's CPU seconds until it sent it."""
     profile = PROFILES["tpm" if name == "big" else name]
     limits = testing.ModelLimits(rpm=profile.rpm, tpm=profile.tpm)
     config = testing.ServerConfig(window_s=WINDOW_S, default_limits=limits)
@@ -122,8 +136,9 @@ def first_request_external(name: str, source: Path, workdir: Path) -> float:
     server.start()
     try:
         url = parent.recv()
+        mark = workdir / "marks"
         command = [
-            *(sys.executable, "-m", "sfembed", "embed", str(source)),
+            *(sys.executable, "-c", _MARKED, str(mark), "embed", str(source)),
             *("--out", str(workdir / "out.npy"), "--base-url", url, "--model", profile.model),
             *("--rpm", str(profile.rpm), "--tpm", str(profile.tpm), "--window-s", str(WINDOW_S)),
         ]
@@ -138,16 +153,16 @@ def first_request_external(name: str, source: Path, workdir: Path) -> float:
             job.send_signal(signal.SIGKILL)
             job.wait()
         parent.send("stop")
-        return float(arrived) - started
+        return float(arrived) - started, _marks(mark)["client"][1]
     finally:
         server.join(timeout=10)
         if server.is_alive():
             server.kill()
 
 
-def demo(workdir: Path) -> tuple[float, float, float]:
-    """(first request s, wall s, TPM utilisation) of ``make demo``'s command."""
-    mark = workdir / "first"
+def demo(workdir: Path) -> tuple[float, float, float, float]:
+    """(first request s, CPU s before it, wall s, TPM utilisation) of ``make demo``'s command."""
+    mark = workdir / "marks"
     command = [
         *(sys.executable, "-c", _MARKED, str(mark), "embed", "--local"),
         *(str(ROOT / "sfembed/data/sample.jsonl"), "--out", str(workdir / "demo.npy")),
@@ -159,7 +174,8 @@ def demo(workdir: Path) -> tuple[float, float, float]:
     wall = time.monotonic() - started
     found = re.search(r"TPM utilisation\s+([\d.]+)%", done.stdout)
     utilisation = float(found.group(1)) / 100 if found else float("nan")
-    return float(mark.read_text()) - started, wall, utilisation
+    marks = _marks(mark)
+    return marks["server"][0] - started, marks["client"][1], wall, utilisation
 
 
 def help_wall() -> float:
@@ -191,6 +207,7 @@ def main() -> None:
         base = Path(folder)
         for name in args.scenario.split(","):
             firsts: list[float] = []
+            cpus: list[float] = []
             extra: list[tuple[float, float]] = []
             source = base / f"{name}.jsonl"
             if name in ("tpm", "rpm"):
@@ -202,16 +219,20 @@ def main() -> None:
                 shutil.rmtree(workdir, ignore_errors=True)
                 workdir.mkdir()
                 if name == "demo":
-                    first, wall, utilisation = demo(workdir)
+                    first, cpu, wall, utilisation = demo(workdir)
                     extra.append((wall, utilisation))
+                    cpus.append(cpu)
                 elif name == "help":
                     first = help_wall()
                 else:
-                    first = first_request_external(name, source, workdir)
+                    first, cpu = first_request_external(name, source, workdir)
+                    cpus.append(cpu)
                 firsts.append(first)
                 print(f"{name}: {first:.3f} s", file=sys.stderr, flush=True)
             label = "whole process (--help)" if name == "help" else "first request"
             rows.append((name, label, spread(firsts, seconds)))
+            if cpus:
+                rows.append((name, "CPU before the first request", spread(cpus, seconds)))
             if extra:
                 walls, shares = [w for w, _ in extra], [u for _, u in extra]
                 rows.append((name, "wall", spread(walls, seconds)))

@@ -9,6 +9,7 @@ import asyncio
 import hashlib
 import io
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -75,6 +76,40 @@ def test_a_job_of_short_texts_loads_no_tokenizer_bar_or_optional_library(tmp_pat
     assert {"sfembed._job", "sfembed.testing"} <= modules
     assert (tmp_path / "out.npy").exists()
     unwanted = {"tqdm", "tokenizers", "sfembed._estimate", "multiprocessing"}
+    assert not modules & (unwanted | OPTIONAL)
+
+
+async def test_a_job_against_a_server_loads_no_local_server_tokenizer_or_optional_library(
+    tmp_path: Path,
+) -> None:
+    from sfembed.testing import LocalServer
+
+    lines = (json.dumps({"id": str(i), "text": f"text number {i}"}) for i in range(50))
+    (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
+    async with LocalServer() as server:
+        code = (
+            "import contextlib, io, sys, json\n"
+            "from sfembed._cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            f"    code = main(['embed', 'in.jsonl', '--out', 'out.npy', '--base-url', "
+            f"'{server.url}', '--model', 'BAAI/bge-m3'])\n"
+            "print(code, json.dumps(sorted(sys.modules)))"
+        )
+        job = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            code,
+            cwd=tmp_path,
+            env={**os.environ, "SILICONFLOW_API_KEY": "sk-local-test"},
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await job.communicate()
+    code, listed = out.decode().splitlines()[-1].split(" ", 1)
+    assert code == "0", err.decode()
+    modules = set(json.loads(listed))
+    assert "sfembed._cache" in modules  # the default job: cache on, progress bar on
+    unwanted = {"sfembed.testing", "aiohttp.web", "tokenizers", "multiprocessing"}
     assert not modules & (unwanted | OPTIONAL)
 
 
