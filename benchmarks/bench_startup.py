@@ -56,7 +56,9 @@ import sfembed
 from sfembed import testing
 
 KEY = "sk-local-test"
-ROOT = Path(sfembed.__file__).parent.parent  # the sfembed measured, as `make demo` runs it
+# Every command runs in the folder of the sfembed measured, as `make demo` does: `-c` and `-m`
+# put the working folder first on the path.
+ROOT = Path(sfembed.__file__).parent.parent
 
 # Runs the command line as the `sfembed` script does, and appends to the file named by the first
 # argument a line per mark: "client MONOTONIC CPU" when the client first sends (CPU: this
@@ -145,7 +147,7 @@ def first_request_external(name: str, source: Path, workdir: Path) -> tuple[floa
         env = {**os.environ, "SILICONFLOW_API_KEY": KEY}
         started = time.monotonic()
         job = subprocess.Popen(
-            command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         try:
             arrived = parent.recv() if parent.poll(60) else float("nan")
@@ -180,7 +182,8 @@ def demo(workdir: Path) -> tuple[float, float, float, float]:
 
 def help_wall() -> float:
     started = time.monotonic()
-    subprocess.run([sys.executable, "-m", "sfembed", "--help"], capture_output=True, check=True)
+    command = [sys.executable, "-m", "sfembed", "--help"]
+    subprocess.run(command, capture_output=True, check=True, cwd=ROOT)
     return time.monotonic() - started
 
 
