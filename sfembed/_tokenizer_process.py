@@ -64,8 +64,10 @@ class ExactCounting:
 
     def __init__(self, spec: ModelSpec, *, in_process: bool = False) -> None:
         self.spec = spec
-        # A model without a tokenizer is estimated: cheap, nothing to keep off the loop.
-        self.in_process = in_process or spec.tokenizer is None or not sys.executable
+        # A model without a tokenizer is estimated: cheap, nothing to keep off the loop. A frozen
+        # application's executable would run the application again, not this module.
+        frozen = getattr(sys, "frozen", False)
+        self.in_process = in_process or spec.tokenizer is None or not sys.executable or frozen
 
     async def count(self, texts: Sequence[str]) -> list[int]:
         """Tokens of each text, special tokens included."""

@@ -174,3 +174,10 @@ async def test_a_model_without_a_tokenizer_is_estimated_here() -> None:
     assert counting.in_process
     assert await counting.count(["hello world"]) == counter_for(spec).count(["hello world"])
     assert spec not in _tokenizer_process._children
+
+
+async def test_a_frozen_application_counts_here(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "frozen", True, raising=False)
+    counting = ExactCounting(BERT)
+    assert counting.in_process
+    assert await counting.count(["hello world"]) == counter_for(BERT).count(["hello world"])
