@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import io
 import os
-import pwd
 import random
 import shutil
 import socket
+import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -168,23 +166,39 @@ def test_image_problems_without_a_missing_file(tmp_path: Path) -> None:
     }
 
 
-@contextlib.contextmanager
-def unprivileged() -> Iterator[None]:
-    """Run the block as a user without root's right to read any file: when the tests run as root,
-    the effective uid becomes nobody's until the block ends (the real uid stays root, so the
-    effective one can be given back)."""
-    if os.geteuid() != 0:
-        yield
-        return
+# Run in a child so that this process never changes its user: when root runs it, the child drops
+# to nobody (after its imports, which may lie where nobody cannot read) and so loses root's right
+# to read any file; otherwise it reads as the user running the tests.
+READ_AS_A_PLAIN_USER = """
+import os, pwd, sys
+import orjson
+from sfembed._sources import read_records
+
+if os.geteuid() == 0:
     try:
-        nobody = pwd.getpwnam("nobody").pw_uid
+        nobody = pwd.getpwnam("nobody")
+        uid, gid = nobody.pw_uid, nobody.pw_gid
     except KeyError:
-        nobody = 65534
-    os.seteuid(nobody)
-    try:
-        yield
-    finally:
-        os.seteuid(0)
+        uid = gid = 65534
+    os.setgroups([])
+    os.setgid(gid)
+    os.setuid(uid)
+records = [[record.line, record.error] for record in read_records(sys.argv[1], image_field="image")]
+sys.stdout.buffer.write(orjson.dumps({"uid": os.geteuid(), "records": records}))
+"""
+
+
+def read_as_a_plain_user(path: Path) -> tuple[int, dict[int, str | None]]:
+    """The effective uid of a child that read ``path``'s images, and each record's error by line."""
+    done = subprocess.run(
+        [sys.executable, "-c", READ_AS_A_PLAIN_USER, str(path)],
+        capture_output=True,
+        check=False,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    answer = orjson.loads(done.stdout)
+    return answer["uid"], dict(answer["records"])
 
 
 def test_an_unreadable_image_file() -> None:
@@ -201,12 +215,14 @@ def test_an_unreadable_image_file() -> None:
         readable.chmod(0o644)
         path = write(folder / "in.jsonl", jsonl({"image": str(picture)}, {"image": str(readable)}))
         path.chmod(0o644)
-        with unprivileged():
-            records = read(path, image_field="image")
+        uid, errors_by_line = read_as_a_plain_user(path)
     finally:
         shutil.rmtree(folder)
-    assert records[0].error == f"cannot read image {str(picture)!r}: Permission denied"
-    assert records[1].error is None  # the same user reads its neighbour: the mode refused it
+    assert uid != 0  # root would read the locked file: the test would prove nothing
+    assert errors_by_line == {
+        1: f"cannot read image {str(picture)!r}: Permission denied",
+        2: None,  # the same user reads its neighbour: the mode refused the first
+    }
 
 
 def test_image_paths_no_user_can_read(tmp_path: Path) -> None:
