@@ -58,7 +58,13 @@ def test_help_loads_no_client_cache_server_bar_or_optional_library(tmp_path: Pat
     )
     modules = _modules_after(code, tmp_path)
     assert "sfembed._options" in modules
-    unwanted = {"sfembed._cache", "sfembed._client", "sfembed.testing", "sfembed._job"}
+    unwanted = {
+        "sfembed._cache",
+        "sfembed._client",
+        "sfembed.testing",
+        "sfembed._testing",
+        "sfembed._job",
+    }
     assert not modules & (unwanted | {"aiohttp", "tqdm", "tokenizers"} | OPTIONAL)
 
 
@@ -109,7 +115,13 @@ async def test_a_job_against_a_server_loads_no_local_server_tokenizer_or_optiona
     assert code == "0", err.decode()
     modules = set(json.loads(listed))
     assert "sfembed._cache" in modules  # the default job: cache on, progress bar on
-    unwanted = {"sfembed.testing", "aiohttp.web", "tokenizers", "multiprocessing"}
+    unwanted = {
+        "sfembed.testing",
+        "sfembed._testing",
+        "aiohttp.web",
+        "tokenizers",
+        "multiprocessing",
+    }
     assert not modules & (unwanted | OPTIONAL)
 
 
