@@ -50,7 +50,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -157,6 +156,24 @@ class Run:
     rows_wrong: int
 
 
+# The job is started by this small launcher, not by the benchmark itself: Linux carries a
+# process's peak memory across exec, so a job spawned from the benchmark (which holds the corpus
+# and, after a check, a whole output) would report the benchmark's peak as its own. The clock
+# starts just before the fork (CLOCK_MONOTONIC is the machine's, so it compares with the server's).
+_LAUNCHER = """
+import json, os, sys, time
+started = time.monotonic()
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+ended = time.monotonic()
+with open(sys.argv[1], "w") as out:
+    json.dump({"started": started, "ended": ended, "cpu_s": usage.ru_utime + usage.ru_stime,
+               "maxrss_kb": usage.ru_maxrss, "exit_code": os.waitstatus_to_exitcode(status)}, out)
+"""
+
+
 def run_profile(profile: Profile, texts: list[str], workdir: Path) -> Run:
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
@@ -180,19 +197,19 @@ def run_profile(profile: Profile, texts: list[str], workdir: Path) -> Run:
             *profile.options,
         ]
         env = {**os.environ, "SILICONFLOW_API_KEY": KEY}
+        measured = workdir / "launched.json"
+        launch = [sys.executable, "-c", _LAUNCHER, str(measured), *command]
         with open(workdir / "stdout.txt", "wb") as out, open(workdir / "stderr.txt", "wb") as err:
-            started = time.monotonic()
-            process = subprocess.Popen(command, env=env, stdout=out, stderr=err)
-            _, status, usage = os.wait4(process.pid, 0)
-            ended = time.monotonic()
-            process.returncode = os.waitstatus_to_exitcode(status)
+            subprocess.run(launch, env=env, stdout=out, stderr=err, check=True)
+        job = json.loads(measured.read_text())
     report: ServerReport = box[0]
+    started = job["started"]
     first = report.first_request_at - started if report.first_request_at else float("nan")
     return Run(
-        wall_s=ended - started,
-        cpu_s=usage.ru_utime + usage.ru_stime,
-        peak_rss_mb=usage.ru_maxrss / 1024,
-        exit_code=process.returncode,
+        wall_s=job["ended"] - started,
+        cpu_s=job["cpu_s"],
+        peak_rss_mb=job["maxrss_kb"] / 1024,
+        exit_code=job["exit_code"],
         report=report,
         first_request_s=first,
         rows_wrong=rows_wrong(profile.model, texts, workdir / "out.npy"),
