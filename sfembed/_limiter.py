@@ -61,6 +61,8 @@ __all__ = [
     "RateLimiter",
     "Ticket",
     "TimerHandle",
+    "effective_requests",
+    "effective_tokens",
 ]
 
 #: A 429 multiplies the named pace by this factor ...
@@ -380,13 +382,13 @@ class _Waiter:
         self.queued = True
 
 
-def _effective(nominal: int, headroom: float) -> int:
+def effective_tokens(nominal: int, headroom: float) -> int:
     # Whole units keep the sliding-log arithmetic exact; the epsilon stops 0.98 * 500_000 from
     # flooring to 489_999. Never below one, or a nominal limit of 1 could admit nothing.
     return max(1, math.floor(nominal * (1.0 - headroom) + 1e-9))
 
 
-def _effective_requests(nominal: int, headroom: float) -> int:
+def effective_requests(nominal: int, headroom: float) -> int:
     # Requests are counted alike by both sides, so headroom guards only against timing, which
     # the log's edge margin covers; rounding it up to a whole request would cost 10% of an
     # RPM of 10 (9 per window, not 10).
@@ -426,8 +428,8 @@ class _Allowance:
         # headroom is the pace's: a log held to it too would bind the pace, as entries stay a
         # latency longer than a window, and cost that latency's share of every window.
         self.log_tokens, self.log_requests = limits.tpm, limits.rpm
-        self.max_tokens = _effective(limits.tpm, limits.headroom)
-        self.max_requests = _effective_requests(limits.rpm, limits.headroom)
+        self.max_tokens = effective_tokens(limits.tpm, limits.headroom)
+        self.max_requests = effective_requests(limits.rpm, limits.headroom)
         self.tpm = _Pace(self.max_tokens, limits.window_s, limits.burst_allowance_s)
         self.rpm = _Pace(self.max_requests, limits.window_s, limits.burst_allowance_s)
         self.log = _Log()

@@ -42,7 +42,7 @@ from urllib.parse import urlsplit
 
 from ._config import RateLimits
 from ._exceptions import ConfigError, InputError
-from ._limiter import Clock, LoopClock, RateLimiter, _effective, _effective_requests
+from ._limiter import Clock, LoopClock, RateLimiter, effective_requests, effective_tokens
 from ._types import Ticket
 
 __all__ = ["SharedLimiter", "SharedTicket"]
@@ -161,8 +161,8 @@ class _StandIn:
         # window, and the workers above their share at the outage do not make room for those
         # below it, whose stand-ins would fill the server's window past the limit by the difference.
         nominal = self._limits
-        tpm = _effective(nominal.tpm, nominal.headroom)
-        rpm = _effective_requests(nominal.rpm, nominal.headroom)
+        tpm = effective_tokens(nominal.tpm, nominal.headroom)
+        rpm = effective_requests(nominal.rpm, nominal.headroom)
         limits = dataclasses.replace(
             nominal, tpm=max(1, tpm // workers), rpm=max(1, rpm // workers)
         )
@@ -221,8 +221,8 @@ class SharedLimiter:
         self.where = _where(url)  # host:port/db, without a password
         self._limits = limits
         self._clock: Clock = clock if clock is not None else LoopClock()
-        self.max_tokens = _effective(limits.tpm, limits.headroom)
-        self.max_requests = _effective_requests(limits.rpm, limits.headroom)
+        self.max_tokens = effective_tokens(limits.tpm, limits.headroom)
+        self.max_requests = effective_requests(limits.rpm, limits.headroom)
         self._recent = _Recent(self._clock, limits)
         lead = lead_s if lead_s is not None else limits.window_s / 20
         head = [int(limits.window_s * _US), limits.tpm, limits.rpm]
