@@ -8,6 +8,7 @@ for every family). Every request is charged by it, so one calibration against th
 
 from __future__ import annotations
 
+import functools
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ __all__ = ["CharClassEstimator"]
 
 #: Token costs of character runs, in float64 (sums of many small costs).
 CostArray = npt.NDArray[np.float64]
+#: A class per character.
+ClassArray = npt.NDArray[np.uint8]
 
 
 # Character classes of the estimator; _SEP marks the joints between texts counted together.
@@ -56,7 +59,9 @@ _CLASSES = (
     _CONTROL,
 ) = range(len(_CLASSES))
 
-_APART = np.array([_DIGIT, _CJK, _KANA, _HANGUL, _SYMBOL, _ASTRAL])  # classes a space won't join
+#: The classes a space won't join, as a lookup by class.
+_APART = np.zeros(len(_CLASSES), dtype=np.bool_)
+_APART[[_DIGIT, _CJK, _KANA, _HANGUL, _SYMBOL, _ASTRAL]] = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,13 +89,24 @@ class _Prices:
         return cls(tuple(b for b, _ in pairs), tuple(r for _, r in pairs), **prices)
 
     def cost(self, runs: _Runs) -> CostArray:
-        """Fractional tokens of each run."""
+        """Fractional tokens of each run. The terms that are zero for most runs (capitals,
+        gaps, joints) are added only where they are not: adding 0.0 changes no sum, so each
+        cost is the plain formula's to the bit."""
         kinds = runs.kinds
-        price = np.take(self.base, kinds) + runs.lengths * np.take(self.rate, kinds)
-        price += runs.uppers * self.upper + runs.humps * self.hump
-        price = np.where(runs.lone_space | (kinds == _SEP), 0.0, price)
-        price += runs.gap * self.gap + runs.joint * self.joint
-        return price.astype(np.float64)
+        price: CostArray = _array(self.base).take(kinds)
+        price += runs.lengths * _array(self.rate).take(kinds)
+        cased = np.flatnonzero(runs.uppers | runs.humps)
+        price[cased] += runs.uppers[cased] * self.upper + runs.humps[cased] * self.hump
+        price[runs.lone_space | (kinds == _SEP)] = 0.0
+        marked = np.flatnonzero(runs.gap | runs.joint)
+        price[marked] += runs.gap[marked] * self.gap + runs.joint[marked] * self.joint
+        return price
+
+
+@functools.cache
+def _array(prices: tuple[float, ...]) -> CostArray:
+    """Per-class prices as an array, made once (only ever read)."""
+    return np.array(prices, dtype=np.float64)
 
 
 # Fitted against each family's exact tokenizer on English, Chinese (common and rare words),
@@ -234,31 +250,51 @@ class _Runs:
 
 def _runs(text: str, separators: IntArray | None = None) -> _Runs:
     """The runs of ``text``; characters at ``separators`` are joints, in runs of their own."""
-    codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4")
-    classes = _bmp_classes(np.minimum(codes, 0xFFFF))
-    classes[codes > 0xFFFF] = _ASTRAL  # emoji, rare CJK, historic scripts
+    codes, classes = _classes(text)
     if separators is not None:
         classes[separators] = _SEP
-    edges = np.flatnonzero(classes[1:] != classes[:-1]) + 1
-    starts = np.concatenate(([0], edges)).astype(np.int64) if codes.size else edges
-    lengths = np.diff(np.append(starts, codes.size)).astype(np.int64)
-    kinds = classes[starts].astype(np.int64)
+    change = np.ones(codes.size, dtype=np.bool_)  # a run starts at each change of class
+    np.not_equal(classes[1:], classes[:-1], out=change[1:])
+    starts = np.flatnonzero(change).astype(np.int64, copy=False)
+    lengths = np.diff(starts, append=codes.size)
+    kinds = classes.take(starts).astype(np.int64)
     capital = (codes >= 0x41) & (codes <= 0x5A)
-    hump = np.append(False, capital[1:] & (codes[:-1] >= 0x61) & (codes[:-1] <= 0x7A))
-    uppers, humps = (_per_run(flags, starts, lengths) for flags in (capital, hump))
+    small = (codes[:-1] >= 0x61) & (codes[:-1] <= 0x7A)
+    uppers = _per_run(np.flatnonzero(capital), starts)
+    humps = _per_run(np.flatnonzero(capital[1:] & small) + 1, starts)
     lone_space = (lengths == 1) & (codes[starts] == 0x20)
     following = np.append(kinds[1:], _SEP)
-    gap = (kinds == _SPACE) & np.isin(following, _APART)
+    gap = (kinds == _SPACE) & _APART[following]
     joint = ((kinds == _LETTER) & (following == _DIGIT)) | (
         (kinds == _DIGIT) & (following == _LETTER)
     )
     return _Runs(starts, lengths, kinds, uppers, humps, lone_space, gap, joint)
 
 
-def _per_run(flags: npt.NDArray[np.bool_], starts: IntArray, lengths: IntArray) -> IntArray:
-    """How many ``flags`` are set within each run."""
-    total: IntArray = np.concatenate(([0], np.cumsum(flags, dtype=np.int64)))
-    counts: IntArray = total[starts + lengths] - total[starts]
+def _classes(text: str) -> tuple[npt.NDArray[np.uint8] | npt.NDArray[np.uint32], ClassArray]:
+    """The code points of ``text`` and their classes (a writable array). ASCII, the usual
+    case, is classed by ``bytes.translate``: a table lookup in C, without widening each
+    character to four bytes."""
+    if text.isascii():
+        raw = text.encode("ascii")
+        classes = np.frombuffer(bytearray(raw.translate(_ascii_classes())), dtype=np.uint8)
+        return np.frombuffer(raw, dtype=np.uint8), classes
+    codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4")
+    wide = _bmp_classes(np.minimum(codes, 0xFFFF))
+    wide[codes > 0xFFFF] = _ASTRAL  # emoji, rare CJK, historic scripts
+    return codes, wide
+
+
+@functools.cache
+def _ascii_classes() -> bytes:
+    """The class of each byte below 128, as a ``bytes.translate`` table."""
+    return bytes(_classify(code) for code in range(128)) + bytes(128)
+
+
+def _per_run(at: IntArray, starts: IntArray) -> IntArray:
+    """How many of the characters ``at`` (sorted indices) fall within each run."""
+    owners = np.searchsorted(starts, at, side="right") - 1
+    counts: IntArray = np.bincount(owners, minlength=starts.size).astype(np.int64, copy=False)
     return counts
 
 
@@ -282,9 +318,10 @@ class CharClassEstimator:
         if not texts:
             return []
         sizes = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
-        firsts = np.concatenate(([0], np.cumsum(sizes[:-1] + 1)))  # texts joined by one char
-        runs = _runs("\0".join(texts), separators=firsts[1:] - 1)
-        owner = np.searchsorted(firsts, runs.starts, side="right") - 1
+        joints = np.cumsum(sizes[:-1] + 1) - 1  # texts joined by one character
+        runs = _runs("\0".join(texts), separators=joints)
+        # A text's runs follow the joints before it; a joint's own run costs nothing.
+        owner = np.cumsum(np.where(runs.kinds == _SEP, runs.lengths, 0))
         sums = [
             np.bincount(owner, weights=prices.cost(runs), minlength=len(texts))
             + prices.text * (sizes > 0)  # an empty text is empty for every tokenizer

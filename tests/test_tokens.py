@@ -12,6 +12,7 @@ import importlib
 import inspect
 import itertools
 import json
+import math
 import random
 import sys
 import textwrap
@@ -589,3 +590,54 @@ def test_the_class_table_filled_as_texts_come_classifies_as_the_whole_table_woul
     np.testing.assert_array_equal(whole, expected)
     np.testing.assert_array_equal(again, expected[:1000])
     assert _estimator._UNKNOWN not in _estimator._BMP_CLASSES
+
+
+_APART = {_estimator._DIGIT, _estimator._CJK, _estimator._KANA, _estimator._HANGUL}
+_APART |= {_estimator._SYMBOL, _estimator._ASTRAL}  # the classes a space before is a token
+
+
+def _estimate_by_hand(text: str, prices: _estimator._Prices) -> float:
+    """The estimator's formula, character by character: the reference its numpy passes over
+    whole blocks must match to the bit (the limiter charges by it)."""
+    classes = [
+        _estimator._ASTRAL if ord(char) > 0xFFFF else _estimator._classify(ord(char))
+        for char in text
+    ]
+    runs = [(k, len(list(group))) for k, group in itertools.groupby(classes)]
+    total, at = 0.0, 0
+    for number, (kind, length) in enumerate(runs):
+        chars = text[at : at + length]
+        after = runs[number + 1][0] if number + 1 < len(runs) else _estimator._SEP
+        uppers = sum("A" <= c <= "Z" for c in chars)
+        humps = sum(
+            "A" <= text[i] <= "Z" and "a" <= text[i - 1] <= "z"
+            for i in range(max(at, 1), at + length)
+        )
+        price = prices.base[kind] + length * prices.rate[kind]
+        price += uppers * prices.upper + humps * prices.hump
+        if chars == " ":
+            price = 0.0
+        gap = kind == _estimator._SPACE and after in _APART
+        joint = {kind, after} == {_estimator._LETTER, _estimator._DIGIT}
+        total += price + (gap * prices.gap + joint * prices.joint)
+        at += length
+    return total + (prices.text if text else 0.0)
+
+
+@pytest.mark.parametrize("family", [*FAMILIES, None])
+def test_a_block_is_estimated_as_the_formula_gives_each_text_alone(family: str | None) -> None:
+    rng = random.Random(13)
+    alphabet = "aZ 0.,\t\n\r\x00\x7f-éß中。ア한😀\u0301\u00a0\u3000Ω\ufe0f𠀀€"
+    for _ in range(150):
+        ascii_only = rng.random() < 0.5
+        pool = [c for c in alphabet if c.isascii()] if ascii_only else list(alphabet)
+        texts = [
+            "".join(rng.choices(pool, k=rng.choice([0, 1, 2, 7, 40])))
+            for _ in range(rng.choice([1, 3, 20]))
+        ]
+        estimator = CharClassEstimator(2, family=family)
+        expected = [
+            math.ceil(max(_estimate_by_hand(t, p) for p in estimator.prices) - 1e-9) + 2
+            for t in texts
+        ]
+        assert estimator.count(texts) == expected, texts
