@@ -51,7 +51,7 @@ from ._decoder import all_finite
 from ._exceptions import ConfigError
 from ._types import FloatArray
 
-__all__ = ["KEY_BYTES", "SCHEMA_VERSION", "EmbeddingCache", "normalise", "scope"]
+__all__ = ["KEY_BYTES", "SCHEMA_VERSION", "EmbeddingCache", "normalise", "normalise_all", "scope"]
 
 #: Bytes of a key: 128 bits make a collision among even 10**12 texts vanishingly unlikely.
 KEY_BYTES = 16
@@ -80,6 +80,18 @@ def normalise(text: str) -> str:
     if "\r" in text:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
     return text.strip()
+
+
+def normalise_all(texts: Sequence[str]) -> list[str]:
+    """``normalise`` of each of ``texts``. A block of ASCII without a carriage return, the
+    usual one, is only stripped: NFC and the line ends leave it as it is. Raises TypeError."""
+    try:
+        joined = "".join(texts)
+    except TypeError:
+        joined = "\r"  # not all texts: normalise says which
+    if joined.isascii() and "\r" not in joined:
+        return [text.strip() for text in texts]
+    return [normalise(text) for text in texts]
 
 
 class EmbeddingCache:
@@ -130,8 +142,11 @@ class EmbeddingCache:
 
     def keys(self, texts: Sequence[str]) -> list[bytes]:
         """The key of each of ``texts``, in order. Raises TypeError for an item not a string."""
-        key = self.key
-        return [key(text) for text in texts]
+        blake2b = hashlib.blake2b
+        return [
+            blake2b(text.encode("utf-8", "surrogatepass"), digest_size=KEY_BYTES).digest()
+            for text in normalise_all(texts)
+        ]
 
     async def lookup(self, model: str, dims: int, keys: Sequence[bytes]) -> dict[bytes, FloatArray]:
         """The stored vectors of ``keys`` for ``model`` at ``dims``: hits only, by key.

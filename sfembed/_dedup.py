@@ -9,6 +9,8 @@ cache the stage lets everything through and costs nothing.
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable
 from typing import Protocol, cast
 
 import numpy as np
@@ -48,7 +50,8 @@ class Dedup:
         self.dims = dims
         self.stats = stats
         self.truncating = truncating
-        self._waiting: dict[bytes, list[Chunk]] = {}  # key -> repeats of a text on its way
+        # key of a text on its way -> the repeats waiting for its vector (None: none yet)
+        self._waiting: dict[bytes, list[Chunk] | None] = {}
 
     async def admit(self, chunks: list[Chunk], rows: RowSink) -> list[Chunk]:
         """The chunks still to send. Those the cache holds are put in ``rows`` at once, and a
@@ -63,16 +66,34 @@ class Dedup:
             return chunks
         keys = self.cache.keys([cast(str, chunk.item) for chunk in keyed])
         hits = await self.cache.lookup(self.scope, self.dims, keys)
-        served: list[Chunk] = []
-        held: set[int] = set()
         for chunk, key in zip(keyed, keys, strict=True):
             chunk.key = key
+        fresh = dict.fromkeys(keys)  # None: sent, and no repeat waits for it yet
+        if not hits and len(fresh) == len(keys) and self._waiting.keys().isdisjoint(fresh):
+            self._waiting.update(fresh)  # the usual block: every text new, all sent
+            return chunks
+        return self._hold(chunks, keyed, hits, rows)
+
+    def _hold(
+        self, chunks: list[Chunk], keyed: list[Chunk], hits: dict[bytes, FloatArray], rows: RowSink
+    ) -> list[Chunk]:
+        """The chunks to send, once those the cache holds are put in ``rows`` and repeats of a
+        text on its way are set to wait for it."""
+        served: list[Chunk] = []
+        held: set[int] = set()
+        waiting = self._waiting
+        for chunk in keyed:
+            key = cast(bytes, chunk.key)
             if key in hits:
                 served.append(chunk)
-            elif key in self._waiting:
-                self._waiting[key].append(chunk)
+            elif key in waiting:
+                repeats = waiting[key]
+                if repeats is None:
+                    waiting[key] = [chunk]
+                else:
+                    repeats.append(chunk)
             else:
-                self._waiting[key] = []  # this copy is sent; later repeats wait for it
+                waiting[key] = None  # this copy is sent; later repeats wait for it
                 continue
             held.add(id(chunk))
         if served:
@@ -92,22 +113,25 @@ class Dedup:
     def repeats_of(self, chunk: Chunk) -> list[Chunk]:
         """The repeats waiting for ``chunk``'s vector, which no longer wait: the caller fails
         them with it, or sends them on their own."""
-        return self._waiting.pop(chunk.key, []) if chunk.key is not None else []
+        return (self._waiting.pop(chunk.key, None) or []) if chunk.key is not None else []
 
     async def answered(self, request: list[Chunk], vectors: FloatArray, rows: RowSink) -> None:
         """Give each answered text's vector to the repeats waiting for it, then keep the vectors
         in the cache."""
-        waiting = self._waiting
-        if waiting:
-            for i, chunk in enumerate(request):
-                repeats = waiting.pop(chunk.key, None) if chunk.key is not None else None
-                if repeats:
-                    rows.put(repeats, np.repeat(vectors[i : i + 1], len(repeats), axis=0))
+        keys = [chunk.key for chunk in request]
+        if self._waiting:  # one pop per key in C; a key of None was never waited on
+            pop = cast(Callable[[bytes | None, None], list[Chunk] | None], self._waiting.pop)
+            found = list(map(pop, keys, itertools.repeat(None)))
+            if any(found):
+                for i, repeats in enumerate(found):
+                    if repeats:
+                        rows.put(repeats, np.repeat(vectors[i : i + 1], len(repeats), axis=0))
         if self.cache is None:
             return
-        keys = [chunk.key for chunk in request if chunk.key is not None]
-        if len(keys) == len(request):  # the usual case: every text was keyed
-            await self.cache.store(self.scope, self.dims, keys, vectors)
-        elif keys:
-            keyed = [i for i, chunk in enumerate(request) if chunk.key is not None]
-            await self.cache.store(self.scope, self.dims, keys, vectors[keyed])
+        if None not in keys:  # the usual case: every text was keyed
+            await self.cache.store(self.scope, self.dims, cast(list[bytes], keys), vectors)
+            return
+        keyed = [i for i, key in enumerate(keys) if key is not None]
+        if keyed:
+            known = [cast(bytes, keys[i]) for i in keyed]
+            await self.cache.store(self.scope, self.dims, known, vectors[keyed])

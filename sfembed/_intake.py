@@ -19,11 +19,12 @@ import itertools
 from asyncio import TaskGroup
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
 from itertools import islice
+from typing import TypeGuard, cast
 
 import numpy as np
 
-from ._bounds import may_exceed
-from ._cache import normalise
+from ._bounds import SURE_SHARE, may_exceed
+from ._cache import normalise, normalise_all
 from ._chunker import char_range, drop_blank, split_spans
 from ._config import Settings
 from ._dedup import Dedup
@@ -69,19 +70,22 @@ class Splitter:
     async def measure(self, block: Sequence[Input]) -> tuple[list[str], list[int], list[int]]:
         """The texts of a block, their estimated tokens, and the indices of those that can
         really be over the limit, to count exactly (:meth:`exact_counts`)."""
-        texts = [_text_of(item) for item in block]
-        present = [text for text in texts if text]
-        if sum(map(len, present)) > _ESTIMATE_OFF_LOOP:
-            loop = asyncio.get_running_loop()
-            counted = await loop.run_in_executor(None, self.estimator.count, present)
+        texts = [item if type(item) is str else _text_of(item) for item in block]
+        if all(texts):  # the usual block: every input has a text, so every one is estimated
+            tokens = await self._estimate(texts)
         else:
-            counted = self.estimator.count(present)
-        estimates = iter(counted)
-        tokens = [
-            next(estimates) if text else _IMAGE_TOKENS if _is_image(item) else 0
-            for item, text in zip(block, texts, strict=True)
-        ]
+            estimates = iter(await self._estimate([text for text in texts if text]))
+            tokens = [
+                next(estimates) if text else _IMAGE_TOKENS if _is_image(item) else 0
+                for item, text in zip(block, texts, strict=True)
+            ]
         return texts, tokens, self._doubtful(texts, tokens)
+
+    async def _estimate(self, texts: list[str]) -> list[int]:
+        if sum(map(len, texts)) > _ESTIMATE_OFF_LOOP:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(None, self.estimator.count, texts)
+        return self.estimator.count(texts)
 
     def _doubtful(self, texts: Sequence[str], tokens: Sequence[int]) -> list[int]:
         """A strict upper bound (from the text's length) proves most texts fit, and an estimate
@@ -91,10 +95,11 @@ class Splitter:
         alone."""
         if not self.exact:
             return []
+        bar = SURE_SHARE * self.limit  # may_exceed's first test, made here without a call
         return [
             i
-            for i, text in enumerate(texts)
-            if may_exceed(text, tokens[i], self.spec) and _encodable(text)
+            for i, count in enumerate(tokens)
+            if count > bar and may_exceed(texts[i], count, self.spec) and _encodable(texts[i])
         ]
 
     async def exact_counts(self, texts: Sequence[str]) -> list[int]:
@@ -223,7 +228,33 @@ class Intake:
         its chunks built without an await per record, the hot path. Records to count exactly
         are left to a task of their own, so that they hold up nothing but their own rows."""
         unit = await self._reserve(len(block))
-        later = set(doubtful)
+        if not doubtful and _whole_texts(block):  # the usual block, one comprehension
+            limit = self.splitter.limit
+            charged = tokens if max(tokens) <= limit else [min(n, limit) for n in tokens]
+            chunks = [
+                Chunk(unit + i, first + i, 0, sent, count, 0, len(item))
+                for i, (item, sent, count) in enumerate(
+                    zip(block, normalise_all(block), charged, strict=True)
+                )
+            ]
+        else:
+            chunks = self._some_rows(unit, first, block, texts, tokens, set(doubtful))
+        await self._pack(chunks)
+        if doubtful:
+            long = _Long(unit, first, [block[i] for i in doubtful], doubtful)
+            group.create_task(self._long_rows(long, [texts[i] for i in doubtful], tokens))
+
+    def _some_rows(
+        self,
+        unit: int,
+        first: int,
+        block: Sequence[Input],
+        texts: Sequence[str],
+        tokens: Sequence[int],
+        later: set[int],
+    ) -> list[Chunk]:
+        """The chunks of a block's records that go whole, but those ``later`` counts exactly;
+        an unusable record's row fails at once."""
         limit = self.splitter.limit
         chunks: list[Chunk] = []
         for i, (item, text) in enumerate(zip(block, texts, strict=True)):
@@ -236,10 +267,7 @@ class Intake:
                 )
             else:
                 chunks.extend(self._record(unit + i, first + i, item, text, tokens[i], None) or [])
-        await self._pack(chunks)
-        if doubtful:
-            long = _Long(unit, first, [block[i] for i in doubtful], doubtful)
-            group.create_task(self._long_rows(long, [texts[i] for i in doubtful], tokens))
+        return chunks
 
     async def _long_rows(self, long: _Long, texts: list[str], tokens: Sequence[int]) -> None:
         """The records of a block that may be over the limit: counted exactly, then sent whole
@@ -367,6 +395,14 @@ def _text_of(item: object) -> str:
     if isinstance(item, dict) and isinstance(item.get("text"), str):
         return str(item["text"])
     return ""
+
+
+def _whole_texts(block: Sequence[Input]) -> TypeGuard[Sequence[str]]:
+    """True when every input of ``block`` is a text that is not blank (the usual case)."""
+    if set(map(type, block)) != {str}:
+        return False
+    texts = cast(Sequence[str], block)
+    return all(texts) and not any(map(str.isspace, texts))
 
 
 def _sent(item: str | dict[str, str]) -> str | dict[str, str]:

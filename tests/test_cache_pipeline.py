@@ -12,7 +12,9 @@ import pytest
 
 from sfembed import DEFAULT_CATALOG, BatchLimits, EmbeddingClient, JobStats, embed, load_settings
 from sfembed._cache import EmbeddingCache, normalise
+from sfembed._dedup import Dedup
 from sfembed._tokenizers import counter_for
+from sfembed._types import Chunk
 from sfembed.testing import (
     LocalServer,
     count_tokens,
@@ -165,3 +167,43 @@ async def test_the_cache_never_changes_a_jobs_output(server: LocalServer, tmp_pa
         cached, stats = await run(server, plain, cache)
     assert stats.cached == len(plain)
     np.testing.assert_array_equal(cached, without)
+
+
+class _Rows:
+    """A row sink that keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.put_rows: dict[int, np.ndarray] = {}
+
+    def put(self, chunks: list[Chunk], rows: np.ndarray) -> None:
+        for chunk, row in zip(chunks, rows, strict=True):
+            self.put_rows[chunk.unit] = row
+
+
+async def test_dedup_holds_each_repeat_of_a_text_on_its_way_whatever_block_it_is_in(
+    tmp_path: Path,
+) -> None:
+    stats = JobStats()
+    spec = DEFAULT_CATALOG[M3]
+    rows = _Rows()
+    async with EmbeddingCache(tmp_path / "cache.sqlite") as cache:
+        dedup = Dedup(cache, spec, 4, stats, scope=M3, truncating=False)
+        first = [Chunk(n, n, 0, text, 3) for n, text in enumerate(["a", "b", "c"])]
+        assert await dedup.admit(first, rows) == first  # all new: all sent
+        second = [Chunk(3 + n, 3 + n, 0, text, 3) for n, text in enumerate(["d", "b", "e"])]
+        sent = await dedup.admit(second, rows)
+        assert [chunk.item for chunk in sent] == ["d", "e"]  # "b" waits for the first block's
+        assert stats.deduplicated == 1
+        assert not rows.put_rows
+        assert dedup.repeats_of(first[0]) == []  # "a" has no repeat waiting
+        vectors = np.arange(12, dtype=np.float32).reshape(3, 4)
+        await dedup.answered(first[1:], vectors[1:], rows)
+        assert sorted(rows.put_rows) == [4]  # the repeat of "b", with "b"'s vector
+        np.testing.assert_array_equal(rows.put_rows[4], vectors[1])
+        third = [Chunk(7, 7, 0, "c", 3), Chunk(8, 8, 0, "f", 3)]
+        assert await dedup.admit(third, rows) == [third[1]]  # "c" is cached now
+        assert stats.cached == 1
+        fourth = [Chunk(9, 9, 0, "g", 3), Chunk(10, 10, 0, "g", 3)]
+        assert await dedup.admit(fourth, rows) == fourth[:1]  # a repeat within one block
+        await dedup.answered(fourth[:1], vectors[:1], rows)
+        np.testing.assert_array_equal(rows.put_rows[10], vectors[0])
