@@ -19,11 +19,11 @@ from a local test server, or from another gateway, are never served to a run aga
 The files (see ``_cachestore``: an SQLite index and a vectors file beside it) hold model names,
 endpoints, dims, digests and vectors, never a text and never an API key (an endpoint never holds
 credentials: the client refuses a base URL with them). Rows stored are gathered in memory up to
-``write_rows`` (2,048 by default, 8 MiB at 1,024 dims) and appended in one write; their index
-entries are written every ``index_rows`` (32,768) rows. A crash (of the process or the machine)
-may lose what is not indexed yet, but never corrupts the cache; ``flush`` and ``close`` write and
-index everything. A second process may read and write the same files meanwhile, and sees what
-this one has indexed.
+``write_rows`` (512 by default: 2 MiB at 1,024 dims, held in the job's memory) and appended
+together; their index entries are written every ``index_rows`` (32,768) rows. A crash (of the
+process or the machine) may lose what is not indexed yet, but never corrupts the cache; ``flush``
+and ``close`` write and index everything. A second process may read and write the same files
+meanwhile, and sees what this one has indexed.
 
 All file work runs on one worker thread owned by the cache, so the event loop never waits on the
 disk and the connection is only ever used by the thread that opened it. A write runs while the
@@ -57,7 +57,7 @@ __all__ = ["KEY_BYTES", "SCHEMA_VERSION", "EmbeddingCache", "normalise", "normal
 KEY_BYTES = 16
 
 _VECTOR = np.dtype("<f4")  # stored byte order, whatever the machine's
-_WRITE_ROWS = 2048
+_WRITE_ROWS = 512
 _INDEX_ROWS = 32_768
 
 _T = TypeVar("_T")

@@ -15,7 +15,8 @@ torn tail after a crash, a vectors file cut short or replaced, is a miss, never 
 
 Why the vectors left SQLite: a store of 4 KiB rows into SQLite cost about 15 s of CPU per million
 rows, most of it copying each row into B-tree pages and again into the WAL. Rows are now written
-with one ``write`` per block (2,048 rows), the checksums with one numpy sum. The index is written
+with one ``write`` per array stored (a request's rows; never joined into a second copy), the
+checksums with one numpy sum per array. The index is written
 in transactions of ``index_rows`` (32,768) keys, sorted: a key is random, so each transaction
 touches pages all over the index, and few large ones touch each page once rather than many
 times (at a million entries: 16 us per row in transactions of 2,048, 5 us in those of 65,536).
@@ -157,25 +158,32 @@ class CacheFiles:
         return found
 
     def append(self, gathered: Gathered) -> None:
-        """Append the gathered rows to the vectors file (one write per model), and index them
+        """Append the gathered rows to the vectors file (one write per array), and index them
         once ``index_rows`` are waiting. Raises OSError when the disk refuses."""
         for (model, dims), block in gathered.items():
-            rows = np.concatenate(block.arrays).astype(_VECTOR, copy=False)
-            data = rows.data.cast("B")
-            written = os.write(self.fd, data)
-            if written != len(data):  # a full disk: the part written is never indexed
-                raise OSError(f"embedding cache {str(self.path)!r}: {written} of {len(data)} "
-                              "bytes written")  # fmt: skip
-            end = os.lseek(self.fd, 0, os.SEEK_CUR)  # O_APPEND: just after our own rows
-            size = dims * _VECTOR.itemsize
-            offsets = range(end - len(data), end, size)
-            entries = zip(block.keys, offsets, checksums(rows).tolist(), strict=True)
-            self.unindexed.setdefault((model, dims), {}).update(
-                zip(block.keys, entries, strict=True)
-            )
-            self.unindexed_rows += len(block.keys)
+            unindexed = self.unindexed.setdefault((model, dims), {})
+            first = 0
+            # One write per stored array, not one of them joined: a join is a second copy of
+            # every row, megabytes that the allocator keeps after they are freed.
+            for array in block.arrays:
+                rows = np.ascontiguousarray(array, dtype=_VECTOR)
+                keys = block.keys[first : first + len(rows)]
+                first += len(rows)
+                offsets = self._write(rows.data.cast("B"), dims * _VECTOR.itemsize)
+                entries = zip(keys, offsets, checksums(rows).tolist(), strict=True)
+                unindexed.update(zip(keys, entries, strict=True))
+                self.unindexed_rows += len(keys)
         if self.unindexed_rows >= self.index_rows:
             self.commit()
+
+    def _write(self, data: memoryview, size: int) -> range:
+        """Append ``data`` (rows of ``size`` bytes) and return where each row starts."""
+        written = os.write(self.fd, data)
+        if written != len(data):  # a full disk: the part written is never indexed
+            raise OSError(f"embedding cache {str(self.path)!r}: {written} of {len(data)} "
+                          "bytes written")  # fmt: skip
+        end = os.lseek(self.fd, 0, os.SEEK_CUR)  # O_APPEND: just after our own rows
+        return range(end - len(data), end, size)
 
     def commit(self) -> None:
         """Index every row appended: the rows are synced to disk first, then the index entries
