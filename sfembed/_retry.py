@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -75,18 +76,45 @@ async def call_with_retries(
 
     Raises the last error unchanged (never tenacity's RetryError).
     """
+    # Nearly every request succeeds at once: the first attempt is made here, and tenacity, whose
+    # set-up costs more than the rest of a request's bookkeeping, takes over only after a
+    # retryable failure, with that failure as its first attempt and the time it took counted.
+    started = time.monotonic()
+    try:
+        return await attempt()
+    except SFEmbedError as error:
+        if not is_retryable(error):
+            raise
+        first = error
+    return await _retrying(attempt, first, time.monotonic() - started, policy, on_retry, sleep)
+
+
+async def _retrying(
+    attempt: Callable[[], Awaitable[T]],
+    first: BaseException,
+    spent_s: float,
+    policy: RetryPolicy,
+    on_retry: RetryHook | None,
+    sleep: Callable[[float], Awaitable[None]],
+) -> T:
+    """The retries after a first attempt that failed with ``first`` after ``spent_s`` seconds.
+
+    Raised here, outside any handler, ``first`` keeps the ``__context__`` it had."""
     retrying = tenacity.AsyncRetrying(
         retry=tenacity.retry_if_exception(is_retryable),
         stop=tenacity.stop_after_attempt(policy.max_attempts)
-        | tenacity.stop_after_delay(policy.max_total_s),
+        | tenacity.stop_after_delay(policy.max_total_s - spent_s),
         wait=_Wait(policy),
         sleep=sleep,
         before_sleep=_before_sleep(on_retry),
         reraise=True,
     )
+    failed = [first]
 
     async def once() -> T:
         # tenacity awaits only what it sees is a coroutine function; a lambda is not one.
+        if failed:
+            raise failed.pop()  # the first attempt, made by the caller, replayed as attempt 1
         return await attempt()
 
     return await retrying(once)

@@ -85,6 +85,56 @@ async def test_a_plain_callable_returning_an_awaitable_is_awaited() -> None:
     assert script.calls == 2
 
 
+async def test_the_first_attempts_time_counts_towards_the_total() -> None:
+    import asyncio
+
+    policy = RetryPolicy(max_attempts=4, max_total_s=0.05)
+    calls = 0
+
+    async def slow_then_reset() -> str:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.06)  # longer than the whole budget: no retry may follow
+        raise APIConnectionError("reset")
+
+    script = _Script()
+    with pytest.raises(APIConnectionError):
+        await call_with_retries(slow_then_reset, policy, sleep=script.sleep)
+    assert calls == 1
+    assert script.waits == []
+
+
+async def test_the_first_error_is_raised_as_it_was_when_no_retry_is_left() -> None:
+    first = APIConnectionError("reset")
+    script = _Script(first)
+    policy = RetryPolicy(max_attempts=1)
+    with pytest.raises(APIConnectionError) as info:
+        await call_with_retries(script, policy, sleep=script.sleep)
+    assert info.value is first
+    assert info.value.__context__ is None
+    assert info.value.__cause__ is None
+    assert script.calls == 1
+
+
+async def test_a_success_after_a_retry_hands_back_the_second_attempts_result() -> None:
+    results = iter(["second"])
+    errors = [OverloadedError("y", status=503)]
+    seen: list[tuple[int, float]] = []
+
+    async def attempt() -> str:
+        if errors:
+            raise errors.pop()
+        return next(results)
+
+    script = _Script()
+    result = await call_with_retries(
+        attempt, POLICY, sleep=script.sleep, on_retry=lambda e, n, w: seen.append((n, w))
+    )
+    assert result == "second"
+    assert [n for n, _ in seen] == [1]
+    assert script.waits == [w for _, w in seen]
+
+
 async def test_cancelling_during_a_backoff_stops_the_retries() -> None:
     import asyncio
 
