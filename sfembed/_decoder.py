@@ -1,11 +1,13 @@
 """Response bodies -> float32 arrays in input order, with the response's indices checked.
 
-The hot path of a job: base64 goes from decoded bytes straight to numpy (``frombuffer``); float
-lists go through orjson and one numpy conversion. No per-float Python work happens here.
+The hot path of a job: base64 vectors are decoded from the body itself, never made into Python
+strings, and go from decoded bytes straight to numpy (``frombuffer``); float lists go through
+orjson and one numpy conversion. No per-float Python work happens here.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, TypeGuard
 
 import numpy as np
@@ -17,6 +19,9 @@ from ._exceptions import MalformedResponseError
 from ._types import EncodingFormat, FloatArray, Usage
 
 __all__ = ["DecodedBody", "all_finite", "decode_body"]
+
+_EMBEDDING_KEY = b'"embedding":'
+_ANY_EMBEDDING_KEY = re.compile(rb'"embedding"\s*:')  # the key as JSON allows it, escapes aside
 
 #: (rows, usage or ``None`` when the answer carried none that can be trusted, model name).
 DecodedBody = tuple[FloatArray, Usage | None, str]
@@ -40,11 +45,14 @@ def decode_body(
     Usage is ``None`` when the answer has none, or one that is not a count (negative, not an
     integer): some gateways strip it, and the vectors are good all the same.
     """
-    payload = _parse(body, trace_id)
+    if body[:3] == b"\xef\xbb\xbf":  # a byte-order mark some gateways put before the JSON
+        body = body[3:]
+    split = _split_base64(body) if encoding_format == "base64" else None
+    payload, chunks = split if split is not None else (_parse(body, trace_id), None)
     data = payload["data"]
     order = _indices(data, items, trace_id)
     try:
-        rows = _rows(data, encoding_format, dimensions)
+        rows = _rows(data, encoding_format, dimensions, chunks)
     except KeyError:
         raise _malformed("an embedding lacks its 'embedding'", trace_id) from None
     except (ValueError, TypeError) as exc:
@@ -56,9 +64,52 @@ def decode_body(
     return out, _usage(payload), str(payload.get("model", ""))
 
 
+def _split_base64(body: bytes) -> tuple[dict[str, Any], list[bytes]] | None:
+    """(payload, each entry's vector bytes) without a Python string made of any vector's text,
+    or None for a body not plainly laid out so (it is then parsed whole, as any other).
+
+    Most of a base64 answer is its vectors' text, and parsing it into strings costs more than
+    decoding it. So each ``"embedding":"<text>"`` is found by its key, its text decoded from the
+    body itself, and the rest of the body, each text replaced by its ordinal, parsed as JSON.
+    That rest is the body's own structure when: it has no backslash (no escape can spell a key
+    the search missed), every ``embedding`` key in it is one found, entry i of ``data`` holds
+    ordinal i (so each text is one entry's vector, and no key was met elsewhere), and each text
+    is strict base64 (neither quote nor backslash: the first quote after its start ends it)."""
+    pieces: list[bytes] = []
+    spans: list[tuple[int, int]] = []
+    find = body.find
+    done = 0
+    while (key := find(_EMBEDDING_KEY, done)) >= 0:
+        value = key + len(_EMBEDDING_KEY)
+        if body.startswith(b'"', value):  # as most servers write it: no space after the colon
+            start = value + 1
+        else:
+            start = find(b'"', value) + 1
+            if not start or body[value : start - 1].strip():
+                return None  # not a string value
+        end = find(b'"', start)
+        if end < 0:
+            return None
+        pieces += (body[done:start], b"%d" % len(spans))
+        spans.append((start, end))
+        done = end
+    pieces.append(body[done:])
+    rest = b"".join(pieces)
+    if not spans or b"\\" in rest or len(_ANY_EMBEDDING_KEY.findall(rest)) != len(spans):
+        return None
+    try:
+        payload = orjson.loads(rest)
+        marks = [entry["embedding"] for entry in payload["data"]]
+        if marks != [str(ordinal) for ordinal in range(len(spans))]:
+            return None
+        view = memoryview(body)
+        chunks = [pybase64.b64decode(view[start:end], validate=True) for start, end in spans]
+    except (ValueError, LookupError, TypeError):  # JSONDecodeError and binascii.Error included
+        return None
+    return payload, chunks
+
+
 def _parse(body: bytes, trace_id: str | None) -> dict[str, Any]:
-    if body[:3] == b"\xef\xbb\xbf":  # a byte-order mark some gateways put before the JSON
-        body = body[3:]
     try:
         payload = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -98,9 +149,16 @@ def _indices(data: list[Any], items: int, trace_id: str | None) -> np.ndarray[An
     return np.array(indices, dtype=np.int64)
 
 
-def _rows(data: list[Any], encoding_format: EncodingFormat, dimensions: int | None) -> FloatArray:
+def _rows(
+    data: list[Any],
+    encoding_format: EncodingFormat,
+    dimensions: int | None,
+    chunks: list[bytes] | None = None,
+) -> FloatArray:
+    """The rows in the answer's order; base64 vectors already decoded may come as ``chunks``."""
     if encoding_format == "base64":
-        chunks = [pybase64.b64decode(entry["embedding"], validate=True) for entry in data]
+        if chunks is None:
+            chunks = [pybase64.b64decode(entry["embedding"], validate=True) for entry in data]
         if len({len(chunk) for chunk in chunks}) > 1:
             raise ValueError("vectors differ in length")
         # A bytearray: the rows are the caller's to change, as any array it is given.

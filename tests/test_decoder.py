@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 
 import numpy as np
 import orjson
@@ -119,3 +120,102 @@ def test_base64_values_must_be_finite_however_large(value: float, refused: bool)
             decode()
     else:
         np.testing.assert_array_equal(decode(), vectors)
+
+
+def _layouts(vectors: np.ndarray) -> dict[str, bytes]:
+    """One answer written as different servers write JSON (all of them valid, all the same)."""
+    body = _body(vectors, [2, 0, 1], "base64")
+    payload = orjson.loads(body)
+    spaced = json.dumps(payload).encode()  # ", " and ": " between tokens
+    return {
+        "compact": body,
+        "spaced": spaced,
+        "indented": json.dumps(payload, indent=2).encode(),
+        "byte-order mark": b"\xef\xbb\xbf" + body,
+        "slashes escaped": spaced.replace(b"/", b"\\/"),  # as some encoders write "/"
+        "an embedding key elsewhere": body.replace(b'"usage":{', b'"usage":{"embedding":"QUFB",'),
+    }
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        "compact",
+        "spaced",
+        "indented",
+        "byte-order mark",
+        "slashes escaped",
+        "an embedding key elsewhere",
+    ],
+)
+def test_base64_answers_decode_alike_however_written(layout: str) -> None:
+    vectors = np.random.default_rng(3).standard_normal((3, 5)).astype(np.float32)
+    vectors[1, 0] = np.float32(-0.0)
+    body = _layouts(vectors)[layout]
+    assert b"/" in base64.b64encode(vectors.astype("<f4").tobytes()) or layout != "slashes escaped"
+    rows, usage, model = _decoder.decode_body(body, items=3, dimensions=5, encoding_format="base64")
+    assert rows.tobytes() == vectors.astype("<f4").tobytes()
+    assert usage is not None
+    assert usage["total_tokens"] == 7
+    assert model == "m"
+
+
+def test_a_plain_base64_answer_is_decoded_without_parsing_its_vectors_text() -> None:
+    vectors = np.ones((2, 4), dtype=np.float32)
+    assert _decoder._split_base64(_body(vectors, [0, 1], "base64")) is not None
+    assert _decoder._split_base64(_body(vectors, [0, 1], "base64").replace(b"/", b"\\/")) is None
+
+
+@pytest.mark.parametrize(
+    ("vector_text", "message"),
+    [
+        # A second key that JSON reads as "embedding" and that overrides the first: the answer
+        # is what a JSON reader makes of it, and "0" is no vector.
+        ('"AACAPwAAgD8=","embeddin\\u0067":"0"', "bad embedding values"),
+        ('"AACAPwAAgD8=", "embedding" :"0"', "bad embedding values"),
+        ('"AACAPwAAgD8"', "bad embedding values"),  # padding missing
+        ('"AACAPwAA gD8="', "bad embedding values"),
+        ("[1.0, 1.0]", "bad embedding values"),
+        ('"AACAPwAAgD8=', "not valid JSON"),
+    ],
+)
+def test_an_odd_base64_answer_is_judged_as_a_json_reader_reads_it(
+    vector_text: str, message: str
+) -> None:
+    with pytest.raises(MalformedResponseError, match=message):
+        _decoder.decode_body(
+            _two_ones(vector_text), items=2, dimensions=2, encoding_format="base64"
+        )
+
+
+@pytest.mark.parametrize(
+    "vector_text",
+    [
+        '"AACAPwAA\\u0067D8="',  # a "g" escaped
+        '"QUFB","embedding":"AACAPwAAgD8="',  # the last of two keys is the one JSON keeps
+        '"QUFB","embeddin\\u0067":"AACAPwAAgD8="',
+        '"AACAPwAAgD8=","object":"embedding"',
+    ],
+)
+def test_an_odd_base64_answer_that_a_json_reader_accepts_is_accepted(vector_text: str) -> None:
+    rows, _, _ = _decoder.decode_body(
+        _two_ones(vector_text), items=2, dimensions=2, encoding_format="base64"
+    )
+    assert rows.tolist() == [[1.0, 1.0], [1.0, 1.0]]
+
+
+def _two_ones(first_vector_text: str) -> bytes:
+    """An answer of two vectors of two ones, the first one's JSON value as given."""
+    good = '"AACAPwAAgD8="'
+    return (
+        '{"object":"list","model":"m","data":['
+        f'{{"object":"embedding","embedding":{first_vector_text},"index":0}},'
+        f'{{"object":"embedding","embedding":{good},"index":1}}]}}'
+    ).encode()
+
+
+def test_a_body_that_ends_at_an_embedding_key_is_not_json() -> None:
+    with pytest.raises(MalformedResponseError, match="not valid JSON"):
+        _decoder.decode_body(
+            b'{"data":[{"embedding":', items=1, dimensions=2, encoding_format="base64"
+        )
