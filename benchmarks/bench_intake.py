@@ -33,10 +33,15 @@ from sfembed._dedup import Dedup
 from sfembed._intake import BLOCK, Intake, Splitter
 from sfembed._job import _Ids
 from sfembed._packer import packer_for
-from sfembed._sources import Record, find_sources, read_sources
+from sfembed._sources import find_sources, read_sources
 from sfembed._streams import open_stream
 from sfembed._types import Chunk, EmbeddedBatch
 from sfembed._writers import _write_sidecar
+
+try:
+    from sfembed._sources import read_blocks
+except ImportError:  # a build from before the block reader, for a figure before
+    read_blocks = None  # type: ignore[assignment]
 
 M3 = "BAAI/bge-m3"
 SPEC = DEFAULT_CATALOG[M3]
@@ -81,12 +86,11 @@ class _Rows:
 
 
 def reading(path: Path) -> Callable[[], object]:
+    """What a job hands the engine: the inputs read, their places kept for the sidecar."""
     sources = find_sources(path)
-    return lambda: sum(1 for _ in read_sources(sources))
-
-
-def feeding(records: list[Record]) -> Callable[[], object]:
-    return lambda: sum(1 for _ in _Ids().feed(iter(records)))
+    if read_blocks is None:  # a build from before the block reader
+        return lambda: sum(1 for _ in _Ids().feed(read_sources(sources)))  # type: ignore[arg-type]
+    return lambda: sum(1 for _ in _Ids().feed(read_blocks(sources)))
 
 
 def estimating(texts: list[str]) -> Callable[[], object]:
@@ -157,8 +161,7 @@ def stages(folder: Path, records: int) -> Iterator[tuple[str, Callable[[], objec
     corpus(path, records)
     read = list(read_sources(find_sources(path)))
     texts = [str(record.item) for record in read]
-    yield "read JSONL (`read_sources`)", reading(path)
-    yield "places kept (`_Ids.feed`)", feeding(read)
+    yield "read JSONL, places kept (`_Ids.feed`)", reading(path)
     yield "estimate (`Splitter.measure`)", estimating(texts)
     yield "intake, empty cache (`Intake.run`)", intake(texts, folder)
     ids = [str(record.id) for record in read]

@@ -47,7 +47,7 @@ from ._manifest import (
     save_manifest,
 )
 from ._report import run_report, write_report
-from ._sources import Place, Record, Source, find_sources, read_sources
+from ._sources import Block, Place, Places, Source, find_sources, read_blocks
 from ._types import EmbeddedBatch, JobStats, Unusable
 from ._writers import Committed, Writer, format_of, open_writer
 
@@ -115,27 +115,74 @@ class _Reporting:
         write_report(self.path, report)
 
 
+@dataclass(frozen=True, slots=True)
+class _Taken:
+    """The places of a batch's rows, column by column."""
+
+    ids: list[str | None]
+    lines: list[int]
+    sources: list[str]
+    kept: list[tuple[object, ...] | None] | None  # None when no field is kept
+
+    def places(self) -> list[Place]:
+        """The place of each row."""
+        kept = self.kept or itertools.repeat(None)
+        columns = zip(self.ids, self.lines, self.sources, kept, strict=False)
+        return [Place(*row) for row in columns]
+
+    def picked(self, rows: list[int]) -> _Taken:
+        """The places of ``rows`` (indices into these)."""
+        kept = [self.kept[row] for row in rows] if self.kept is not None else None
+        return _Taken(
+            [self.ids[row] for row in rows],
+            [self.lines[row] for row in rows],
+            [self.sources[row] for row in rows],
+            kept,
+        )
+
+
 @dataclass(slots=True)
 class _Ids:
-    """The places of records whose rows are still in flight, in input order (not the records:
-    their texts need not stay alive until their rows are written)."""
+    """The places of records whose rows are still in flight, in input order and a block at a
+    time (not the records: their texts need not stay alive until their rows are written)."""
 
-    pending: deque[Place] = field(default_factory=deque)
-    first: int = 0  # input position of pending[0]
+    pending: deque[Places] = field(default_factory=deque)
+    first: int = 0  # input position of the first record of pending[0]
 
-    def feed(self, records: Iterator[Record]) -> Iterator[str | dict[str, str] | Unusable]:
-        for record in records:
-            self.pending.append(Place(record.id, record.line, record.source, record.kept))
-            yield record.item if record.item is not None else Unusable(record.error or "unusable")
+    def feed(self, blocks: Iterator[Block]) -> Iterator[str | dict[str, str] | Unusable]:
+        for block in blocks:
+            self.pending.append(block.places)
+            yield from block.inputs
 
-    def take(self, batch: EmbeddedBatch) -> list[Place]:
-        """The place of each row's record, dropping the records this batch ends (it ends records
-        only: see ``_Carry``)."""
-        ids = [self.pending[position - self.first] for position in batch.positions.tolist()]
-        for _ in range(int(batch.positions[-1]) + 1 - self.first):
-            self.pending.popleft()
-        self.first = int(batch.positions[-1]) + 1
-        return ids
+    def take(self, batch: EmbeddedBatch) -> _Taken:
+        """The places of the batch's rows, dropping the records this batch ends (it ends
+        records only: see ``_Carry``)."""
+        start, end = int(batch.positions[0]), int(batch.positions[-1]) + 1
+        spanned = self._spanned(start, end)
+        while self.pending and self.first + len(self.pending[0]) <= end:
+            self.first += len(self.pending.popleft())
+        if batch.chunk_numbers is None and len(batch) == end - start:
+            return spanned  # one row for each record from start to end, the usual batch
+        return spanned.picked((batch.positions - start).tolist())
+
+    def _spanned(self, start: int, end: int) -> _Taken:
+        """The places of the records from ``start`` to ``end`` (input positions)."""
+        ids: list[str | None] = []
+        lines: list[int] = []
+        sources: list[str] = []
+        kept: list[tuple[object, ...] | None] = []
+        base = self.first
+        for places in self.pending:
+            low, high = max(start - base, 0), min(end - base, len(places))
+            if low < high:
+                ids += places.ids[low:high]
+                lines += places.lines[low:high]
+                sources += [places.source] * (high - low)
+                kept += places.kept[low:high] if places.kept is not None else [None] * (high - low)
+            base += len(places)
+            if base >= end:
+                break
+        return _Taken(ids, lines, sources, kept if any(k is not None for k in kept) else None)
 
 
 class _Carry:
@@ -440,9 +487,9 @@ class _Feed:
         job, summary = self.job, self.job.summary
         ids, carry = _Ids(), _Carry(job.settings.long_mode == "chunks")
         keep = job.format == "lance"
-        records = itertools.islice(_records(job.sources, job.settings, keep), self.skip, None)
+        blocks = _after(_blocks(job.sources, job.settings, keep), self.skip)
         stream = job_stream(
-            ids.feed(records),
+            ids.feed(blocks),
             job.settings,
             job.spec,
             client=job.client,
@@ -470,11 +517,14 @@ class _Feed:
         self.writing = True
         summary, several, offset = self.job.summary, self.job.several, self.skip
         where = ids.take(batch)
-        summary.failed += self.errors.write(batch, where, with_source=several)
+        if batch.failures:
+            summary.failed += self.errors.write(batch, where.places(), with_source=several)
         placed = dataclasses.replace(batch, positions=batch.positions + offset)
-        places = [(r.source, r.line) for r in where] if several else None
-        kept = [r.kept or () for r in where] if self.job.format == "lance" else None
-        self.writer.write([r.id for r in where], placed, places=places, kept=kept)
+        places = list(zip(where.sources, where.lines, strict=True)) if several else None
+        kept = None
+        if self.job.format == "lance":
+            kept = [k or () for k in where.kept] if where.kept is not None else [()] * len(batch)
+        self.writer.write(where.ids, placed, places=places, kept=kept)
         summary.rows += len(batch)
         summary.records = offset + int(batch.positions[-1]) + 1
         self.writing = False
@@ -582,16 +632,27 @@ def _continued(
     return earlier
 
 
-def _records(sources: Sequence[Source], settings: Settings, keep: bool) -> Iterator[Record]:
-    """The records of ``sources``, with the fields to keep when the output keeps them."""
+def _blocks(sources: Sequence[Source], settings: Settings, keep: bool) -> Iterator[Block]:
+    """The records of ``sources`` in blocks, with the fields to keep when the output keeps
+    them."""
     io = settings.io
-    return read_sources(
+    return read_blocks(
         sources,
         id_field=io.id_field,
         text_field=io.text_field,
         image_field=io.image_field,
         keep_fields=io.keep_fields if keep else (),
     )
+
+
+def _after(blocks: Iterator[Block], skip: int) -> Iterator[Block]:
+    """``blocks`` without their first ``skip`` records (done by an earlier run)."""
+    for block in blocks:
+        if skip >= len(block.inputs):
+            skip -= len(block.inputs)
+            continue
+        yield block.after(skip) if skip else block
+        skip = 0
 
 
 def _table_path(output_path: str | Path, settings: Settings) -> Path:

@@ -34,24 +34,28 @@ from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from itertools import chain
+from itertools import chain, islice
 from pathlib import Path
 from types import ModuleType
-from typing import IO, Any, NamedTuple
+from typing import IO, Any, NamedTuple, cast
 
 import orjson
 
 from ._exceptions import ConfigError
 from ._request import IMAGE_SUFFIXES
+from ._types import Unusable
 
 __all__ = [
     "FORMATS",
     "STDIN",
+    "Block",
     "Place",
+    "Places",
     "Record",
     "Source",
     "count_lines",
     "find_sources",
+    "read_blocks",
     "read_records",
     "read_sources",
 ]
@@ -75,6 +79,8 @@ _BY_SUFFIX = {
 _COMPRESSED = {".gz": "gzip", ".gzip": "gzip", ".zst": "zstd", ".zstd": "zstd"}
 _MAGIC = {b"\x1f\x8b": "gzip", b"\x28\xb5\x2f\xfd": "zstd"}
 _BUFFER = 1 << 20  # bytes; large reads keep the per-line cost in C
+_FIRST_READ = 1 << 16  # bytes: the first records go out before a whole buffer is read
+_BLOCK_LINES = 1024  # JSONL lines parsed and handed on together
 _PIECE = 1 << 20  # bytes read at a time while passing over an over-long line
 _PARQUET_BATCH = 1024  # rows per Arrow batch: bounds memory when texts are long
 _MAX_RECORD_LINES = 1000  # lines one CSV record may span; more is an unterminated quote
@@ -118,6 +124,58 @@ class Place(NamedTuple):
     line: int
     source: str
     kept: tuple[object, ...] | None
+
+
+@dataclass(frozen=True, slots=True)
+class Places:
+    """The places of consecutive records of one source, column by column (see :class:`Place`):
+    a job keeps these, not an object per record, until the records' rows are written."""
+
+    source: str
+    ids: list[str | None]
+    lines: Sequence[int]
+    kept: list[tuple[object, ...] | None] | None = None  # None when no field is kept
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def after(self, start: int) -> Places:
+        """The places of the records from the ``start``-th on."""
+        kept = self.kept[start:] if self.kept is not None else None
+        return Places(self.source, self.ids[start:], self.lines[start:], kept)
+
+    def place(self, i: int) -> Place:
+        """The place of the ``i``-th record."""
+        return Place(self.ids[i], self.lines[i], self.source, self.kept[i] if self.kept else None)
+
+
+@dataclass(frozen=True, slots=True)
+class Block:
+    """Consecutive records of one source: their places, and what goes into the pipeline for
+    each (its item, or :class:`~sfembed._types.Unusable` with the reason it cannot be used)."""
+
+    places: Places
+    inputs: list[str | dict[str, str] | Unusable]
+
+    @classmethod
+    def of(cls, records: Sequence[Record]) -> Block:
+        """The block of ``records`` (all of one source)."""
+        places = Places(
+            records[0].source if records else "",
+            [record.id for record in records],
+            [record.line for record in records],
+            [record.kept for record in records]
+            if any(r.kept is not None for r in records)
+            else None,
+        )
+        inputs = [
+            r.item if r.item is not None else Unusable(r.error or "unusable") for r in records
+        ]
+        return cls(places, inputs)
+
+    def after(self, start: int) -> Block:
+        """The records from the ``start``-th on."""
+        return Block(self.places.after(start), self.inputs[start:])
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,6 +412,40 @@ def read_sources(
     max_line_bytes: int = 16 * 2**20,
 ) -> Iterator[Record]:
     """The records of ``sources`` (from ``find_sources``), as ``read_records``."""
+    named = _prepared(sources, id_field, text_field, image_field, keep_fields, max_line_bytes)
+    shards = (_shard(s, f, max_line_bytes) for s, f in named)
+    return chain.from_iterable(shards)
+
+
+def read_blocks(
+    sources: Sequence[Source],
+    *,
+    id_field: str = "id",
+    text_field: str = "text",
+    image_field: str | None = None,
+    keep_fields: Sequence[str] = (),
+    max_line_bytes: int = 16 * 2**20,
+) -> Iterator[Block]:
+    """The records of ``sources`` as ``read_sources`` gives them, in blocks of consecutive
+    records of one source. Plain JSON Lines, a job's usual input, is parsed a block of lines at
+    a time, without an object per record; the records are the same."""
+    named = _prepared(sources, id_field, text_field, image_field, keep_fields, max_line_bytes)
+    for source, fields in named:
+        if source.format == "jsonl" and source.compression is None:
+            yield from _jsonl_blocks(source, fields, max_line_bytes)
+        else:
+            yield from _grouped(_shard(source, fields, max_line_bytes))
+
+
+def _prepared(
+    sources: Sequence[Source],
+    id_field: str,
+    text_field: str,
+    image_field: str | None,
+    keep_fields: Sequence[str],
+    max_line_bytes: int,
+) -> list[tuple[Source, _Fields]]:
+    """Each source with the fields to read from it, once those that can be were checked."""
     if max_line_bytes < 1:
         raise ConfigError(f"max_line_bytes must be at least 1, not {max_line_bytes}")
     several = len(sources) > 1
@@ -367,8 +459,14 @@ def read_sources(
     for source, named in zip(sources, fields, strict=True):
         if source.rereadable:
             _check_ahead(source, named, max_line_bytes)
-    shards = (_shard(s, f, max_line_bytes) for s, f in zip(sources, fields, strict=True))
-    return chain.from_iterable(shards)
+    return list(zip(sources, fields, strict=True))
+
+
+def _grouped(records: Iterable[Record]) -> Iterator[Block]:
+    """``records`` (of one source) in blocks."""
+    iterator = iter(records)
+    while batch := list(islice(iterator, _BLOCK_LINES)):
+        yield Block.of(batch)
 
 
 def _check_ahead(source: Source, fields: _Fields, limit: int) -> None:
@@ -515,24 +613,120 @@ def _jsonl_records(source: Source, fields: _Fields, limit: int) -> Iterator[Reco
         if _first_byte(stream) == b"[":
             yield from _json_array(stream, fields, limit)
             return
-        # The hot loop of a job: the reading is inlined rather than taken from _lines, as a
-        # generator between it and orjson costs a fifth of the time on short lines.
-        loads, decode_error = orjson.loads, orjson.JSONDecodeError
-        readline, line = stream.readline, 0
+        yield from _jsonl_lines(stream, fields, limit)
+
+
+def _jsonl_lines(stream: IO[bytes], fields: _Fields, limit: int) -> Iterator[Record]:
+    """One record per line of ``stream``."""
+    # The hot loop of a job: the reading is inlined rather than taken from _lines, as a
+    # generator between it and orjson costs a fifth of the time on short lines.
+    loads, decode_error = orjson.loads, orjson.JSONDecodeError
+    readline, line = stream.readline, 0
+    try:
+        while raw := readline(limit + 1):
+            line += 1
+            if len(raw) > limit and not raw.endswith(b"\n"):
+                yield _unusable(line, _pass_long_line(readline, raw, limit), fields)
+                continue
+            try:
+                value = loads(raw)
+            except decode_error as exc:
+                yield _bad_json(raw, line, exc, fields)
+                continue
+            yield _from_value(value, line, fields, raw)
+    except _damage_types() as exc:
+        yield _damaged(fields, line, exc)
+
+
+def _jsonl_blocks(source: Source, fields: _Fields, limit: int) -> Iterator[Block]:
+    """The records of a JSON Lines source (or JSON array) in blocks, each the one
+    ``_jsonl_records`` gives. The lines of an uncompressed stream are split from large reads
+    and parsed a block at a time; a compressed one is read line by line (a damaged stream then
+    loses no line before the damage)."""
+    with _opened(source) as stream:
+        if _first_byte(stream) == b"[":
+            yield from _grouped(_json_array(stream, fields, limit))
+            return
+        if not isinstance(getattr(stream, "raw", None), io.FileIO):
+            yield from _grouped(_jsonl_lines(stream, fields, limit))
+            return
+        line = 0  # lines handed on so far
         try:
-            while raw := readline(limit + 1):
-                line += 1
-                if len(raw) > limit and not raw.endswith(b"\n"):
-                    yield _unusable(line, _pass_long_line(readline, raw, limit), fields)
-                    continue
-                try:
-                    value = loads(raw)
-                except decode_error as exc:
-                    yield _bad_json(raw, line, exc, fields)
-                    continue
-                yield _from_value(value, line, fields, raw)
+            for lines, ended, long in _split_lines(stream, limit):
+                for start in range(0, len(lines), _BLOCK_LINES):
+                    part = lines[start : start + _BLOCK_LINES]
+                    yield _lines_block(part, line + 1, fields, limit, ended)
+                    line += len(part)
+                if long is not None:
+                    line += 1
+                    yield Block.of([_unusable(line, long, fields)])
         except _damage_types() as exc:
-            yield _damaged(fields, line, exc)
+            yield Block.of([_damaged(fields, line, exc)])
+
+
+def _split_lines(stream: IO[bytes], limit: int) -> Iterator[tuple[list[bytes], bool, str | None]]:
+    """(lines without their newline, whether each had one, why a line after them was passed
+    over or None), from large reads. A line is passed over in pieces once it is over
+    ``limit`` bytes, so it is never held whole."""
+    read, readline = stream.read1, stream.readline  # type: ignore[attr-defined]
+    tail, size = b"", _FIRST_READ
+    while piece := read(size):
+        size = _BUFFER
+        lines = (tail + piece).split(b"\n") if tail else piece.split(b"\n")
+        tail = lines.pop()
+        if len(tail) > limit:
+            yield lines, True, _pass_long_line(readline, tail, limit)
+            tail = b""
+        elif lines:
+            yield lines, True, None
+    if tail:
+        yield [tail], False, None  # the last line, without a newline
+
+
+def _lines_block(lines: list[bytes], first: int, fields: _Fields, limit: int, ended: bool) -> Block:
+    """The records of ``lines`` (line ``first`` on; ``ended``: each had a newline). When each
+    is an object with an id and a text, as nearly all are, the block is parsed and checked in
+    bulk; else line by line, for each record's own reason."""
+    if fields.image is not None or fields.keep or max(map(len, lines)) > limit:
+        return _each_line(lines, first, fields, limit, ended)
+    try:
+        values = list(map(orjson.loads, lines))
+    except orjson.JSONDecodeError:
+        return _each_line(lines, first, fields, limit, ended)
+    if set(map(type, values)) != {dict}:
+        return _each_line(lines, first, fields, limit, ended)
+    ids = [value.get(fields.id) for value in values]
+    texts = [value.get(fields.text) for value in values]
+    if _all_text(ids) and _all_text(texts) and not any(map(str.isspace, texts)):
+        plain = cast(list[str], texts)
+        if "\x00" not in "".join(plain):
+            places = Places(
+                fields.source, cast(list[str | None], ids), range(first, first + len(lines))
+            )
+            return Block(places, cast(list[str | dict[str, str] | Unusable], plain))
+    return _each_line(lines, first, fields, limit, ended)
+
+
+def _all_text(values: list[Any]) -> bool:
+    """True when every one of ``values`` is a non-empty string."""
+    return set(map(type, values)) == {str} and all(values)
+
+
+def _each_line(lines: list[bytes], first: int, fields: _Fields, limit: int, ended: bool) -> Block:
+    """The records of ``lines`` one by one, as ``_jsonl_records`` makes them."""
+    records = []
+    for number, body in enumerate(lines, first):
+        raw = body + b"\n" if ended else body
+        if len(body) > limit:
+            records.append(_unusable(number, _too_long(limit, len(body)), fields))
+            continue
+        try:
+            value = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            records.append(_bad_json(raw, number, exc, fields))
+            continue
+        records.append(_from_value(value, number, fields, raw))
+    return Block.of(records)
 
 
 def _first_byte(stream: IO[bytes]) -> bytes:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import gzip
 import io
 import os
 import random
@@ -18,8 +19,10 @@ from typing import Any
 import orjson
 import pytest
 
+from sfembed import _sources
 from sfembed._exceptions import ConfigError
-from sfembed._sources import FORMATS, Record, read_records
+from sfembed._sources import FORMATS, Record, find_sources, read_blocks, read_records, read_sources
+from sfembed._types import Unusable
 
 PIXEL = b"\x89PNG\r\n\x1a\n-not-decoded-by-anyone"
 
@@ -423,3 +426,99 @@ def test_large_input_streams_without_reading_ahead(tmp_path: Path) -> None:
     records = read_records(path)
     assert next(records) == Record("1", "doc 0", 1, None, str(path))
     assert sum(1 for _ in records) == 49_999
+
+
+# --- the job's reading in blocks: the same records as one by one --------------------------------
+
+
+def _hostile_lines(rng: random.Random, count: int, rare: bool) -> list[bytes]:
+    """JSONL lines, most of them good; 5% each wrong in its own way, or (``rare``) one of each
+    way that is valid JSON, far apart, so that most blocks are clean."""
+    bad = [
+        b'{"id": 7, "text": "an int id"}',
+        b'{"id": 123456789012345678901234567890, "text": "a huge id"}',
+        b'{"id": "", "text": "empty id"}',
+        b'{"text": "no id"}',
+        b'{"id": "y", "text": ""}',
+        b'{"id": "y", "text": " \\t "}',
+        b'{"id": "y", "text": "a NUL \\u0000 inside"}',
+        b'{"id": "y", "text": 5}',
+        b'{"id": "y"}',
+        b"[1, 2]",
+        b'"a string"',
+        b"",
+        b"   ",
+        b"{not json",
+        b'{"id": "x", "text": "cut',
+        b'{"id": "y", "text": "caf\xff bad utf-8"}',
+        b'{"id": "y", "text": "a raw NUL \x00"}',
+        b'{"id": "z", "text": "crlf"}\r',
+        b'{"id": "w", "text": "' + b"long " * 40 + b'"}',
+        b'{"id": "v", "text": "kept", "tag": [1, {"a": 2}], "img": "x.png"}',
+    ]
+    lines = []
+    for n in range(count):
+        if not rare and rng.random() < 0.05:
+            lines.append(rng.choice(bad))
+        else:
+            text = " ".join(rng.choice(["river", "Quota", "中文", "é", "42"]) for _ in range(8))
+            lines.append(orjson.dumps({"id": f"d{n}", "text": text, "tag": n}))
+    if rare:
+        for k, line in enumerate(bad[:9]):
+            lines[(k + 1) * count // 10] = line
+    return lines
+
+
+def _flat_blocks(blocks: Any) -> list[tuple[Any, ...]]:
+    rows = []
+    for block in blocks:
+        places = block.places
+        for i, item in enumerate(block.inputs):
+            kept = places.kept[i] if places.kept is not None else None
+            rows.append((places.ids[i], places.lines[i], places.source, kept, item))
+    return rows
+
+
+def _flat_records(records: Any) -> list[tuple[Any, ...]]:
+    return [
+        (
+            r.id,
+            r.line,
+            r.source,
+            r.kept,
+            r.item if r.item is not None else Unusable(r.error or "unusable"),
+        )
+        for r in records
+    ]
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_blocks_hold_the_records_read_one_by_one(
+    tmp_path: Path, seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng = random.Random(seed)
+    monkeypatch.setattr(_sources, "_BLOCK_LINES", 16)  # a bad line alone among clean blocks
+    # Often enough that each block has a bad line, or so rarely that most blocks have none.
+    lines = _hostile_lines(rng, rng.choice([700, 3000]), rare=seed >= 3)
+    if seed % 2:
+        lines[0] = b"\xef\xbb\xbf" + lines[0]  # a byte order mark
+    if seed % 3 == 0:
+        lines.insert(
+            rng.randrange(len(lines)), b'{"id": "huge", "text": "' + b"x" * 200_000 + b'"}'
+        )
+    data = b"\n".join(lines) + (b"\n" if seed % 4 else b"")  # the last line may lack its newline
+    first = write(tmp_path / "a.jsonl", data)
+    second = write(tmp_path / "b.jsonl", b"\n".join(lines[: len(lines) // 2]) + b"\n")
+    gz = write(tmp_path / "c.jsonl.gz", gzip.compress(data))
+    options: list[dict[str, Any]] = [
+        {},
+        {"max_line_bytes": 90},
+        {"max_line_bytes": 100_000},
+        {"keep_fields": ("tag",)},
+        {"image_field": "img"},
+    ]
+    for inputs in ([first], [first, second], [gz]):
+        sources = find_sources(inputs)
+        for option in options:
+            expected = _flat_records(read_sources(sources, **option))
+            assert _flat_blocks(read_blocks(sources, **option)) == expected, (inputs, option)
