@@ -34,7 +34,7 @@ from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from itertools import chain, islice
+from itertools import chain, islice, repeat
 from pathlib import Path
 from types import ModuleType
 from typing import IO, Any, NamedTuple, cast
@@ -463,9 +463,13 @@ def _prepared(
 
 
 def _grouped(records: Iterable[Record]) -> Iterator[Block]:
-    """``records`` (of one source) in blocks."""
+    """``records`` (of one source) in blocks; the first ones small, so that a slow stream's
+    first records do not wait for a whole block."""
     iterator = iter(records)
-    while batch := list(islice(iterator, _BLOCK_LINES)):
+    for size in chain((64, 256), repeat(_BLOCK_LINES)):
+        batch = list(islice(iterator, size))
+        if not batch:
+            return
         yield Block.of(batch)
 
 
