@@ -2,7 +2,8 @@
 
     python benchmarks/bench_pacing.py [--profile tpm,rpm,faults,large,long] [--repeat 1]
         [--workdir DIR]
-    python benchmarks/bench_pacing.py --cpu [--cpu-counts 20000,100000] [--no-cache] [--repeat 1]
+    python benchmarks/bench_pacing.py --cpu [--cpu-counts 20000,100000[,400000]] [--no-cache]
+        [--repeat 1]
 
 Each profile runs the local server in a process of its own, shaped like the provider: a sliding
 6 s window, an answer in 30 ms + 5 ms per 1,000 tokens, and a token count of its own (about 14%
@@ -36,8 +37,10 @@ Profiles:
 
 With ``--cpu`` it measures instead the client CPU of the same command (defaults: cache on,
 progress on; bge-m3, 1024-d base64) on unique short texts (~24 tokens) against a server with
-no limits and no latency: the marginal CPU between the two job sizes, per million documents, so
-that start-up (imports, the interpreter) is left out.
+no limits and no latency: the marginal CPU between the first and the last job size, per million
+documents, so that start-up (imports, the interpreter) is left out. Each size prints the job's
+peak RSS too: with a third size (``--cpu-counts 20000,100000,400000``) it shows whether memory
+stays flat as the corpus grows.
 """
 
 from __future__ import annotations
@@ -294,7 +297,12 @@ def main() -> None:
     )
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/sfembed-bench-pacing"))
     parser.add_argument("--cpu", action="store_true", help="measure the marginal client CPU")
-    parser.add_argument("--cpu-counts", default="20000,100000", help="two job sizes for --cpu")
+    parser.add_argument(
+        "--cpu-counts",
+        default="20000,100000",
+        help="job sizes for --cpu, comma-separated; each prints its peak RSS, and the marginal "
+        "CPU is taken between the first and the last",
+    )
     parser.add_argument("--no-cache", action="store_true", help="--cpu: run with --no-cache")
     args = parser.parse_args()
     if args.cpu:
