@@ -68,7 +68,7 @@ ROOT = Path(sfembed.__file__).parent.parent
 _MARKED = r"""
 import sys, time
 mark = sys.argv.pop(1)
-todo = {"sfembed.testing": ("LocalServer", "_respond", "server"),
+todo = {"sfembed._testing.server": ("LocalServer", "_respond", "server"),
         "aiohttp.client": ("ClientSession", "_request", "client")}
 def patch(cls, name, what):
     real, done = getattr(cls, name), []

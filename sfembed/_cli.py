@@ -12,18 +12,19 @@ stopped by a signal after a checkpoint (resumable); 130 interrupted at once.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-from . import __version__, _commands
-from ._commands import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE
+from . import __version__
 from ._exceptions import ConfigError, SFEmbedError
-from ._options import add_options
 
 __all__ = ["main"]
+
+#: What a command runs, given its parsed arguments: the exit code.
+Command = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
 
 _DESCRIPTION = """\
 Embed a corpus through the SiliconFlow embeddings API as fast as your account's rate limits
@@ -40,29 +41,49 @@ examples:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``sfembed`` command; returns the process exit code."""
+    _one_blas_thread()
+    from . import _commands  # loads numpy (the settings' types): after the line above
+
     try:
         args = _parser().parse_args(argv)
     except SystemExit as exit:  # argparse: --help, --version (0) or a usage error (2)
-        return exit.code if isinstance(exit.code, int) else EXIT_USAGE
+        return exit.code if isinstance(exit.code, int) else _commands.EXIT_USAGE
     logging.basicConfig(format="sfembed: %(message)s", level=logging.WARNING)
+    import asyncio
+
     try:
         return int(asyncio.run(args.run(args)))
     except ConfigError as error:
         print(f"sfembed: error: {error}", file=sys.stderr)
-        return EXIT_USAGE
+        return _commands.EXIT_USAGE
     except SFEmbedError as error:
         print(f"sfembed: error: {error}", file=sys.stderr)
-        return EXIT_FAILED
+        return _commands.EXIT_FAILED
     except OSError as error:  # the disk refused a write: full, read-only, too large a file
         where = f"{error.filename}: " if error.filename else ""
         print(f"sfembed: error: {where}{error.strerror or error}", file=sys.stderr)
-        return EXIT_FAILED
+        return _commands.EXIT_FAILED
     except KeyboardInterrupt:
         print("sfembed: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return _commands.EXIT_INTERRUPTED
+
+
+def _one_blas_thread() -> None:
+    """Keep OpenBLAS, which numpy loads, to one thread in this process unless the user chose.
+
+    The command line does no linear algebra (a vector's norm at most), and the pool OpenBLAS
+    starts as numpy loads, one thread per core, spins for some 0.1 s of each core (measured: 80
+    ms of CPU beside numpy's own 60 ms, and 20 ms more on the loading thread): the very cores a
+    job's start-up is using to load its client. Set before numpy loads, as OpenBLAS reads it
+    then; the parser's options load numpy, so this comes first."""
+    if "numpy" not in sys.modules:
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
 def _parser() -> argparse.ArgumentParser:
+    from . import _commands
+    from ._options import add_options
+
     parser = argparse.ArgumentParser(
         prog="sfembed",
         description=_DESCRIPTION,
@@ -70,13 +91,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"sfembed {__version__}")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
-    _add_embed(commands)
-    _add_report(commands)
-    _add_serve(commands)
+    _add_embed(commands, add_options, _commands.embed)
+    _add_report(commands, _commands.show_report)
+    _add_serve(commands, _commands.serve)
     return parser
 
 
-def _add_embed(commands: Any) -> None:
+def _add_embed(commands: Any, add_options: Callable[[dict[str, Any]], None], run: Command) -> None:
     embed = commands.add_parser(
         "embed",
         help="embed every record of a file into an output file",
@@ -176,10 +197,10 @@ def _add_embed(commands: Any) -> None:
         "(default: configs/prices.toml if present)",
     )
     add_options(groups)
-    embed.set_defaults(run=_commands.embed)
+    embed.set_defaults(run=run)
 
 
-def _add_report(commands: Any) -> None:
+def _add_report(commands: Any, run: Command) -> None:
     report = commands.add_parser(
         "report",
         help="show a run report as a table, or plot it",
@@ -193,10 +214,10 @@ def _add_report(commands: Any) -> None:
         help="draw the plot into this PNG file; needs pip install 'sfembed[plot]' "
         "(default: no plot)",
     )
-    report.set_defaults(run=_commands.show_report)
+    report.set_defaults(run=run)
 
 
-def _add_serve(commands: Any) -> None:
+def _add_serve(commands: Any, run: Command) -> None:
     serve = commands.add_parser(
         "serve",
         help="run the SiliconFlow-compatible local server, for trials and tests",
@@ -262,4 +283,4 @@ def _add_serve(commands: Any) -> None:
         metavar="N",
         help="the seed of the faults' random choices (default: 0)",
     )
-    serve.set_defaults(run=_commands.serve)
+    serve.set_defaults(run=run)

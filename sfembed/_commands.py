@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import functools
 import gc
+import importlib
 import os
 import re
 import signal
@@ -101,16 +102,19 @@ async def embed(args: argparse.Namespace) -> int:
         return _dry_run(args, settings)
     if not args.local:
         _check_service(settings)
+    _load_beside_job("aiohttp.web" if args.local else "aiohttp")
+    if not args.local:
         from ._client import client_for
 
         async with client_for(settings) as client:
             return await _run(args, settings, client)
-    from . import testing
     from ._client import EmbeddingClient
+    from ._testing.server import LocalServer
+    from ._testing.settings import ModelLimits, ServerConfig
 
-    limits = testing.ModelLimits(rpm=settings.rate.rpm, tpm=settings.rate.tpm)
-    config = testing.ServerConfig(window_s=settings.rate.window_s, default_limits=limits)
-    async with testing.LocalServer(config) as server:
+    limits = ModelLimits(rpm=settings.rate.rpm, tpm=settings.rate.tpm)
+    config = ServerConfig(window_s=settings.rate.window_s, default_limits=limits)
+    async with LocalServer(config) as server:
         print(
             f"local server on {server.url} (RPM {limits.rpm:,}, TPM {limits.tpm:,} "
             f"per {settings.rate.window_s:g} s)"
@@ -118,6 +122,22 @@ async def embed(args: argparse.Namespace) -> int:
         local = dataclasses.replace(settings, base_url=server.url)
         async with EmbeddingClient(api_key=config.api_key, base_url=server.url) as client:
             return await _run(args, local, client)
+
+
+def _load_beside_job(library: str) -> None:
+    """Import ``library`` (aiohttp, which the client needs) on a thread while this one imports
+    the job's own modules, the first request needing both. Most of aiohttp's import time is
+    its connector building two TLS contexts, which loads the system's certificates with the
+    interpreter lock released (some 45 ms of CPU here, even for a plain-http server): the
+    job's modules load meanwhile. The thread imports a library only, none of sfembed's modules,
+    so neither thread can wait on a module the other is importing."""
+
+    def load() -> None:
+        with contextlib.suppress(Exception):  # the client's own import raises it again
+            importlib.import_module(library)
+
+    threading.Thread(target=load, name="sfembed-import").start()
+    from . import _job, _progress  # noqa: F401 (the job's modules, loaded meanwhile)
 
 
 async def _run(args: argparse.Namespace, settings: Settings, client: EmbeddingClient) -> int:

@@ -26,12 +26,11 @@ import statistics
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from . import _exceptions as exc
 from ._bounds import upper_bound
 from ._calibration import Calibration
-from ._client import EmbeddingClient
 from ._config import Settings
 from ._dedup import Dedup
 from ._delivery import RowWriter
@@ -47,6 +46,9 @@ from ._retry import (
 )
 from ._streams import EndOfStream, ReceiveStream
 from ._types import Chunk, EmbeddingResult, InputItem, JobStats, Ticket, Truncate
+
+if TYPE_CHECKING:  # aiohttp loads with the client, apart from this stage (see _commands)
+    from ._client import EmbeddingClient
 
 __all__ = ["Dispatch", "PacedSender"]
 

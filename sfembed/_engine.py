@@ -25,13 +25,12 @@ from collections.abc import (
     Iterable,
     Sized,
 )
-from typing import Any, Literal, Protocol, get_args
+from typing import TYPE_CHECKING, Any, Literal, Protocol, get_args
 
 import numpy as np
 
 from . import _exceptions as exc
 from ._cache import EmbeddingCache, scope
-from ._client import EmbeddingClient, client_for
 from ._config import Settings, load_settings, model_spec, with_options
 from ._dedup import Dedup
 from ._delivery import Delivery
@@ -44,6 +43,9 @@ from ._quota import SharedLimiter
 from ._reorder import ReorderBuffer
 from ._streams import ReceiveStream, SendStream, open_stream
 from ._types import Chunk, EmbeddedBatch, FloatArray, JobStats
+
+if TYPE_CHECKING:  # aiohttp loads with the client, apart from the stages (see _commands)
+    from ._client import EmbeddingClient
 
 __all__ = ["Engine", "embed", "embed_stream", "job_stream", "shared_limiter_for"]
 
@@ -208,6 +210,8 @@ async def _running(
     run_settings = with_options(settings or load_settings(), **options)
     async with contextlib.AsyncExitStack() as stack:
         if client is None:
+            from ._client import client_for
+
             client = await stack.enter_async_context(client_for(run_settings))
         if limiter is None and run_settings.quota:
             limiter = await stack.enter_async_context(shared_limiter_for(run_settings))

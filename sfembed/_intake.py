@@ -43,6 +43,11 @@ BLOCK = 512  # records counted per tokenizer call: large enough to amortise, sma
 #: The first blocks are smaller, so that the first request waits for the reading and counting
 #: of its own records only (a request holds 64 items at most), not of a whole block.
 _FIRST_BLOCKS = (64, 128, 256)
+#: Turns of the event loop given to the other stages after each of the first blocks, instead of
+#: one: the job's first requests need some eight turns to be on the wire (a new connection's
+#: callbacks, then the write), and as many again for a local server in this process to read
+#: them; a block read and estimated between two of those turns holds them up by its whole time.
+_FIRST_TURNS = 16
 _IMAGE_TOKENS = 1024  # charged for an image before the server's count corrects it
 #: A block of more characters than this is estimated off the event loop (a 10 MB text took
 #: seconds of it).
@@ -208,6 +213,9 @@ class Intake:
                 await self._record_rows(position, block, texts, tokens, doubtful, group)
             position += len(block)
             self.stats.records += len(block)
+            if position <= sum(_FIRST_BLOCKS):
+                for _ in range(_FIRST_TURNS):
+                    await asyncio.sleep(0)
 
     async def _exact(self, texts: Sequence[str], doubtful: list[int]) -> dict[int, int]:
         if not doubtful:

@@ -23,12 +23,11 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ._cache import EmbeddingCache
-from ._client import EmbeddingClient
 from ._config import Settings, model_spec
 from ._engine import job_stream
 from ._errorlog import ErrorLog
@@ -50,6 +49,9 @@ from ._report import run_report, write_report
 from ._sources import Block, Place, Places, Source, find_sources, read_blocks
 from ._types import EmbeddedBatch, JobStats, Unusable
 from ._writers import Committed, Writer, format_of, open_writer
+
+if TYPE_CHECKING:  # aiohttp loads with the client, apart from the job (see _commands)
+    from ._client import EmbeddingClient
 
 log = logging.getLogger("sfembed")
 

@@ -26,6 +26,19 @@ from sfembed._progress import TqdmProgress
 OPTIONAL = {"lancedb", "pyarrow", "zstandard", "redis", "ray", "matplotlib"}
 
 
+# Code for a fresh interpreter: ``by`` maps the modules named to the thread that imported them.
+# (A finder first in line sees every import, whichever way it is made, and finds nothing.)
+_IMPORTED_BY = (
+    "by = {}\n"
+    "class _Seen:\n"
+    "    @staticmethod\n"
+    "    def find_spec(name, path=None, target=None):\n"
+    "        if name in ('aiohttp', 'sfembed._job'):\n"
+    "            by.setdefault(name, threading.current_thread().name)\n"
+    "sys.meta_path.insert(0, _Seen)\n"
+)
+
+
 def _modules_after(code: str, tmp_path: Path) -> set[str]:
     """The modules a fresh interpreter holds once ``code`` has run (in ``tmp_path``)."""
     listing = "import sys, json\nprint(json.dumps(sorted(sys.modules)))"
@@ -68,20 +81,54 @@ def test_help_loads_no_client_cache_server_bar_or_optional_library(tmp_path: Pat
     assert not modules & (unwanted | {"aiohttp", "tqdm", "tokenizers"} | OPTIONAL)
 
 
+@pytest.mark.parametrize(("chosen", "kept"), [(None, "1"), ("3", "3")])
+def test_the_command_line_keeps_openblas_to_one_thread_unless_the_user_chose(
+    tmp_path: Path, chosen: str | None, kept: str
+) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    if chosen is not None:
+        env["OPENBLAS_NUM_THREADS"] = chosen
+    code = (
+        "import contextlib, io, os, sys\n"
+        "from sfembed._cli import main\n"
+        "assert 'numpy' not in sys.modules  # or the setting would come too late\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    assert main(['embed', '--help']) == 0\n"
+        "assert 'numpy' in sys.modules\n"
+        "print(os.environ.get('OPENBLAS_NUM_THREADS'))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [kept]
+
+
 def test_a_job_of_short_texts_loads_no_tokenizer_bar_or_optional_library(tmp_path: Path) -> None:
     lines = (json.dumps({"id": str(i), "text": f"text number {i}"}) for i in range(50))
     (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
     code = (
-        "import contextlib, io\n"
+        "import contextlib, io, sys, threading\n"
+        f"{_IMPORTED_BY}"
         "from sfembed._cli import main\n"
         "with contextlib.redirect_stdout(io.StringIO()):\n"
         "    assert main(['embed', '--local', 'in.jsonl', '--out', 'out.npy', '--no-cache',\n"
-        "                 '--no-progress', '--model', 'BAAI/bge-m3']) == 0"
+        "                 '--no-progress', '--model', 'BAAI/bge-m3']) == 0\n"
+        "assert by['sfembed._job'] == 'MainThread', by\n"
+        "assert by['aiohttp'] != 'MainThread', by"
     )
     modules = _modules_after(code, tmp_path)
-    assert {"sfembed._job", "sfembed.testing"} <= modules
+    assert {"sfembed._job", "sfembed._testing.server"} <= modules
     assert (tmp_path / "out.npy").exists()
-    unwanted = {"tqdm", "tokenizers", "sfembed._estimate", "multiprocessing"}
+    # The local server's parts only: not the corpus generator or the Redis server beside it.
+    unwanted = {
+        "tqdm",
+        "tokenizers",
+        "sfembed._estimate",
+        "multiprocessing",
+        "sfembed._corpus",
+        "sfembed._testing.redis_server",
+    }
     assert not modules & (unwanted | OPTIONAL)
 
 
@@ -94,12 +141,13 @@ async def test_a_job_against_a_server_loads_no_local_server_tokenizer_or_optiona
     (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
     async with LocalServer() as server:
         code = (
-            "import contextlib, io, sys, json\n"
+            "import contextlib, io, sys, json, threading\n"
+            f"{_IMPORTED_BY}"
             "from sfembed._cli import main\n"
             "with contextlib.redirect_stdout(io.StringIO()):\n"
             f"    code = main(['embed', 'in.jsonl', '--out', 'out.npy', '--base-url', "
             f"'{server.url}', '--model', 'BAAI/bge-m3'])\n"
-            "print(code, json.dumps(sorted(sys.modules)))"
+            "print(code, json.dumps([sorted(sys.modules), by]))"
         )
         job = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -113,7 +161,11 @@ async def test_a_job_against_a_server_loads_no_local_server_tokenizer_or_optiona
         out, err = await job.communicate()
     code, listed = out.decode().splitlines()[-1].split(" ", 1)
     assert code == "0", err.decode()
-    modules = set(json.loads(listed))
+    names, by = json.loads(listed)
+    modules = set(names)
+    # aiohttp loads on a thread of its own while the job's modules load on the main thread
+    assert by["sfembed._job"] == "MainThread"
+    assert by["aiohttp"] != "MainThread"
     assert "sfembed._cache" in modules  # the default job: cache on, progress bar on
     unwanted = {
         "sfembed.testing",
@@ -238,3 +290,28 @@ async def test_the_first_request_waits_for_its_own_records_not_a_whole_block(
             rows = await embed(texts(), model="BAAI/bge-m3", settings=settings, client=client)
     assert len(rows) == 2 * BLOCK
     assert 0 < read_at_first_send[0] < BLOCK
+
+
+async def test_the_first_request_reaches_a_server_in_this_process_before_the_third_block() -> None:
+    # The intake gives the event loop turns after its first blocks: a connection and a server
+    # in this process need several turns to carry the first request, and one turn between two
+    # blocks let the intake read the whole input first.
+    from sfembed import EmbeddingClient, RateLimits, embed, load_settings
+    from sfembed._intake import _FIRST_BLOCKS, BLOCK
+    from sfembed.testing import LocalServer
+
+    read_when_it_arrived: list[int] = []
+    async with LocalServer() as server:
+
+        def texts() -> Iterator[str]:
+            for i in range(4 * BLOCK):
+                if not read_when_it_arrived and server.stats.first_request_at is not None:
+                    read_when_it_arrived.append(i)
+                yield f"text number {i}"
+
+        settings = load_settings(base_url=server.url, rate=RateLimits(rpm=10**6, tpm=10**9))
+        async with EmbeddingClient(api_key="sk-local-test", base_url=server.url) as client:
+            rows = await embed(texts(), model="BAAI/bge-m3", settings=settings, client=client)
+    assert len(rows) == 4 * BLOCK
+    assert read_when_it_arrived
+    assert read_when_it_arrived[0] <= _FIRST_BLOCKS[0] + _FIRST_BLOCKS[1]
