@@ -8,7 +8,6 @@ ConfigError naming the key, the value and what is allowed, before anything runs.
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -302,6 +301,8 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
     """
     values: dict[str, Any] = {}
     if path is not None:
+        import tomllib  # here: a job without a config file starts without it
+
         try:
             with open(path, "rb") as handle:
                 values = tomllib.load(handle)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import statistics
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -88,6 +87,8 @@ class _StallClock:
         or no shorter than the client's own read timeout)."""
         if len(self.times_s) < _STALL_SAMPLES:
             return None
+        import statistics  # here, not before a job's first request: it loads fractions, decimal
+
         limit = max(_STALL_MIN_S, _STALL_FACTOR * statistics.median(self.times_s))
         return limit if limit < self.read_s else None
 

@@ -7,7 +7,6 @@ TOML file (``[models."Org/name"]`` tables) or in code, without a release.
 
 from __future__ import annotations
 
-import tomllib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -132,6 +131,8 @@ class ModelCatalog(Mapping[str, ModelSpec]):
 
     def load(self, path: str | Path) -> ModelCatalog:
         """A copy extended by the ``[models]`` table of the TOML file at ``path``."""
+        import tomllib  # here: a job without a models file starts without it
+
         with open(path, "rb") as handle:
             return self.with_table(tomllib.load(handle).get("models", {}))
 

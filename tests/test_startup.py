@@ -180,6 +180,7 @@ async def test_a_job_against_a_server_loads_no_local_server_tokenizer_or_optiona
         "aiohttp.web",
         "tokenizers",
         "multiprocessing",
+        "tomllib",  # no config or models file named
     }
     assert not modules & (unwanted | OPTIONAL)
 
