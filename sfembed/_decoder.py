@@ -52,16 +52,12 @@ def decode_body(
     data = payload["data"]
     order = _indices(data, items, trace_id)
     try:
-        rows = _rows(data, encoding_format, dimensions, chunks)
+        rows = _rows(data, encoding_format, dimensions, chunks, order)
     except KeyError:
         raise _malformed("an embedding lacks its 'embedding'", trace_id) from None
     except (ValueError, TypeError) as exc:
         raise _malformed(f"bad embedding values: {exc}", trace_id) from None
-    if order is None:  # in order already, as answers usually are: the rows are the result
-        return rows, _usage(payload), str(payload.get("model", ""))
-    out = np.empty(rows.shape, dtype=np.float32)
-    out[order] = rows  # scatter by index: row i of out belongs to input item i
-    return out, _usage(payload), str(payload.get("model", ""))
+    return rows, _usage(payload), str(payload.get("model", ""))
 
 
 def _split_base64(body: bytes) -> tuple[dict[str, Any], list[bytes]] | None:
@@ -128,7 +124,7 @@ def _no_data(payload: object) -> str:
     return "response has no 'data' list"
 
 
-def _indices(data: list[Any], items: int, trace_id: str | None) -> np.ndarray[Any, Any] | None:
+def _indices(data: list[Any], items: int, trace_id: str | None) -> list[int] | None:
     """Where each entry's row goes, or None when entry i has index i."""
     if len(data) != items:
         raise _malformed(f"expected {items} embeddings, got {len(data)}", trace_id)
@@ -146,21 +142,29 @@ def _indices(data: list[Any], items: int, trace_id: str | None) -> np.ndarray[An
         if min(indices) < 0 or max(indices) >= items:
             raise _malformed("an embedding index is out of range", trace_id)
         raise _malformed("embedding indices are duplicated or missing", trace_id)
-    return np.array(indices, dtype=np.int64)
+    return indices
 
 
 def _rows(
     data: list[Any],
     encoding_format: EncodingFormat,
     dimensions: int | None,
-    chunks: list[bytes] | None = None,
+    chunks: list[bytes] | None,
+    order: list[int] | None,
 ) -> FloatArray:
-    """The rows in the answer's order; base64 vectors already decoded may come as ``chunks``."""
+    """The rows in input order: row i is the vector of the entry whose index is i (``order``
+    says where each entry's row goes, None when entry i is row i). Base64 vectors already
+    decoded may come as ``chunks``, in the answer's order."""
     if encoding_format == "base64":
         if chunks is None:
             chunks = [pybase64.b64decode(entry["embedding"], validate=True) for entry in data]
         if len({len(chunk) for chunk in chunks}) > 1:
             raise ValueError("vectors differ in length")
+        if order is not None:  # put in place before they are joined: no second copy of the rows
+            placed = chunks.copy()
+            for chunk, index in zip(chunks, order, strict=True):
+                placed[index] = chunk
+            chunks = placed
         # A bytearray: the rows are the caller's to change, as any array it is given.
         rows = np.frombuffer(bytearray().join(chunks), dtype="<f4").reshape(len(data), -1)
     else:
@@ -169,7 +173,11 @@ def _rows(
         raise ValueError(f"vectors have shape {rows.shape[1:]}, expected ({dimensions},)")
     if not all_finite(rows):
         raise ValueError("a vector holds NaN or infinity")
-    return rows
+    if encoding_format == "base64" or order is None:
+        return rows
+    out = np.empty(rows.shape, dtype=np.float32)
+    out[order] = rows  # scatter by index: row i of out belongs to input item i
+    return out
 
 
 def all_finite(rows: FloatArray) -> bool:

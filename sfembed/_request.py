@@ -37,8 +37,11 @@ def build_request(
     items = _as_items(input)
     if len(items) > max_items:
         raise InputError(f"{len(items)} items exceed the batch cap of {max_items}")
-    wire = [_wire_item(item, index, spec) for index, item in enumerate(items)]
-    _check_homogeneous(wire)
+    if all(type(item) is str and item for item in items):
+        wire = items  # plain texts, as a job sends them: nothing to convert, one pass to check
+    else:
+        wire = [_wire_item(item, index, spec) for index, item in enumerate(items)]
+        _check_homogeneous(wire)
     body = WireRequest(model=model, input=wire, encoding_format=_encoding(encoding_format))
     _add_options(body, spec, dimensions=dimensions, user=user, truncate=truncate)
     return body, len(wire)
