@@ -27,14 +27,18 @@ OPTIONAL = {"lancedb", "pyarrow", "zstandard", "redis", "ray", "matplotlib"}
 
 
 # Code for a fresh interpreter: ``by`` maps the modules named to the thread that imported them.
-# (A finder first in line sees every import, whichever way it is made, and finds nothing.)
+# ``collecting`` whether the collector was on as the job's modules loaded. (A finder first in
+# line sees every import, whichever way it is made, and finds nothing.)
 _IMPORTED_BY = (
-    "by = {}\n"
+    "import gc\n"
+    "by, collecting = {}, []\n"
     "class _Seen:\n"
     "    @staticmethod\n"
     "    def find_spec(name, path=None, target=None):\n"
     "        if name in ('aiohttp', 'sfembed._job'):\n"
     "            by.setdefault(name, threading.current_thread().name)\n"
+    "        if name == 'sfembed._job':\n"
+    "            collecting.append(gc.isenabled())\n"
     "sys.meta_path.insert(0, _Seen)\n"
 )
 
@@ -122,7 +126,8 @@ def test_a_job_of_short_texts_loads_no_tokenizer_bar_or_optional_library(tmp_pat
         "    assert main(['embed', '--local', 'in.jsonl', '--out', 'out.npy', '--no-cache',\n"
         "                 '--no-progress', '--model', 'BAAI/bge-m3']) == 0\n"
         "assert by['sfembed._job'] == 'MainThread', by\n"
-        "assert by['aiohttp'] != 'MainThread', by"
+        "assert by['aiohttp'] != 'MainThread', by\n"
+        "assert collecting == [False] and gc.isenabled()  # off while they load, then on"
     )
     modules = _modules_after(code, tmp_path)
     assert {"sfembed._job", "sfembed._testing.server"} <= modules
