@@ -1,6 +1,7 @@
 """What does the cache save a nightly job? Three runs of one 100,000-document job, JSONL -> .npy.
 
     python benchmarks/bench_cache.py [--count 100000] [--changed 0.02] [--workdir DIR]
+    python benchmarks/bench_cache.py --cpu [--count 100000] [--workdir DIR]
 
 1. ``first``: an empty cache; every document is sent.
 2. ``unchanged``: the same file again: every vector should come from the cache, zero requests.
@@ -12,13 +13,19 @@ window would make the first run take minutes, so the window is 6 s: RPM 2,000, T
 s) runs in its own process and counts requests and embedded tokens. Each run's output is checked
 against the server's known vectors (row i is record i). Printed: requests, tokens embedded, texts
 from the cache, wall time and the output check, per run.
+
+With ``--cpu``, the cache alone, as a job uses it: ``lookup`` then ``store`` of ``--count`` new
+rows of 1,024 dims in requests of 64, then ``close``, in this process; printed, the CPU per row
+(user and system time apart, the cache's thread included) of each run, against an empty cache.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
+import resource
 import shutil
 import socket
 import sys
@@ -32,7 +39,7 @@ import orjson
 sys.path.insert(0, str(Path(__file__).parent))
 from _harness import server_process, table
 
-from sfembed import EmbeddingClient, RateLimits, load_settings, testing
+from sfembed import EmbeddingCache, EmbeddingClient, RateLimits, load_settings, testing
 from sfembed._cache import normalise
 from sfembed._cachestore import vectors_path
 from sfembed._job import CACHE_NAME, JobSummary, run_job
@@ -103,14 +110,46 @@ def run(name: str, source: Path, out: Path, texts: list[str], port: int) -> dict
     }
 
 
+async def _lookup_and_store(path: Path, keys: list[bytes], rows: np.ndarray) -> None:
+    async with EmbeddingCache(path) as cache:
+        for start in range(0, len(keys), 64):
+            part = keys[start : start + 64]
+            await cache.lookup(MODEL, rows.shape[1], part)
+            # A fresh array per request, as the decoder makes them.
+            await cache.store(MODEL, rows.shape[1], part, rows[: len(part)].copy())
+
+
+def cpu(count: int, workdir: Path, runs: int = 3) -> None:
+    """CPU per row of lookup + store + close of ``count`` new rows, ``runs`` times."""
+    rows = np.random.default_rng(1).standard_normal((64, 1024), dtype=np.float32)
+    results = []
+    for run in range(runs):
+        path = workdir / f"cpu-{run}" / "cache.sqlite"
+        path.parent.mkdir(parents=True)
+        keys = [os.urandom(16) for _ in range(count)]
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        asyncio.run(_lookup_and_store(path, keys, rows))
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        user = (after.ru_utime - before.ru_utime) / count * 1e6
+        system = (after.ru_stime - before.ru_stime) / count * 1e6
+        results.append((f"{run + 1}", f"{user:.2f}", f"{system:.2f}", f"{user + system:.2f}"))
+        shutil.rmtree(path.parent)
+    print(f"{count:,} rows of 1,024 dims, lookup + store in requests of 64, then close")
+    print(table(results, ("run", "user us/row", "system us/row", "total us/row")))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=100_000)
     parser.add_argument("--changed", type=float, default=0.02)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/sfembed-bench-cache"))
+    parser.add_argument("--cpu", action="store_true", help="the cache's CPU per row, alone")
     args = parser.parse_args()
     shutil.rmtree(args.workdir, ignore_errors=True)
     args.workdir.mkdir(parents=True)
+    if args.cpu:
+        cpu(args.count, args.workdir)
+        return
     texts = corpus(args.count, seed=4)
     edited = list(texts)
     picks = random.Random(2).sample(range(args.count), int(args.count * args.changed))

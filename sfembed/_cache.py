@@ -18,12 +18,14 @@ from a local test server, or from another gateway, are never served to a run aga
 
 The files (see ``_cachestore``: an SQLite index and a vectors file beside it) hold model names,
 endpoints, dims, digests and vectors, never a text and never an API key (an endpoint never holds
-credentials: the client refuses a base URL with them). Rows stored are gathered in memory up to
-``write_rows`` (512 by default: 2 MiB at 1,024 dims, held in the job's memory) and appended
-together; their index entries are written every ``index_rows`` (32,768) rows. A crash (of the
-process or the machine) may lose what is not indexed yet, but never corrupts the cache; ``flush``
-and ``close`` write and index everything. A second process may read and write the same files
-meanwhile, and sees what this one has indexed.
+credentials: the client refuses a base URL with them). Rows stored are copied into blocks of
+``write_rows`` (512 by default: 2 MiB at 1,024 dims), each appended in one write once full;
+their index entries are written every ``index_rows`` (32,768) rows. A block's memory is used
+again once it is written: the job holds three (the one filling, the one being written, a
+spare), never a joined copy. A crash (of the process or the machine) may lose what is not
+indexed yet, but never corrupts the cache; ``flush`` and ``close`` write and index everything.
+A second process may read and write the same files meanwhile, and sees what this one has
+indexed.
 
 All file work runs on one worker thread owned by the cache, so the event loop never waits on the
 disk and the connection is only ever used by the thread that opened it. A write runs while the
@@ -46,7 +48,7 @@ from typing import Self, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from ._cachestore import SCHEMA_VERSION, Block, CacheFiles, Gathered
+from ._cachestore import SCHEMA_VERSION, Block, CacheFiles, RawBuffer
 from ._decoder import all_finite
 from ._exceptions import ConfigError
 from ._types import FloatArray
@@ -56,9 +58,10 @@ __all__ = ["KEY_BYTES", "SCHEMA_VERSION", "EmbeddingCache", "normalise", "normal
 #: Bytes of a key: 128 bits make a collision among even 10**12 texts vanishingly unlikely.
 KEY_BYTES = 16
 
-_VECTOR = np.dtype("<f4")  # stored byte order, whatever the machine's
 _WRITE_ROWS = 512
 _INDEX_ROWS = 32_768
+
+_SPARE_BUFFERS = 2  # written blocks' memory kept for the next ones: a write and a block filling
 
 _T = TypeVar("_T")
 
@@ -102,8 +105,8 @@ class EmbeddingCache:
     naming ``path`` when it cannot be opened or created, is not an sfembed cache, or has a newer
     schema version. An async context manager that closes.
 
-    ``write_rows`` rows are gathered before a write (1: every ``store`` writes at once), and
-    ``index_rows`` rows written before their index entries are.
+    Rows are written in blocks of ``write_rows`` (1: every row as it is stored), and their
+    index entries once ``index_rows`` rows are written.
 
     Counters, over the cache's life: ``hits`` and ``misses`` count the keys of each ``lookup``
     (a key given twice counts twice), ``stored`` the rows kept by ``store``.
@@ -120,10 +123,13 @@ class EmbeddingCache:
         self.misses = 0
         self.stored = 0
         self._write_rows = write_rows
-        # Rows not yet handed to the worker, by (model, dims) then key: a lookup sees them.
-        self._gathered: Gathered = {}
-        self._gathered_rows = 0
+        # Rows not yet handed to the worker (a lookup sees them): the block being filled for
+        # each (model, dims), and the full ones.
+        self._filling: dict[tuple[str, int], Block] = {}
+        self._full: list[Block] = []
         self._writing: asyncio.Future[None] | None = None  # the write under way, if any
+        self._handed: list[Block] = []  # the blocks it writes
+        self._spare: list[RawBuffer] = []
         self._closing: asyncio.Future[None] | None = None
         self._files: CacheFiles | None = None  # used on the worker thread only
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sfembed-cache")
@@ -161,18 +167,20 @@ class EmbeddingCache:
         if not keys:
             return {}
         found, hits = await self._run(partial(self._lookup, model, dims, list(keys)))
-        gathered = self._gathered.get((model, dims))
-        if gathered and len(found) < len(keys):
-            unfound = [key for key in keys if key not in found and key in gathered.where]
-            found.update((key, gathered.row(key)) for key in unfound)
+        blocks = self._gathered(model, dims)
+        if blocks and len(found) < len(keys):
+            held = [(key, _holder(blocks, key)) for key in keys if key not in found]
+            unfound = [(key, block) for key, block in held if block is not None]
+            found.update((key, block.row(key)) for key, block in unfound)
             hits += len(unfound)
         self.hits += hits
         self.misses += len(keys) - hits
         return found
 
     async def store(self, model: str, dims: int, keys: Sequence[bytes], rows: FloatArray) -> None:
-        """Keep row i of ``rows`` under ``keys[i]`` for ``model`` at ``dims``, written with the
-        rows gathered before it once ``write_rows`` are gathered (see :meth:`flush`).
+        """Keep row i of ``rows`` under ``keys[i]`` for ``model`` at ``dims``, copied into the
+        block being filled and written with it once ``write_rows`` are gathered (see
+        :meth:`flush`).
 
         A row holding a NaN (a failed input) or an infinity is skipped: failures are never cached.
         An existing entry, or a key given twice, is replaced by the later row. Raises ValueError
@@ -191,13 +199,31 @@ class EmbeddingCache:
             rows = rows[finite]
         if not keys:
             return
-        # A copy: the caller may reuse its buffer before the rows are written.
-        snapshot = np.array(rows, dtype=_VECTOR, order="C")
-        self._gathered.setdefault((model, dims), Block()).add(list(keys), snapshot)
-        self._gathered_rows += len(keys)
+        # Copied before any wait: the caller may reuse its buffer, or be cancelled, meanwhile.
+        self._gather(model, dims, list(keys), rows)
         self.stored += len(keys)
-        if self._gathered_rows >= self._write_rows:
+        if self._full:
             await self._write(index=False)
+
+    def _gather(self, model: str, dims: int, keys: list[bytes], rows: FloatArray) -> None:
+        """Copy ``rows`` into the block being filled, and the next ones as each fills."""
+        start = 0
+        while start < len(keys):
+            block = self._filling.get((model, dims))
+            if block is None:
+                spare = self._spare.pop() if self._spare else None
+                block = self._filling[(model, dims)] = Block(model, dims, self._write_rows, spare)
+            end = start + min(block.room(), len(keys) - start)
+            block.add(keys[start:end], rows[start:end])
+            start = end
+            if not block.room():
+                self._full.append(self._filling.pop((model, dims)))
+
+    def _gathered(self, model: str, dims: int) -> list[Block]:
+        """The blocks not yet handed to the worker for (model, dims), the latest first."""
+        blocks = [b for b in reversed(self._full) if b.model == model and b.dims == dims]
+        filling = self._filling.get((model, dims))
+        return [filling, *blocks] if filling is not None else blocks
 
     async def flush(self) -> None:
         """Write and index every row gathered by :meth:`store`. The write goes on if the caller
@@ -213,10 +239,22 @@ class EmbeddingCache:
             await asyncio.shield(self._writing)  # another caller may start one meanwhile
         if self._writing is not None:
             self._writing.result()  # a failed write's error, to every later caller
-        if not self._gathered and not index:
+            self._recycle()
+        blocks, self._full = self._full, []
+        if index:
+            blocks.extend(self._filling.values())
+            self._filling = {}
+        if not blocks and not index:
             return
-        gathered, self._gathered, self._gathered_rows = self._gathered, {}, 0
-        self._writing = self._submit(partial(self._append, gathered, index))
+        self._handed = blocks
+        self._writing = self._submit(partial(self._append, blocks, index))
+
+    def _recycle(self) -> None:
+        """Keep the memory of the blocks written, for the next ones."""
+        for block in self._handed:
+            if len(self._spare) < _SPARE_BUFFERS:
+                self._spare.append(block.buffer)
+        self._handed = []
 
     async def close(self) -> None:
         """Write and index what is gathered and close the files, after any work already queued;
@@ -270,10 +308,10 @@ class EmbeddingCache:
         hits = len(keys) if len(found) == len(unique) else sum(key in found for key in keys)
         return found, hits
 
-    def _append(self, gathered: Gathered, index: bool) -> None:
+    def _append(self, blocks: list[Block], index: bool) -> None:
         files = self._opened()
-        if gathered:
-            files.append(gathered)
+        if blocks:
+            files.append(blocks)
         if index:
             files.commit()
 
@@ -286,6 +324,14 @@ class EmbeddingCache:
         if self._files is None:  # only if work slipped in after close; _run refuses new ones
             raise ValueError(f"embedding cache {str(self.path)!r} is closed")
         return self._files
+
+
+def _holder(blocks: list[Block], key: bytes) -> Block | None:
+    """The first of ``blocks`` that holds ``key``."""
+    for block in blocks:
+        if key in block.where:
+            return block
+    return None
 
 
 def _check_target(model: str, dims: int) -> None:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from sfembed._cache import KEY_BYTES, SCHEMA_VERSION, EmbeddingCache, normalise
-from sfembed._cachestore import vectors_path
+from sfembed._cachestore import Pending, VectorsFile, aligned_buffer, vectors_path
 from sfembed._exceptions import ConfigError
 
 MODEL = "BAAI/bge-m3"
@@ -266,15 +266,15 @@ async def test_rows_are_written_in_blocks_and_indexed_in_larger_ones(tmp_path: P
         assert await reader.lookup(MODEL, DIMS, keys) == {}
         assert len(await writer.lookup(MODEL, DIMS, keys)) == 1  # its own gathered row
         assert vectors.stat().st_size == 0
-        await writer.store(MODEL, DIMS, keys[1:3], rows[1:3])  # 3 >= 2: written, not indexed
+        await writer.store(MODEL, DIMS, keys[1:3], rows[1:3])  # a block of 2 written, not indexed
         assert len(await writer.lookup(MODEL, DIMS, keys)) == 3  # runs after the write
-        assert vectors.stat().st_size == 3 * DIMS * 4
+        assert vectors.stat().st_size == 2 * DIMS * 4  # the third row waits in the next block
         assert await reader.lookup(MODEL, DIMS, keys) == {}  # not indexed yet
-        await writer.store(MODEL, DIMS, keys[3:5], rows[3:5])  # 5 >= 4 written: indexed
+        await writer.store(MODEL, DIMS, keys[3:5], rows[3:5])  # 4 >= 4 written: indexed
         await writer.lookup(MODEL, DIMS, keys[:1])  # waits for the write queued before it
         found = await reader.lookup(MODEL, DIMS, keys)
-        assert sorted(found) == sorted(keys[:5])
-        assert all(np.array_equal(found[k], r) for k, r in zip(keys[:5], rows, strict=False))
+        assert sorted(found) == sorted(keys[:4])
+        assert all(np.array_equal(found[k], r) for k, r in zip(keys[:4], rows, strict=False))
         await writer.store(MODEL, DIMS, keys[5:], rows[5:])
     async with EmbeddingCache(path) as reopened:
         found = await reopened.lookup(MODEL, DIMS, keys)
@@ -325,6 +325,60 @@ async def test_a_block_is_written_without_a_second_copy_of_its_rows(tmp_path: Pa
     assert all(np.array_equal(found[k], r) for k, r in zip(keys, rows, strict=True))
     # The last request's own copy (1/8 of the block) and the index entries; never the block.
     assert peak - before < block_bytes / 2
+
+
+async def test_full_blocks_are_written_directly_and_a_partial_one_is_padded_after(
+    tmp_path: Path,
+) -> None:
+    """Rows of 3 KiB: a full block of 4 (12 KiB) is written directly where the file system takes
+    direct writes; a partial one (3 KiB) through the page cache, which leaves the file's end off
+    a 4 KiB boundary; the next full block pads it first. Every row is found, then and after a
+    reopen."""
+    path, dims = tmp_path / "cache.sqlite", 768
+    keys, rows = _keys(9), _rows(9, dims)
+    async with EmbeddingCache(path, write_rows=4) as cache:
+        direct = cache._files is not None and cache._files.vectors.direct >= 0
+        await cache.store(MODEL, dims, keys[:5], rows[:5])
+        await cache.flush()  # a full block, then one row
+        await cache.store(MODEL, dims, keys[5:], rows[5:])
+        await cache.flush()
+        found = await cache.lookup(MODEL, dims, keys)
+        assert all(np.array_equal(found[k], r) for k, r in zip(keys, rows, strict=True))
+    row = dims * 4
+    padded = 4 * 4096 if direct else 5 * row  # the sixth row's block starts on a boundary
+    assert vectors_path(path).stat().st_size == padded + 4 * row
+    async with EmbeddingCache(path) as reopened:
+        found = await reopened.lookup(MODEL, dims, keys)
+    assert all(np.array_equal(found[k], r) for k, r in zip(keys, rows, strict=True))
+
+
+def test_a_direct_write_refused_goes_through_the_page_cache(tmp_path: Path) -> None:
+    vectors = VectorsFile(tmp_path / "vectors")
+    try:
+        first = aligned_buffer(8192 + 1)
+        first[:] = 7
+        misaligned = first[1:].data  # a length direct writes take, at an address they refuse
+        assert vectors.append(misaligned) == 0
+        assert vectors.append(misaligned) == 8192
+        assert vectors.read(8192, [0, 8192]) == [bytes(first[1:])] * 2
+    finally:
+        vectors.close()
+
+
+def test_pending_entries_come_in_key_order_each_key_once_with_its_latest_row() -> None:
+    pending = Pending()
+    keys = [bytes([b]) * 16 for b in (0x80, 0x01, 0xFF, 0x7F)]
+    pending.add(keys, 0, 32, np.array([1, 2, 3, 4]))
+    pending.add(keys[:1], 128, 32, np.array([-5]))  # stored again: the later row counts
+    assert len(pending) == 4
+    assert pending.place(keys[0]) == (128, -5)
+    assert pending.place(bytes(16)) is None
+    assert list(pending.entries()) == [
+        (keys[1], 32, 2),
+        (keys[3], 96, 4),
+        (keys[0], 128, -5),
+        (keys[2], 64, 3),
+    ]
 
 
 def _file_bytes(path: Path) -> bytes:
