@@ -61,7 +61,7 @@ KEY_BYTES = 16
 _WRITE_ROWS = 512
 _INDEX_ROWS = 32_768
 
-_SPARE_BUFFERS = 2  # written blocks' memory kept for the next ones: a write and a block filling
+_SPARE_BUFFERS = 1  # a written block's memory, kept for the next one: the one filling next
 
 _T = TypeVar("_T")
 
