@@ -48,8 +48,9 @@ from typing import Self, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from ._cachestore import SCHEMA_VERSION, Block, CacheFiles, RawBuffer
+from ._cachestore import SCHEMA_VERSION, Block, CacheFiles
 from ._decoder import all_finite
+from ._direct import RawBuffer
 from ._exceptions import ConfigError
 from ._types import FloatArray
 

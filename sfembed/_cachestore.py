@@ -38,8 +38,6 @@ keeps serving.
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import os
 import sqlite3
 from array import array
@@ -49,6 +47,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from ._direct import ALIGN, RawBuffer, aligned_buffer, open_direct, refused
 from ._exceptions import ConfigError
 from ._types import FloatArray
 
@@ -58,27 +57,12 @@ __all__ = [
     "CacheFiles",
     "Pending",
     "VectorsFile",
-    "aligned_buffer",
     "checksums",
     "vectors_path",
 ]
 
 #: Version of the tables, the files and the key rule; a cache of a higher version is refused.
 SCHEMA_VERSION = 2
-
-_ALIGN = 4096  # a direct write's memory, offset and length: 4 KiB suits every common device
-_DIRECT = getattr(os, "O_DIRECT", 0)  # 0 where the system has none: every write is buffered
-
-#: A block's memory: bytes, the first on a 4 KiB boundary.
-RawBuffer = npt.NDArray[np.uint8]
-
-
-def aligned_buffer(size: int) -> RawBuffer:
-    """``size`` uninitialised bytes starting on a 4 KiB boundary."""
-    raw = np.empty(size + _ALIGN, np.uint8)
-    start = -raw.ctypes.data % _ALIGN
-    buffer: RawBuffer = raw[start : start + size]
-    return buffer
 
 
 class Block:
@@ -175,27 +159,23 @@ class VectorsFile:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
-        self.direct = -1
-        if _DIRECT:
-            # Refused by some file systems (older tmpfs, some network ones): buffered writes.
-            with contextlib.suppress(OSError):
-                self.direct = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | _DIRECT)
+        self.direct = open_direct(path, os.O_WRONLY | os.O_APPEND)
 
     def append(self, data: memoryview) -> int:
         """Append ``data``; returns the offset of its first byte. Raises OSError when the disk
         refuses, or takes only a part (a full disk: that part is never indexed)."""
-        if self.direct >= 0 and len(data) % _ALIGN == 0:
+        if self.direct >= 0 and len(data) % ALIGN == 0:
             try:
                 return self._append_direct(data)
             except OSError as error:  # an alignment the device does not take: buffered then
-                if error.errno != errno.EINVAL:
+                if not refused(error):
                     raise
         return self._write(self.fd, data)
 
     def _append_direct(self, data: memoryview) -> int:
         end = os.fstat(self.fd).st_size
-        if end % _ALIGN:  # a partial block before (ours or another process's): pad it
-            self._write(self.fd, memoryview(bytes(_ALIGN - end % _ALIGN)))
+        if end % ALIGN:  # a partial block before (ours or another process's): pad it
+            self._write(self.fd, memoryview(bytes(ALIGN - end % ALIGN)))
         return self._write(self.direct, data)
 
     def _write(self, fd: int, data: memoryview) -> int:

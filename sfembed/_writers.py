@@ -46,6 +46,7 @@ from typing import IO, Any, Protocol, Self
 import numpy as np
 import orjson
 
+from ._direct import Appender
 from ._exceptions import ConfigError
 from ._types import EmbeddedBatch
 
@@ -310,7 +311,8 @@ def _failed_rows(rows: np.ndarray[Any, Any]) -> np.ndarray[Any, np.dtype[np.bool
 class NpyWriter(_BaseWriter):
     """Rows appended to an ``.npy`` file whose header is rewritten in place, plus an id sidecar.
 
-    Memory holds one batch (converted to ``dtype`` if need be). Every ``flush_rows`` rows the data
+    Memory holds one batch (converted to ``dtype`` if need be) and a 2 MiB stage of rows, written
+    directly where the file system allows (see ``_direct``). Every ``flush_rows`` rows the data
     and sidecar reach the OS, then the header's row count is updated (with ``fsync``, each also
     reaches the disk before the next step), so a reader never sees a count beyond the data.
     Raises ConfigError for a bad ``dims``, ``dtype`` or ``flush_rows``, OSError if ``path`` or
@@ -344,12 +346,20 @@ class NpyWriter(_BaseWriter):
             self._data = self._resumed(resume)
         try:
             self._ids = self._open_ids(resume)
+            self._data.flush()  # from here on, the appender alone writes the rows
+            self._out = Appender(self.path, self._data.fileno(), self._data.tell())
+        except BaseException:
+            self._data.close()
+            if hasattr(self, "_ids"):
+                self._ids.close()
+            raise
+        try:
             if resume is None:
-                self._data.write(self._header(0))
+                self._out.write(memoryview(self._header(0)))
             # A reader may look before the first flush: show it a valid file.
             self._commit()
         except BaseException:
-            self._data.close()
+            self._close_files()
             raise
 
     def _resumed(self, resume: Committed) -> IO[bytes]:
@@ -413,24 +423,19 @@ class NpyWriter(_BaseWriter):
         places: Sequence[tuple[str, int]] | None,
     ) -> None:
         rows = np.ascontiguousarray(batch.embeddings, dtype=self.dtype)
-        self._data.write(rows.data.cast("B"))
+        self._out.write(rows.data.cast("B"))
         _write_sidecar(self._ids, self.rows, ids, batch, places)
 
     def commit(self) -> Committed:
         """Commit (see :meth:`flush`) and say what is durable. Raises as :meth:`flush`."""
         self.flush()
-        return Committed(self.rows, {"output": self._data.tell(), "ids": self._ids.tell()})
+        return Committed(self.rows, {"output": self._out.end, "ids": self._ids.tell()})
 
     def _commit(self) -> None:
-        self._data.flush()
+        self._out.flush()
         self._ids.flush()
         self._sync(self._data, self._ids)
-        # Seeking a buffered file flushes it; go back to the end so the next rows append.
-        end = self._data.tell()
-        self._data.seek(0)
-        self._data.write(self._header(self.rows))
-        self._data.seek(end)
-        self._data.flush()
+        self._out.patch(0, self._header(self.rows))
         self._sync(self._data)
         self._committed = self.rows
 
@@ -442,8 +447,12 @@ class NpyWriter(_BaseWriter):
         try:
             self._commit()
         finally:
-            self._data.close()
-            self._ids.close()
+            self._close_files()
+
+    def _close_files(self) -> None:
+        self._out.close()
+        self._data.close()
+        self._ids.close()
 
     def _header(self, rows: int) -> bytes:
         """A format 1.0 header of exactly ``_NPY_HEADER_BYTES`` bytes for (rows, dims)."""

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from sfembed._cache import KEY_BYTES, SCHEMA_VERSION, EmbeddingCache, normalise
-from sfembed._cachestore import Pending, VectorsFile, aligned_buffer, vectors_path
+from sfembed._cachestore import Pending, VectorsFile, vectors_path
+from sfembed._direct import aligned_buffer
 from sfembed._exceptions import ConfigError
 
 MODEL = "BAAI/bge-m3"

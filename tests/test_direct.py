@@ -1,0 +1,75 @@
+"""Appender: bytes appended through an aligned stage land in the file exactly as given, whether
+written directly or (refused) through the page cache, across stage boundaries, flushes in the
+middle of a page, patches before the end, and a reopen in the middle of a page."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from sfembed._direct import ALIGN, Appender, aligned_buffer
+
+
+def _chunks(seed: int, sizes: list[int]) -> list[bytes]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, size, dtype=np.uint8).tobytes() for size in sizes]
+
+
+def _appender(path: Path, end: int = 0) -> tuple[int, Appender]:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    return fd, Appender(path, fd, end, stage_bytes=2 * ALIGN)
+
+
+def test_appended_bytes_land_as_given_across_stages_flushes_and_patches(tmp_path: Path) -> None:
+    path = tmp_path / "out"
+    fd, appender = _appender(path)
+    expected = bytearray()
+    try:
+        for number, chunk in enumerate(_chunks(1, [100, 5000, 3, 9000, 4096, 1, 7777])):
+            appender.write(memoryview(chunk))
+            expected += chunk
+            if number % 2:  # a flush ends in the middle of a page: the file holds it all
+                appender.flush()
+                assert path.read_bytes() == expected
+            assert appender.end == len(expected)
+        appender.patch(10, b"head")  # long written: in the file only
+        expected[10:14] = b"head"
+        appender.patch(len(expected) - 3, b"xyz")  # still staged: in both
+        expected[-3:] = b"xyz"
+        appender.flush()
+    finally:
+        appender.close()
+        os.close(fd)
+    assert path.read_bytes() == expected
+
+
+def test_a_reopened_file_goes_on_after_its_last_partial_page(tmp_path: Path) -> None:
+    path = tmp_path / "out"
+    first, second = _chunks(2, [ALIGN + 123, 3 * ALIGN + 5])
+    path.write_bytes(first + b"torn tail, cut by the caller")
+    os.truncate(path, len(first))
+    fd, appender = _appender(path, len(first))
+    try:
+        appender.write(memoryview(second))
+        appender.flush()
+    finally:
+        appender.close()
+        os.close(fd)
+    assert path.read_bytes() == first + second
+
+
+def test_a_direct_write_refused_goes_through_the_page_cache(tmp_path: Path) -> None:
+    path = tmp_path / "out"
+    fd, appender = _appender(path)
+    appender.stage = aligned_buffer(2 * ALIGN + 1)[1:]  # an address direct writes refuse
+    data = _chunks(3, [3 * ALIGN])[0]
+    try:
+        appender.write(memoryview(data))
+        appender.flush()
+        assert appender.direct == -1  # given up on for this file
+    finally:
+        appender.close()
+        os.close(fd)
+    assert path.read_bytes() == data
