@@ -61,7 +61,7 @@ class Appender:
     refuses or takes only a part.
     """
 
-    def __init__(self, path: Path, fd: int, end: int, *, stage_bytes: int = 2 << 20) -> None:
+    def __init__(self, path: Path, fd: int, end: int, *, stage_bytes: int = 1 << 20) -> None:
         self.path = path
         self.fd = fd
         self.stage = aligned_buffer(stage_bytes - stage_bytes % ALIGN or ALIGN)

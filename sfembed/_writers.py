@@ -311,7 +311,7 @@ def _failed_rows(rows: np.ndarray[Any, Any]) -> np.ndarray[Any, np.dtype[np.bool
 class NpyWriter(_BaseWriter):
     """Rows appended to an ``.npy`` file whose header is rewritten in place, plus an id sidecar.
 
-    Memory holds one batch (converted to ``dtype`` if need be) and a 2 MiB stage of rows, written
+    Memory holds one batch (converted to ``dtype`` if need be) and a 1 MiB stage of rows, written
     directly where the file system allows (see ``_direct``). Every ``flush_rows`` rows the data
     and sidecar reach the OS, then the header's row count is updated (with ``fsync``, each also
     reaches the disk before the next step), so a reader never sees a count beyond the data.
