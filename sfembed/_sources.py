@@ -580,10 +580,13 @@ def _rest_of_line(readline: Callable[[int], bytes], first: bytes) -> Iterator[by
         piece = readline(_PIECE)
 
 
-def _pass_long_line(readline: Callable[[int], bytes], first: bytes, limit: int) -> str:
-    """Read to the end of a line that began with ``first`` and say how long it was."""
+def _pass_long_line(
+    readline: Callable[[int], bytes], first: bytes, limit: int, *, before: int = 0
+) -> str:
+    """Read to the end of a line that went on with ``first`` after ``before`` bytes, and say
+    how long it was."""
     size = sum(len(piece.rstrip(b"\n")) for piece in _rest_of_line(readline, first))
-    return _too_long(limit, size)
+    return _too_long(limit, before + size)
 
 
 def _too_long(limit: int, size: int) -> str:
@@ -676,6 +679,13 @@ def _split_lines(stream: IO[bytes], limit: int) -> Iterator[tuple[list[bytes], b
     tail, size = b"", _FIRST_READ
     while piece := read(size):
         size = _BUFFER
+        if b"\n" not in piece:  # a line goes on: kept up to the limit, then passed over
+            if len(tail) + len(piece) <= limit:
+                tail += piece
+            else:
+                yield [], True, _pass_long_line(readline, piece, limit, before=len(tail))
+                tail = b""
+            continue
         lines = (tail + piece).split(b"\n") if tail else piece.split(b"\n")
         tail = lines.pop()
         if len(tail) > limit:

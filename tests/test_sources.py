@@ -504,7 +504,7 @@ def test_blocks_hold_the_records_read_one_by_one(
         lines[0] = b"\xef\xbb\xbf" + lines[0]  # a byte order mark
     if seed % 3 == 0:
         lines.insert(
-            rng.randrange(len(lines)), b'{"id": "huge", "text": "' + b"x" * 200_000 + b'"}'
+            rng.randrange(len(lines)), b'{"id": "huge", "text": "' + b"x" * 2_500_000 + b'"}'
         )
     data = b"\n".join(lines) + (b"\n" if seed % 4 else b"")  # the last line may lack its newline
     first = write(tmp_path / "a.jsonl", data)
