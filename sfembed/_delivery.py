@@ -119,7 +119,9 @@ class Delivery:
         batch, failures = self.ring.take()
         if batch is None:
             return
-        self.stats.failures.extend(failures)
         self.stats.rows += len(batch)
-        await self.batches.send(dataclasses.replace(batch, failures=tuple(failures)))
+        if failures:  # the usual batch has none, and its default, (), says so
+            self.stats.failures.extend(failures)
+            batch = dataclasses.replace(batch, failures=tuple(failures))
+        await self.batches.send(batch)
         await self.ring.notify_room()

@@ -139,11 +139,18 @@ class ReorderBuffer:
         start, end = self.emitted, self._contiguous_end()
         if end == start:
             return None, []
-        slots = np.arange(start, end) % self._size
+        slots = self._slots(start, end)
         batch = self._batch(np.arange(start, end), slots)
         self._done[slots] = False  # the rows stay: a slot is written before it is done again
         self.emitted = end
         return batch, self._failures(start, end, batch)
+
+    def _slots(self, start: int, end: int) -> slice | IntArray:
+        """The slots of units ``start`` to ``end``: a slice unless they wrap around the end."""
+        first = start % self._size
+        if first + end - start <= self._size:
+            return slice(first, first + end - start)
+        return np.arange(start, end) % self._size
 
     async def notify_room(self) -> None:
         """Wake an intake waiting in ``reserve`` (call after ``take``)."""
@@ -170,13 +177,15 @@ class ReorderBuffer:
         self._done[slot] = True
 
     def _contiguous_end(self) -> int:
-        count = self.created - self.emitted
-        done = self._done[np.arange(self.emitted, self.created) % self._size]
-        missing = np.flatnonzero(~done)
-        return self.emitted + (int(missing[0]) if missing.size else count)
+        if self.created == self.emitted:
+            return self.emitted
+        done = self._done[self._slots(self.emitted, self.created)]
+        first = int(done.argmin())  # the first unfinished unit, if any is
+        return self.created if done[first] else self.emitted + first
 
-    def _batch(self, units: IntArray, slots: IntArray) -> EmbeddedBatch:
-        rows = self._rows[slots]
+    def _batch(self, units: IntArray, slots: slice | IntArray) -> EmbeddedBatch:
+        # One copy of the rows (a slice is a view; the ring's slots are written again).
+        rows = self._rows[slots].copy() if isinstance(slots, slice) else self._rows[slots]
         if self._meta is None:
             return EmbeddedBatch(units, rows)
         meta = self._meta[slots]
