@@ -57,7 +57,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from _harness import ServerReport, max_sliding, server_process, table, windows
+from _harness import ServerReport, _serve, max_sliding, server_process, table, windows
+from _pacing_trace import BOOT, explain, serve_traced
 
 from sfembed import testing
 from sfembed._cache import normalise
@@ -177,7 +178,7 @@ with open(sys.argv[1], "w") as out:
 """
 
 
-def run_profile(profile: Profile, texts: list[str], workdir: Path) -> Run:
+def run_profile(profile: Profile, texts: list[str], workdir: Path, trace: bool = False) -> Run:
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
     source = workdir / "in.jsonl"
@@ -192,9 +193,11 @@ def run_profile(profile: Profile, texts: list[str], workdir: Path) -> Run:
     config = testing.ServerConfig(
         window_s=WINDOW_S, default_limits=limits or testing.ModelLimits(), faults=faults
     )
-    with server_process(config) as (url, box):
+    with server_process(config, serve_traced if trace else _serve) as (url, box):
+        python = (sys.executable, "-c", BOOT, str(workdir / "trace.json")) if trace else ()
         command = [
-            *(sys.executable, "-m", "sfembed", "embed", str(source)),
+            *(python or (sys.executable,)),
+            *("-m", "sfembed", "embed", str(source)),
             *("--out", str(workdir / "out.npy"), "--base-url", url, "--model", profile.model),
             *("--rpm", str(profile.rpm), "--tpm", str(profile.tpm), "--window-s", str(WINDOW_S)),
             *profile.options,
@@ -205,7 +208,13 @@ def run_profile(profile: Profile, texts: list[str], workdir: Path) -> Run:
         with open(workdir / "stdout.txt", "wb") as out, open(workdir / "stderr.txt", "wb") as err:
             subprocess.run(launch, env=env, stdout=out, stderr=err, check=True)
         job = json.loads(measured.read_text())
-    report: ServerReport = box[0]
+    report: ServerReport = box[0][0] if trace else box[0]
+    if trace:
+        server = {"accepted": report.accepted, "refusals": box[0][1]}
+        (workdir / "server.json").write_text(json.dumps(server))
+        for line in explain(workdir / "trace.json", report.accepted, box[0][1], WINDOW_S,
+                            profile.tpm):  # fmt: skip
+            print(line, file=sys.stderr, flush=True)
     started = job["started"]
     first = report.first_request_at - started if report.first_request_at else float("nan")
     return Run(
@@ -304,6 +313,9 @@ def main() -> None:
         "CPU is taken between the first and the last",
     )
     parser.add_argument("--no-cache", action="store_true", help="--cpu: run with --no-cache")
+    parser.add_argument(
+        "--trace", action="store_true", help="note the job's limiter and explain each 429"
+    )
     args = parser.parse_args()
     if args.cpu:
         counts = [int(count) for count in args.cpu_counts.split(",")]
@@ -315,7 +327,9 @@ def main() -> None:
         profile = PROFILES[name]
         texts = documents(profile)
         for number in range(args.repeat):
-            summary = summarise(profile, run_profile(profile, texts, args.workdir / name))
+            summary = summarise(
+                profile, run_profile(profile, texts, args.workdir / f"{name}{number}", args.trace)
+            )
             results.append((f"{name}" + (f" #{number + 1}" if args.repeat > 1 else ""), summary))
             print(f"{name}: {summary}", file=sys.stderr, flush=True)
     figures = list(results[0][1])
