@@ -78,12 +78,15 @@ def window_sums(tickets: list[LocalTicket], window_s: float) -> tuple[int, int]:
 async def saturate(
     limiter: RateLimiter, clock: ManualClock, size: Callable[[], int], workers: int, until: float
 ) -> list[LocalTicket]:
-    """``workers`` callers that ask again as soon as they are admitted, until ``until`` s."""
+    """``workers`` callers that ask again as soon as they are admitted, until ``until`` s; each
+    request is answered at once, counted as charged."""
     admitted: list[LocalTicket] = []
 
     async def worker() -> None:
         while True:
-            admitted.append(await limiter.acquire(size()))
+            ticket = await limiter.acquire(size())
+            await limiter.settle(ticket, ticket.tokens)
+            admitted.append(ticket)
 
     tasks = [asyncio.create_task(worker()) for _ in range(workers)]
     await run_until(clock, until)
@@ -315,8 +318,9 @@ class LateClock(ManualClock):
 async def test_late_timers_cost_no_quota() -> None:
     # Timers 0.2 s late with no burst allowance: the pace goes on from where each waiter was
     # due, so a saturated job still gets the whole rate, and never more than a window allows.
+    # (The log holds the account's limit, 2% over the pace: the pace is what is tested.)
     clock = LateClock(0.2)
-    limits = RateLimits(rpm=10_000, tpm=6000, window_s=6.0, headroom=0.0, burst_s=0.0)
+    limits = RateLimits(rpm=10_000, tpm=6000, window_s=6.0, headroom=0.02, burst_s=0.0)
     limiter = RateLimiter(limits, clock)
     admitted = await saturate(limiter, clock, lambda: 100, workers=8, until=60.0)
     sums = per_window(admitted, limits.window_s, 10, tokens=True)
@@ -372,16 +376,18 @@ async def test_fifo_large_request_is_not_put_off_by_small_ones_behind_it() -> No
 
     async def ask(name: str, tokens: int) -> LocalTicket:
         ticket = await limiter.acquire(tokens)
+        await limiter.settle(ticket, tokens)  # answered at once, counted as charged
         order.append(name)
         return ticket
 
     small = [start(ask(f"s{i}", 100)) for i in range(5)]
     await spin()
     clock.advance(1.0)
-    large = start(ask("L", 900))  # waits for the first five to leave the window at 10 s
+    # Held at 875 until answered (a quarter more), it waits for the first five to leave at 10 s.
+    large = start(ask("L", 700))
     later = [start(ask(f"t{i}", 100)) for i in range(5)]
     await spin()
-    # t0 takes room the large one will not need (at 10 s: t0's 100 + 900 fit); t1 would put
+    # t0 takes room the large one will not need (at 10 s: t0's 100 + 875 fit); t1 would put
     # it off, so it and those after it wait behind it although they would fit now.
     assert order == [*(f"s{i}" for i in range(5)), "t0"]
     assert limiter.queued == 5
@@ -394,14 +400,21 @@ async def test_fifo_large_request_is_not_put_off_by_small_ones_behind_it() -> No
 async def test_a_request_behind_one_that_waits_goes_first_only_if_it_leaves_in_time() -> None:
     clock = ManualClock()
     limiter = make(clock, rpm=1000, tpm=1000, window_s=10.0)  # no burst: 100 tokens a second
-    await limiter.acquire(500)
-    head = start(limiter.acquire(800))  # the pace would let it pass at 5 s, the log at 10 s
-    wider = start(limiter.acquire(300))  # at 10 s, 300 + 800 would not fit: it waits
-    narrow = start(limiter.acquire(200))  # at 10 s, 200 + 800 fit: it goes when the pace lets it
+
+    async def answered(tokens: int) -> LocalTicket:
+        ticket = await limiter.acquire(tokens)
+        await limiter.settle(ticket, tokens)
+        return ticket
+
+    await answered(500)
+    # Until answered, a request is held in the log at a quarter more: the head at 875.
+    head = start(answered(700))  # the pace would let it pass at 5 s, the log at 10 s
+    wider = start(answered(200))  # at 10 s, 250 + 875 would not fit: it waits
+    narrow = start(answered(100))  # at 10 s, 100 + 875 fit: it goes when the pace lets it
     await run_until(clock, 30.0)
     assert narrow.result().admitted_at == 5.0
     assert head.result().admitted_at == 10.0
-    assert wider.result().admitted_at == 20.0  # 800 + 300 fit once the head has left
+    assert wider.result().admitted_at == 15.0  # 700 + 250 fit once the narrow one has left
 
 
 # -- settle and refund -----------------------------------------------------------------------
@@ -448,6 +461,41 @@ async def test_refund_removes_tokens_and_the_request() -> None:
     assert first.tokens == 0
 
 
+async def test_a_request_not_yet_answered_is_held_at_a_quarter_more_until_its_count_comes() -> None:
+    # The server's count of a request is known only from its answer, and may exceed the charge.
+    clock = ManualClock()
+    limiter = make(clock, rpm=100, tpm=1000, window_s=10.0, burst_s=10.0)  # the log binds
+    first = await limiter.acquire(640)  # held at 800 until answered
+    second = await limiter.acquire(150)  # 800 + 187.5 fit
+    third = start(limiter.acquire(100))  # 800 + 187.5 + 125 do not, though 890 tokens would
+    await spin()
+    assert not third.done()
+    await limiter.settle(first, 640)  # counted: 640 + 187.5 + 125 fit
+    await spin()
+    assert third.result().admitted_at == 0.0
+    assert second.tokens == 150
+
+
+async def test_a_request_alone_fits_whatever_its_margin() -> None:
+    clock = ManualClock()
+    limiter = RateLimiter(RateLimits(rpm=100, tpm=1000, window_s=10.0, burst_s=10.0), clock)
+    ticket = await limiter.acquire(limiter.max_tokens)  # 980 * 1.25 > 1,000, alone in the window
+    assert ticket.admitted_at == 0.0
+
+
+async def test_a_lost_answer_stays_in_the_log_a_window_after_it_was_lost() -> None:
+    # The server counts a request on arrival, which a busy event loop may delay after the
+    # admission: if it counted it, it did so before the answer was lost.
+    clock = ManualClock()
+    limiter = make(clock, rpm=100, tpm=1000, window_s=10.0, burst_s=10.0)
+    lost = await limiter.acquire(600)
+    await run_until(clock, 3.0)
+    await limiter.unanswered(lost)
+    waiter = start(limiter.acquire(400))  # 750 + 500 > 1,000 while the lost one is in the log
+    await run_until(clock, 30.0)
+    assert waiter.result().admitted_at == 13.0
+
+
 async def test_an_unanswered_request_keeps_its_window_and_gives_its_pace_back() -> None:
     clock = ManualClock()
     limiter = make(clock, rpm=100, tpm=1000, window_s=10.0)  # no burst: 100 tokens a second
@@ -459,8 +507,10 @@ async def test_an_unanswered_request_keeps_its_window_and_gives_its_pace_back() 
     await limiter.unanswered(lost)  # idempotent: the pace is given back once
     await spin()
     assert paced.result().admitted_at == 0.0
-    small = start(limiter.acquire(100))  # the pace again: 4 s of it were spent at 0
-    third = start(limiter.acquire(400))  # the log: 1,300 > 1,000 while the lost one is in it
+    await limiter.settle(paced.result(), 400)
+    small = start(limiter.acquire(50))  # the pace again: 4 s of it were spent at 0
+    # The log holds the lost one at 500 (its count unknown) and the answered one at 400.
+    third = start(limiter.acquire(400))  # 500 + 400 + 50 + 500 > 1,000 while the lost one is in
     await run_until(clock, 30.0)
     assert small.result().admitted_at == 4.0
     assert third.result().admitted_at == 10.0  # when the lost one leaves the window
