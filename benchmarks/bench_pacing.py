@@ -1,7 +1,7 @@
 """Does `sfembed embed`, as a user runs it, finish at the speed of the quota? Four account profiles.
 
     python benchmarks/bench_pacing.py [--profile tpm,rpm,faults,large,long] [--repeat 1]
-        [--workdir DIR]
+        [--workdir DIR] [--trace]
     python benchmarks/bench_pacing.py --cpu [--cpu-counts 20000,100000[,400000]] [--no-cache]
         [--repeat 1]
 
@@ -34,6 +34,11 @@ Profiles:
 * ``long``: a model with long items (Qwen3, 32,768 tokens) on the ``tpm`` quota: 1,000 documents
   of the ``tpm`` mix and 12 of 5,000 to 22,000 words (6,600 to 29,000 tokens by the server's
   count) among them, each up to half a window in a request of its own.
+
+With ``--trace`` the server notes every request it refuses and the job every decision of its
+limiter, and each 429 (and the two requests that came closest to the limit) is explained from
+both records: see ``_pacing_trace.py``. The job then starts through a small wrapper that notes
+them, so its start-up and CPU figures are not the plain command's.
 
 With ``--cpu`` it measures instead the client CPU of the same command (defaults: cache on,
 progress on; bge-m3, 1024-d base64) on unique short texts (~24 tokens) against a server with
