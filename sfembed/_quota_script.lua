@@ -1,7 +1,8 @@
 -- One decision of the shared quota, atomically, on the server's own clock (TIME).
 --
 -- KEYS: 1 state (hash: running sums, the two paces, the hold, the last 429), 2 log (zset: ticket
--- id -> when it leaves the log), 3 charges (hash: ticket id -> tokens charged), 4 workers (zset:
+-- id -> when it leaves the log), 3 charges (hash: ticket id -> tokens charged, negative until its
+-- count is known: an answer, a refund, or a worker's carry), 4 workers (zset:
 -- worker id -> last seen), 5 line (zset: "id|tokens" -> first refusal), 6 due (zset: "id|tokens"
 -- -> time by which it must be back), 7 counts (list: the server's count over the charge asked,
 -- of the last settled requests of any worker). Times are microseconds of the server's clock.
@@ -28,9 +29,11 @@
 --
 -- An admission leaves the log a window after its answer (settle), when the server has counted it
 -- at the latest; one never answered, `unanswered` after the time booked for it. The log holds the
--- account's own limits and the pace the headroom's, as the local limiter does.
+-- account's own limits and the pace the headroom's, as the local limiter does, and like it holds
+-- an admission whose count is not known yet at its charge and MARGIN more (an estimate, and the
+-- log is often full to the last percent).
 
-local CUT, FLOOR, CUT_SPACING, IDLE_SHARE = 0.8, 0.25, 0.1, 0.5
+local CUT, FLOOR, CUT_SPACING, IDLE_SHARE, MARGIN = 0.8, 0.25, 0.1, 0.5, 0.15
 -- Counts over charges: of the last COUNTS requests of at least COUNT_MIN tokens (a short text's
 -- ratio says little), the largest, never above COUNT_MAX (a runaway would stop everyone).
 local COUNTS, COUNT_MIN, COUNT_MAX = 32, 256, 1.25
@@ -50,7 +53,7 @@ local function int(x) return string.format('%.0f', x) end
 local function real(x) return string.format('%.17g', x) end
 
 local fields = {'tokens', 'requests', 't_tat', 'r_tat', 't_cut', 'r_cut', 't_cut_at', 'r_cut_at',
-  'hold', 'limited_at', 'restored_at', 'over'}
+  'hold', 'limited_at', 'restored_at', 'over', 'pending'}
 local raw = redis.call('HMGET', KEYS[1], unpack(fields))
 local fresh = not raw[1]  -- no state: a first call, a restart, or nobody called for a window
 local s = {}
@@ -67,6 +70,7 @@ s.hold = s.hold or -1e300
 s.limited_at = s.limited_at or -1e300
 s.restored_at = s.restored_at or -1e300
 s.over = s.over or 1
+s.pending = s.pending or 0  -- the charges in the log whose count is not known yet
 
 -- Admissions whose time is up leave the log (unpack is kept under Lua's stack limit).
 local function each_chunk(list, fn)
@@ -76,7 +80,9 @@ local old = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', int(now))
 if #old > 0 then
   each_chunk(old, function(ids)
     for _, charge in ipairs(redis.call('HMGET', KEYS[3], unpack(ids))) do
-      s.tokens = s.tokens - (tonumber(charge) or 0)
+      local c = tonumber(charge) or 0
+      s.tokens = s.tokens - math.abs(c)
+      if c < 0 then s.pending = s.pending + c end
     end
     redis.call('HDEL', KEYS[3], unpack(ids))
   end)
@@ -92,15 +98,20 @@ local function factor(kind, at)
 end
 local function rate(kind, limit, at) return limit * factor(kind, at) / window end
 
+-- What the log holds for admissions of `tokens` not yet answered: never more than the limit, so
+-- that one alone always fits.
+local function held(tokens) return math.min(tokens * (1 + MARGIN), log_t) end
+
 -- When enough admissions will have left the log for `requests` more requests of `tokens` in all.
 local function log_ready(tokens, requests)
-  local extra_t = s.tokens + tokens - log_t
+  local extra_t = s.tokens + s.pending * MARGIN + held(tokens) - log_t
   local extra_r = s.requests + requests - log_r
   if extra_t <= 0 and extra_r <= 0 then return now end
   local entries = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
   local freed_t, freed_r = 0, 0
   for i = 1, #entries, 2 do
-    freed_t = freed_t + (tonumber(redis.call('HGET', KEYS[3], entries[i])) or 0)
+    local c = tonumber(redis.call('HGET', KEYS[3], entries[i])) or 0
+    freed_t = freed_t + (c < 0 and -c * (1 + MARGIN) or c)
     freed_r = freed_r + 1
     if freed_t >= extra_t and freed_r >= extra_r then return tonumber(entries[i + 1]) end
   end
@@ -123,7 +134,8 @@ local function save()
   redis.call('HSET', KEYS[1], 'tokens', int(s.tokens), 'requests', int(s.requests),
     't_tat', real(s.t_tat), 'r_tat', real(s.r_tat), 't_cut', real(s.t_cut), 'r_cut', real(s.r_cut),
     't_cut_at', int(s.t_cut_at), 'r_cut_at', int(s.r_cut_at), 'hold', int(s.hold),
-    'limited_at', int(s.limited_at), 'restored_at', int(s.restored_at), 'over', real(s.over))
+    'limited_at', int(s.limited_at), 'restored_at', int(s.restored_at), 'over', real(s.over),
+    'pending', int(s.pending))
   -- Nothing outlives the window it describes: the state is gone a window after the last call.
   local ttl = int(math.ceil((unanswered + lead + math.max(0, s.hold - now)) / 1000))
   for i = 1, #KEYS do redis.call('PEXPIRE', KEYS[i], ttl) end
@@ -133,6 +145,10 @@ end
 local function recharge(id, tokens, requests)
   local charged = tonumber(redis.call('HGET', KEYS[3], id))
   if charged == nil then return 0 end
+  if charged < 0 then  -- its count is known now
+    charged = -charged
+    s.pending = s.pending - charged
+  end
   s.tokens = s.tokens + tokens - charged
   s.requests = s.requests + requests - 1
   s.t_tat = s.t_tat + (tokens - charged) / rate('t', max_t, now)
@@ -185,8 +201,8 @@ if op == 'acquire' then
   local booked = redis.call('ZSCORE', KEYS[2], id)
   if booked then  -- asked again after a lost answer: the same booking
     local at = tonumber(booked) - unanswered
-    local charged = redis.call('HGET', KEYS[3], id) or int(tokens)
-    return {1, int(math.max(0, at - now)), workers, factors[1], factors[2], charged}
+    local charged = math.abs(tonumber(redis.call('HGET', KEYS[3], id)) or tokens)
+    return {1, int(math.max(0, at - now)), workers, factors[1], factors[2], int(charged)}
   end
   prune_line()
   local rank = redis.call('ZRANK', KEYS[5], member)
@@ -199,8 +215,9 @@ if op == 'acquire' then
     redis.call('ZREM', KEYS[5], member)
     redis.call('ZREM', KEYS[6], member)
     redis.call('ZADD', KEYS[2], int(at + unanswered), id)
-    redis.call('HSET', KEYS[3], id, int(tokens))
+    redis.call('HSET', KEYS[3], id, int(-tokens))
     s.tokens = s.tokens + tokens
+    s.pending = s.pending + tokens
     s.requests = s.requests + 1
     charge('t', tokens, max_t, at)
     charge('r', 1, max_r, at)
@@ -242,6 +259,10 @@ elseif op == 'carry' then
     local id, tokens, left = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
     local charged = tonumber(redis.call('HGET', KEYS[3], id))
     if charged then
+      if charged < 0 then  -- the worker's count (settled, or as charged) is taken as known
+        charged = -charged
+        s.pending = s.pending - charged
+      end
       s.tokens = s.tokens + tokens - charged
       redis.call('HSET', KEYS[3], id, int(tokens))
     elseif left > 0 then

@@ -383,11 +383,11 @@ async def test_fifo_large_request_is_not_put_off_by_small_ones_behind_it() -> No
     small = [start(ask(f"s{i}", 100)) for i in range(5)]
     await spin()
     clock.advance(1.0)
-    # Held at 875 until answered (a quarter more), it waits for the first five to leave at 10 s.
+    # Held at 805 until answered (15% more), it waits for the first five to leave at 10 s.
     large = start(ask("L", 700))
     later = [start(ask(f"t{i}", 100)) for i in range(5)]
     await spin()
-    # t0 takes room the large one will not need (at 10 s: t0's 100 + 875 fit); t1 would put
+    # t0 takes room the large one will not need (at 10 s: t0's 100 + 805 fit); t1 would put
     # it off, so it and those after it wait behind it although they would fit now.
     assert order == [*(f"s{i}" for i in range(5)), "t0"]
     assert limiter.queued == 5
@@ -407,14 +407,14 @@ async def test_a_request_behind_one_that_waits_goes_first_only_if_it_leaves_in_t
         return ticket
 
     await answered(500)
-    # Until answered, a request is held in the log at a quarter more: the head at 875.
+    # Until answered, a request is held in the log at 15% more: the head at 805.
     head = start(answered(700))  # the pace would let it pass at 5 s, the log at 10 s
-    wider = start(answered(200))  # at 10 s, 250 + 875 would not fit: it waits
-    narrow = start(answered(100))  # at 10 s, 100 + 875 fit: it goes when the pace lets it
+    wider = start(answered(200))  # at 10 s, 230 + 805 would not fit: it waits
+    narrow = start(answered(100))  # at 10 s, 115 + 805 fit: it goes when the pace lets it
     await run_until(clock, 30.0)
     assert narrow.result().admitted_at == 5.0
     assert head.result().admitted_at == 10.0
-    assert wider.result().admitted_at == 15.0  # 700 + 250 fit once the narrow one has left
+    assert wider.result().admitted_at == 15.0  # 700 + 230 fit once the narrow one has left
 
 
 # -- settle and refund -----------------------------------------------------------------------
@@ -461,16 +461,16 @@ async def test_refund_removes_tokens_and_the_request() -> None:
     assert first.tokens == 0
 
 
-async def test_a_request_not_yet_answered_is_held_at_a_quarter_more_until_its_count_comes() -> None:
+async def test_a_request_not_yet_answered_is_held_with_a_margin_until_its_count_comes() -> None:
     # The server's count of a request is known only from its answer, and may exceed the charge.
     clock = ManualClock()
     limiter = make(clock, rpm=100, tpm=1000, window_s=10.0, burst_s=10.0)  # the log binds
-    first = await limiter.acquire(640)  # held at 800 until answered
-    second = await limiter.acquire(150)  # 800 + 187.5 fit
-    third = start(limiter.acquire(100))  # 800 + 187.5 + 125 do not, though 890 tokens would
+    first = await limiter.acquire(640)  # held at 736 (15% more) until answered
+    second = await limiter.acquire(150)  # 736 + 172.5 fit
+    third = start(limiter.acquire(100))  # 736 + 172.5 + 115 do not, though 890 tokens would
     await spin()
     assert not third.done()
-    await limiter.settle(first, 640)  # counted: 640 + 187.5 + 125 fit
+    await limiter.settle(first, 640)  # counted: 640 + 172.5 + 115 fit
     await spin()
     assert third.result().admitted_at == 0.0
     assert second.tokens == 150
@@ -479,7 +479,7 @@ async def test_a_request_not_yet_answered_is_held_at_a_quarter_more_until_its_co
 async def test_a_request_alone_fits_whatever_its_margin() -> None:
     clock = ManualClock()
     limiter = RateLimiter(RateLimits(rpm=100, tpm=1000, window_s=10.0, burst_s=10.0), clock)
-    ticket = await limiter.acquire(limiter.max_tokens)  # 980 * 1.25 > 1,000, alone in the window
+    ticket = await limiter.acquire(limiter.max_tokens)  # 980 * 1.15 > 1,000, alone in the window
     assert ticket.admitted_at == 0.0
 
 
@@ -491,7 +491,7 @@ async def test_a_lost_answer_stays_in_the_log_a_window_after_it_was_lost() -> No
     lost = await limiter.acquire(600)
     await run_until(clock, 3.0)
     await limiter.unanswered(lost)
-    waiter = start(limiter.acquire(400))  # 750 + 500 > 1,000 while the lost one is in the log
+    waiter = start(limiter.acquire(400))  # 690 + 460 > 1,000 while the lost one is in the log
     await run_until(clock, 30.0)
     assert waiter.result().admitted_at == 13.0
 
@@ -509,8 +509,8 @@ async def test_an_unanswered_request_keeps_its_window_and_gives_its_pace_back() 
     assert paced.result().admitted_at == 0.0
     await limiter.settle(paced.result(), 400)
     small = start(limiter.acquire(50))  # the pace again: 4 s of it were spent at 0
-    # The log holds the lost one at 500 (its count unknown) and the answered one at 400.
-    third = start(limiter.acquire(400))  # 500 + 400 + 50 + 500 > 1,000 while the lost one is in
+    # The log holds the lost one at 460 (its count unknown) and the answered one at 400.
+    third = start(limiter.acquire(400))  # 460 + 400 + 50 + 460 > 1,000 while the lost one is in
     await run_until(clock, 30.0)
     assert small.result().admitted_at == 4.0
     assert third.result().admitted_at == 10.0  # when the lost one leaves the window

@@ -98,6 +98,32 @@ async def test_a_ticket_is_charged_then_settled_to_the_servers_count(
     assert ticket.tokens == 300
 
 
+async def test_a_request_not_yet_answered_is_held_with_a_margin(
+    make_limiter: Callable[..., SharedLimiter], inspect: redis.Redis
+) -> None:
+    """Until its answer, the log holds a request at its charge and 15% more: the charge is an
+    estimate, and a request unlike the last ones may be counted more."""
+    limiter = make_limiter(limits(tpm=1000, window_s=10.0, burst_s=10.0))
+    first = await limiter.acquire(640)  # held at 736
+    await limiter.acquire(150)  # 736 + 172.5 fit
+    assert await inspect.hget(f"{PREFIX}:state", "pending") == "790"
+    third = asyncio.create_task(limiter.acquire(100))  # 1,023.5 do not, though 890 tokens would
+    for _ in range(200):  # until its refusal has put it in the line
+        if await inspect.zcard(f"{PREFIX}:line"):
+            break
+        await asyncio.sleep(0.01)
+    assert await inspect.zcard(f"{PREFIX}:line") == 1
+    assert not third.done()
+    third.cancel()  # it would ask again when the first leaves the log, 10 s on
+    with contextlib.suppress(asyncio.CancelledError):
+        await third
+    await limiter.settle(first, 640)  # counted: 640 + 172.5 + 115 fit
+    assert await inspect.hget(f"{PREFIX}:state", "pending") == "150"
+    await limiter.acquire(100)
+    assert await sums(inspect) == (890, 3, 3)
+    assert await inspect.hget(f"{PREFIX}:state", "pending") == "250"
+
+
 async def test_a_count_above_the_charge_is_learnt_by_every_worker(
     make_limiter: Callable[..., SharedLimiter], inspect: redis.Redis
 ) -> None:
