@@ -1,5 +1,8 @@
 """Decoding one answer: microseconds per 64 x 1024 answer, base64 and float, least of 5 repeats.
 
+Base64 is timed twice: with the vectors in index order, and in reverse order, as the local
+server answers (a client must place vectors by index, never by position).
+
 The decoder checks every answer before a row is kept: exact integer indices, one vector per
 input, the expected width, numbers only (no strings, booleans or nulls) and finite values. This
 measures what that costs on the hot path::
@@ -19,7 +22,7 @@ import pybase64
 from sfembed._decoder import decode_body
 
 
-def body(vectors: np.ndarray, encoding: str) -> bytes:
+def body(vectors: np.ndarray, encoding: str, reverse: bool = False) -> bytes:
     data = [
         {
             "object": "embedding",
@@ -30,6 +33,8 @@ def body(vectors: np.ndarray, encoding: str) -> bytes:
         }
         for index, row in enumerate(vectors)
     ]
+    if reverse:
+        data.reverse()
     usage = {"prompt_tokens": 5, "completion_tokens": 0, "total_tokens": 5}
     payload = {"object": "list", "model": "m", "data": data, "usage": usage}
     return orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
@@ -42,16 +47,17 @@ def main() -> None:
     parser.add_argument("--number", type=int, default=200, help="decodes per repeat (200)")
     args = parser.parse_args()
     vectors = np.random.default_rng(0).standard_normal((args.items, args.dims)).astype("<f4")
-    print(f"| encoding | body bytes | us per {args.items} x {args.dims} answer |")
-    print("|---|---|---|")
-    for encoding in ("base64", "float"):
-        raw = body(vectors, encoding)
+    print(f"| encoding | order | body bytes | us per {args.items} x {args.dims} answer |")
+    print("|---|---|---|---|")
+    for encoding, reverse in (("base64", False), ("base64", True), ("float", False)):
+        raw = body(vectors, encoding, reverse)
 
         def decode(raw: bytes = raw, encoding: str = encoding) -> None:
             decode_body(raw, items=args.items, dimensions=args.dims, encoding_format=encoding)  # type: ignore[arg-type]
 
         seconds = min(timeit.repeat(decode, number=args.number, repeat=5)) / args.number
-        print(f"| {encoding} | {len(raw):,} | {seconds * 1e6:,.0f} |")
+        order = "reversed" if reverse else "by index"
+        print(f"| {encoding} | {order} | {len(raw):,} | {seconds * 1e6:,.0f} |")
 
 
 if __name__ == "__main__":
