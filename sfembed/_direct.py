@@ -5,8 +5,9 @@ time per 4 KiB row; a job writes every vector twice (the cache's file and the ou
 was a large share of its CPU. With ``O_DIRECT`` the device takes the bytes from our buffer. It
 asks for the buffer's address, the file offset and the length to sit on the device's block
 boundaries: 4 KiB suits every common device. A file system that refuses ``O_DIRECT`` (older
-tmpfs, some network ones), or a write it refuses (``EINVAL``), is written through the page cache
-as before.
+tmpfs, some network ones), or that takes it at ``open`` and then fails a direct write, is written
+through the page cache as before; only an error the page cache would meet as well (a full disk
+or quota, a file too large, a read-only file system, the device's own failure) ends the write.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["ALIGN", "Appender", "RawBuffer", "aligned_buffer", "open_direct", "refused"]
+__all__ = ["ALIGN", "Appender", "RawBuffer", "aligned_buffer", "named", "open_direct", "refused"]
 
 #: The boundary of a direct write's memory, offset and length.
 ALIGN = 4096
@@ -47,9 +48,25 @@ def open_direct(path: Path, flags: int) -> int:
     return -1
 
 
+#: Errors of a direct write that a write through the page cache would meet too: the disk refuses
+#: the bytes themselves, whichever way they come.
+_DISK_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO})
+
+
 def refused(error: OSError) -> bool:
-    """True when ``error`` is a direct write refused for its alignment: write it buffered."""
-    return error.errno == errno.EINVAL
+    """True when ``error`` is a direct write the file system refused for being direct (an
+    alignment it does not take, ``EINVAL``; direct writes it does not support after all, say
+    ``EOPNOTSUPP``): write it through the page cache. False for an error the page cache would
+    meet too (``ENOSPC``, ``EDQUOT``, ``EFBIG``, ``EROFS``, ``EIO``)."""
+    return error.errno not in _DISK_ERRORS
+
+
+def named(error: OSError, path: Path) -> OSError:
+    """``error`` with ``path`` as its file name (``os.pwrite`` and ``os.write`` give none), so
+    that a full disk names the file it refused."""
+    if error.filename is not None or error.errno is None:
+        return error
+    return OSError(error.errno, error.strerror, str(path))
 
 
 class Appender:
@@ -57,8 +74,8 @@ class Appender:
     a full stage is written directly, and :meth:`flush` writes what is staged, its whole pages
     directly and the partial last one through the page cache (written again, whole, with the
     pages after it). ``fd`` is a descriptor of the file open for writing, which the caller owns
-    and syncs; the bytes from ``end`` on are the appender's. Raises OSError when the disk
-    refuses or takes only a part.
+    and syncs; the bytes from ``end`` on are the appender's. Raises OSError naming ``path`` when
+    the disk refuses or takes only a part.
     """
 
     def __init__(self, path: Path, fd: int, end: int, *, stage_bytes: int = 1 << 20) -> None:
@@ -124,13 +141,18 @@ class Appender:
             except OSError as error:
                 if not refused(error):
                     raise
-                self.close()  # this file takes no direct writes: the page cache from now on
+                # This file takes no direct writes: the page cache from now on. A part written
+                # directly before the error is written again, at the same offsets.
+                self.close()
         self._pwrite(self.fd, self.stage[:size], self.base)
 
     def _pwrite(self, fd: int, data: RawBuffer, offset: int) -> None:
         # The rest of a short write is written again: a full disk then says so (ENOSPC, EFBIG).
         while data.size:
-            written = os.pwrite(fd, data.data, offset)
+            try:
+                written = os.pwrite(fd, data.data, offset)
+            except OSError as error:
+                raise named(error, self.path) from None
             if not written:
                 raise OSError(errno.EIO, f"{str(self.path)!r}: no byte written at {offset}")
             data, offset = data[written:], offset + written

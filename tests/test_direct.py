@@ -4,12 +4,14 @@ middle of a page, patches before the end, and a reopen in the middle of a page."
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
 import numpy as np
+import pytest
 
-from sfembed._direct import ALIGN, Appender, aligned_buffer
+from sfembed._direct import ALIGN, Appender, aligned_buffer, refused
 
 
 def _chunks(seed: int, sizes: list[int]) -> list[bytes]:
@@ -73,3 +75,43 @@ def test_a_direct_write_refused_goes_through_the_page_cache(tmp_path: Path) -> N
         appender.close()
         os.close(fd)
     assert path.read_bytes() == data
+
+
+def test_a_direct_write_failing_otherwise_goes_through_the_page_cache(tmp_path: Path) -> None:
+    # A file system may take O_DIRECT at open and fail the write itself with an error other
+    # than EINVAL (EOPNOTSUPP, say): here a descriptor that cannot write (EBADF) stands for it.
+    path = tmp_path / "out"
+    fd, appender = _appender(path)
+    if appender.direct >= 0:
+        os.close(appender.direct)
+    appender.direct = os.open(path, os.O_RDONLY)
+    data = _chunks(4, [5 * ALIGN + 17])[0]
+    try:
+        appender.write(memoryview(data))
+        appender.flush()
+        assert appender.direct == -1
+    finally:
+        appender.close()
+        os.close(fd)
+    assert path.read_bytes() == data
+
+
+def test_a_full_disk_ends_the_write_naming_the_file() -> None:
+    path = Path("/dev/full")  # every write to it fails with ENOSPC
+    fd = os.open(path, os.O_WRONLY)
+    appender = Appender(path, fd, 0, stage_bytes=2 * ALIGN)
+    try:
+        with pytest.raises(OSError, match="No space left") as raised:
+            appender.write(memoryview(bytes(3 * ALIGN)))  # a full stage is written at once
+    finally:
+        appender.close()
+        os.close(fd)
+    assert raised.value.errno == errno.ENOSPC
+    assert raised.value.filename == str(path)
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO])
+def test_errors_the_page_cache_would_meet_too_are_not_taken_for_a_refusal(code: int) -> None:
+    assert not refused(OSError(code, os.strerror(code)))
+    assert refused(OSError(errno.EINVAL, os.strerror(errno.EINVAL)))
+    assert refused(OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP)))
