@@ -7,7 +7,8 @@ orjson and one numpy conversion. No per-float Python work happens here.
 
 from __future__ import annotations
 
-import re
+from itertools import repeat
+from operator import itemgetter
 from typing import Any, TypeGuard
 
 import numpy as np
@@ -21,7 +22,6 @@ from ._types import EncodingFormat, FloatArray, Usage
 __all__ = ["DecodedBody", "all_finite", "decode_body"]
 
 _EMBEDDING_KEY = b'"embedding":'
-_ANY_EMBEDDING_KEY = re.compile(rb'"embedding"\s*:')  # the key as JSON allows it, escapes aside
 
 #: (rows, usage or ``None`` when the answer carried none that can be trusted, model name).
 DecodedBody = tuple[FloatArray, Usage | None, str]
@@ -66,13 +66,16 @@ def _split_base64(body: bytes) -> tuple[dict[str, Any], list[bytes]] | None:
 
     Most of a base64 answer is its vectors' text, and parsing it into strings costs more than
     decoding it. So each ``"embedding":"<text>"`` is found by its key, its text decoded from the
-    body itself, and the rest of the body, each text replaced by its ordinal, parsed as JSON.
-    That rest is the body's own structure when: it has no backslash (no escape can spell a key
-    the search missed), every ``embedding`` key in it is one found, entry i of ``data`` holds
-    ordinal i (so each text is one entry's vector, and no key was met elsewhere), and each text
-    is strict base64 (neither quote nor backslash: the first quote after its start ends it)."""
+    body itself, and the rest of the body, each quoted text replaced by its ordinal (a JSON
+    number), parsed as JSON. That rest is the body's own structure when: it has no backslash (no
+    escape can spell a key the search missed), every ``"embedding"`` in it is a key found (then
+    followed by ``:``) or a value (followed by ``,``, ``}`` or ``]``: any other layout is parsed
+    whole), entry i of ``data`` holds ordinal i (so each text is one entry's vector, and no key
+    was met elsewhere), and each text is strict base64 (neither quote nor backslash: the first
+    quote after its start ends it)."""
     pieces: list[bytes] = []
-    spans: list[tuple[int, int]] = []
+    starts: list[int] = []
+    ends: list[int] = []
     find = body.find
     done = 0
     while (key := find(_EMBEDDING_KEY, done)) >= 0:
@@ -86,23 +89,45 @@ def _split_base64(body: bytes) -> tuple[dict[str, Any], list[bytes]] | None:
         end = find(b'"', start)
         if end < 0:
             return None
-        pieces += (body[done:start], b"%d" % len(spans))
-        spans.append((start, end))
-        done = end
+        pieces += (body[done : start - 1], _ordinal(len(starts)))
+        starts.append(start)
+        ends.append(end)
+        done = end + 1
     pieces.append(body[done:])
     rest = b"".join(pieces)
-    if not spans or b"\\" in rest or len(_ANY_EMBEDDING_KEY.findall(rest)) != len(spans):
+    if not starts or b"\\" in rest or not _keys_found(rest, len(starts)):
         return None
     try:
         payload = orjson.loads(rest)
-        marks = [entry["embedding"] for entry in payload["data"]]
-        if marks != [str(ordinal) for ordinal in range(len(spans))]:
+        if list(map(_get_embedding, payload["data"])) != list(range(len(starts))):
             return None
-        view = memoryview(body)
-        chunks = [pybase64.b64decode(view[start:end], validate=True) for start, end in spans]
+        texts = map(memoryview(body).__getitem__, map(slice, starts, ends))
+        chunks = list(map(pybase64.b64decode, texts, repeat(None), repeat(True)))  # validate
     except (ValueError, LookupError, TypeError):  # JSONDecodeError and binascii.Error included
         return None
     return payload, chunks
+
+
+#: Each vector's text is replaced by its ordinal: ``_ORDINALS[i]`` is ``b"i"``.
+_ORDINALS = [b"%d" % ordinal for ordinal in range(1024)]
+_get_embedding = itemgetter("embedding")
+_get_index = itemgetter("index")
+_INT = frozenset({int})
+
+
+def _ordinal(ordinal: int) -> bytes:
+    return _ORDINALS[ordinal] if ordinal < len(_ORDINALS) else b"%d" % ordinal
+
+
+def _keys_found(rest: bytes, found: int) -> bool:
+    """Whether the ``"embedding"`` keys of ``rest`` are the ``found`` ones: each is followed by
+    its colon (no space: ``"embedding" :`` is a key the search did not see), and every other
+    ``"embedding"`` is a value (``"object":"embedding"``), followed by ``,``, ``}`` or ``]``.
+    Counts in C, where a regular expression costs more than the search itself."""
+    count = rest.count
+    keys = count(b'"embedding":')
+    values = count(b'"embedding",') + count(b'"embedding"}') + count(b'"embedding"]')
+    return keys == found and count(b'"embedding"') == keys + values
 
 
 def _parse(body: bytes, trace_id: str | None) -> dict[str, Any]:
@@ -129,11 +154,11 @@ def _indices(data: list[Any], items: int, trace_id: str | None) -> list[int] | N
     if len(data) != items:
         raise _malformed(f"expected {items} embeddings, got {len(data)}", trace_id)
     try:
-        indices = [entry["index"] for entry in data]
+        indices = list(map(_get_index, data))
     except (KeyError, TypeError):
         indices = [None]
     # Exactly int: numpy would take "1", 1.5 and true as index 1 and misplace a vector.
-    if any(type(index) is not int for index in indices):
+    if not _INT.issuperset(map(type, indices)):
         raise _malformed("an embedding lacks an integer 'index'", trace_id)
     expected = list(range(items))
     if indices == expected:
@@ -158,13 +183,11 @@ def _rows(
     if encoding_format == "base64":
         if chunks is None:
             chunks = [pybase64.b64decode(entry["embedding"], validate=True) for entry in data]
-        if len({len(chunk) for chunk in chunks}) > 1:
+        if len(set(map(len, chunks))) > 1:
             raise ValueError("vectors differ in length")
         if order is not None:  # put in place before they are joined: no second copy of the rows
-            placed = chunks.copy()
-            for chunk, index in zip(chunks, order, strict=True):
-                placed[index] = chunk
-            chunks = placed
+            # Row i is the entry whose index is i: the entries sorted by index.
+            chunks = list(map(chunks.__getitem__, sorted(range(len(order)), key=order.__getitem__)))
         # A bytearray: the rows are the caller's to change, as any array it is given.
         rows = np.frombuffer(bytearray().join(chunks), dtype="<f4").reshape(len(data), -1)
     else:
