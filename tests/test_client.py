@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import orjson
 import pytest
+from aiohttp import web
 from multidict import CIMultiDict
 
 from sfembed._client import EmbeddingClient, _retry_after
@@ -944,3 +945,28 @@ async def test_cancelling_a_request_in_flight_leaves_the_client_usable(
             await task
         result = await client.embed("y", model=BGE)
     assert result.embeddings.shape == (1, 1024)
+
+
+async def test_a_small_compressed_answer_that_inflates_past_the_cap_is_refused() -> None:
+    # Its Content-Length is far under the cap; what it inflates to is not, and is what counts.
+    inflated = b'{"data":[' + b" " * (16 << 20) + b"]}"
+    compressed = zlib.compress(inflated, 9)
+
+    async def bomb(request: web.Request) -> web.Response:
+        await request.read()
+        headers = {"Content-Encoding": "deflate", "Content-Type": "application/json"}
+        return web.Response(body=compressed, headers=headers)
+
+    app = web.Application()
+    app.router.add_post("/v1/embeddings", bomb)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
+        async with EmbeddingClient(api_key=KEY, base_url=url) as client:
+            with pytest.raises(MalformedResponseError, match="more than its vectors could take"):
+                await client.embed("a", model=BGE)
+    finally:
+        await runner.cleanup()
+    assert len(compressed) < 1 << 20
