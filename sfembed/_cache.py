@@ -28,9 +28,10 @@ A second process may read and write the same files meanwhile, and sees what this
 indexed.
 
 All file work runs on one worker thread owned by the cache, so the event loop never waits on the
-disk and the connection is only ever used by the thread that opened it. A write runs while the
-caller goes on (the next write waits for it); a ``lookup`` is one SELECT per 500 keys and one read
-per row found, and sees rows not yet written.
+disk and the connection is only ever used by the thread that opened it; the index's transactions
+run on a thread and a connection of their own, so that neither the writes after them nor lookups
+wait for them. A write runs while the caller goes on (the next write waits for it); a ``lookup``
+is one SELECT per 500 keys and one read per row found, and sees rows not yet written or indexed.
 """
 
 from __future__ import annotations

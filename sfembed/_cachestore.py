@@ -24,7 +24,9 @@ job). A partial block, or a file system that refuses direct writes, goes through
 before. The index is written in transactions of ``index_rows`` (32,768) keys, sorted: a key is
 random, so each transaction touches pages all over the index, and few large ones touch each page
 once rather than many times (at a million entries: 16 us per row in transactions of 2,048, 5 us in
-those of 65,536).
+those of 65,536). The transactions run on a thread and a connection of their own (:class:`Indexer`):
+the next blocks are written and lookups answered meanwhile, the entries of a transaction under
+way found in its sorted arrays until it commits.
 
 Crash safety: rows are appended with ``O_APPEND`` (a second process appends after them, never
 over them), and synced to disk before the index that points at them is committed. A crash loses
@@ -42,6 +44,7 @@ import os
 import sqlite3
 from array import array
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +58,8 @@ __all__ = [
     "SCHEMA_VERSION",
     "Block",
     "CacheFiles",
+    "Entries",
+    "Indexer",
     "Pending",
     "VectorsFile",
     "checksums",
@@ -115,6 +120,8 @@ class Block:
 
 _FORMAT = "sfembed embedding cache"  # meta 'format': tells our file from any other SQLite file
 _VECTOR = np.dtype("<f4")  # stored byte order, whatever the machine's
+_KEY = np.dtype("S16")  # a key as numpy sorts and compares it: bytewise
+_KEY_BYTES = np.dtype("V16")  # the same bytes, given back whole (S16 drops trailing zeros)
 _IN_KEYS = 500  # keys per SELECT: with the scope, 501 variables, below the 999 of old SQLite
 _BUSY_TIMEOUT_S = 30.0  # how long to wait for another process's write transaction
 _VECTORS_SUFFIX = "-vectors"
@@ -226,20 +233,120 @@ class Pending:
         entry = self.where.get(key)
         return None if entry is None else (self.offsets[entry], self.checksums[entry])
 
-    def entries(self) -> Iterator[tuple[bytes, int, int]]:
-        """(key, offset, checksum) of each key, in key order (SQLite's, bytewise)."""
+    def sealed(self) -> Entries:
+        """The entries, sorted by key (SQLite's order, bytewise), each key once with its
+        latest row."""
         keys = list(self.where)
         latest = np.fromiter(self.where.values(), np.int64, len(keys))
-        words = np.frombuffer(b"".join(keys), ">u8").reshape(len(keys), 2)
+        joined = b"".join(keys)
+        words = np.frombuffer(joined, ">u8").reshape(len(keys), 2)
         order = np.lexsort((words[:, 1], words[:, 0]))
         rows = latest[order]
-        offsets = np.frombuffer(self.offsets, np.int64)[rows].tolist()
-        sums = np.frombuffer(self.checksums, np.int64)[rows].tolist()
-        return zip([keys[i] for i in order.tolist()], offsets, sums, strict=True)
+        return Entries(
+            np.frombuffer(joined, _KEY)[order],
+            np.frombuffer(self.offsets, np.int64)[rows],
+            np.frombuffer(self.checksums, np.int64)[rows],
+        )
+
+
+class Entries:
+    """Index entries of one (model, dims) sorted by key, each key once: a transaction's
+    worth, held as three arrays (32 bytes a key, no Python object per key) until it is
+    committed, and looked up by binary search meanwhile."""
+
+    __slots__ = ("checksums", "keys", "offsets")
+
+    def __init__(
+        self,
+        keys: npt.NDArray[np.bytes_],
+        offsets: npt.NDArray[np.int64],
+        checksums: npt.NDArray[np.int64],
+    ) -> None:
+        self.keys = keys
+        self.offsets = offsets
+        self.checksums = checksums
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def places(self, keys: list[bytes]) -> dict[bytes, tuple[int, int]]:
+        """(offset, checksum) of each of ``keys`` (16 bytes each) that is here, by key."""
+        if not keys or not len(self.keys):
+            return {}
+        query = np.frombuffer(b"".join(keys), _KEY)
+        at = np.searchsorted(self.keys, query)
+        np.minimum(at, len(self.keys) - 1, out=at)
+        hits = np.flatnonzero(self.keys[at] == query)
+        rows = at[hits]
+        places = zip(self.offsets[rows].tolist(), self.checksums[rows].tolist(), strict=True)
+        return dict(zip([keys[i] for i in hits.tolist()], places, strict=True))
+
+    def rows(self) -> Iterator[tuple[bytes, int, int]]:
+        """(key, offset, checksum) of each entry, in key order."""
+        keys: list[bytes] = self.keys.view(_KEY_BYTES).tolist()
+        return zip(keys, self.offsets.tolist(), self.checksums.tolist(), strict=True)
+
+
+#: A transaction's entries, by (model, dims).
+Batch = dict[tuple[str, int], Entries]
+
+
+class Indexer:
+    """Index entries written on a thread and a connection of their own, so that the blocks
+    after them are written, and lookups answered, while a transaction runs (it took 0.2-1 s,
+    more as the index grows, during which every sender waited with its rows).
+
+    Batches are committed in the order given (a key in two: the later's row is kept), each
+    after the rows it points at are synced. Only the thread that calls :meth:`submit` uses
+    ``queued``; the indexer's thread only runs the transactions."""
+
+    def __init__(self, path: Path, vectors: VectorsFile) -> None:
+        self.db = _connect(path, prepare=False)  # used on the indexer's thread only
+        self.vectors = vectors
+        self.queued: list[tuple[Batch, Future[None]]] = []  # not known committed, oldest first
+        self._scopes: dict[tuple[str, int], int] = {}
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sfembed-index")
+
+    def submit(self, batch: Batch) -> None:
+        """Commit ``batch`` after those queued before it."""
+        self.queued.append((batch, self._thread.submit(self._commit, batch)))
+
+    def settle(self, *, wait: bool) -> None:
+        """Forget the batches committed (every one, waiting for them, if ``wait``). Raises the
+        error of a transaction that failed (OSError or sqlite3.Error): its entries are lost,
+        as in a crash; their rows stay in the vectors file, unreferenced."""
+        while self.queued and (wait or self.queued[0][1].done()):
+            _, done = self.queued.pop(0)
+            done.result()
+
+    def close(self) -> None:
+        """Wait for the transactions queued and close the connection."""
+        try:
+            self.settle(wait=True)
+        finally:
+            self._thread.shutdown(wait=True)
+            self.db.close()
+
+    def _commit(self, batch: Batch) -> None:
+        self.vectors.sync()  # no index entry may outlive, in a crash, the row it points at
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")  # take the write lock now, not halfway through
+        try:
+            for (model, dims), entries in batch.items():
+                scope = _scope(db, self._scopes, model, dims, create=True)
+                assert scope is not None
+                db.executemany(_INSERT.format(int(scope)), entries.rows())
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            self._scopes.clear()  # a scope created in the rolled-back transaction is gone
+            raise
 
 
 class CacheFiles:
-    """The index and vectors file of one cache, used from one thread only.
+    """The index and vectors file of one cache, used from one thread only (the index's
+    transactions run on the :class:`Indexer`'s).
 
     Opening creates both if need be. Raises ConfigError naming ``path`` when it cannot be opened
     or created, is not an sfembed cache, or has a newer schema version."""
@@ -247,7 +354,7 @@ class CacheFiles:
     def __init__(self, path: Path, *, index_rows: int) -> None:
         self.path = path
         self.index_rows = index_rows
-        self.db = _connect(path)
+        self.db = _connect(path)  # lookups only: the indexer writes through its own
         self.legacy = _has_table(self.db, "vectors")  # schema version 1's rows
         try:
             self.vectors = VectorsFile(vectors_path(path))
@@ -257,12 +364,19 @@ class CacheFiles:
                 f"cannot open embedding cache {str(path)!r}: its vectors file: "
                 f"{error.strerror or error}"
             ) from None
-        self.unindexed: dict[tuple[str, int], Pending] = {}  # rows written, not yet indexed
+        try:
+            self.indexer = Indexer(path, self.vectors)
+        except BaseException:
+            self.vectors.close()
+            self.db.close()
+            raise
+        self.unindexed: dict[tuple[str, int], Pending] = {}  # rows written, not yet handed on
         self.unindexed_rows = 0
         self._scopes: dict[tuple[str, int], int] = {}
 
     def lookup(self, model: str, dims: int, keys: list[bytes]) -> dict[bytes, FloatArray]:
         """The whole rows of ``keys`` (unique) that the files hold, by key."""
+        self.indexer.settle(wait=False)  # a batch committed is found by the SELECT below
         places: dict[bytes, tuple[int, int]] = {}
         unindexed = self.unindexed.get((model, dims))
         if unindexed:
@@ -270,8 +384,13 @@ class CacheFiles:
                 place = unindexed.place(key)
                 if place is not None:
                     places[key] = place
+        for batch, _ in reversed(self.indexer.queued):  # the latest row of a key first
+            entries = batch.get((model, dims))
+            if entries is not None:
+                rest = [key for key in keys if key not in places] if places else keys
+                places.update(entries.places(rest))
         rest = [key for key in keys if key not in places] if places else keys
-        scope = self._scope(model, dims, create=False)
+        scope = _scope(self.db, self._scopes, model, dims, create=False)
         if scope is not None:
             for start in range(0, len(rest), _IN_KEYS):
                 part = rest[start : start + _IN_KEYS]
@@ -284,8 +403,9 @@ class CacheFiles:
         return found
 
     def append(self, blocks: list[Block]) -> None:
-        """Append each block's rows to the vectors file (one write each), and index them once
-        ``index_rows`` are waiting. Raises OSError when the disk refuses."""
+        """Append each block's rows to the vectors file (one write each), and hand their index
+        entries to the indexer once ``index_rows`` are waiting. Raises OSError when the disk
+        refuses, or an error of an earlier transaction (see :meth:`Indexer.settle`)."""
         for block in blocks:
             if not block.count:
                 continue
@@ -295,37 +415,43 @@ class CacheFiles:
             pending.add(block.keys, start, size, checksums(block.filled()))
             self.unindexed_rows += block.count
         if self.unindexed_rows >= self.index_rows:
-            self.commit()
+            self.indexer.settle(wait=False)
+            # One transaction at a time: while it runs, entries gather into a larger one, up
+            # to twice the size; only then does the writer wait for it.
+            if self.indexer.queued and self.unindexed_rows >= 2 * self.index_rows:
+                self.indexer.settle(wait=True)
+            if not self.indexer.queued:
+                self._hand_on()
 
     def commit(self) -> None:
-        """Index every row appended: the rows are synced to disk first, then the index entries
-        are written, sorted by key, in one transaction."""
-        if not self.unindexed:
-            return
-        self.vectors.sync()  # no index entry may outlive, in a crash, the row it points at
-        db = self.db
-        db.execute("BEGIN IMMEDIATE")  # take the write lock now, not halfway through
-        try:
-            for (model, dims), pending in self.unindexed.items():
-                scope = self._scope(model, dims, create=True)
-                assert scope is not None
-                db.executemany(_INSERT.format(int(scope)), pending.entries())
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            self._scopes.clear()  # a scope created in the rolled-back transaction is gone
-            raise
-        self.unindexed.clear()
-        self.unindexed_rows = 0
+        """Index every row appended, and wait until it is: the rows are synced to disk first,
+        then the index entries written, sorted by key, in one transaction."""
+        self._hand_on()
+        self.indexer.settle(wait=True)
+
+    def settle(self) -> None:
+        """Wait for the transactions under way."""
+        self.indexer.settle(wait=True)
 
     def close(self) -> None:
         """Index what is waiting and close both files."""
         try:
-            self.commit()
+            self._hand_on()
         finally:
-            self.vectors.close()
-            self.db.close()
+            try:
+                self.indexer.close()
+            finally:
+                self.vectors.close()
+                self.db.close()
+
+    def _hand_on(self) -> None:
+        """Hand the entries waiting to the indexer."""
+        if not self.unindexed:
+            return
+        batch = {target: pending.sealed() for target, pending in self.unindexed.items()}
+        self.unindexed = {}
+        self.unindexed_rows = 0
+        self.indexer.submit(batch)
 
     def _read(self, dims: int, places: dict[bytes, tuple[int, int]]) -> dict[bytes, FloatArray]:
         """The rows at ``places`` that are whole and agree with their checksums."""
@@ -356,32 +482,44 @@ class CacheFiles:
                     found[key] = np.frombuffer(vector, _VECTOR).astype(np.float32, copy=False)
         return found
 
-    def _scope(self, model: str, dims: int, *, create: bool) -> int | None:
-        """The id of (model, dims) in the index; made (in the open transaction) if ``create``."""
-        known = self._scopes.get((model, dims))
-        if known is not None:
-            return known
-        if create:
-            self.db.execute(
-                "INSERT OR IGNORE INTO scopes (model, dims) VALUES (?, ?)", (model, dims)
-            )
-        row = self.db.execute(
-            "SELECT id FROM scopes WHERE model = ? AND dims = ?", (model, dims)
-        ).fetchone()
-        if row is None:
-            return None
-        self._scopes[(model, dims)] = row[0]
-        return int(row[0])
+
+def _scope(
+    db: sqlite3.Connection,
+    known: dict[tuple[str, int], int],
+    model: str,
+    dims: int,
+    *,
+    create: bool,
+) -> int | None:
+    """The id of (model, dims) in the index, remembered in ``known``; made (in the open
+    transaction) if ``create``."""
+    found = known.get((model, dims))
+    if found is not None:
+        return found
+    if create:
+        db.execute("INSERT OR IGNORE INTO scopes (model, dims) VALUES (?, ?)", (model, dims))
+    row = db.execute("SELECT id FROM scopes WHERE model = ? AND dims = ?", (model, dims)).fetchone()
+    if row is None:
+        return None
+    known[(model, dims)] = int(row[0])
+    return int(row[0])
 
 
-def _connect(path: Path) -> sqlite3.Connection:
-    """Open or create the index at ``path``. Raises ConfigError."""
+def _connect(path: Path, *, prepare: bool = True) -> sqlite3.Connection:
+    """Open or create the index at ``path`` (checked and made ready if ``prepare``; a second
+    connection to it, which may be used on another thread than the opener's, otherwise).
+    Raises ConfigError."""
     try:
-        db = sqlite3.connect(path, timeout=_BUSY_TIMEOUT_S, isolation_level=None)
+        db = sqlite3.connect(
+            path, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=prepare
+        )
     except sqlite3.Error as error:
         raise ConfigError(f"cannot open embedding cache {str(path)!r}: {error}") from error
     try:
-        _prepare(db, path)
+        if prepare:
+            _prepare(db, path)
+        else:
+            db.execute("PRAGMA synchronous = NORMAL")  # per connection; WAL is the file's
     except sqlite3.Error as error:
         db.close()
         raise ConfigError(f"cannot open embedding cache {str(path)!r}: {error}") from error

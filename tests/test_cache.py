@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from sfembed._cache import KEY_BYTES, SCHEMA_VERSION, EmbeddingCache, normalise
-from sfembed._cachestore import Pending, VectorsFile, vectors_path
+from sfembed._cachestore import Entries, Pending, VectorsFile, vectors_path
 from sfembed._direct import aligned_buffer
 from sfembed._exceptions import ConfigError
 
@@ -29,6 +29,13 @@ def _rows(count: int, dims: int = DIMS, *, seed: int = 0) -> np.ndarray:
 
 def _keys(count: int, prefix: str = "text") -> list[bytes]:
     return [EmbeddingCache.key(f"{prefix} {i}") for i in range(count)]
+
+
+async def _settled(cache: EmbeddingCache) -> None:
+    """Once the index's transactions under way are committed."""
+    files = cache._files
+    assert files is not None
+    await cache._run(files.settle)
 
 
 @pytest.fixture
@@ -273,6 +280,7 @@ async def test_rows_are_written_in_blocks_and_indexed_in_larger_ones(tmp_path: P
         assert await reader.lookup(MODEL, DIMS, keys) == {}  # not indexed yet
         await writer.store(MODEL, DIMS, keys[3:5], rows[3:5])  # 4 >= 4 written: indexed
         await writer.lookup(MODEL, DIMS, keys[:1])  # waits for the write queued before it
+        await _settled(writer)  # the transaction runs on its own thread
         found = await reader.lookup(MODEL, DIMS, keys)
         assert sorted(found) == sorted(keys[:4])
         assert all(np.array_equal(found[k], r) for k, r in zip(keys[:4], rows, strict=False))
@@ -374,12 +382,63 @@ def test_pending_entries_come_in_key_order_each_key_once_with_its_latest_row() -
     assert len(pending) == 4
     assert pending.place(keys[0]) == (128, -5)
     assert pending.place(bytes(16)) is None
-    assert list(pending.entries()) == [
+    assert list(pending.sealed().rows()) == [
         (keys[1], 32, 2),
         (keys[3], 96, 4),
         (keys[0], 128, -5),
         (keys[2], 64, 3),
     ]
+
+
+def test_entries_are_found_by_their_whole_key_trailing_zeros_included() -> None:
+    keys = [bytes(16), bytes(15) + b"\x01", b"\x01" + bytes(15), b"\xff" * 15 + b"\x00"]
+    pending = Pending()
+    pending.add(keys, 0, 32, np.array([1, 2, 3, 4]))
+    entries = pending.sealed()
+    assert len(entries) == 4
+    assert [key for key, _, _ in entries.rows()] == sorted(keys)
+    assert all(len(key) == 16 for key, _, _ in entries.rows())
+    near = [b"\xff" * 16, b"\x00" * 14 + b"\x01\x00", b"\x02" + bytes(15)]  # none of them
+    assert entries.places(near + keys[::-1]) == {
+        keys[3]: (96, 4),
+        keys[2]: (64, 3),
+        keys[1]: (32, 2),
+        keys[0]: (0, 1),
+    }
+    assert entries.places(near) == {}
+    assert (
+        Entries(*(np.array([], dtype) for dtype in ("S16", np.int64, np.int64))).places(keys) == {}
+    )
+
+
+async def test_a_transaction_under_way_holds_up_neither_writes_nor_lookups(tmp_path: Path) -> None:
+    """The index is written on a thread of its own: while it is busy, rows are still written
+    and found by their writer; another process finds them once the transaction commits."""
+    path = tmp_path / "cache.sqlite"
+    keys, rows = _keys(7), _rows(7)
+    release = threading.Event()
+    async with (
+        EmbeddingCache(path, write_rows=2, index_rows=4) as writer,
+        EmbeddingCache(path) as reader,
+    ):
+        assert writer._files is not None
+        busy = writer._files.indexer._thread.submit(release.wait)
+        try:
+            await writer.store(MODEL, DIMS, keys[:4], rows[:4])  # a transaction's worth
+            await writer.store(MODEL, DIMS, keys[4:], rows[4:])  # written behind it
+            found = await writer.lookup(MODEL, DIMS, keys)
+            assert sorted(found) == sorted(keys)
+            assert all(np.array_equal(found[k], r) for k, r in zip(keys, rows, strict=True))
+            assert vectors_path(path).stat().st_size == 6 * DIMS * 4
+            assert await reader.lookup(MODEL, DIMS, keys) == {}  # nothing committed yet
+        finally:
+            release.set()
+        busy.result()
+        await _settled(writer)
+        assert sorted(await reader.lookup(MODEL, DIMS, keys)) == sorted(keys[:4])
+    async with EmbeddingCache(path) as reopened:
+        found = await reopened.lookup(MODEL, DIMS, keys)
+    assert all(np.array_equal(found[k], r) for k, r in zip(keys, rows, strict=True))
 
 
 def _file_bytes(path: Path) -> bytes:
