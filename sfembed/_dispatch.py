@@ -25,6 +25,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any, cast
 
 from . import _exceptions as exc
@@ -69,6 +70,8 @@ _STALL_FACTOR = 10.0
 #: ... and at least this long (s), once this many answers are known, is sent again.
 _STALL_MIN_S = 1.0
 _STALL_SAMPLES = 8
+_TOKENS = attrgetter("tokens")
+_ITEM = attrgetter("item")
 
 
 class _Stopped(Exception):
@@ -137,7 +140,7 @@ class PacedSender:
     async def _paced(self, request: list[Chunk]) -> EmbeddingResult:
         if self.stopping:
             raise _Stopped  # a retry or a split after the stop: not in flight, not sent
-        local = sum(chunk.tokens for chunk in request)
+        local = sum(map(_TOKENS, request))
         ticket = await self.limiter.acquire(self.calibration.charge(local))
         if self.stopping:
             await self.limiter.refund(ticket)
@@ -149,7 +152,7 @@ class PacedSender:
         try:
             async with asyncio.timeout(deadline_s) as deadline:
                 result = await self.client.embed(
-                    cast(list[InputItem], [chunk.item for chunk in request]),
+                    cast(list[InputItem], list(map(_ITEM, request))),
                     model=self.spec.name,
                     encoding_format=self.settings.encoding_format,
                     dimensions=self.settings.dimensions,

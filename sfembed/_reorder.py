@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 import numpy as np
 
@@ -24,6 +25,7 @@ from ._types import Chunk, EmbeddedBatch, Failure, FloatArray, IntArray, MetaArr
 __all__ = ["ReorderBuffer"]
 
 _FIRST_SIZE = 256  # rows the ring's arrays start with: 1 MiB at 1,024 dimensions
+_UNIT = attrgetter("unit")
 
 
 @dataclass(slots=True)
@@ -106,7 +108,7 @@ class ReorderBuffer:
 
     def put(self, chunks: Sequence[Chunk], rows: FloatArray) -> None:
         """Place the vectors of one answered request."""
-        units = np.fromiter((c.unit for c in chunks), dtype=np.int64, count=len(chunks))
+        units = np.fromiter(map(_UNIT, chunks), dtype=np.int64, count=len(chunks))
         # A late part of a unit that failed and left already must not land in its old slot,
         # which a later unit takes over: such parts go the slow way, which drops them.
         if self._pending or self._failed or (units.size and units.min() < self.emitted):

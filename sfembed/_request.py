@@ -18,6 +18,8 @@ from ._types import EncodingFormat, InputItem, Truncate, WireRequest
 
 __all__ = ["IMAGE_SUFFIXES", "build_request"]
 
+_PLAIN = frozenset({str})  # exactly str: a subclass goes the long way, as any other item
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff")
 
 
@@ -37,8 +39,8 @@ def build_request(
     items = _as_items(input)
     if len(items) > max_items:
         raise InputError(f"{len(items)} items exceed the batch cap of {max_items}")
-    if all(type(item) is str and item for item in items):
-        wire = items  # plain texts, as a job sends them: nothing to convert, one pass to check
+    if _PLAIN.issuperset(map(type, items)) and all(items):
+        wire = items  # plain non-empty texts, as a job sends them: nothing to convert, checked in C
     else:
         wire = [_wire_item(item, index, spec) for index, item in enumerate(items)]
         _check_homogeneous(wire)
