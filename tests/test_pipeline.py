@@ -545,6 +545,15 @@ async def test_late_parts_of_a_failed_record_touch_no_other_row(
 # --- 5. transient faults -------------------------------------------------------------------------
 
 
+#: A stall that outlasts the test (the server's stop cuts it off) ...
+STALL = Faults(stall_s=30.0)
+#: ... given up on after 1 s without an answer. A retry count is exact only if no healthy answer
+#: ever takes this long: on a loaded machine answers of the local server take up to half a second
+#: (0.2 s was often too short), and at 1 s the job's own early resend of a stalled request (after
+#: 10 times the usual answer time, at least 1 s) stays out of play.
+STALL_READ = Timeouts(read_s=1.0)
+
+
 async def embed_short(
     server: LocalServer, stats: JobStats, timeouts: Timeouts | None = None
 ) -> np.ndarray:
@@ -594,10 +603,10 @@ async def test_a_rate_limited_request_is_retried(server: LocalServer) -> None:
 
 @pytest.mark.parametrize("kind", ["503", "504", "reset", "bad-json", "no-data", "stall"])
 async def test_transient_faults_are_retried(make_server: MakeServer, kind: str) -> None:
-    server = await make_server(faults=Faults(stall_s=2.0))
+    server = await make_server(faults=STALL)
     server.inject(kind, 2)
     stats = JobStats()
-    rows = await embed_short(server, stats, timeouts=Timeouts(read_s=0.2))
+    rows = await embed_short(server, stats, timeouts=STALL_READ)
     assert_rows(rows, M3, SHORT)
     assert stats.failures == []
     assert stats.retries == 2
@@ -637,11 +646,11 @@ async def test_a_lost_answer_is_unanswered_and_a_refusal_refunded(
 ) -> None:
     # A 503 is refused before the model runs. A reset, a 504 or a stall may have been counted:
     # the limiter keeps it in its window, and gives its pace back for the request sent again.
-    server = await make_server(faults=Faults(stall_s=2.0))
+    server = await make_server(faults=STALL)
     server.inject(kind)
     limiter = VerbLimiter(RateLimits(rpm=10**6, tpm=10**9))
     settings = settings_for(server, batch=BatchLimits(max_items=64), concurrency=1)
-    async with client_for(server, timeouts=Timeouts(read_s=0.2)) as client:
+    async with client_for(server, timeouts=STALL_READ) as client:
         rows = await embed(SHORT, model=M3, settings=settings, client=client, limiter=limiter)
     assert_rows(rows, M3, SHORT)
     assert limiter.verbs[0] == verb
