@@ -10,8 +10,9 @@ cache the stage lets everything through and costs nothing.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
-from typing import Protocol, cast
+import operator
+from collections.abc import Callable, Sequence
+from typing import Protocol, TypeAlias, cast
 
 import numpy as np
 
@@ -21,6 +22,10 @@ from ._models import ModelSpec
 from ._types import Chunk, FloatArray, JobStats
 
 __all__ = ["Dedup", "RowSink"]
+
+_KEY = operator.attrgetter("key")  # a chunk's key, in C
+#: ``dict.pop`` of the texts on their way, typed once (a cast's type is built when it runs).
+_PopWaiting: TypeAlias = Callable[[bytes | None, None], "list[Chunk] | None"]
 
 
 class RowSink(Protocol):
@@ -53,6 +58,15 @@ class Dedup:
         # key of a text on its way -> the repeats waiting for its vector (None: none yet)
         self._waiting: dict[bytes, list[Chunk] | None] = {}
 
+    def keys(self, texts: Sequence[str]) -> list[bytes] | None:
+        """The cache keys of ``texts`` (normalised, none blank: a block of whole texts), for
+        intake to make each chunk with its key and admit them with :meth:`admit_keyed`; None
+        when keys are not made up front (no cache, or truncate mode, where a text the server
+        may cut is not cached)."""
+        if self.cache is None or self.truncating:
+            return None
+        return self.cache.keys(texts)
+
     async def admit(self, chunks: list[Chunk], rows: RowSink) -> list[Chunk]:
         """The chunks still to send. Those the cache holds are put in ``rows`` at once, and a
         repeat of a text already on its way waits for that copy's answer."""
@@ -60,14 +74,28 @@ class Dedup:
             return chunks
         if self.truncating:
             keyed = [chunk for chunk in chunks if self._cacheable(chunk)]
-        else:  # the usual case, without a call per chunk: every text is cacheable
+        else:  # without a call per chunk: every text is cacheable
             keyed = [chunk for chunk in chunks if type(chunk.item) is str and chunk.item]
         if not keyed:
             return chunks
         keys = self.cache.keys([cast(str, chunk.item) for chunk in keyed])
-        hits = await self.cache.lookup(self.scope, self.dims, keys)
         for chunk, key in zip(keyed, keys, strict=True):
             chunk.key = key
+        return await self._admit(chunks, keyed, keys, rows)
+
+    async def admit_keyed(
+        self, chunks: list[Chunk], keys: list[bytes], rows: RowSink
+    ) -> list[Chunk]:
+        """:meth:`admit` of chunks made with their keys, ``keys`` (from :meth:`keys`, in the
+        same order): the usual block, without a pass over its chunks when none is cached and
+        none repeats."""
+        return await self._admit(chunks, chunks, keys, rows)
+
+    async def _admit(
+        self, chunks: list[Chunk], keyed: list[Chunk], keys: list[bytes], rows: RowSink
+    ) -> list[Chunk]:
+        assert self.cache is not None
+        hits = await self.cache.lookup(self.scope, self.dims, keys)
         fresh = dict.fromkeys(keys)  # None: sent, and no repeat waits for it yet
         if not hits and len(fresh) == len(keys) and self._waiting.keys().isdisjoint(fresh):
             self._waiting.update(fresh)  # the usual block: every text new, all sent
@@ -118,9 +146,9 @@ class Dedup:
     async def answered(self, request: list[Chunk], vectors: FloatArray, rows: RowSink) -> None:
         """Give each answered text's vector to the repeats waiting for it, then keep the vectors
         in the cache."""
-        keys = [chunk.key for chunk in request]
+        keys = list(map(_KEY, request))
         if self._waiting:  # one pop per key in C; a key of None was never waited on
-            pop = cast(Callable[[bytes | None, None], list[Chunk] | None], self._waiting.pop)
+            pop = cast(_PopWaiting, self._waiting.pop)
             found = list(map(pop, keys, itertools.repeat(None)))
             if any(found):
                 for i, repeats in enumerate(found):

@@ -59,9 +59,15 @@ _CLASSES = (
     _CONTROL,
 ) = range(len(_CLASSES))
 
-#: The classes a space won't join, as a lookup by class.
-_APART = np.zeros(len(_CLASSES), dtype=np.bool_)
-_APART[[_DIGIT, _CJK, _KANA, _HANGUL, _SYMBOL, _ASTRAL]] = True
+#: The classes a space won't join.
+_APART = (_DIGIT, _CJK, _KANA, _HANGUL, _SYMBOL, _ASTRAL)
+#: A run and the next one as one byte, ``kind << 4 | following``: the pairs where the run is a
+#: gap (whitespace before a class a space won't join) or a joint (letters touching digits).
+_GAP_PAIRS = np.zeros(256, dtype=np.bool_)
+_GAP_PAIRS[[_SPACE << 4 | kind for kind in _APART]] = True
+_JOINT_PAIRS = np.zeros(256, dtype=np.bool_)
+_JOINT_PAIRS[[_LETTER << 4 | _DIGIT, _DIGIT << 4 | _LETTER]] = True
+_MARKED_PAIRS = _GAP_PAIRS | _JOINT_PAIRS
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,12 +101,18 @@ class _Prices:
         kinds = runs.kinds
         price: CostArray = _array(self.base).take(kinds)
         price += runs.lengths * _array(self.rate).take(kinds)
-        cased = np.flatnonzero(runs.uppers | runs.humps)
-        price[cased] += runs.uppers[cased] * self.upper + runs.humps[cased] * self.hump
-        price[runs.lone_space | (kinds == _SEP)] = 0.0
-        marked = np.flatnonzero(runs.gap | runs.joint)
-        price[marked] += runs.gap[marked] * self.gap + runs.joint[marked] * self.joint
+        price[runs.cased] += runs.uppers * self.upper + runs.humps * self.hump
+        price[runs.free] = 0.0
+        marked = np.flatnonzero(_MARKED_PAIRS.take(runs.pairs))
+        price[marked] += _marks(self.gap, self.joint).take(runs.pairs[marked])
         return price
+
+
+@functools.cache
+def _marks(gap: float, joint: float) -> CostArray:
+    """What a gap or a joint adds, by pair of classes (see ``_GAP_PAIRS``); made once."""
+    marks: CostArray = _GAP_PAIRS * gap + _JOINT_PAIRS * joint
+    return marks
 
 
 @functools.cache
@@ -235,17 +247,20 @@ def _classify(code: int) -> int:
 
 @dataclass(frozen=True, slots=True)
 class _Runs:
-    """Maximal runs of one class: first character, length, class, ASCII capitals, and whether
-    the run is a lone " "."""
+    """Maximal runs of one class: first character, length and class of each; the runs that
+    hold ASCII capitals (``cased``, in order) with their capitals and humps (a capital after a
+    small letter); the runs that cost nothing (``free``: a lone " ", a joint between texts);
+    and each run's class with the next one's, ``kind << 4 | following`` (a joint after the
+    last)."""
 
     starts: IntArray
     lengths: IntArray
-    kinds: IntArray
+    kinds: ClassArray
+    cased: IntArray
     uppers: IntArray
     humps: IntArray
-    lone_space: npt.NDArray[np.bool_]
-    gap: npt.NDArray[np.bool_]
-    joint: npt.NDArray[np.bool_]
+    free: IntArray
+    pairs: ClassArray
 
 
 def _runs(text: str, separators: IntArray | None = None) -> _Runs:
@@ -256,19 +271,37 @@ def _runs(text: str, separators: IntArray | None = None) -> _Runs:
     change = np.ones(codes.size, dtype=np.bool_)  # a run starts at each change of class
     np.not_equal(classes[1:], classes[:-1], out=change[1:])
     starts = np.flatnonzero(change).astype(np.int64, copy=False)
-    lengths = np.diff(starts, append=codes.size)
-    kinds = classes.take(starts).astype(np.int64)
-    capital = (codes >= 0x41) & (codes <= 0x5A)
-    small = (codes[:-1] >= 0x61) & (codes[:-1] <= 0x7A)
-    uppers = _per_run(np.flatnonzero(capital), starts)
-    humps = _per_run(np.flatnonzero(capital[1:] & small) + 1, starts)
-    lone_space = (lengths == 1) & (codes[starts] == 0x20)
-    following = np.append(kinds[1:], _SEP)
-    gap = (kinds == _SPACE) & _APART[following]
-    joint = ((kinds == _LETTER) & (following == _DIGIT)) | (
-        (kinds == _DIGIT) & (following == _LETTER)
-    )
-    return _Runs(starts, lengths, kinds, uppers, humps, lone_space, gap, joint)
+    ends = np.empty_like(starts)
+    ends[:-1] = starts[1:]
+    ends[-1:] = codes.size
+    lengths = ends - starts
+    kinds = classes.take(starts)
+    following = np.empty_like(kinds)
+    following[:-1] = kinds[1:]
+    following[-1:] = _SEP
+    pairs = np.left_shift(kinds, np.uint8(4)) | following
+    cased, uppers, humps = _capitals(codes, starts)
+    lone = (lengths == 1) & (codes.take(starts) == 0x20)
+    free = np.flatnonzero(lone | (kinds == _SEP))
+    return _Runs(starts, lengths, kinds, cased, uppers, humps, free, pairs)
+
+
+def _capitals(
+    codes: npt.NDArray[np.uint8] | npt.NDArray[np.uint32], starts: IntArray
+) -> tuple[IntArray, IntArray, IntArray]:
+    """The runs holding ASCII capitals (in order), their capitals and their humps (a capital
+    right after a small letter, as in camelCase). Worked out from the capitals alone, which
+    are few."""
+    at = np.flatnonzero((codes - codes.dtype.type(0x41)) < 26)
+    before = codes.take(np.maximum(at - 1, 0))
+    hump = ((before - before.dtype.type(0x61)) < 26) & (at > 0)
+    owners = np.searchsorted(starts, at, side="right") - 1
+    first = np.ones(owners.size, dtype=np.bool_)  # the first capital of each run
+    np.not_equal(owners[1:], owners[:-1], out=first[1:])
+    firsts = np.flatnonzero(first)
+    uppers = np.diff(firsts, append=owners.size)
+    humps = np.add.reduceat(hump.astype(np.int64), firsts) if firsts.size else uppers
+    return owners.take(firsts), uppers, humps
 
 
 def _classes(text: str) -> tuple[npt.NDArray[np.uint8] | npt.NDArray[np.uint32], ClassArray]:
@@ -289,13 +322,6 @@ def _classes(text: str) -> tuple[npt.NDArray[np.uint8] | npt.NDArray[np.uint32],
 def _ascii_classes() -> bytes:
     """The class of each byte below 128, as a ``bytes.translate`` table."""
     return bytes(_classify(code) for code in range(128)) + bytes(128)
-
-
-def _per_run(at: IntArray, starts: IntArray) -> IntArray:
-    """How many of the characters ``at`` (sorted indices) fall within each run."""
-    owners = np.searchsorted(starts, at, side="right") - 1
-    counts: IntArray = np.bincount(owners, minlength=starts.size).astype(np.int64, copy=False)
-    return counts
 
 
 class CharClassEstimator:

@@ -236,21 +236,44 @@ class Intake:
         its chunks built without an await per record, the hot path. Records to count exactly
         are left to a task of their own, so that they hold up nothing but their own rows."""
         unit = await self._reserve(len(block))
-        if not doubtful and _whole_texts(block):  # the usual block, one comprehension
-            limit = self.splitter.limit
-            charged = tokens if max(tokens) <= limit else [min(n, limit) for n in tokens]
-            chunks = [
-                Chunk(unit + i, first + i, 0, sent, count, 0, len(item))
-                for i, (item, sent, count) in enumerate(
-                    zip(block, normalise_all(block), charged, strict=True)
-                )
-            ]
+        if not doubtful and _whole_texts(block):  # the usual block: columns, no call per record
+            await self._whole_rows(unit, first, block, tokens)
         else:
-            chunks = self._some_rows(unit, first, block, texts, tokens, set(doubtful))
-        await self._pack(chunks)
+            await self._pack(self._some_rows(unit, first, block, texts, tokens, set(doubtful)))
         if doubtful:
             long = _Long(unit, first, [block[i] for i in doubtful], doubtful)
             group.create_task(self._long_rows(long, [texts[i] for i in doubtful], tokens))
+
+    async def _whole_rows(
+        self, unit: int, first: int, block: Sequence[str], tokens: Sequence[int]
+    ) -> None:
+        """Chunks of a block of texts that all go whole, made column by column (each with its
+        cache key when the job keys texts up front), and packed."""
+        size = len(block)
+        limit = self.splitter.limit
+        charged = tokens if max(tokens) <= limit else [min(n, limit) for n in tokens]
+        sent = normalise_all(block)
+        keys = self.dedup.keys(sent)
+        zero = itertools.repeat(0)  # endless, so one serves every column of zeros
+        chunks = list(
+            map(
+                Chunk,
+                range(unit, unit + size),
+                range(first, first + size),
+                zero,
+                sent,
+                charged,
+                zero,
+                map(len, block),
+                zero,
+                itertools.repeat(None) if keys is None else keys,
+            )
+        )
+        if keys is None:
+            await self._pack(chunks)
+        else:
+            admitted = await self.dedup.admit_keyed(chunks, keys, self._rows)
+            await self._send(list(self.packer.add(admitted)))
 
     def _some_rows(
         self,

@@ -253,3 +253,35 @@ def test_only_a_text_that_can_really_be_over_the_limit_is_counted_exactly() -> N
     tokens = splitter.estimator.count(texts)
     assert splitter._doubtful(texts, tokens) == [2]
     assert Splitter(SPEC, overlap_tokens=0, exact=False)._doubtful(texts, tokens) == []
+
+
+async def test_a_block_of_texts_is_keyed_served_and_deduplicated_as_chunk_by_chunk(
+    tmp_path: Path,
+) -> None:
+    # The usual block is keyed as it is made, not chunk by chunk in the dedup stage: each
+    # chunk must still carry its text's key, a cached text be answered from the cache and a
+    # repeat wait for its first copy, whatever their places in the block.
+    stats = JobStats()
+    texts = [f" text {n}\r\n" for n in range(40)]
+    texts[7] = texts[3]  # a repeat within the block
+    texts[30] = texts[12]
+    async with EmbeddingCache(tmp_path / "cache.sqlite") as cache:
+        cached = np.full((1, DIMS), 0.5, dtype=np.float32)
+        await cache.store(M3, DIMS, [cache.key(texts[20])], cached)
+        delivery = delivery_to(batches_stream(1)[0], stats)
+        requests_out, requests_in = requests_stream(64)
+        intake = Intake(
+            load_settings(),
+            Splitter(SPEC, overlap_tokens=0, exact=True),
+            Dedup(cache, SPEC, DIMS, stats, scope=M3, truncating=False),
+            Packer(max_items=8, max_tokens=10_000),
+            stats,
+            requests=requests_out,
+            rows=delivery.writer(),
+        )
+        await intake.run(texts)
+        sent = [c for request in [r async for r in requests_in] for c in request]
+    assert [c.position for c in sent] == [n for n in range(40) if n not in (7, 30, 20)]
+    assert all(c.item == texts[c.position].strip() for c in sent)
+    assert all(c.key == EmbeddingCache.key(texts[c.position]) for c in sent)
+    assert (stats.cached, stats.deduplicated) == (1, 2)
