@@ -353,7 +353,8 @@ class CharClassEstimator:
             + prices.text * (sizes > 0)  # an empty text is empty for every tokenizer
             for prices in self.prices
         ]
-        counts: list[int] = (_ceil(np.max(sums, axis=0)) + self.special_tokens).tolist()
+        most = sums[0] if len(sums) == 1 else np.max(sums, axis=0)
+        counts: list[int] = (_ceil(most) + self.special_tokens).tolist()
         return counts
 
     def spans(self, text: str) -> list[Span]:

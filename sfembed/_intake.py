@@ -75,7 +75,10 @@ class Splitter:
     async def measure(self, block: Sequence[Input]) -> tuple[list[str], list[int], list[int]]:
         """The texts of a block, their estimated tokens, and the indices of those that can
         really be over the limit, to count exactly (:meth:`exact_counts`)."""
-        texts = [item if type(item) is str else _text_of(item) for item in block]
+        if set(map(type, block)) == {str}:  # the usual block: the texts are the inputs
+            texts = list(cast(Sequence[str], block))
+        else:
+            texts = [item if type(item) is str else _text_of(item) for item in block]
         if all(texts):  # the usual block: every input has a text, so every one is estimated
             tokens = await self._estimate(texts)
         else:
@@ -101,6 +104,8 @@ class Splitter:
         if not self.exact:
             return []
         bar = SURE_SHARE * self.limit  # may_exceed's first test, made here without a call
+        if not tokens or max(tokens) <= bar:  # the usual block: no text near the limit
+            return []
         return [
             i
             for i, count in enumerate(tokens)

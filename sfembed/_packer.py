@@ -8,13 +8,19 @@ by bisection so that one bad item fails alone and the others are sent once.
 
 from __future__ import annotations
 
+import itertools
+from bisect import bisect_right
 from collections.abc import Iterator, Sequence
+from operator import attrgetter
 
 from ._config import Settings
 from ._models import ModelSpec
 from ._types import Chunk
 
 __all__ = ["Packer", "bisect", "packer_for", "request_tokens"]
+
+_TOKENS = attrgetter("tokens")
+_WEIGHT = attrgetter("weight")
 
 
 class Packer:
@@ -35,8 +41,17 @@ class Packer:
 
     def add(self, chunks: Sequence[Chunk]) -> Iterator[list[Chunk]]:
         """Add chunks in order; yields each request as it fills."""
+        alone = self.alone_over
+        if chunks and alone is not None and max(_largest(chunks)) > alone:
+            yield from self._add_each(chunks, alone)
+        else:  # the usual chunks, none near the limit: a request's worth at a time
+            yield from self._add_runs(chunks)
+        if len(self._open) >= self.max_items:
+            yield self._close()
+
+    def _add_each(self, chunks: Sequence[Chunk], alone_over: int) -> Iterator[list[Chunk]]:
         for chunk in chunks:
-            if self.alone_over is not None and (chunk.weight or chunk.tokens) > self.alone_over:
+            if (chunk.weight or chunk.tokens) > alone_over:
                 yield from self.flush()
                 yield [chunk]
                 continue
@@ -44,8 +59,26 @@ class Packer:
                 yield self._close()
             self._open.append(chunk)
             self._tokens += chunk.tokens
-        if len(self._open) >= self.max_items:
-            yield self._close()
+
+    def _add_runs(self, chunks: Sequence[Chunk]) -> Iterator[list[Chunk]]:
+        """What :meth:`_add_each` does when no chunk travels alone, from the running sum of the
+        chunks' tokens: the open request takes the longest run of chunks that fits both caps
+        (one bisection), and closes when the next does not fit."""
+        ends = list(itertools.accumulate(map(_TOKENS, chunks)))  # tokens up to each chunk
+        start, count = 0, len(chunks)
+        while start < count:
+            before = ends[start - 1] if start else 0
+            fit = before + self.max_tokens - self._tokens  # the most ``ends`` may reach
+            most = min(count, start + self.max_items - len(self._open))
+            stop = bisect_right(ends, fit, start, max(start, most))
+            if stop == start:
+                if self._open:
+                    yield self._close()
+                    continue
+                stop = start + 1  # over max_tokens on its own: a request of its own
+            self._open.extend(chunks[start:stop])
+            self._tokens += ends[stop - 1] - before
+            start = stop
 
     def flush(self) -> Iterator[list[Chunk]]:
         """Yields the last, partly filled request, if any."""
@@ -62,6 +95,11 @@ class Packer:
     def _close(self) -> list[Chunk]:
         batch, self._open, self._tokens = self._open, [], 0
         return batch
+
+
+def _largest(chunks: Sequence[Chunk]) -> tuple[int, int]:
+    """The most tokens and the largest weight of ``chunks`` (not empty), without a call each."""
+    return max(map(_TOKENS, chunks)), max(map(_WEIGHT, chunks))
 
 
 def bisect(batch: Sequence[Chunk]) -> tuple[list[Chunk], list[Chunk]]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 from sfembed._packer import Packer, bisect
 from sfembed._types import Chunk
 
@@ -49,3 +51,55 @@ def test_near_limit_chunks_travel_alone_by_their_exact_count() -> None:
     chunks[4].weight = 510  # the estimate says 400; the exact count says over half the limit
     requests = [*packer.add(chunks), *packer.flush()]
     assert [[c.unit for c in r] for r in requests] == [[0], [1], [2, 3], [4], [5]]
+
+
+def _greedy(packer: Packer, chunks: list[Chunk], state: list[Chunk]) -> list[list[Chunk]]:
+    """The packing rule chunk by chunk, as the reference: ``state`` is the open request."""
+    requests: list[list[Chunk]] = []
+    for chunk in chunks:
+        if packer.alone_over is not None and (chunk.weight or chunk.tokens) > packer.alone_over:
+            if state:
+                requests.append(state[:])
+                state.clear()
+            requests.append([chunk])
+            continue
+        tokens = sum(c.tokens for c in state)
+        if state and (len(state) >= packer.max_items or tokens + chunk.tokens > packer.max_tokens):
+            requests.append(state[:])
+            state.clear()
+        state.append(chunk)
+    if len(state) >= packer.max_items:
+        requests.append(state[:])
+        state.clear()
+    return requests
+
+
+def test_packing_a_block_at_once_gives_the_requests_of_the_rule_chunk_by_chunk() -> None:
+    rng = random.Random(3)
+    for _ in range(300):
+        alone = rng.choice([None, 40, 300])
+        packer = Packer(
+            max_items=rng.choice([1, 2, 5, 64]),
+            max_tokens=rng.choice([1, 30, 100]),
+            alone_over=alone,
+        )
+        state: list[Chunk] = []
+        unit = 0
+        for _ in range(rng.randint(1, 6)):
+            tokens = [
+                rng.choice([0, 1, 3, 10, 29, 31, 50, 120, 400]) for _ in range(rng.randint(0, 40))
+            ]
+            chunks = [Chunk(unit + i, unit + i, 0, "t", n) for i, n in enumerate(tokens)]
+            for chunk in chunks:
+                if rng.random() < 0.1:
+                    chunk.weight = rng.choice([5, 350])
+            unit += len(chunks)
+            expected = _greedy(packer, chunks, state)
+            assert [[c.unit for c in r] for r in packer.add(chunks)] == [
+                [c.unit for c in r] for r in expected
+            ]
+            if rng.random() < 0.2:
+                packer.halve()
+        assert [[c.unit for c in r] for r in packer.flush()] == (
+            [[c.unit for c in state]] if state else []
+        )
