@@ -14,6 +14,7 @@ import pytest
 
 from sfembed._exceptions import ConfigError
 from sfembed._models import DEFAULT_CATALOG
+from sfembed._testing import tokenizer
 from sfembed.testing import (
     IMAGE_TOKENS,
     TRACE_HEADER,
@@ -195,6 +196,13 @@ async def test_vl_model_takes_images_text_objects_and_mixed_lists(server, http):
 def test_count_tokens(text, tokens):
     spec = DEFAULT_CATALOG[BGE]
     assert count_tokens(text, spec) == tokens + spec.special_tokens
+
+
+def test_the_token_class_table_classifies_every_bmp_point_as_one_at_a_time():
+    # The table is built in bulk so that a server starts quickly; the rule is ``_classify``.
+    table = tokenizer._bmp_classes()
+    one_by_one = [tokenizer._classify(code) for code in range(0x10000)]
+    assert table.tolist() == one_by_one
 
 
 def test_count_tokens_rejects_what_the_server_rejects():
