@@ -177,3 +177,36 @@ async def test_a_failed_unit_is_nan_in_a_slot_an_earlier_row_used() -> None:
     assert np.isnan(batch.embeddings[1]).all()  # not unit 1's row, left in its slot
     assert batch.embeddings[[0, 2, 3], 0].tolist() == [14, 16, 17]
     assert [failure.position for failure in failures] == [5]
+
+
+async def test_rows_reserved_ahead_take_no_room_until_answered() -> None:
+    ring = ReorderBuffer(dims=1024, capacity=4096)
+    await ring.reserve(3000)  # intake runs ahead of the requests sent
+    ring.put(_chunks(list(range(64, 128))), _rows(list(range(64, 128)), dims=1).repeat(1024, 1))
+    assert ring._rows.nbytes <= 1 << 20  # 3,000 rows reserved, 128 answered: 256 rows held
+    ring.put(_chunks([2999]), np.full((1, 1024), 2999, dtype=np.float32))  # far ahead: grows
+    assert ring._rows.shape[0] == 4096
+    ring.put(_chunks(list(range(64))), _rows(list(range(64)), dims=1).repeat(1024, 1))
+    batch, _ = ring.take()
+    assert batch is not None
+    assert batch.positions.tolist() == list(range(128))  # the rows before the growth kept
+    assert batch.embeddings[:, 0].tolist() == list(range(128))
+    ring.put(_chunks(list(range(128, 2999))), _rows(list(range(128, 2999)), dims=1).repeat(1024, 1))
+    batch, _ = ring.take()
+    assert batch is not None
+    assert batch.embeddings[:, 0].tolist() == list(range(128, 3000))
+
+
+async def test_a_unit_failed_far_ahead_of_the_window_keeps_its_place() -> None:
+    ring = ReorderBuffer(dims=2, capacity=2048)
+    await ring.reserve(1000)
+    ring.fail(Chunk(900, 900, 0, "x", 1), "refused")  # beyond the first arrays' 256 rows
+    ring.put(_chunks(list(range(900))), _rows(list(range(900)), dims=2))
+    ring.put(_chunks(list(range(901, 1000))), _rows(list(range(901, 1000)), dims=2))
+    batch, failures = ring.take()
+    assert batch is not None
+    assert batch.positions.tolist() == list(range(1000))
+    assert np.isnan(batch.embeddings[900]).all()
+    assert batch.embeddings[:900, 0].tolist() == list(range(900))
+    assert batch.embeddings[901:, 0].tolist() == list(range(901, 1000))
+    assert [failure.position for failure in failures] == [900]
