@@ -32,6 +32,8 @@ disk and the connection is only ever used by the thread that opened it; the inde
 run on a thread and a connection of their own, so that neither the writes after them nor lookups
 wait for them. A write runs while the caller goes on (the next write waits for it); a ``lookup``
 is one SELECT per 500 keys and one read per row found, and sees rows not yet written or indexed.
+While only this object has written a target's entries (none when it opened, no other connection
+has committed since), the SELECT asks only for the keys it may have written.
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
+import subprocess
+import sys
 import threading
 import tracemalloc
 from collections.abc import AsyncIterator
@@ -15,7 +17,7 @@ import numpy as np
 import pytest
 
 from sfembed._cache import KEY_BYTES, SCHEMA_VERSION, EmbeddingCache, normalise
-from sfembed._cachestore import Entries, Pending, VectorsFile, vectors_path
+from sfembed._cachestore import Entries, Pending, VectorsFile, Written, vectors_path
 from sfembed._direct import aligned_buffer
 from sfembed._exceptions import ConfigError
 
@@ -439,6 +441,115 @@ async def test_a_transaction_under_way_holds_up_neither_writes_nor_lookups(tmp_p
     async with EmbeddingCache(path) as reopened:
         found = await reopened.lookup(MODEL, DIMS, keys)
     assert all(np.array_equal(found[k], r) for k, r in zip(keys, rows, strict=True))
+
+
+# --- probes of the index skipped for a new job's keys --------------------------------------
+
+
+async def _probed(cache: EmbeddingCache) -> list[int]:
+    """From now on, the number of keys in each SELECT of the index's entries."""
+    files = cache._files
+    assert files is not None
+    counts: list[int] = []
+
+    def trace(sql: str) -> None:
+        if "FROM entries" in sql:
+            counts.append(sql.lower().count("x'"))  # the keys, as blob literals
+
+    await cache._run(lambda: files.db.set_trace_callback(trace))
+    return counts
+
+
+def test_the_filter_of_keys_written_holds_every_one_and_few_others() -> None:
+    rng = np.random.default_rng(3)
+    added = [rng.bytes(16) for _ in range(200_000)]
+    others = [rng.bytes(16) for _ in range(100_000)]
+    written = Written()
+    assert written.possible(added[:10]) == []
+    for start in range(0, len(added), 512):
+        written.add(added[start : start + 512])
+    assert written.possible(added) == added
+    assert written.possible([]) == []
+    false = len(written.possible(others))
+    assert false < len(others) // 1000  # about 1 in 3,000 at 200,000 keys
+
+
+async def test_a_new_job_asks_the_index_only_for_keys_it_wrote(tmp_path: Path) -> None:
+    path = tmp_path / "cache.sqlite"
+    keys, rows = _keys(300), _rows(300)
+    async with EmbeddingCache(path, write_rows=16, index_rows=32) as cache:
+        await cache.store(MODEL, DIMS, keys[:100], rows[:100])
+        await cache.flush()  # every row indexed: found through the index
+        probed = await _probed(cache)
+        found = await cache.lookup(MODEL, DIMS, keys)
+        assert sorted(found) == sorted(keys[:100])
+        assert all(np.array_equal(found[k], r) for k, r in zip(keys, rows[:100], strict=False))
+        assert 100 <= sum(probed) < 110  # the 200 new keys, bar a false positive, not asked
+        await cache.store("other-model", DIMS, keys[:1], rows[:1])
+        await cache.flush()
+        assert await cache.lookup("other-model", DIMS, keys[1:]) == {}
+    async with EmbeddingCache(path) as reopened:  # rows already there: every key is asked
+        probed = await _probed(reopened)
+        found = await reopened.lookup(MODEL, DIMS, keys)
+        assert sorted(found) == sorted(keys[:100])
+        assert sum(probed) == 300
+
+
+_SECOND_PROCESS = """
+import asyncio, sys
+import numpy as np
+from sfembed._cache import EmbeddingCache
+
+async def main():
+    async with EmbeddingCache(sys.argv[1]) as cache:
+        key = EmbeddingCache.key(sys.argv[2])
+        await cache.store(sys.argv[3], 8, [key], np.full((1, 8), 7.0, np.float32))
+
+asyncio.run(main())
+"""
+
+
+def _store_in_another_process(path: Path, text: str, model: str = MODEL) -> None:
+    program = [sys.executable, "-W", "error", "-c", _SECOND_PROCESS, str(path), text, model]
+    subprocess.run(program, check=True, timeout=60)
+
+
+@pytest.mark.parametrize("ours", ["none", "indexed", "gathered"])
+async def test_a_row_another_process_stores_after_this_one_opened_is_found(
+    tmp_path: Path, ours: str
+) -> None:
+    """Whether this process wrote nothing, rows it indexed, or rows it has not indexed yet:
+    the index now holds a key it did not write, and every lookup asks for it."""
+    path = tmp_path / "cache.sqlite"
+    keys, rows = _keys(40), _rows(40)
+    async with EmbeddingCache(path, write_rows=4, index_rows=8) as cache:
+        if ours != "none":
+            await cache.store(MODEL, DIMS, keys, rows)
+            if ours == "indexed":
+                await cache.flush()
+        assert await cache.lookup(MODEL, DIMS, [EmbeddingCache.key("theirs")]) == {}
+        await asyncio.to_thread(_store_in_another_process, path, "theirs")
+        found = await cache.lookup(MODEL, DIMS, [EmbeddingCache.key("theirs"), *keys])
+        assert np.array_equal(found.pop(EmbeddingCache.key("theirs")), np.full(8, 7.0))
+        assert len(found) == (0 if ours == "none" else 40)
+        await cache.store(MODEL, DIMS, _keys(20, "more"), _rows(20, seed=1))
+        await cache.flush()  # after a transaction of ours, still asked
+        await asyncio.to_thread(_store_in_another_process, path, "theirs too")
+        found = await cache.lookup(MODEL, DIMS, [EmbeddingCache.key("theirs too")])
+        assert list(found) == [EmbeddingCache.key("theirs too")]
+
+
+async def test_a_target_another_process_fills_after_this_one_opened_is_asked(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "cache.sqlite"
+    async with EmbeddingCache(path, write_rows=4, index_rows=8) as cache:
+        await cache.store(MODEL, DIMS, _keys(8), _rows(8))
+        await cache.flush()
+        key = EmbeddingCache.key("theirs")
+        assert await cache.lookup("their-model", DIMS, [key]) == {}
+        await asyncio.to_thread(_store_in_another_process, path, "theirs", "their-model")
+        assert list(await cache.lookup("their-model", DIMS, [key])) == [key]
 
 
 def _file_bytes(path: Path) -> bytes:
