@@ -173,10 +173,16 @@ class EmbeddingCache:
         found, hits = await self._run(partial(self._lookup, model, dims, list(keys)))
         blocks = self._gathered(model, dims)
         if blocks and len(found) < len(keys):
-            held = [(key, _holder(blocks, key)) for key in keys if key not in found]
-            unfound = [(key, block) for key, block in held if block is not None]
-            found.update((key, block.row(key)) for key, block in unfound)
-            hits += len(unfound)
+            unfound = set(keys).difference(found)
+            gathered = False
+            for block in blocks:  # the latest first: a key's latest row
+                held = unfound.intersection(block.where)  # in C, over the smaller side
+                if held:
+                    found.update((key, block.row(key)) for key in held)
+                    unfound -= held
+                    gathered = True
+            if gathered:  # a key given twice counts twice
+                hits = sum(map(found.__contains__, keys))
         self.hits += hits
         self.misses += len(keys) - hits
         return found
@@ -330,14 +336,6 @@ class EmbeddingCache:
         return self._files
 
 
-def _holder(blocks: list[Block], key: bytes) -> Block | None:
-    """The first of ``blocks`` that holds ``key``."""
-    for block in blocks:
-        if key in block.where:
-            return block
-    return None
-
-
 def _check_target(model: str, dims: int) -> None:
     if not isinstance(model, str) or not model:
         raise ValueError(f"model must be a non-empty string, not {model!r}")
@@ -347,6 +345,8 @@ def _check_target(model: str, dims: int) -> None:
 
 def _check_keys(keys: Sequence[bytes]) -> None:
     # A text passed by mistake would otherwise be stored as a key: refuse it, and never echo it.
+    if set(map(type, keys)) <= {bytes} and set(map(len, keys)) <= {KEY_BYTES}:
+        return  # the usual case, checked in C
     for key in keys:
         if type(key) is not bytes or len(key) != KEY_BYTES:
             given = f"{len(key)} bytes" if type(key) is bytes else f"a {type(key).__name__}"

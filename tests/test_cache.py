@@ -382,14 +382,33 @@ def test_pending_entries_come_in_key_order_each_key_once_with_its_latest_row() -
     pending.add(keys, 0, 32, np.array([1, 2, 3, 4]))
     pending.add(keys[:1], 128, 32, np.array([-5]))  # stored again: the later row counts
     assert len(pending) == 4
-    assert pending.place(keys[0]) == (128, -5)
-    assert pending.place(bytes(16)) is None
-    assert list(pending.sealed().rows()) == [
+    assert pending.places([bytes(16), keys[0], keys[2]]) == {keys[0]: (128, -5), keys[2]: (64, 3)}
+    assert pending.places([bytes(16)]) == {}
+    assert _entry_rows(pending.sealed()) == [
         (keys[1], 32, 2),
         (keys[3], 96, 4),
         (keys[0], 128, -5),
         (keys[2], 64, 3),
     ]
+
+
+def _entry_rows(entries: Entries) -> list[tuple[bytes | int, ...]]:
+    """(key, offset, checksum) of each entry, from the values of its INSERTs."""
+    rows: list[tuple[bytes | int, ...]] = []
+    for values in entries.values():
+        assert len(values) % 3 == 0
+        rows.extend(zip(values[0::3], values[1::3], values[2::3], strict=True))
+    return rows
+
+
+def test_entries_are_inserted_in_order_a_few_hundred_at_a_time() -> None:
+    count = 1000  # three INSERTs of 256 rows and one of 232
+    keys = _keys(count)
+    pending = Pending()
+    pending.add(keys, 0, 32, np.arange(count))
+    entries = pending.sealed()
+    assert [len(values) // 3 for values in entries.values()] == [256, 256, 256, 232]
+    assert _entry_rows(entries) == sorted((key, i * 32, i) for i, key in enumerate(keys))
 
 
 def test_entries_are_found_by_their_whole_key_trailing_zeros_included() -> None:
@@ -398,8 +417,8 @@ def test_entries_are_found_by_their_whole_key_trailing_zeros_included() -> None:
     pending.add(keys, 0, 32, np.array([1, 2, 3, 4]))
     entries = pending.sealed()
     assert len(entries) == 4
-    assert [key for key, _, _ in entries.rows()] == sorted(keys)
-    assert all(len(key) == 16 for key, _, _ in entries.rows())
+    assert [key for key, _, _ in _entry_rows(entries)] == sorted(keys)
+    assert all(isinstance(key, bytes) and len(key) == 16 for key, _, _ in _entry_rows(entries))
     near = [b"\xff" * 16, b"\x00" * 14 + b"\x01\x00", b"\x02" + bytes(15)]  # none of them
     assert entries.places(near + keys[::-1]) == {
         keys[3]: (96, 4),
