@@ -158,6 +158,43 @@ class EmbeddingClient:
         Raises InputError (nothing sent) for invalid input, an APIError subclass for an error
         answer or a failed exchange; never retries.
         """
+        payload, items, spec, expected, limit = self._prepared(
+            input, model, encoding_format, dimensions, user, truncate
+        )
+        raw, trace_id = await self._post(payload, limit)
+        return self._result(raw, trace_id, items, spec, expected, model, encoding_format)
+
+    async def embed_within(
+        self,
+        stall_s: float | None,
+        input: Sequence[InputItem],
+        *,
+        model: str,
+        encoding_format: EncodingFormat,
+        dimensions: int | None,
+        truncate: Truncate | None,
+    ) -> EmbeddingResult:
+        """:meth:`embed`, but an answer not come whole within ``stall_s`` seconds (None: no bound
+        but the client's own) raises the builtin TimeoutError, for the caller to send it again.
+
+        One deadline per request, the earlier of the two, instead of one each: a timer per
+        request is the event loop's work too."""
+        payload, items, spec, expected, limit = self._prepared(
+            input, model, encoding_format, dimensions, None, truncate
+        )
+        raw, trace_id = await self._post(payload, limit, stall_s)
+        return self._result(raw, trace_id, items, spec, expected, model, encoding_format)
+
+    def _prepared(
+        self,
+        input: InputItem | Sequence[InputItem],
+        model: str,
+        encoding_format: EncodingFormat,
+        dimensions: int | None,
+        user: str | None,
+        truncate: Truncate | None,
+    ) -> tuple[bytes, int, ModelSpec | None, int | None, int]:
+        """(payload, items, spec, expected width, answer's byte limit) of a request."""
         spec = self._catalog.get(model)  # a model we do not know is sent for the server to judge
         body, items = build_request(
             input,
@@ -172,7 +209,18 @@ class EmbeddingClient:
         expected = None if spec is None else spec.output_dimensions(dimensions)
         # An answer bigger than its vectors could ever take is refused unread, not buffered.
         limit = items * ((expected or _UNKNOWN_DIMS) * _MAX_FLOAT_BYTES + 1024) + 65536
-        raw, trace_id = await self._post(_dumps(body), limit)
+        return _dumps(body), items, spec, expected, limit
+
+    def _result(
+        self,
+        raw: bytes,
+        trace_id: str | None,
+        items: int,
+        spec: ModelSpec | None,
+        expected: int | None,
+        model: str,
+        encoding_format: EncodingFormat,
+    ) -> EmbeddingResult:
         vectors, usage, answered = decode_body(
             raw,
             items=items,
@@ -188,22 +236,44 @@ class EmbeddingClient:
             log.warning("the server answered for model %r, not the %r asked for", answered, model)
         return EmbeddingResult(vectors, usage, answered or model, trace_id)
 
-    async def _post(self, payload: bytes, limit: int) -> tuple[bytes, str | None]:
-        if self._session is None:
+    async def _post(
+        self, payload: bytes, limit: int, stall_s: float | None = None
+    ) -> tuple[bytes, str | None]:
+        session = self._session
+        if session is None:
             if self._state is _State.CLOSED:
                 raise RuntimeError("this EmbeddingClient is closed: make another")
             raise RuntimeError("use EmbeddingClient inside 'async with'")
         failure: exc.APIError
         # Large uploads (images) get a second per MiB on top, so a slow uplink is no timeout.
         allowed_s = self._timeouts.request_s + len(payload) / _UPLOAD_BYTES_PER_S
-        deadline = asyncio.timeout(allowed_s)
+        stalled = stall_s is not None and stall_s < allowed_s
+        deadline = asyncio.timeout(stall_s if stalled else allowed_s)
         try:
             # The per-read timeout never fires for an answer that trickles in byte by byte: the
-            # whole exchange has a deadline of its own.
-            async with deadline:
-                return await self._exchange(self._session, payload, limit)
+            # whole exchange has a deadline of its own. (One coroutine, not one per step: every
+            # await of the exchange resumes each frame between the task and aiohttp.)
+            # Never follow a redirect: it would take the key to a URL the user did not configure.
+            async with (
+                deadline,
+                session.post(
+                    self._url, data=payload, headers=self._headers, allow_redirects=False
+                ) as resp,
+            ):
+                trace_id = resp.headers.get(TRACE_HEADER)
+                if _announced(resp, limit, trace_id):
+                    raw = await resp.read()
+                else:
+                    raw = await _read_capped(resp, limit, trace_id)
+                if resp.status != 200:
+                    # A proxy may echo the request, key and all, in its error body: never keep it.
+                    raw = raw.replace(self._key_bytes, b"[redacted]")
+                    raise _status_error(resp.status, raw, resp.headers, trace_id)
+                return raw, trace_id
         except (TimeoutError, aiohttp.ServerTimeoutError) as error:
             if deadline.expired():
+                if stalled:
+                    raise TimeoutError from None  # the caller's deadline: it sends again
                 failure = exc.APITimeoutError(
                     f"no full answer within {allowed_s:.0f} s (timeouts.request_s, plus a second "
                     "per MiB sent)"
@@ -215,21 +285,6 @@ class EmbeddingClient:
         # Raised outside the handlers so that neither __cause__ nor __context__ holds the aiohttp
         # error: some (ClientResponseError) carry the request info, headers and all, with the key.
         raise failure
-
-    async def _exchange(
-        self, session: aiohttp.ClientSession, payload: bytes, limit: int
-    ) -> tuple[bytes, str | None]:
-        # Never follow a redirect: it would take the key to a URL the user did not configure.
-        async with session.post(
-            self._url, data=payload, headers=self._headers, allow_redirects=False
-        ) as resp:
-            trace_id = resp.headers.get(TRACE_HEADER)
-            raw = await _read_capped(resp, limit, trace_id)
-            if resp.status != 200:
-                # A proxy may echo the request, key and all, in its error body: never keep it.
-                raw = raw.replace(self._key_bytes, b"[redacted]")
-                raise _status_error(resp.status, raw, resp.headers, trace_id)
-            return raw, trace_id
 
 
 def client_for(settings: Settings) -> EmbeddingClient:
@@ -251,14 +306,21 @@ def _plausible(tokens: int, items: int, spec: ModelSpec | None) -> bool:
     return items <= tokens and (spec is None or tokens <= items * spec.max_input_tokens)
 
 
-async def _read_capped(resp: aiohttp.ClientResponse, limit: int, trace_id: str | None) -> bytes:
-    """The body, or MalformedResponseError (retryable) once it passes ``limit`` bytes."""
-    if resp.content_length is not None and resp.content_length > limit:
+def _announced(resp: aiohttp.ClientResponse, limit: int, trace_id: str | None) -> bool:
+    """True if the body's length is announced and uncompressed: aiohttp then reads no byte past
+    it, in one join, no loop of our own. Raises MalformedResponseError (retryable) when the
+    announced length is over ``limit`` bytes."""
+    length = resp.content_length
+    if length is None:
+        return False
+    if length > limit:
         raise _too_big(resp.status, limit, trace_id)
-    if resp.content_length is not None and "Content-Encoding" not in resp.headers:
-        # aiohttp reads no byte past the announced length: one join, no loop of our own. (A
-        # compressed answer is counted as it is inflated, below.)
-        return await resp.read()
+    return "Content-Encoding" not in resp.headers
+
+
+async def _read_capped(resp: aiohttp.ClientResponse, limit: int, trace_id: str | None) -> bytes:
+    """The body, or MalformedResponseError (retryable) once it passes ``limit`` bytes. (A
+    compressed answer is counted as it is inflated.)"""
     parts: list[bytes] = []
     size = 0
     async for part in resp.content.iter_chunked(1 << 18):

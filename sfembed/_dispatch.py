@@ -24,7 +24,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from operator import attrgetter
 from typing import TYPE_CHECKING, Any, cast
 
@@ -39,9 +39,10 @@ from ._models import ModelSpec
 from ._packer import Packer, bisect
 from ._retry import (
     FailureStreak,
-    call_with_retries,
     honoured_wait_s,
+    is_retryable,
     request_wide,
+    retried,
     stopping_error,
 )
 from ._streams import EndOfStream, ReceiveStream
@@ -70,6 +71,9 @@ _STALL_FACTOR = 10.0
 #: ... and at least this long (s), once this many answers are known, is sent again.
 _STALL_MIN_S = 1.0
 _STALL_SAMPLES = 8
+#: The median is worked out again after this many answers, not at every request: over the last
+#: 64 it moves little from one answer to the next, and sorting them costs each request.
+_STALL_EVERY = 8
 _TOKENS = attrgetter("tokens")
 _ITEM = attrgetter("item")
 
@@ -84,15 +88,31 @@ class _StallClock:
     def __init__(self, read_s: float) -> None:
         self.read_s = read_s
         self.times_s: deque[float] = deque(maxlen=64)
+        self._deadline_s: float | None = None
+        self._since = 0  # answers added since the deadline was worked out
+
+    def add(self, answer_s: float) -> None:
+        """One more answer, that took ``answer_s`` seconds."""
+        self.times_s.append(answer_s)
+        self._since += 1
 
     def deadline_s(self) -> float | None:
         """Seconds after which an attempt counts as stalled, or None (not enough answers yet,
-        or no shorter than the client's own read timeout)."""
-        if len(self.times_s) < _STALL_SAMPLES:
-            return None
-        import statistics  # here, not before a job's first request: it loads fractions, decimal
+        or no shorter than the client's own read timeout). Worked out again once
+        ``_STALL_EVERY`` answers have come since the last time, and once there are
+        ``_STALL_SAMPLES`` of them."""
+        if self._since >= _STALL_EVERY or (self._since and len(self.times_s) == _STALL_SAMPLES):
+            self._since = 0
+            self._deadline_s = self._worked_out()
+        return self._deadline_s
 
-        limit = max(_STALL_MIN_S, _STALL_FACTOR * statistics.median(self.times_s))
+    def _worked_out(self) -> float | None:
+        times = sorted(self.times_s)
+        if len(times) < _STALL_SAMPLES:
+            return None
+        half = len(times) // 2
+        median = times[half] if len(times) % 2 else (times[half - 1] + times[half]) / 2
+        limit = max(_STALL_MIN_S, _STALL_FACTOR * median)
         return limit if limit < self.read_s else None
 
 
@@ -122,12 +142,15 @@ class PacedSender:
         self._usage_missing = False  # warned once that answers lack a usable usage
         self._stalls = _StallClock(settings.timeouts.read_s)
 
-    async def send(self, request: list[Chunk]) -> EmbeddingResult:
-        """One paced send. The job's first request goes alone: until the server's ``usage`` has
-        said how it counts, every charge is a guess, and a window filled on a guess can overshoot
-        the server's limit (a burst of 429s at the first window's edge)."""
+    def send(self, request: list[Chunk]) -> Coroutine[Any, Any, EmbeddingResult]:
+        """One paced send (a coroutine). The job's first request goes alone: until the server's
+        ``usage`` has said how it counts, every charge is a guess, and a window filled on a guess
+        can overshoot the server's limit (a burst of 429s at the first window's edge)."""
         if self._calibrated.is_set():
-            return await self._paced(request)
+            return self._paced(request)  # no frame of its own between the worker and the send
+        return self._first(request)
+
+    async def _first(self, request: list[Chunk]) -> EmbeddingResult:
         if self._probing:
             await self._calibrated.wait()
             return await self._paced(request)
@@ -150,17 +173,15 @@ class PacedSender:
         deadline_s = self._stalls.deadline_s()
         started = time.monotonic()
         try:
-            async with asyncio.timeout(deadline_s) as deadline:
-                result = await self.client.embed(
-                    cast(list[InputItem], list(map(_ITEM, request))),
-                    model=self.spec.name,
-                    encoding_format=self.settings.encoding_format,
-                    dimensions=self.settings.dimensions,
-                    truncate=self._truncate(),
-                )
-        except TimeoutError:
-            if not deadline.expired():
-                raise
+            result = await self.client.embed_within(
+                deadline_s,
+                cast(list[InputItem], list(map(_ITEM, request))),
+                model=self.spec.name,
+                encoding_format=self.settings.encoding_format,
+                dimensions=self.settings.dimensions,
+                truncate=self._truncate(),
+            )
+        except TimeoutError:  # the stall's deadline (the client's own are APITimeoutError)
             await self.limiter.unanswered(ticket)
             raise exc.APITimeoutError(
                 f"no answer within {deadline_s:g} s, {_STALL_FACTOR:g} times the usual: sent again"
@@ -185,7 +206,7 @@ class PacedSender:
             raise
         finally:
             self.stats.in_flight -= 1
-        self._stalls.times_s.append(time.monotonic() - started)
+        self._stalls.add(time.monotonic() - started)
         await self._account(ticket, local, result)
         return result
 
@@ -269,13 +290,28 @@ class Dispatch:
                 worker.cancel()
 
     async def _send(self, request: list[Chunk], rows: RowWriter) -> None:
+        started = time.monotonic()
+        first: exc.SFEmbedError | None = None
         try:
-            result = await call_with_retries(
-                lambda: self.sender.send(request),
-                self.settings.retry,
-                on_retry=self._on_retry,
-                sleep=self._backoff,
-            )
+            # The first attempt is awaited here, not through the retry layer: nearly every
+            # request succeeds at once, and each frame between the worker and the client is
+            # passed at every step of the exchange. Retries then go through ``retried``, with
+            # the first error as attempt 1 (as ``call_with_retries`` does).
+            try:
+                result = await self.sender.send(request)
+            except exc.SFEmbedError as error:
+                if not is_retryable(error):
+                    raise
+                first = error
+            if first is not None:  # outside the handler: a later error's context is unchanged
+                result = await retried(
+                    lambda: self.sender.send(request),
+                    first,
+                    time.monotonic() - started,
+                    self.settings.retry,
+                    on_retry=self._on_retry,
+                    sleep=self._backoff,
+                )
         except _Stopped:
             return  # left unanswered: the stream ends before these rows
         except _FATAL:

@@ -28,6 +28,7 @@ __all__ = [
     "honoured_wait_s",
     "is_retryable",
     "request_wide",
+    "retried",
     "stopping_error",
 ]
 
@@ -86,18 +87,22 @@ async def call_with_retries(
         if not is_retryable(error):
             raise
         first = error
-    return await _retrying(attempt, first, time.monotonic() - started, policy, on_retry, sleep)
+    return await retried(
+        attempt, first, time.monotonic() - started, policy, on_retry=on_retry, sleep=sleep
+    )
 
 
-async def _retrying(
+async def retried(
     attempt: Callable[[], Awaitable[T]],
     first: BaseException,
     spent_s: float,
     policy: RetryPolicy,
-    on_retry: RetryHook | None,
-    sleep: Callable[[float], Awaitable[None]],
+    *,
+    on_retry: RetryHook | None = None,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
 ) -> T:
-    """The retries after a first attempt that failed with ``first`` after ``spent_s`` seconds.
+    """The retries after a first attempt, made by the caller, that failed with the retryable
+    ``first`` after ``spent_s`` seconds: as :func:`call_with_retries` from there on.
 
     Raised here, outside any handler, ``first`` keeps the ``__context__`` it had."""
     retrying = tenacity.AsyncRetrying(

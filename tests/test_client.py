@@ -576,6 +576,43 @@ async def test_a_stalled_answer_times_out(make_server: MakeServer) -> None:
     assert server.stats.stalls == 1
 
 
+async def test_a_stall_deadline_shorter_than_the_clients_own_raises_the_builtin_timeout(
+    make_server: MakeServer,
+) -> None:
+    # The sending stage's deadline for a stall shares the request's one timer with the client's
+    # own: it raises TimeoutError, which the stage sends again, never the client's error.
+    server = await make_server(faults=Faults(stall_s=5.0))
+    server.inject("stall")
+    timeouts = Timeouts(connect_s=5.0, read_s=4.0)
+    async with EmbeddingClient(api_key=KEY, base_url=server.url, timeouts=timeouts) as client:
+        with pytest.raises(TimeoutError) as info:
+            await client.embed_within(
+                1.0, ["x"], model=BGE, encoding_format="float", dimensions=None, truncate=None
+            )
+        assert not isinstance(info.value, APIError)
+        result = await client.embed_within(
+            1.0, ["x"], model=BGE, encoding_format="base64", dimensions=None, truncate=None
+        )
+    assert result.embeddings.shape == (1, 1024)
+    assert server.stats.stalls == 1
+
+
+async def test_a_stall_deadline_longer_than_the_clients_own_leaves_the_clients_error(
+    make_server: MakeServer,
+) -> None:
+    server = await make_server(faults=Faults(stall_s=5.0))
+    server.inject("stall")
+    timeouts = Timeouts(connect_s=5.0, read_s=1.0)
+    async with EmbeddingClient(api_key=KEY, base_url=server.url, timeouts=timeouts) as client:
+        with pytest.raises(APITimeoutError) as info:
+            await client.embed_within(
+                4.0, ["x"], model=BGE, encoding_format="float", dimensions=None, truncate=None
+            )
+    assert info.value.retryable
+    assert info.value.__context__ is None
+    assert server.stats.stalls == 1
+
+
 @pytest.mark.parametrize("kind", ["bad-json", "no-data"])
 async def test_malformed_success_bodies(
     client: EmbeddingClient, server: LocalServer, kind: str

@@ -34,6 +34,7 @@ from sfembed import (
     load_settings,
 )
 from sfembed._cache import normalise
+from sfembed._dispatch import _StallClock
 from sfembed._job import JobSummary, run_job
 from sfembed._writers import ids_path_for
 from sfembed.testing import (
@@ -385,6 +386,25 @@ async def test_a_request_cut_off_by_a_restart_during_its_latency_is_no_answer(
     assert server.stats.requests == 1
     assert sum(server.stats.by_status.values()) == 0
     assert injected(server.stats)["dropped"] == 1
+
+
+def test_the_stall_deadline_is_ten_times_the_median_of_recent_answers() -> None:
+    clock = _StallClock(read_s=30.0)
+    for _ in range(7):
+        clock.add(0.5)
+    assert clock.deadline_s() is None  # too few answers to judge
+    clock.add(0.5)
+    assert clock.deadline_s() == 5.0
+    for _ in range(8):
+        clock.add(2.0)
+    assert clock.deadline_s() == 12.5  # the median of 8 x 0.5 s and 8 x 2 s: 1.25 s
+    for _ in range(16):
+        clock.add(4.0)
+    assert clock.deadline_s() is None  # 30 s, no shorter than the read timeout
+    quick = _StallClock(read_s=30.0)
+    for _ in range(8):
+        quick.add(0.01)
+    assert quick.deadline_s() == 1.0  # never under a second
 
 
 async def test_a_stalled_answer_is_sent_again_long_before_the_read_timeout(
