@@ -270,6 +270,8 @@ class _Pace:
 
     def rate(self, now: float) -> float:
         """The pace at ``now`` in units (requests or tokens) per second."""
+        if self.cut_factor >= 1.0:  # no 429 to climb back from: the whole rate (most requests)
+            return self.limit / self.window_s
         return self.limit * self.factor(now) / self.window_s
 
     def ready_at(self) -> float:
@@ -737,7 +739,8 @@ class RateLimiter:
             self._allowance.recharge(own, used_tokens, own.requests, now)
             # The server counted it from its arrival, at the latest now.
             own._expires_at = now + self._window_s
-            self._pump()
+            if self._queue:  # else no one waits, and no timer is set (``_pump`` disarmed it)
+                self._pump()
 
     async def refund(self, ticket: Ticket) -> None:
         """Remove ``ticket``'s whole charge: its request never reached the server (connection

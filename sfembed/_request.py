@@ -60,7 +60,13 @@ def _as_items(input: object) -> list[Any]:
 
 
 def _is_int_list(value: object) -> bool:
-    return isinstance(value, list) and bool(value) and all(type(t) is int for t in value)
+    # The first item decides for a list of texts, as a job sends: no generator for it.
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and type(value[0]) is int
+        and all(type(t) is int for t in value)
+    )
 
 
 def _is_token_list(value: object) -> bool:
