@@ -284,7 +284,7 @@ async def test_the_first_request_waits_for_its_own_records_not_a_whole_block(
 
     consumed: list[int] = []
     read_at_first_send: list[int] = []
-    real = EmbeddingClient.embed
+    real = EmbeddingClient.embed_within  # what the sending stage calls
 
     async def noting(self: EmbeddingClient, *args: object, **kwargs: object) -> object:
         if not read_at_first_send:
@@ -296,7 +296,7 @@ async def test_the_first_request_waits_for_its_own_records_not_a_whole_block(
             consumed.append(i)
             yield f"text number {i}"
 
-    monkeypatch.setattr(EmbeddingClient, "embed", noting)
+    monkeypatch.setattr(EmbeddingClient, "embed_within", noting)
     async with LocalServer() as server:
         settings = load_settings(base_url=server.url, rate=RateLimits(rpm=10**6, tpm=10**9))
         async with EmbeddingClient(api_key="sk-local-test", base_url=server.url) as client:
