@@ -7,8 +7,8 @@ orjson and one numpy conversion. No per-float Python work happens here.
 
 from __future__ import annotations
 
-from itertools import repeat
-from operator import itemgetter
+from itertools import chain, repeat
+from operator import add, itemgetter, sub
 from typing import Any, TypeGuard
 
 import numpy as np
@@ -25,6 +25,9 @@ _EMBEDDING_KEY = b'"embedding":'
 
 #: (rows, usage or ``None`` when the answer carried none that can be trusted, model name).
 DecodedBody = tuple[FloatArray, Usage | None, str]
+#: Base64 vectors decoded: one bytes object each, or one row each of a block of bytes.
+_Block = npt.NDArray[np.uint8]
+_Vectors = list[bytes] | _Block
 
 
 def decode_body(
@@ -60,7 +63,7 @@ def decode_body(
     return rows, _usage(payload), str(payload.get("model", ""))
 
 
-def _split_base64(body: bytes) -> tuple[dict[str, Any], list[bytes]] | None:
+def _split_base64(body: bytes) -> tuple[dict[str, Any], _Vectors] | None:
     """(payload, each entry's vector bytes) without a Python string made of any vector's text,
     or None for a body not plainly laid out so (it is then parsed whole, as any other).
 
@@ -73,39 +76,88 @@ def _split_base64(body: bytes) -> tuple[dict[str, Any], list[bytes]] | None:
     whole), entry i of ``data`` holds ordinal i (so each text is one entry's vector, and no key
     was met elsewhere), and each text is strict base64 (neither quote nor backslash: the first
     quote after its start ends it)."""
-    pieces: list[bytes] = []
     starts: list[int] = []
     ends: list[int] = []
     find = body.find
-    done = 0
-    while (key := find(_EMBEDDING_KEY, done)) >= 0:
-        value = key + len(_EMBEDDING_KEY)
-        if body.startswith(b'"', value):  # as most servers write it: no space after the colon
-            start = value + 1
-        else:
-            start = find(b'"', value) + 1
-            if not start or body[value : start - 1].strip():
+    end = -1
+    while (key := find(_EMBEDDING_KEY, end + 1)) >= 0:
+        start = key + len(_EMBEDDING_KEY) + 1
+        if body[start - 1 : start] != b'"':  # most servers write no space after the colon
+            start = find(b'"', start - 1) + 1
+            if not start or body[key + len(_EMBEDDING_KEY) : start - 1].strip():
                 return None  # not a string value
         end = find(b'"', start)
         if end < 0:
             return None
-        pieces += (body[done : start - 1], _ordinal(len(starts)))
         starts.append(start)
         ends.append(end)
-        done = end + 1
-    pieces.append(body[done:])
-    rest = b"".join(pieces)
-    if not starts or b"\\" in rest or not _keys_found(rest, len(starts)):
+    if not starts:
+        return None
+    rest = _structure(body, starts, ends)
+    if b"\\" in rest or not _keys_found(rest, len(starts)):
         return None
     try:
         payload = orjson.loads(rest)
         if list(map(_get_embedding, payload["data"])) != list(range(len(starts))):
             return None
+        block = _decode_block(body, starts, ends)
+        if block is not None:
+            return payload, block
         texts = map(memoryview(body).__getitem__, map(slice, starts, ends))
-        chunks = list(map(pybase64.b64decode, texts, repeat(None), repeat(True)))  # validate
+        return payload, list(map(pybase64.b64decode, texts, repeat(None), repeat(True)))
     except (ValueError, LookupError, TypeError):  # JSONDecodeError and binascii.Error included
         return None
-    return payload, chunks
+
+
+def _structure(body: bytes, starts: list[int], ends: list[int]) -> bytes:
+    """``body`` with the text from each of ``starts`` to its end (quotes included) replaced by
+    its ordinal: the gaps between texts are cut and joined in C, not a Python step per text."""
+    lefts = [0]
+    lefts += map(add, ends, repeat(1))
+    gaps = map(body.__getitem__, map(slice, lefts, map(sub, starts, repeat(1))))
+    count = len(starts)
+    ordinals = _ORDINALS[:count] if count <= len(_ORDINALS) else list(map(_ordinal, range(count)))
+    pieces = list(chain.from_iterable(zip(gaps, ordinals, strict=True)))
+    pieces.append(body[lefts[-1] :])
+    return b"".join(pieces)
+
+
+def _decode_block(body: bytes, starts: list[int], ends: list[int]) -> _Block | None:
+    """The texts of ``body`` from each of ``starts`` to its end decoded by one call, one row of
+    bytes each (a view of the decoded block), or None unless they are alike: the same length, a
+    multiple of 4, and the same padding, which leaves whole float32s (the per-text decode, which
+    is strict, then judges them).
+
+    The texts are copied out of the body by one numpy gather, each text's padded last quad made
+    a whole one (``"="`` -> ``"A"``: zero bits after the last byte), and the block decoded as one
+    unpadded strict base64 text: a quad decodes to the same leading bytes whatever follows its
+    padding, so row i is the decoded text i to the bit. Any ``"="`` or other byte out of the
+    alphabet left in the block is refused by the strict decode, as it would be in its own text.
+    One call spares a call per text and the joining of their results."""
+    width = ends[0] - starts[0]
+    if not width or width % 4 or len(set(map(sub, ends, starts))) > 1:
+        return None
+    pads = 2 if body.startswith(b"==", ends[0] - 2) else int(body[ends[0] - 1] == _PAD)
+    size = width // 4 * 3 - pads  # the bytes of each vector
+    if size % 4:
+        return None  # not whole float32s: the per-text path says so
+    # Every run of ``width`` bytes of the body, as a read-only view; its rows at ``starts`` are
+    # the texts, gathered into one new array.
+    runs = np.ndarray((len(body) - width + 1, width), np.uint8, body, strides=(1, 1))
+    texts = runs[starts]
+    if pads:
+        tails = texts[:, width - pads :]
+        if not (tails == _PAD).all():
+            return None
+        tails[...] = _ZERO_DIGIT
+    try:
+        decoded = pybase64.b64decode(texts.data, validate=True)
+    except ValueError:
+        return None
+    return np.frombuffer(decoded, dtype=np.uint8).reshape(len(starts), -1)[:, :size]
+
+
+_PAD, _ZERO_DIGIT = ord("="), ord("A")
 
 
 #: Each vector's text is replaced by its ordinal: ``_ORDINALS[i]`` is ``b"i"``.
@@ -123,11 +175,18 @@ def _keys_found(rest: bytes, found: int) -> bool:
     """Whether the ``"embedding"`` keys of ``rest`` are the ``found`` ones: each is followed by
     its colon (no space: ``"embedding" :`` is a key the search did not see), and every other
     ``"embedding"`` is a value (``"object":"embedding"``), followed by ``,``, ``}`` or ``]``.
-    Counts in C, where a regular expression costs more than the search itself."""
+    Counts in C, where a regular expression costs more than the search itself: three of them
+    for the usual answer."""
     count = rest.count
-    keys = count(b'"embedding":')
-    values = count(b'"embedding",') + count(b'"embedding"}') + count(b'"embedding"]')
-    return keys == found and count(b'"embedding"') == keys + values
+    if count(b'"embedding":') != found:
+        return False
+    others = count(b'"embedding"') - found
+    if not others:
+        return True
+    # The usual answer's values are each followed by a comma ("object":"embedding",): the other
+    # two counts only when some is not.
+    values = count(b'"embedding",')
+    return others == values or others == values + count(b'"embedding"}') + count(b'"embedding"]')
 
 
 def _parse(body: bytes, trace_id: str | None) -> dict[str, Any]:
@@ -174,13 +233,15 @@ def _rows(
     data: list[Any],
     encoding_format: EncodingFormat,
     dimensions: int | None,
-    chunks: list[bytes] | None,
+    chunks: _Vectors | None,
     order: list[int] | None,
 ) -> FloatArray:
     """The rows in input order: row i is the vector of the entry whose index is i (``order``
     says where each entry's row goes, None when entry i is row i). Base64 vectors already
     decoded may come as ``chunks``, in the answer's order."""
-    if encoding_format == "base64":
+    if isinstance(chunks, np.ndarray):
+        rows = _placed(chunks, order)
+    elif encoding_format == "base64":
         if chunks is None:
             chunks = [pybase64.b64decode(entry["embedding"], validate=True) for entry in data]
         if len(set(map(len, chunks))) > 1:
@@ -201,6 +262,17 @@ def _rows(
     out = np.empty(rows.shape, dtype=np.float32)
     out[order] = rows  # scatter by index: row i of out belongs to input item i
     return out
+
+
+def _placed(block: _Block, order: list[int] | None) -> FloatArray:
+    """The rows of bytes of ``block`` (whole float32s, in the answer's order) copied into a new
+    array of rows in input order: the one copy that also drops each row's padding bytes."""
+    rows = np.empty((len(block), block.shape[1] // 4), dtype="<f4")
+    if order is None:
+        rows.view(np.uint8)[...] = block
+    else:
+        rows.view(np.uint8)[order] = block  # scatter by index: row i belongs to input item i
+    return rows
 
 
 def all_finite(rows: FloatArray) -> bool:

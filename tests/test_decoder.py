@@ -219,3 +219,100 @@ def test_a_body_that_ends_at_an_embedding_key_is_not_json() -> None:
         _decoder.decode_body(
             b'{"data":[{"embedding":', items=1, dimensions=2, encoding_format="base64"
         )
+
+
+def _texts(body: bytes) -> tuple[list[int], list[int]]:
+    """Where each vector's text starts and ends in a compact base64 answer."""
+    starts, ends, at = [], [], 0
+    while (key := body.find(b'"embedding":"', at)) >= 0:
+        starts.append(key + len(b'"embedding":"'))
+        ends.append(at := body.find(b'"', starts[-1]))
+    return starts, ends
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3, 5, 1024])  # texts padded by "==", "=", none
+@pytest.mark.parametrize("order", [[0, 1, 2, 3], [2, 0, 3, 1]])
+def test_base64_vectors_decoded_as_one_block_are_those_decoded_one_by_one(
+    dims: int, order: list[int]
+) -> None:
+    vectors = np.random.default_rng(dims).standard_normal((4, dims)).astype(np.float32)
+    vectors[0, 0] = np.float32(-0.0)
+    body = _body(vectors, order, "base64")
+    starts, ends = _texts(body)
+    block = _decoder._decode_block(body, starts, ends)
+    assert block is not None  # taken whole, not text by text
+    one_by_one = [
+        base64.b64decode(body[s:e], validate=True) for s, e in zip(starts, ends, strict=True)
+    ]
+    assert [row.tobytes() for row in block] == one_by_one
+    rows, _, _ = _decoder.decode_body(body, items=4, dimensions=dims, encoding_format="base64")
+    assert rows.tobytes() == vectors.astype("<f4").tobytes()
+    assert rows.flags.c_contiguous
+    assert rows.flags.writeable
+
+
+def test_bits_after_the_last_byte_are_ignored_as_one_by_one() -> None:
+    vectors = np.full((3, 1), 1.0, dtype=np.float32)  # "AACAPw==": one byte in the last quad
+    body = _body(vectors, [0, 1, 2], "base64").replace(b'"AACAPw=="', b'"AACAPx=="', 1)
+    assert base64.b64decode("AACAPx==") == vectors[0].tobytes()
+    starts, ends = _texts(body)
+    assert _decoder._decode_block(body, starts, ends) is not None
+    rows, _, _ = _decoder.decode_body(body, items=3, dimensions=1, encoding_format="base64")
+    assert rows.tobytes() == vectors.tobytes()
+
+
+def _spoil(text: bytes, how: str) -> bytes:
+    middle = len(text) // 2
+    return {
+        "bad character": text[:middle] + b"!" + text[middle + 1 :],
+        "url-safe character": text[:middle] + b"-" + text[middle + 1 :],
+        "padding in the middle": text[:middle] + b"=" + text[middle + 1 :],
+        "padding too long": text[:-3] + b"===",
+        "padding too short": text[:-2] + b"A=",  # a byte more than the others
+        "padding missing": text[:-2],
+        "padding spaced": text[:-2] + b" =",
+        "a quad longer": text[:-4] + b"AAAA" + text[-4:],
+        "a quad shorter": text[4:],
+    }[how]
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        "bad character",
+        "url-safe character",
+        "padding in the middle",
+        "padding too long",
+        "padding too short",
+        "padding missing",
+        "padding spaced",
+        "a quad longer",
+        "a quad shorter",
+    ],
+)
+@pytest.mark.parametrize("which", [0, 2])
+def test_a_spoilt_vector_is_refused_and_not_taken_into_a_block(how: str, which: int) -> None:
+    vectors = np.random.default_rng(4).standard_normal((3, 1024)).astype(np.float32)
+    body = _body(vectors, [1, 2, 0], "base64")
+    starts, ends = _texts(body)
+    text = body[starts[which] : ends[which]]
+    body = body[: starts[which]] + _spoil(text, how) + body[ends[which] :]
+    assert _decoder._decode_block(body, *_texts(body)) is None
+    with pytest.raises(MalformedResponseError, match="bad embedding values"):
+        _decoder.decode_body(body, items=3, dimensions=1024, encoding_format="base64")
+
+
+@pytest.mark.parametrize(
+    ("rest", "plain"),
+    [
+        (b'[{"object":"embedding","embedding":0}]', True),
+        (b'[{"embedding":0,"object":"embedding"}]', True),
+        (b'[{"embedding":0,"tags":["embedding"]}]', True),
+        (b'[{"embedding":0,"tags":["embedding","embedding"]}]', True),
+        (b'[{"embedding":0,"object":"embedding" }]', False),  # a value followed by a space
+        (b'[{"embedding":0,"embedding" :1}]', False),  # a key the search did not see
+        (b'[{"embedding":0},{"embedding":1}]', False),  # two keys, one text found
+    ],
+)
+def test_keys_found_tells_a_plain_structure(rest: bytes, plain: bool) -> None:
+    assert _decoder._keys_found(rest, 1) is plain
