@@ -145,7 +145,7 @@ class Dedup:
 
     async def answered(self, request: list[Chunk], vectors: FloatArray, rows: RowSink) -> None:
         """Give each answered text's vector to the repeats waiting for it, then keep the vectors
-        in the cache."""
+        in the cache. ``vectors`` are the answer's, as the decoder gave them: finite."""
         keys = list(map(_KEY, request))
         if self._waiting:  # one pop per key in C; a key of None was never waited on
             pop = cast(_PopWaiting, self._waiting.pop)
@@ -156,10 +156,13 @@ class Dedup:
                         rows.put(repeats, np.repeat(vectors[i : i + 1], len(repeats), axis=0))
         if self.cache is None:
             return
+        # The vectors of an answer: the decoder refused any holding NaN or infinity, so the cache
+        # does not look for them again.
+        store = self.cache._store_decoded
         if None not in keys:  # the usual case: every text was keyed
-            await self.cache.store(self.scope, self.dims, cast(list[bytes], keys), vectors)
+            await store(self.scope, self.dims, cast(list[bytes], keys), vectors)
             return
         keyed = [i for i, key in enumerate(keys) if key is not None]
         if keyed:
             known = [cast(bytes, keys[i]) for i in keyed]
-            await self.cache.store(self.scope, self.dims, known, vectors[keyed])
+            await store(self.scope, self.dims, known, vectors[keyed])

@@ -143,6 +143,27 @@ async def test_failed_rows_are_never_stored(cache: EmbeddingCache) -> None:
     assert cache.stored == 1
 
 
+async def test_a_decoded_answer_is_stored_after_every_check_but_the_finite_one(
+    cache: EmbeddingCache,
+) -> None:
+    """The engine stores answers the decoder has checked finite: the cache keeps them with the
+    other checks of ``store``, not the pass over every value."""
+    keys, rows = _keys(3), _rows(3)
+    await cache._store_decoded(MODEL, DIMS, keys, rows)
+    found = await cache.lookup(MODEL, DIMS, keys)
+    assert all(np.array_equal(found[k], r) for k, r in zip(keys, rows, strict=True))
+    assert cache.stored == 3
+    with pytest.raises(ValueError, match="rows of shape"):
+        await cache._store_decoded(MODEL, DIMS, keys, rows[:2])
+    with pytest.raises(ValueError, match="digest"):
+        await cache._store_decoded(MODEL, DIMS, [b"short"], rows[:1])
+    with pytest.raises(ValueError, match="model"):
+        await cache._store_decoded("", DIMS, keys, rows)
+    await cache.close()
+    with pytest.raises(ValueError, match="closed"):
+        await cache._store_decoded(MODEL, DIMS, keys, rows)
+
+
 async def test_existing_and_repeated_keys_are_replaced(cache: EmbeddingCache) -> None:
     key = _keys(1)[0]
     await cache.store(MODEL, DIMS, [key], _rows(1, seed=1))
