@@ -360,8 +360,6 @@ def _check_target(model: str, dims: int) -> None:
 
 def _check_keys(keys: Sequence[bytes]) -> None:
     # A text passed by mistake would otherwise be stored as a key: refuse it, and never echo it.
-    if set(map(type, keys)) <= {bytes} and set(map(len, keys)) <= {KEY_BYTES}:
-        return  # the usual case, checked in C
     for key in keys:
         if type(key) is not bytes or len(key) != KEY_BYTES:
             given = f"{len(key)} bytes" if type(key) is bytes else f"a {type(key).__name__}"
