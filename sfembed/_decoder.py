@@ -7,8 +7,8 @@ orjson and one numpy conversion. No per-float Python work happens here.
 
 from __future__ import annotations
 
-from itertools import chain, repeat
-from operator import add, itemgetter, sub
+from itertools import repeat
+from operator import itemgetter
 from typing import Any, TypeGuard
 
 import numpy as np
@@ -25,9 +25,6 @@ _EMBEDDING_KEY = b'"embedding":'
 
 #: (rows, usage or ``None`` when the answer carried none that can be trusted, model name).
 DecodedBody = tuple[FloatArray, Usage | None, str]
-#: Base64 vectors decoded: one bytes object each, or one row each of a block of bytes.
-_Block = npt.NDArray[np.uint8]
-_Vectors = list[bytes] | _Block
 
 
 def decode_body(
@@ -63,7 +60,7 @@ def decode_body(
     return rows, _usage(payload), str(payload.get("model", ""))
 
 
-def _split_base64(body: bytes) -> tuple[dict[str, Any], _Vectors] | None:
+def _split_base64(body: bytes) -> tuple[dict[str, Any], list[bytes]] | None:
     """(payload, each entry's vector bytes) without a Python string made of any vector's text,
     or None for a body not plainly laid out so (it is then parsed whole, as any other).
 
@@ -76,88 +73,39 @@ def _split_base64(body: bytes) -> tuple[dict[str, Any], _Vectors] | None:
     whole), entry i of ``data`` holds ordinal i (so each text is one entry's vector, and no key
     was met elsewhere), and each text is strict base64 (neither quote nor backslash: the first
     quote after its start ends it)."""
+    pieces: list[bytes] = []
     starts: list[int] = []
     ends: list[int] = []
     find = body.find
-    end = -1
-    while (key := find(_EMBEDDING_KEY, end + 1)) >= 0:
-        start = key + len(_EMBEDDING_KEY) + 1
-        if body[start - 1 : start] != b'"':  # most servers write no space after the colon
-            start = find(b'"', start - 1) + 1
-            if not start or body[key + len(_EMBEDDING_KEY) : start - 1].strip():
+    done = 0
+    while (key := find(_EMBEDDING_KEY, done)) >= 0:
+        value = key + len(_EMBEDDING_KEY)
+        if body[value : value + 1] == b'"':  # as most servers write it: no space after the colon
+            start = value + 1
+        else:
+            start = find(b'"', value) + 1
+            if not start or body[value : start - 1].strip():
                 return None  # not a string value
         end = find(b'"', start)
         if end < 0:
             return None
+        pieces += (body[done : start - 1], _ordinal(len(starts)))
         starts.append(start)
         ends.append(end)
-    if not starts:
-        return None
-    rest = _structure(body, starts, ends)
-    if b"\\" in rest or not _keys_found(rest, len(starts)):
+        done = end + 1
+    pieces.append(body[done:])
+    rest = b"".join(pieces)
+    if not starts or b"\\" in rest or not _keys_found(rest, len(starts)):
         return None
     try:
         payload = orjson.loads(rest)
         if list(map(_get_embedding, payload["data"])) != list(range(len(starts))):
             return None
-        block = _decode_block(body, starts, ends)
-        if block is not None:
-            return payload, block
         texts = map(memoryview(body).__getitem__, map(slice, starts, ends))
-        return payload, list(map(pybase64.b64decode, texts, repeat(None), repeat(True)))
+        chunks = list(map(pybase64.b64decode, texts, repeat(None), repeat(True)))  # validate
     except (ValueError, LookupError, TypeError):  # JSONDecodeError and binascii.Error included
         return None
-
-
-def _structure(body: bytes, starts: list[int], ends: list[int]) -> bytes:
-    """``body`` with the text from each of ``starts`` to its end (quotes included) replaced by
-    its ordinal: the gaps between texts are cut and joined in C, not a Python step per text."""
-    lefts = [0]
-    lefts += map(add, ends, repeat(1))
-    gaps = map(body.__getitem__, map(slice, lefts, map(sub, starts, repeat(1))))
-    count = len(starts)
-    ordinals = _ORDINALS[:count] if count <= len(_ORDINALS) else list(map(_ordinal, range(count)))
-    pieces = list(chain.from_iterable(zip(gaps, ordinals, strict=True)))
-    pieces.append(body[lefts[-1] :])
-    return b"".join(pieces)
-
-
-def _decode_block(body: bytes, starts: list[int], ends: list[int]) -> _Block | None:
-    """The texts of ``body`` from each of ``starts`` to its end decoded by one call, one row of
-    bytes each (a view of the decoded block), or None unless they are alike: the same length, a
-    multiple of 4, and the same padding, which leaves whole float32s (the per-text decode, which
-    is strict, then judges them).
-
-    The texts are copied out of the body by one numpy gather, each text's padded last quad made
-    a whole one (``"="`` -> ``"A"``: zero bits after the last byte), and the block decoded as one
-    unpadded strict base64 text: a quad decodes to the same leading bytes whatever follows its
-    padding, so row i is the decoded text i to the bit. Any ``"="`` or other byte out of the
-    alphabet left in the block is refused by the strict decode, as it would be in its own text.
-    One call spares a call per text and the joining of their results."""
-    width = ends[0] - starts[0]
-    if not width or width % 4 or len(set(map(sub, ends, starts))) > 1:
-        return None
-    pads = 2 if body.startswith(b"==", ends[0] - 2) else int(body[ends[0] - 1] == _PAD)
-    size = width // 4 * 3 - pads  # the bytes of each vector
-    if size % 4:
-        return None  # not whole float32s: the per-text path says so
-    # Every run of ``width`` bytes of the body, as a read-only view; its rows at ``starts`` are
-    # the texts, gathered into one new array.
-    runs = np.ndarray((len(body) - width + 1, width), np.uint8, body, strides=(1, 1))
-    texts = runs[starts]
-    if pads:
-        tails = texts[:, width - pads :]
-        if not (tails == _PAD).all():
-            return None
-        tails[...] = _ZERO_DIGIT
-    try:
-        decoded = pybase64.b64decode(texts.data, validate=True)
-    except ValueError:
-        return None
-    return np.frombuffer(decoded, dtype=np.uint8).reshape(len(starts), -1)[:, :size]
-
-
-_PAD, _ZERO_DIGIT = ord("="), ord("A")
+    return payload, chunks
 
 
 #: Each vector's text is replaced by its ordinal: ``_ORDINALS[i]`` is ``b"i"``.
@@ -233,15 +181,13 @@ def _rows(
     data: list[Any],
     encoding_format: EncodingFormat,
     dimensions: int | None,
-    chunks: _Vectors | None,
+    chunks: list[bytes] | None,
     order: list[int] | None,
 ) -> FloatArray:
     """The rows in input order: row i is the vector of the entry whose index is i (``order``
     says where each entry's row goes, None when entry i is row i). Base64 vectors already
     decoded may come as ``chunks``, in the answer's order."""
-    if isinstance(chunks, np.ndarray):
-        rows = _placed(chunks, order)
-    elif encoding_format == "base64":
+    if encoding_format == "base64":
         if chunks is None:
             chunks = [pybase64.b64decode(entry["embedding"], validate=True) for entry in data]
         if len(set(map(len, chunks))) > 1:
@@ -262,17 +208,6 @@ def _rows(
     out = np.empty(rows.shape, dtype=np.float32)
     out[order] = rows  # scatter by index: row i of out belongs to input item i
     return out
-
-
-def _placed(block: _Block, order: list[int] | None) -> FloatArray:
-    """The rows of bytes of ``block`` (whole float32s, in the answer's order) copied into a new
-    array of rows in input order: the one copy that also drops each row's padding bytes."""
-    rows = np.empty((len(block), block.shape[1] // 4), dtype="<f4")
-    if order is None:
-        rows.view(np.uint8)[...] = block
-    else:
-        rows.view(np.uint8)[order] = block  # scatter by index: row i belongs to input item i
-    return rows
 
 
 def all_finite(rows: FloatArray) -> bool:
