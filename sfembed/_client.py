@@ -158,8 +158,8 @@ class EmbeddingClient:
         Raises InputError (nothing sent) for invalid input, an APIError subclass for an error
         answer or a failed exchange; never retries.
         """
-        payload, items, spec, expected, limit = self._prepared(
-            input, model, encoding_format, dimensions, user, truncate
+        payload, items, spec, expected, limit = _prepare(
+            self, input, model, encoding_format, dimensions, user, truncate
         )
         raw, trace_id = await self._post(payload, limit)
         return self._result(raw, trace_id, items, spec, expected, model, encoding_format)
@@ -179,37 +179,11 @@ class EmbeddingClient:
 
         One deadline per request, the earlier of the two, instead of one each: a timer per
         request is the event loop's work too."""
-        payload, items, spec, expected, limit = self._prepared(
-            input, model, encoding_format, dimensions, None, truncate
+        payload, items, spec, expected, limit = _prepare(
+            self, input, model, encoding_format, dimensions, None, truncate
         )
         raw, trace_id = await self._post(payload, limit, stall_s)
         return self._result(raw, trace_id, items, spec, expected, model, encoding_format)
-
-    def _prepared(
-        self,
-        input: InputItem | Sequence[InputItem],
-        model: str,
-        encoding_format: EncodingFormat,
-        dimensions: int | None,
-        user: str | None,
-        truncate: Truncate | None,
-    ) -> tuple[bytes, int, ModelSpec | None, int | None, int]:
-        """(payload, items, spec, expected width, answer's byte limit) of a request."""
-        spec = self._catalog.get(model)  # a model we do not know is sent for the server to judge
-        body, items = build_request(
-            input,
-            model=model,
-            spec=spec,
-            max_items=self._max_items,
-            encoding_format=encoding_format,
-            dimensions=dimensions,
-            user=user,
-            truncate=truncate,
-        )
-        expected = None if spec is None else spec.output_dimensions(dimensions)
-        # An answer bigger than its vectors could ever take is refused unread, not buffered.
-        limit = items * ((expected or _UNKNOWN_DIMS) * _MAX_FLOAT_BYTES + 1024) + 65536
-        return _dumps(body), items, spec, expected, limit
 
     def _result(
         self,
@@ -285,6 +259,34 @@ class EmbeddingClient:
         # Raised outside the handlers so that neither __cause__ nor __context__ holds the aiohttp
         # error: some (ClientResponseError) carry the request info, headers and all, with the key.
         raise failure
+
+
+def _prepare(
+    client: EmbeddingClient,
+    input: InputItem | Sequence[InputItem],
+    model: str,
+    encoding_format: EncodingFormat,
+    dimensions: int | None,
+    user: str | None,
+    truncate: Truncate | None,
+) -> tuple[bytes, int, ModelSpec | None, int | None, int]:
+    """(payload, items, spec, expected width, answer's byte limit) of a request by ``client``.
+    Raises InputError."""
+    spec = client.catalog.get(model)  # a model we do not know is sent for the server to judge
+    body, items = build_request(
+        input,
+        model=model,
+        spec=spec,
+        max_items=client._max_items,
+        encoding_format=encoding_format,
+        dimensions=dimensions,
+        user=user,
+        truncate=truncate,
+    )
+    expected = None if spec is None else spec.output_dimensions(dimensions)
+    # An answer bigger than its vectors could ever take is refused unread, not buffered.
+    limit = items * ((expected or _UNKNOWN_DIMS) * _MAX_FLOAT_BYTES + 1024) + 65536
+    return _dumps(body), items, spec, expected, limit
 
 
 def client_for(settings: Settings) -> EmbeddingClient:
