@@ -39,10 +39,9 @@ from ._models import ModelSpec
 from ._packer import Packer, bisect
 from ._retry import (
     FailureStreak,
+    call_with_retries,
     honoured_wait_s,
-    is_retryable,
     request_wide,
-    retried,
     stopping_error,
 )
 from ._streams import EndOfStream, ReceiveStream
@@ -290,28 +289,15 @@ class Dispatch:
                 worker.cancel()
 
     async def _send(self, request: list[Chunk], rows: RowWriter) -> None:
-        started = time.monotonic()
-        first: exc.SFEmbedError | None = None
         try:
-            # The first attempt is awaited here, not through the retry layer: nearly every
-            # request succeeds at once, and each frame between the worker and the client is
-            # passed at every step of the exchange. Retries then go through ``retried``, with
-            # the first error as attempt 1 (as ``call_with_retries`` does).
-            try:
-                result = await self.sender.send(request)
-            except exc.SFEmbedError as error:
-                if not is_retryable(error):
-                    raise
-                first = error
-            if first is not None:  # outside the handler: a later error's context is unchanged
-                result = await retried(
-                    lambda: self.sender.send(request),
-                    first,
-                    time.monotonic() - started,
-                    self.settings.retry,
-                    on_retry=self._on_retry,
-                    sleep=self._backoff,
-                )
+            # The first attempt is made by call_with_retries itself; tenacity only after a
+            # retryable failure.
+            result = await call_with_retries(
+                lambda: self.sender.send(request),
+                self.settings.retry,
+                on_retry=self._on_retry,
+                sleep=self._backoff,
+            )
         except _Stopped:
             return  # left unanswered: the stream ends before these rows
         except _FATAL:
