@@ -28,7 +28,6 @@ __all__ = [
     "honoured_wait_s",
     "is_retryable",
     "request_wide",
-    "retried",
     "stopping_error",
 ]
 
@@ -87,12 +86,12 @@ async def call_with_retries(
         if not is_retryable(error):
             raise
         first = error
-    return await retried(
+    return await _retrying(
         attempt, first, time.monotonic() - started, policy, on_retry=on_retry, sleep=sleep
     )
 
 
-async def retried(
+async def _retrying(
     attempt: Callable[[], Awaitable[T]],
     first: BaseException,
     spent_s: float,
