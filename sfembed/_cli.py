@@ -24,6 +24,8 @@ from ._exceptions import ConfigError, SFEmbedError
 
 __all__ = ["main"]
 
+_M_ARENA_MAX = -8  # glibc's mallopt parameter for the most arenas
+
 #: What a command runs, given its parsed arguments: the exit code.
 Command = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
 
@@ -49,6 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # some 8% of their time (24 ms of 0.3 s, in 99 young collections) went to collections that
     # found next to nothing to free; with 10,000, half that.
     gc.set_threshold(10_000, 20, 20)
+    _one_malloc_arena()
     _one_blas_thread()
     from . import _commands  # loads numpy (the settings' types): after the line above
 
@@ -74,6 +77,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sfembed: interrupted", file=sys.stderr)
         return _commands.EXIT_INTERRUPTED
+
+
+def _one_malloc_arena() -> None:
+    """Keep glibc's malloc to one arena in this process unless the user chose
+    (``MALLOC_ARENA_MAX``).
+
+    By default glibc gives each thread that allocates an arena of its own (up to 8 per core):
+    the import thread, the cache's writer and indexer and the executor's each grew one, and
+    memory freed in one arena is not reused by another. One arena measured 95-97 MB of peak RSS
+    on a 400,000-document job against 101-102 MB, for the same CPU: the threads allocate
+    holding the interpreter lock, so they hardly contend for the arena's. Set before any thread
+    starts, as a thread keeps the arena it first took. A setting for this process, the command
+    line's: the library leaves a user's process as it is."""
+    if "MALLOC_ARENA_MAX" in os.environ:
+        return
+    try:
+        libc = os.confstr("CS_GNU_LIBC_VERSION") or ""
+    except (ValueError, OSError):  # not glibc: no such setting
+        return
+    if libc.startswith("glibc"):
+        import ctypes  # numpy loads it in any case
+
+        ctypes.CDLL(None).mallopt(_M_ARENA_MAX, 1)
 
 
 def _one_blas_thread() -> None:

@@ -115,6 +115,53 @@ def test_before_numpy_loads_the_command_line_sets_one_blas_thread_and_a_rarer_co
     assert done.stdout.split() == [kept, "10000"]
 
 
+# After the command line's start (``sfembed embed --help``), four threads each keep 2,000 small
+# allocations (over obmalloc's 512 bytes: they go to malloc), then glibc lists its arenas.
+_ARENAS_AFTER_THREADS = (
+    "import contextlib, ctypes, io, threading\n"
+    "from sfembed._cli import main\n"
+    "with contextlib.redirect_stdout(io.StringIO()):\n"
+    "    assert main(['embed', '--help']) == 0\n"
+    "kept, ready = [], threading.Barrier(4)\n"
+    "def allocate():\n"
+    "    kept.append([bytes(1000 + i) for i in range(2000)])\n"
+    "    ready.wait()\n"
+    "threads = [threading.Thread(target=allocate) for _ in range(4)]\n"
+    "for thread in threads: thread.start()\n"
+    "for thread in threads: thread.join()\n"
+    "ctypes.CDLL(None).malloc_stats()\n"
+)
+
+
+def _glibc() -> bool:
+    try:
+        return (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
+    except (ValueError, OSError):
+        return False
+
+
+@pytest.mark.skipif(not _glibc(), reason="malloc arenas are glibc's")
+@pytest.mark.parametrize(("chosen", "one"), [(None, True), ("4", False)])
+def test_the_command_line_keeps_malloc_to_one_arena_unless_the_user_chose(
+    tmp_path: Path, chosen: str | None, one: bool
+) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+    if chosen is not None:
+        env["MALLOC_ARENA_MAX"] = chosen
+    done = subprocess.run(
+        [sys.executable, "-c", _ARENAS_AFTER_THREADS],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    arenas = [line for line in done.stderr.splitlines() if line.startswith("Arena ")]
+    assert arenas, done.stderr
+    assert (len(arenas) == 1) is one, arenas
+
+
 def test_a_job_of_short_texts_loads_no_tokenizer_bar_or_optional_library(tmp_path: Path) -> None:
     lines = (json.dumps({"id": str(i), "text": f"text number {i}"}) for i in range(50))
     (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
