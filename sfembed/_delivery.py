@@ -58,7 +58,8 @@ class RowWriter:
         self._ring.describe(units, meta)
 
     def put(self, chunks: list[Chunk], rows: FloatArray) -> None:
-        """Settle ``chunks`` with their vectors."""
+        """Settle ``chunks`` with their vectors. ``rows`` is handed over: it may leave the ring
+        as the very array given, so the caller must not change it afterwards."""
         self._ring.put(chunks, rows)
         self._delivery.changed.set()
 

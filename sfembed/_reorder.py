@@ -8,9 +8,11 @@ the rows answered ahead of the oldest unfinished one, not by the rows reserved n
 records with a high concurrency allocates a hundred rows, not the gigabytes its capacity would
 take). Intake reserves rows well before their requests are sent (records read, counted and
 queued for packing), so the rows answered span less than those reserved: at the default
-concurrency, about 1,024 against 3,000, 4 MiB of rows instead of 16. Rows are scattered into the
-ring with one numpy assignment per request. Units made of several parts (an over-long record's
-chunks) are pooled in a side table until their last part arrives.
+concurrency, about 1,024 against 3,000, 4 MiB of rows instead of 16. An answer whose rows are a
+run of units (as nearly every answer's are) is kept as the array it came in, and leaves as it
+is or joined to its neighbours by one copy: not copied into the ring and out of it again. Other
+rows are scattered into the ring with one numpy assignment per request. Units made of several
+parts (an over-long record's chunks) are pooled in a side table until their last part arrives.
 """
 
 from __future__ import annotations
@@ -50,8 +52,12 @@ class ReorderBuffer:
         # Rows the arrays hold now; a unit's slot is unit % size. Every unit placed (done) lies in
         # [emitted, emitted + size): each slot of that window is one unit's.
         self._size = min(capacity, _FIRST_SIZE)
-        self._rows = np.full((self._size, dims), np.nan, dtype=np.float32)
+        # A row is written before it is marked done, so the arrays need no fill (a page of
+        # them is taken from the system only when a row lands on it).
+        self._rows = np.empty((self._size, dims), dtype=np.float32)
         self._done = np.zeros(self._size, dtype=bool)
+        # Runs of rows kept as they were put, by their first unit, instead of in the arrays.
+        self._runs: dict[int, FloatArray] = {}
         # Chunk details are written when rows are reserved, so they are sized by the rows
         # reserved (32 bytes a row): slot = unit % meta size.
         self._meta_size = self._size
@@ -91,7 +97,7 @@ class ReorderBuffer:
         size = self._larger(self._size, span)
         units = np.arange(self.emitted, min(self.created, self.emitted + self._size))
         old, new = units % self._size, units % size
-        rows = np.full((size, self.dims), np.nan, dtype=np.float32)
+        rows = np.empty((size, self.dims), dtype=np.float32)
         rows[new] = self._rows[old]
         done = np.zeros(size, dtype=bool)
         done[new] = self._done[old]
@@ -123,10 +129,28 @@ class ReorderBuffer:
             self._meta[units % self._meta_size] = meta
 
     def put(self, chunks: Sequence[Chunk], rows: FloatArray) -> None:
-        """Place the vectors of one answered request."""
-        units = np.fromiter(map(_UNIT, chunks), dtype=np.int64, count=len(chunks))
-        if not units.size:
+        """Place the vectors of one answered request. ``rows`` is handed over: the ring may
+        keep the array itself and release it as it is, so the caller must not change it."""
+        count = len(chunks)
+        if not count:
             return
+        first = chunks[0].unit
+        # The usual answer: units in a run from the oldest unfinished one on, nothing pending
+        # or failed. The array is kept whole, not copied in (and out again at ``take``).
+        if (
+            not self._pending
+            and not self._failed
+            and first >= self.emitted
+            and rows.shape == (count, self.dims)
+            and rows.dtype == np.float32
+            and list(map(_UNIT, chunks)) == list(range(first, first + count))
+        ):
+            if first + count - self.emitted > self._size:
+                self._grow(first + count - self.emitted)
+            self._runs[first] = rows
+            self._done[self._slots(first, first + count, self._size)] = True
+            return
+        units = np.fromiter(map(_UNIT, chunks), dtype=np.int64, count=count)
         # A late part of a unit that failed and left already must not land in its old slot,
         # which a later unit takes over: such parts go the slow way, which drops them.
         if self._pending or self._failed or units.min() < self.emitted:
@@ -198,9 +222,20 @@ class ReorderBuffer:
         """Unit ``unit`` is done: its row is ``row``, or NaN (failed)."""
         if unit - self.emitted >= self._size:
             self._grow(unit + 1 - self.emitted)
+        if self._runs:
+            self._unkeep(unit)
         slot = unit % self._size
         self._rows[slot] = np.nan if row is None else row
         self._done[slot] = True
+
+    def _unkeep(self, unit: int) -> None:
+        """Move the run kept whole that holds ``unit``, if any, into the arrays, where its row
+        can be settled again (as a later settling of a row always overwrote it)."""
+        for first, run in self._runs.items():
+            if first <= unit < first + len(run):
+                del self._runs[first]
+                self._rows[self._slots(first, first + len(run), self._size)] = run
+                return
 
     def _contiguous_end(self) -> int:
         # Only the window of the arrays can be done: a unit beyond it has no row yet.
@@ -212,12 +247,35 @@ class ReorderBuffer:
         return end if done[first] else self.emitted + first
 
     def _batch(self, units: IntArray, slots: slice | IntArray) -> EmbeddedBatch:
-        # One copy of the rows (a slice is a view; the ring's slots are written again).
-        rows = self._rows[slots].copy() if isinstance(slots, slice) else self._rows[slots]
+        rows = self._taken(int(units[0]), int(units[-1]) + 1, slots)
         if self._meta is None:
             return EmbeddedBatch(units, rows)
         meta = self._meta[self._slots(int(units[0]), int(units[-1]) + 1, self._meta_size)]
         return EmbeddedBatch(meta[:, 0].copy(), rows, meta[:, 1].copy(), meta[:, 2:].copy())
+
+    def _taken(self, start: int, end: int, slots: slice | IntArray) -> FloatArray:
+        """The rows of units ``start`` to ``end``, all done: one copy of them at most (a slice
+        is a view, and the ring's slots are written again), none for a single run kept whole."""
+        if not self._runs:
+            return self._rows[slots].copy() if isinstance(slots, slice) else self._rows[slots]
+        parts: list[FloatArray] = []
+        kept = 0  # parts that are runs kept whole
+        at = start
+        # A run lies wholly before ``end`` or after it: its rows were all done at once.
+        for first in sorted(self._runs):
+            if first >= end:
+                break
+            if first > at:
+                parts.append(self._rows[self._slots(at, first, self._size)])
+            run = self._runs.pop(first)
+            parts.append(run)
+            kept += 1
+            at = first + len(run)
+        if at < end:
+            parts.append(self._rows[self._slots(at, end, self._size)])
+        if kept == len(parts) == 1:
+            return parts[0]
+        return np.concatenate(parts)
 
     def _failures(self, start: int, end: int, batch: EmbeddedBatch) -> list[Failure]:
         found = [unit for unit in self._failed if start <= unit < end]

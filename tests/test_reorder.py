@@ -210,3 +210,34 @@ async def test_a_unit_failed_far_ahead_of_the_window_keeps_its_place() -> None:
     assert batch.embeddings[:900, 0].tolist() == list(range(900))
     assert batch.embeddings[901:, 0].tolist() == list(range(901, 1000))
     assert [failure.position for failure in failures] == [900]
+
+
+async def test_a_run_of_units_leaves_as_the_array_put_or_joined_by_one_copy() -> None:
+    ring = ReorderBuffer(dims=3, capacity=16)
+    await ring.reserve(10)
+    whole = _rows([0, 1, 2])
+    ring.put(_chunks([0, 1, 2]), whole)
+    batch, _ = ring.take()
+    assert batch is not None
+    assert batch.embeddings is whole  # kept as put: not copied in and out again
+    ring.put(_chunks([5, 6]), _rows([5, 6]))  # a run ahead of the oldest unfinished unit
+    ring.put(_chunks([4, 3]), _rows([4, 3]))  # out of order: placed in the ring's arrays
+    ring.put(_chunks([7, 8, 9]), _rows([7, 8, 9]))
+    batch, _ = ring.take()
+    assert batch is not None
+    assert batch.positions.tolist() == list(range(3, 10))
+    assert batch.embeddings[:, 0].tolist() == list(range(3, 10))
+
+
+async def test_a_unit_of_a_run_kept_whole_settled_again_takes_the_later_row() -> None:
+    ring = ReorderBuffer(dims=3, capacity=8)
+    await ring.reserve(4)
+    ring.put(_chunks([1, 2]), _rows([1, 2]))
+    ring.fail(Chunk(2, 2, 0, "x", 1), "refused")  # as any row settled twice: the later wins
+    ring.put(_chunks([0]), _rows([0]))
+    ring.put(_chunks([3]), _rows([3]))
+    batch, failures = ring.take()
+    assert batch is not None
+    assert batch.embeddings[[0, 1, 3], 0].tolist() == [0, 1, 3]
+    assert np.isnan(batch.embeddings[2]).all()
+    assert [failure.position for failure in failures] == [2]
