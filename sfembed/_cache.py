@@ -152,10 +152,16 @@ class EmbeddingCache:
 
     def keys(self, texts: Sequence[str]) -> list[bytes]:
         """The key of each of ``texts``, in order. Raises TypeError for an item not a string."""
+        return self._keys_normalised(normalise_all(texts))
+
+    @staticmethod
+    def _keys_normalised(texts: Sequence[str]) -> list[bytes]:
+        """:meth:`keys` of texts already normalised (the engine's intake normalises each block
+        once, for the request and the key alike), without doing it again."""
         blake2b = hashlib.blake2b
         return [
             blake2b(text.encode("utf-8", "surrogatepass"), digest_size=KEY_BYTES).digest()
-            for text in normalise_all(texts)
+            for text in texts
         ]
 
     async def lookup(self, model: str, dims: int, keys: Sequence[bytes]) -> dict[bytes, FloatArray]:
@@ -360,6 +366,8 @@ def _check_target(model: str, dims: int) -> None:
 
 def _check_keys(keys: Sequence[bytes]) -> None:
     # A text passed by mistake would otherwise be stored as a key: refuse it, and never echo it.
+    if set(map(type, keys)) <= {bytes} and set(map(len, keys)) <= {KEY_BYTES}:
+        return  # all good, found without a Python step per key
     for key in keys:
         if type(key) is not bytes or len(key) != KEY_BYTES:
             given = f"{len(key)} bytes" if type(key) is bytes else f"a {type(key).__name__}"

@@ -65,7 +65,7 @@ class Dedup:
         may cut is not cached)."""
         if self.cache is None or self.truncating:
             return None
-        return self.cache.keys(texts)
+        return self.cache._keys_normalised(texts)
 
     async def admit(self, chunks: list[Chunk], rows: RowSink) -> list[Chunk]:
         """The chunks still to send. Those the cache holds are put in ``rows`` at once, and a
