@@ -250,6 +250,20 @@ async def test_entries_survive_a_reopen(tmp_path: Path) -> None:
     assert all(np.array_equal(found[key], row) for key, row in zip(keys, rows, strict=True))
 
 
+async def test_the_index_holds_each_key_as_a_blob_of_its_16_bytes(tmp_path: Path) -> None:
+    """As every version of the index wrote them (the keys are bound as bytearrays, not bytes),
+    so that a file written by one version is read by another."""
+    path = tmp_path / "cache.sqlite"
+    keys = [*_keys(300), bytes(16), b"\xff" * 15 + b"\x00", b"\x00" * 15 + b"\x01"]
+    async with EmbeddingCache(path) as cache:
+        await cache.store(MODEL, DIMS, keys, _rows(len(keys)))
+    with sqlite3.connect(path) as other:
+        stored = other.execute("SELECT key, typeof(key), length(key) FROM entries").fetchall()
+    other.close()
+    assert sorted(key for key, _, _ in stored) == sorted(keys)
+    assert {(kind, size) for _, kind, size in stored} == {("blob", 16)}
+
+
 async def test_the_file_is_wal_with_a_schema_version(cache: EmbeddingCache) -> None:
     with sqlite3.connect(cache.path) as other:
         assert other.execute("PRAGMA journal_mode").fetchone() == ("wal",)
