@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import itertools
 import logging
 import time
@@ -29,6 +30,7 @@ import numpy as np
 
 from ._cache import EmbeddingCache
 from ._config import Settings, model_spec
+from ._diskthread import DiskThread
 from ._engine import job_stream
 from ._errorlog import ErrorLog
 from ._exceptions import ConfigError
@@ -88,6 +90,10 @@ class _Reporting:
 
     def write(self, job: _FileJob, status: str, error: str | None) -> None:
         """Rewrite the report of ``job`` (see ``_report``); ``error`` says why it failed."""
+        write_report(self.path, self.made(job, status, error))
+
+    def made(self, job: _FileJob, status: str, error: str | None) -> dict[str, Any]:
+        """The report of ``job`` as it stands (see :meth:`write`)."""
         summary = job.summary
         counts = {
             "records": summary.records,
@@ -114,7 +120,7 @@ class _Reporting:
         )
         if error is not None:
             report["error"] = error
-        write_report(self.path, report)
+        return report
 
 
 @dataclass(frozen=True, slots=True)
@@ -437,12 +443,17 @@ class _FileJob:
             cache = None
             if self.files.cache is not None:
                 cache = await files.enter_async_context(EmbeddingCache(self.files.cache))
-            feed = _Feed(self, writer, errors, skip=done.records)
+            # The output's writes and syncs, off the event loop (joined again on leaving).
+            disk = files.enter_context(DiskThread())
+            feed = _Feed(self, writer, errors, disk, skip=done.records)
             checkpoints = _Checkpoints(self, manifest, feed, swapped=resumed)
             try:
                 await feed.run(checkpoints, cache, stop, on_batch)
+                await disk.drained()  # a failure of the last writes is the job's
                 complete = not summary.stopped
             finally:
+                disk.close()  # every write handed over done, or skipped after one failed
+                feed.settle()
                 if self.resumable:
                     checkpoints.save(complete=complete)
         if not self.resumable and (complete or summary.stopped):
@@ -469,14 +480,23 @@ class _FileJob:
 
 class _Feed:
     """One pass of a job over its records after the first ``skip``: through the engine into the
-    output and the errors file, record by whole record, the summary's counts kept with them."""
+    output and the errors file, record by whole record, the summary's counts kept with them.
 
-    def __init__(self, job: _FileJob, writer: Writer, errors: ErrorLog, *, skip: int) -> None:
+    The rows are written by ``disk``'s thread (the errors file, rarely written, here): the
+    counts are those of the rows handed over, and ``settle`` takes them back to the rows
+    written when a write failed."""
+
+    def __init__(
+        self, job: _FileJob, writer: Writer, errors: ErrorLog, disk: DiskThread, *, skip: int
+    ) -> None:
         self.job = job
         self.writer = writer
         self.errors = errors
+        self.disk = disk
         self.skip = skip
         self.writing = False  # a batch is half written: the files and the counts disagree
+        summary = job.summary
+        self.written = (summary.rows, summary.records)  # set by the disk thread
 
     async def run(
         self,
@@ -505,7 +525,8 @@ class _Feed:
                 whole = carry.whole(batch)
                 if whole is not None:
                     self._write(whole, ids)
-                    checkpoints.maybe_save()
+                    await checkpoints.maybe_save()
+                    await self.disk.room()  # the job waits while the disk is behind
                 if on_batch is not None:
                     on_batch(summary.stats)
         summary.stopped = stop is not None and stop.is_set()
@@ -526,15 +547,37 @@ class _Feed:
         kept = None
         if self.job.format == "lance":
             kept = [k or () for k in where.kept] if where.kept is not None else [()] * len(batch)
-        self.writer.write(where.ids, placed, places=places, kept=kept)
-        summary.rows += len(batch)
-        summary.records = offset + int(batch.positions[-1]) + 1
+        counts = (summary.rows + len(batch), offset + int(batch.positions[-1]) + 1)
+        # Nothing here uses the batch's arrays or lists again: the disk thread reads them alone.
+        self.disk.put(functools.partial(self._append, where.ids, placed, places, kept, counts))
+        summary.rows, summary.records = counts
         self.writing = False
+
+    def _append(
+        self,
+        ids: list[str | None],
+        batch: EmbeddedBatch,
+        places: Sequence[tuple[str, int]] | None,
+        kept: Sequence[tuple[object, ...]] | None,
+        counts: tuple[int, int],
+    ) -> None:
+        """On the disk thread: ``batch`` into the output; ``counts`` (rows, records) are then
+        written."""
+        self.writer.write(ids, batch, places=places, kept=kept)
+        self.written = counts
+
+    def settle(self) -> None:
+        """Once the disk thread is joined: the counts of the rows written, if a write failed
+        (the rows handed over after it were not written)."""
+        if self.disk.failed:
+            self.job.summary.rows, self.job.summary.records = self.written
 
 
 class _Checkpoints:
     """Saves the manifest after the files it describes are durable, every ``checkpoint_rows``.
 
+    During the job a checkpoint is made durable by the disk thread, after the rows handed over
+    before it and before those after it; at the job's end (the thread joined) on the caller's.
     A fresh run's first save after an answered request and an embedded row (or at the job's
     end) first moves its files over the earlier run's (``swapped``); until then the earlier
     run's files stand untouched."""
@@ -554,41 +597,64 @@ class _Checkpoints:
         self.errors = feed.errors
         self.every = job.settings.io.checkpoint_rows
         self.saved_rows = job.summary.rows
-        self.swapped = swapped
+        self.swapped = swapped  # set by the disk thread, read once it has moved the files
 
-    def maybe_save(self) -> None:
-        """Save if ``checkpoint_rows`` rows were written since the last save and the inputs'
-        identity is known (else at a later batch)."""
+    async def maybe_save(self) -> None:
+        """Hand a save to the disk thread if ``checkpoint_rows`` rows were written since the
+        last one and the inputs' identity is known (else at a later batch). The move into place
+        is waited for: a first failure after it opens the errors file in place."""
         due = self.job.summary.rows - self.saved_rows >= self.every
-        if self.job.resumable and due and self.job.identity.done():
-            self.save(complete=False)
+        if not (self.job.resumable and due and self.job.identity.done()):
+            return
+        durable = self._durable(complete=False)
+        if durable is not None:
+            self.feed.disk.put(durable)
+            if not self.swapped:
+                await self.feed.disk.drained()
 
     def save(self, *, complete: bool) -> None:
-        """Errors file, then output, then the manifest that points into both."""
+        """Save now, on this thread (the disk thread is joined or not used)."""
+        durable = self._durable(complete=complete)
+        if durable is not None:
+            durable()
+
+    def _durable(self, *, complete: bool) -> Callable[[], None] | None:
+        """The save of the files as the counts stand, or None when there is none to make. The
+        errors file is synced here, the rest by the returned call."""
         job, summary = self.job, self.job.summary
-        if self.feed.writing:
+        if self.feed.writing or self.feed.disk.failed:
             log.warning("a batch was left half written: the last checkpoint stands")
-            return
+            return None
         if not self.swapped and not complete and not self._proven():
-            return  # nothing embedded yet: the earlier run's files stay as they were
+            return None  # nothing embedded yet: the earlier run's files stay as they were
         # At the job's end it may still be hashing a large input: waited for, and its error
         # (an input that can no longer be read) raised, before any file is touched.
         identity = job.identity.result()
-        errors_length = self.errors.commit()
-        committed = self.writer.commit() if job.resumable else Committed(summary.rows, {})
-        lengths = {**committed.lengths, "errors": errors_length}
-        checkpoint = Checkpoint(summary.records, committed.rows, summary.failed, lengths)
+        lengths = {"errors": self.errors.commit()}
+        checkpoint = Checkpoint(summary.records, summary.rows, summary.failed, lengths)
         manifest = dataclasses.replace(
             self.manifest, input=identity, checkpoint=checkpoint, complete=complete
         )
+        report = job.report.made(job, "running", None) if job.report is not None else None
+        self.saved_rows = summary.rows
+        return functools.partial(self._save, manifest, report)
+
+    def _save(self, manifest: Manifest, report: dict[str, Any] | None) -> None:
+        """Output, then the manifest that points into it and the errors file (synced)."""
+        job, checkpoint = self.job, manifest.checkpoint
+        if job.resumable:
+            committed = self.writer.commit()
+            lengths = {**committed.lengths, **checkpoint.lengths}
+            checkpoint = dataclasses.replace(checkpoint, rows=committed.rows, lengths=lengths)
+            manifest = dataclasses.replace(manifest, checkpoint=checkpoint)
         if self.swapped:
             save_manifest(job.manifest_path, manifest)
         else:  # the files move into place with the manifest that describes them
             job.files.swap_in(manifest)
             self.errors.path = job.errors  # a first failure from now on opens it in place
             self.swapped = True
-        self.saved_rows = committed.rows
-        job._report("running")
+        if job.report is not None and report is not None:
+            write_report(job.report.path, report)
 
     def _proven(self) -> bool:
         """True once the server has answered a request and a row was embedded: a wrong key, a

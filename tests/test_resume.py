@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import pickle
 import signal
 import sys
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +41,7 @@ from sfembed import (
 from sfembed import _job as job_module
 from sfembed._job import JobSummary, run_job
 from sfembed._manifest import Manifest, load_manifest, manifest_path_for
-from sfembed._writers import ids_path_for, open_writer
+from sfembed._writers import Committed, NpyWriter, ids_path_for, open_writer
 from sfembed.testing import Faults, LocalServer, count_tokens, synthetic_corpus
 
 #: The ``make_server`` fixture of conftest: ``await make_server(**ServerConfig fields)``.
@@ -863,6 +865,69 @@ async def test_a_job_that_fails_while_writing_leaves_a_checkpoint_a_resume_can_t
     if manifest is not None:
         checkpoint = manifest.checkpoint
         assert checkpoint.rows == checkpoint.records < len(lines)
+    await job(server, source, out, settings, resume=True)
+    assert outputs(out) == expected
+
+
+async def test_the_output_is_written_and_synced_off_the_event_loop(
+    server: LocalServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every batch and every checkpoint before the last reach the disk on the disk thread: the
+    event loop goes on sending and reading meanwhile. The last, as the job ends, on the loop."""
+    source = write_lines(tmp_path / "in.jsonl", corpus(300, seed=32))
+    writes: list[str] = []
+    commits: list[str] = []
+    real_write, real_commit = NpyWriter.write, NpyWriter.commit
+
+    def write(self: NpyWriter, *args: Any, **kwargs: Any) -> None:
+        writes.append(threading.current_thread().name)
+        real_write(self, *args, **kwargs)
+
+    def commit(self: NpyWriter) -> Committed:
+        commits.append(threading.current_thread().name)
+        return real_commit(self)
+
+    monkeypatch.setattr(NpyWriter, "write", write)
+    monkeypatch.setattr(NpyWriter, "commit", commit)
+    await job(server, source, tmp_path / "out.npy", settings_for(server, model=M3))
+    here = threading.current_thread().name
+    assert len(writes) > 1  # batches of several requests, as they come in order
+    assert all(name.startswith("sfembed-disk") for name in writes), set(writes)
+    assert len(commits) >= 3  # a checkpoint every 50 rows or so, and the last
+    assert all(name.startswith("sfembed-disk") for name in commits[:-1]), commits
+    assert commits[-1] == here
+    assert not [t for t in threading.enumerate() if t.name.startswith("sfembed-disk")]
+
+
+async def test_a_disk_error_on_the_disk_thread_fails_the_job_naming_the_file(
+    server: LocalServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The output's disk fills up midway (direct writes of the rows refused): the job fails with
+    the disk's error naming the output, no checkpoint vouches for a row not written, and a
+    resume ends as an uninterrupted run."""
+    lines = corpus(300, seed=33)
+    source = write_lines(tmp_path / "in.jsonl", lines)
+    settings = settings_for(server, model=M3)
+    expected = await reference(server, source, tmp_path / "ref" / "out.npy", settings)
+    out = tmp_path / "job" / "out.npy"
+    real_pwrite, calls = os.pwrite, [0]
+
+    def fills_up(fd: int, data: Any, offset: int) -> int:
+        calls[0] += 1
+        if calls[0] > 12:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "pwrite", fills_up)
+        with pytest.raises(OSError, match="No space") as raised:
+            await job(server, source, out, settings)
+    assert Path(raised.value.filename).name.startswith((".out.npy", "out.npy"))
+    manifest = load_manifest(manifest_path_for(out))
+    if manifest is not None:
+        checkpoint = manifest.checkpoint
+        assert checkpoint.rows == checkpoint.records < len(lines)
+        assert out.stat().st_size >= checkpoint.lengths["output"]
     await job(server, source, out, settings, resume=True)
     assert outputs(out) == expected
 
