@@ -39,6 +39,7 @@ from sfembed import (
     load_settings,
 )
 from sfembed import _job as job_module
+from sfembed._diskthread import DiskThread
 from sfembed._job import JobSummary, run_job
 from sfembed._manifest import Manifest, load_manifest, manifest_path_for
 from sfembed._writers import Committed, NpyWriter, ids_path_for, open_writer
@@ -928,6 +929,66 @@ async def test_a_disk_error_on_the_disk_thread_fails_the_job_naming_the_file(
         checkpoint = manifest.checkpoint
         assert checkpoint.rows == checkpoint.records < len(lines)
         assert out.stat().st_size >= checkpoint.lengths["output"]
+    await job(server, source, out, settings, resume=True)
+    assert outputs(out) == expected
+
+
+async def test_a_job_cancelled_while_its_disk_thread_writes_resumes_byte_identical(
+    server: LocalServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cancel comes while the disk thread is in the middle of a batch: the job waits for
+    what it handed over, saves a checkpoint of it, joins the thread, and a resume ends as an
+    uninterrupted run."""
+    lines = corpus(300, seed=34)
+    source = write_lines(tmp_path / "in.jsonl", lines)
+    settings = settings_for(server, model=M3)
+    expected = await reference(server, source, tmp_path / "ref" / "out.npy", settings)
+    out = tmp_path / "job" / "out.npy"
+    out.parent.mkdir()
+    inside, gate = threading.Event(), threading.Event()
+    real_write = NpyWriter.write
+
+    def held(self: NpyWriter, *args: Any, **kwargs: Any) -> None:
+        # Held once the files are in place: later checkpoints then wait for nothing.
+        if not inside.is_set() and manifest_path_for(out).exists():
+            inside.set()
+            assert gate.wait(WAIT_S)
+        real_write(self, *args, **kwargs)
+
+    real_put, handed, started = DiskThread.put, [0], [0]
+
+    def put(self: DiskThread, work: Callable[[], None]) -> None:
+        def counted() -> None:
+            started[0] += 1
+            work()
+
+        real_put(self, counted)
+        handed[0] += 1
+
+    monkeypatch.setattr(NpyWriter, "write", held)
+    monkeypatch.setattr(DiskThread, "put", put)
+    server.set_faults(SLOW)
+    try:
+        async with EmbeddingClient(api_key=KEY, base_url=server.url) as client:
+            task = asyncio.create_task(run_job(source, out, settings, client=client))
+            # Until the held batch has others waiting behind it.
+            for _ in range(int(WAIT_S / POLL_S)):
+                if inside.is_set() and handed[0] >= started[0] + 2:
+                    break
+                await asyncio.sleep(POLL_S)
+            assert not task.done()
+            task.cancel()
+            gate.set()  # before the cancel reaches the job, whose cleanup waits for the thread
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert job_tasks() == []
+    finally:
+        gate.set()
+        server.set_faults(FAST)
+    assert not [t for t in threading.enumerate() if t.name.startswith("sfembed-disk")]
+    checkpoint = manifest_of(out).checkpoint
+    assert not manifest_of(out).complete
+    assert checkpoint.rows == checkpoint.records < len(lines)
     await job(server, source, out, settings, resume=True)
     assert outputs(out) == expected
 
