@@ -29,7 +29,7 @@ class DiskThread:
     does not raise their error: :meth:`check` does).
     """
 
-    def __init__(self, *, depth: int = 4) -> None:
+    def __init__(self, *, depth: int = 2) -> None:
         if depth < 1:
             raise ValueError(f"depth must be at least 1, not {depth}")
         self.depth = depth

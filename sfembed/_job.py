@@ -62,6 +62,19 @@ CACHE_NAME = "sfembed-cache.sqlite"
 
 __all__ = ["CACHE_NAME", "JobSummary", "run_job"]
 
+#: Rows handed to the disk thread at once (1 MiB of float32 rows at 1,024 dims): each hand-over
+#: wakes the thread and passes the interpreter's lock between threads, so not one per batch.
+GROUP_ROWS = 256
+
+#: A batch to write: ids, rows, places, kept fields, and the counts (rows, records) after it.
+_Pending = tuple[
+    list[str | None],
+    EmbeddedBatch,
+    list[tuple[str, int]] | None,
+    list[tuple[object, ...]] | None,
+    tuple[int, int],
+]
+
 
 @dataclass(slots=True)
 class JobSummary:
@@ -482,9 +495,9 @@ class _Feed:
     """One pass of a job over its records after the first ``skip``: through the engine into the
     output and the errors file, record by whole record, the summary's counts kept with them.
 
-    The rows are written by ``disk``'s thread (the errors file, rarely written, here): the
-    counts are those of the rows handed over, and ``settle`` takes them back to the rows
-    written when a write failed."""
+    The rows are written by ``disk``'s thread (the errors file, rarely written, here), about
+    ``GROUP_ROWS`` at a time: the counts are those of the rows taken, and ``settle`` takes them
+    back to the rows written when a write failed."""
 
     def __init__(
         self, job: _FileJob, writer: Writer, errors: ErrorLog, disk: DiskThread, *, skip: int
@@ -497,6 +510,8 @@ class _Feed:
         self.writing = False  # a batch is half written: the files and the counts disagree
         summary = job.summary
         self.written = (summary.rows, summary.records)  # set by the disk thread
+        self.held: list[_Pending] = []  # batches counted, not yet handed over
+        self.held_rows = 0
 
     async def run(
         self,
@@ -525,6 +540,8 @@ class _Feed:
                 whole = carry.whole(batch)
                 if whole is not None:
                     self._write(whole, ids)
+                    if self.held_rows >= GROUP_ROWS:
+                        self.hand_over()
                     await checkpoints.maybe_save()
                     await self.disk.room()  # the job waits while the disk is behind
                 if on_batch is not None:
@@ -533,10 +550,11 @@ class _Feed:
         rest = None if summary.stopped else carry.rest()  # a stop may cut a record short
         if rest is not None:
             self._write(rest, ids)
+        self.hand_over()
 
     def _write(self, batch: EmbeddedBatch, ids: _Ids) -> None:
-        # Until the counts below are updated, the files hold more than they say: a checkpoint
-        # taken now (by an error's cleanup) would make a resume write these rows twice.
+        # Until the counts below are updated, the errors file holds more than they say: a
+        # checkpoint taken now (by an error's cleanup) would make a resume write these twice.
         self.writing = True
         summary, several, offset = self.job.summary, self.job.several, self.skip
         where = ids.take(batch)
@@ -544,33 +562,44 @@ class _Feed:
             summary.failed += self.errors.write(batch, where.places(), with_source=several)
         placed = dataclasses.replace(batch, positions=batch.positions + offset)
         places = list(zip(where.sources, where.lines, strict=True)) if several else None
-        kept = None
+        kept: list[tuple[object, ...]] | None = None
         if self.job.format == "lance":
             kept = [k or () for k in where.kept] if where.kept is not None else [()] * len(batch)
         counts = (summary.rows + len(batch), offset + int(batch.positions[-1]) + 1)
         # Nothing here uses the batch's arrays or lists again: the disk thread reads them alone.
-        self.disk.put(functools.partial(self._append, where.ids, placed, places, kept, counts))
+        self.held.append((where.ids, placed, places, kept, counts))
+        self.held_rows += len(batch)
         summary.rows, summary.records = counts
         self.writing = False
 
-    def _append(
-        self,
-        ids: list[str | None],
-        batch: EmbeddedBatch,
-        places: Sequence[tuple[str, int]] | None,
-        kept: Sequence[tuple[object, ...]] | None,
-        counts: tuple[int, int],
-    ) -> None:
-        """On the disk thread: ``batch`` into the output; ``counts`` (rows, records) are then
-        written."""
-        self.writer.write(ids, batch, places=places, kept=kept)
-        self.written = counts
+    def hand_over(self) -> None:
+        """Hand the batches held to the disk thread. Raises the error of an earlier write."""
+        if self.held:
+            self.disk.put(functools.partial(self._append, self.held))
+            self.held, self.held_rows = [], 0
+
+    def _append(self, batches: list[_Pending]) -> None:
+        """On the disk thread: ``batches`` into the output, in order, and their counts
+        (rows, records) as written."""
+        for ids, batch, places, kept, counts in batches:
+            self.writer.write(ids, batch, places=places, kept=kept)
+            self.written = counts
 
     def settle(self) -> None:
-        """Once the disk thread is joined: the counts of the rows written, if a write failed
-        (the rows handed over after it were not written)."""
+        """Once the disk thread is joined: the batches still held (a cancel came first) are
+        written here; after a failed write, the counts go back to the rows written."""
+        summary = self.job.summary
+        if self.held and not self.disk.failed:
+            held, self.held, self.held_rows = self.held, [], 0
+            self.writing = True
+            try:
+                self._append(held)
+            except BaseException:
+                summary.rows, summary.records = self.written
+                raise
+            self.writing = False
         if self.disk.failed:
-            self.job.summary.rows, self.job.summary.records = self.written
+            summary.rows, summary.records = self.written
 
 
 class _Checkpoints:
@@ -608,6 +637,7 @@ class _Checkpoints:
             return
         durable = self._durable(complete=False)
         if durable is not None:
+            self.feed.hand_over()  # the rows it counts first
             self.feed.disk.put(durable)
             if not self.swapped:
                 await self.feed.disk.drained()
