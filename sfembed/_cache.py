@@ -182,7 +182,7 @@ class EmbeddingCache:
             unfound = set(keys).difference(found)
             gathered = False
             for block in blocks:  # the latest first: a key's latest row
-                held = unfound.intersection(block.where)  # in C, over the smaller side
+                held = block.held(unfound)
                 if held:
                     found.update((key, block.row(key)) for key in held)
                     unfound -= held

@@ -83,10 +83,10 @@ SCHEMA_VERSION = 2
 class Block:
     """Rows waiting to be written for one (model, dims), copied into one buffer of ``capacity``
     rows that starts on a 4 KiB boundary (so that it can be written directly, see
-    :class:`VectorsFile`), and where each key's last row is (a key stored twice is written
-    twice; the later row is indexed)."""
+    :class:`VectorsFile`), under their keys (a key stored twice is written twice; the later
+    row is indexed)."""
 
-    __slots__ = ("buffer", "count", "dims", "keys", "model", "rows", "where")
+    __slots__ = ("_where", "buffer", "count", "dims", "keys", "model", "rows")
 
     def __init__(
         self, model: str, dims: int, capacity: int, spare: RawBuffer | None = None
@@ -99,7 +99,9 @@ class Block:
         self.rows: FloatArray = buffer[:size].view(_VECTOR).reshape(capacity, dims)
         self.count = 0
         self.keys: list[bytes] = []
-        self.where: dict[bytes, int] = {}  # key -> its last row
+        # key -> its last row, made only when a row is asked for (a repeat found here, rare):
+        # a dict entry per row stored cost more than the lookups' searches of ``keys``.
+        self._where: dict[bytes, int] | None = None
 
     def room(self) -> int:
         """Rows that still fit."""
@@ -110,13 +112,20 @@ class Block:
         first, end = self.count, self.count + len(keys)
         self.rows[first:end] = rows  # converted to little-endian float32 on the way
         self.keys.extend(keys)
-        self.where.update(zip(keys, range(first, end), strict=True))
+        self._where = None
         self.count = end
+
+    def held(self, keys: set[bytes]) -> set[bytes]:
+        """Those of ``keys`` that have a row here (in C, a hash probe per row gathered)."""
+        return keys.intersection(self.keys)
 
     def row(self, key: bytes) -> FloatArray:
         """A copy of the last row gathered under ``key`` (the buffer is used again once
         written). Raises KeyError when there is none."""
-        found: FloatArray = self.rows[self.where[key]].astype(np.float32)
+        if self._where is None:
+            # The last row of a key wins.
+            self._where = dict(zip(self.keys, range(self.count), strict=True))
+        found: FloatArray = self.rows[self._where[key]].astype(np.float32)
         return found
 
     def filled(self) -> FloatArray:
@@ -329,7 +338,9 @@ class Written:
 
     def add(self, keys: list[bytes]) -> None:
         slots = _slots(keys)
-        np.bitwise_or.at(self.bits, slots >> 3, np.left_shift(1, slots & 7).astype(np.uint8))
+        # Indices as intp and bits as uint8, the array's own type: no conversion per slot.
+        where = (slots >> 3).astype(np.intp)
+        np.bitwise_or.at(self.bits, where, np.left_shift(np.uint8(1), (slots & 7).astype(np.uint8)))
 
     def possible(self, keys: list[bytes]) -> list[bytes]:
         """Those of ``keys`` that may have been added (every one that was)."""
