@@ -230,29 +230,42 @@ class VectorsFile:
 
 
 class Pending:
-    """Rows written but not yet indexed, for one (model, dims): each key's latest row's offset
-    and checksum, in two integer arrays rather than an object per row."""
+    """Rows written but not yet indexed, for one (model, dims): their keys in the order written,
+    and each one's offset and checksum in two integer arrays rather than an object per row.
+    Which row is a key's latest is worked out only when asked: by a lookup that may find the
+    key here (a dict of the keys added since the last such lookup), and by one stable sort
+    when the entries are sealed."""
 
-    __slots__ = ("checksums", "offsets", "where")
+    __slots__ = ("_seen", "checksums", "keys", "offsets", "where")
 
     def __init__(self) -> None:
-        self.where: dict[bytes, int] = {}  # key -> its latest entry in the arrays
+        self.keys: list[bytes] = []
         self.offsets = array("q")
         self.checksums = array("q")
+        self.where: dict[bytes, int] = {}  # key -> its latest entry, of the first _seen keys
+        self._seen = 0
 
     def __len__(self) -> int:
-        return len(self.where)
+        """The keys here, each counted once (a sort of them all: not for the hot path)."""
+        return len(self._latest(b"".join(self.keys)))
 
     def add(self, keys: list[bytes], start: int, size: int, sums: npt.NDArray[np.int64]) -> None:
         """Rows of ``keys``, ``size`` bytes each, written from ``start`` on."""
-        first = len(self.offsets)
-        self.offsets.extend(range(start, start + size * len(keys), size))
+        offsets = np.arange(start, start + size * len(keys), size, dtype=np.int64)
+        self.offsets.frombytes(offsets.tobytes())
         self.checksums.frombytes(sums.astype(np.int64, copy=False).tobytes())
-        self.where.update(zip(keys, range(first, first + len(keys)), strict=True))
+        self.keys.extend(keys)
 
     def places(self, keys: list[bytes]) -> dict[bytes, tuple[int, int]]:
-        """(offset, checksum) of each of ``keys`` that is here, by key: the keys are looked up
-        in C, and only those found make Python objects (a new job's keys are not here)."""
+        """(offset, checksum) of each of ``keys`` that is here, by key. Give it only the keys
+        that may be here (:meth:`Written.possible`): the dict it searches is brought up to date
+        first, a cost a new job's lookups, whose keys are not here, never pay."""
+        if not keys:
+            return {}
+        if self._seen < len(self.keys):
+            added = range(self._seen, len(self.keys))
+            self.where.update(zip(self.keys[self._seen :], added, strict=True))
+            self._seen = len(self.keys)
         entries = list(map(self.where.get, keys))
         if entries.count(None) == len(entries):
             return {}
@@ -266,17 +279,24 @@ class Pending:
     def sealed(self) -> Entries:
         """The entries, sorted by key (SQLite's order, bytewise), each key once with its
         latest row."""
-        keys = list(self.where)
-        latest = np.fromiter(self.where.values(), np.int64, len(keys))
-        joined = b"".join(keys)
-        words = np.frombuffer(joined, ">u8").reshape(len(keys), 2)
-        order = np.lexsort((words[:, 1], words[:, 0]))
-        rows = latest[order]
+        joined = b"".join(self.keys)
+        rows = self._latest(joined)
         return Entries(
-            np.frombuffer(joined, _KEY)[order],
+            np.frombuffer(joined, _KEY)[rows],
             np.frombuffer(self.offsets, np.int64)[rows],
             np.frombuffer(self.checksums, np.int64)[rows],
         )
+
+    @staticmethod
+    def _latest(joined: bytes) -> npt.NDArray[np.intp]:
+        """The entry of each key's latest row, in key order, of the keys ``joined``."""
+        words = np.frombuffer(joined, ">u8").reshape(-1, 2)
+        order = np.lexsort((words[:, 1], words[:, 0]))  # stable: a key's rows in written order
+        ordered = words[order]
+        last = np.ones(len(order), np.bool_)  # the last of each run of one key
+        np.any(ordered[1:] != ordered[:-1], axis=1, out=last[:-1])
+        latest: npt.NDArray[np.intp] = order[last]
+        return latest
 
 
 class Entries:
@@ -499,19 +519,23 @@ class CacheFiles:
     def lookup(self, model: str, dims: int, keys: list[bytes]) -> dict[bytes, FloatArray]:
         """The whole rows of ``keys`` (unique) that the files hold, by key."""
         self.indexer.settle(wait=False)  # a batch committed is found by the SELECT below
+        # The keys this process may have written: only they may be among the rows not yet
+        # indexed, or in a transaction under way. A new job's keys are almost none of them.
+        mine = self.written.possible(keys)
         places: dict[bytes, tuple[int, int]] = {}
         unindexed = self.unindexed.get((model, dims))
-        if unindexed:
-            places.update(unindexed.places(keys))
+        if unindexed is not None:
+            places.update(unindexed.places(mine))
         for batch, _ in reversed(self.indexer.queued):  # the latest row of a key first
             entries = batch.get((model, dims))
             if entries is not None:
-                rest = [key for key in keys if key not in places] if places else keys
+                rest = [key for key in mine if key not in places] if places else mine
                 places.update(entries.places(rest))
         rest = [key for key in keys if key not in places] if places else keys
         scope = _scope(self.db, self._scopes, model, dims, create=False) if rest else None
         if scope is not None and self._fresh(model, dims):
-            rest = self.written.possible(rest)  # the index holds no other key of this target
+            # The index holds no other key of this target than those written here.
+            rest = [key for key in mine if key not in places] if places else mine
         if scope is not None:
             for start in range(0, len(rest), _IN_KEYS):
                 part = rest[start : start + _IN_KEYS]

@@ -419,12 +419,35 @@ def test_pending_entries_come_in_key_order_each_key_once_with_its_latest_row() -
     assert len(pending) == 4
     assert pending.places([bytes(16), keys[0], keys[2]]) == {keys[0]: (128, -5), keys[2]: (64, 3)}
     assert pending.places([bytes(16)]) == {}
+    # Rows added after a lookup are found by the next one, the latest of a key still first.
+    pending.add([keys[2], keys[2]], 160, 32, np.array([6, 7]))
+    assert pending.places([keys[2], keys[0]]) == {keys[2]: (192, 7), keys[0]: (128, -5)}
+    assert len(pending) == 4
     assert _entry_rows(pending.sealed()) == [
         (keys[1], 32, 2),
         (keys[3], 96, 4),
         (keys[0], 128, -5),
-        (keys[2], 64, 3),
+        (keys[2], 192, 7),
     ]
+
+
+def test_pending_entries_keep_the_latest_row_of_each_key_among_many() -> None:
+    """The sort that picks each key's latest row, against a dict that keeps the last."""
+    rng = np.random.default_rng(3)
+    keys = _keys(200)
+    pending = Pending()
+    latest: dict[bytes, tuple[int, int]] = {}
+    offset = 0
+    for _ in range(6):
+        picked = [keys[i] for i in rng.integers(0, len(keys), 300)]
+        sums = rng.integers(-(2**62), 2**62, len(picked))
+        pending.add(picked, offset, 32, sums)
+        for i, key in enumerate(picked):
+            latest[key] = (offset + 32 * i, int(sums[i]))
+        offset += 32 * len(picked)
+    assert len(pending) == len(latest)
+    assert _entry_rows(pending.sealed()) == [(key, *latest[key]) for key in sorted(latest)]
+    assert pending.places(keys) == latest
 
 
 def _entry_rows(entries: Entries) -> list[tuple[bytes | bytearray | int, ...]]:
