@@ -552,6 +552,17 @@ def test_the_filter_of_keys_written_holds_every_one_and_few_others() -> None:
     assert false < len(others) // 1000  # about 1 in 3,000 at 200,000 keys
 
 
+def test_the_filter_keeps_every_bit_of_slots_that_share_a_byte() -> None:
+    """Slots of one ``add`` in one byte of the filter (the first words of these keys differ
+    only in their three lowest bits, the others are equal): each keeps its bit."""
+    words = [np.array([bit, 99 + bit, 7, 0], "<u4").tobytes() for bit in range(8)]
+    written = Written()
+    written.add(words)
+    assert int(written.bits[0]) == 0xFF
+    assert written.possible(words) == words
+    assert written.possible([np.array([8, 99, 7, 0], "<u4").tobytes()]) == []
+
+
 async def test_a_new_job_asks_the_index_only_for_keys_it_wrote(tmp_path: Path) -> None:
     path = tmp_path / "cache.sqlite"
     keys, rows = _keys(300), _rows(300)
