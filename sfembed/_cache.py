@@ -336,7 +336,9 @@ class EmbeddingCache:
         """(vectors found by key, how many of ``keys`` were found)."""
         unique = list(dict.fromkeys(keys))
         found = self._opened().lookup(model, dims, unique)
-        hits = len(keys) if len(found) == len(unique) else sum(key in found for key in keys)
+        if not found:  # a new job's keys: none found, and no step per key to count them
+            return found, 0
+        hits = len(keys) if len(found) == len(unique) else sum(map(found.__contains__, keys))
         return found, hits
 
     def _append(self, blocks: list[Block], index: bool) -> None:
