@@ -47,7 +47,7 @@ def decode_body(
     """
     if body[:3] == b"\xef\xbb\xbf":  # a byte-order mark some gateways put before the JSON
         body = body[3:]
-    split = _split_base64(body) if encoding_format == "base64" else None
+    split = _split_base64(body, _text_width(dimensions)) if encoding_format == "base64" else None
     payload, chunks = split if split is not None else (_parse(body, trace_id), None)
     data = payload["data"]
     order = _indices(data, items, trace_id)
@@ -60,7 +60,9 @@ def decode_body(
     return rows, _usage(payload), str(payload.get("model", ""))
 
 
-def _split_base64(body: bytes) -> tuple[dict[str, Any], list[bytes]] | None:
+def _split_base64(
+    body: bytes, width: int | None = None
+) -> tuple[dict[str, Any], list[bytes]] | None:
     """(payload, each entry's vector bytes) without a Python string made of any vector's text,
     or None for a body not plainly laid out so (it is then parsed whole, as any other).
 
@@ -72,12 +74,18 @@ def _split_base64(body: bytes) -> tuple[dict[str, Any], list[bytes]] | None:
     followed by ``:``) or a value (followed by ``,``, ``}`` or ``]``: any other layout is parsed
     whole), entry i of ``data`` holds ordinal i (so each text is one entry's vector, and no key
     was met elsewhere), and each text is strict base64 (neither quote nor backslash: the first
-    quote after its start ends it)."""
+    quote after its start ends it).
+
+    ``width`` is the length of a text of the expected vector, when known: a text followed by a
+    quote at that length is not searched for its end. A quote before it would be inside the
+    text, which strict decoding then refuses, as any text holding a quote."""
     pieces: list[bytes] = []
+    append = pieces.append
     starts: list[int] = []
     ends: list[int] = []
     find = body.find
-    done = 0
+    ordinals = _ORDINALS
+    count = done = 0
     while (key := find(_EMBEDDING_KEY, done)) >= 0:
         value = key + len(_EMBEDDING_KEY)
         if body[value : value + 1] == b'"':  # as most servers write it: no space after the colon
@@ -86,20 +94,25 @@ def _split_base64(body: bytes) -> tuple[dict[str, Any], list[bytes]] | None:
             start = find(b'"', value) + 1
             if not start or body[value : start - 1].strip():
                 return None  # not a string value
-        end = find(b'"', start)
-        if end < 0:
-            return None
-        pieces += (body[done : start - 1], _ordinal(len(starts)))
+        if width is None or body[start + width : start + width + 1] != b'"':
+            end = find(b'"', start)
+            if end < 0:
+                return None
+        else:
+            end = start + width
+        append(body[done : start - 1])
+        append(ordinals[count] if count < _ORDINALS_KEPT else b"%d" % count)
         starts.append(start)
         ends.append(end)
+        count += 1
         done = end + 1
-    pieces.append(body[done:])
+    append(body[done:])
     rest = b"".join(pieces)
-    if not starts or b"\\" in rest or not _keys_found(rest, len(starts)):
+    if not starts or b"\\" in rest or not _keys_found(rest, count):
         return None
     try:
         payload = orjson.loads(rest)
-        if list(map(_get_embedding, payload["data"])) != list(range(len(starts))):
+        if list(map(_get_embedding, payload["data"])) != list(range(count)):
             return None
         texts = map(memoryview(body).__getitem__, map(slice, starts, ends))
         chunks = list(map(pybase64.b64decode, texts, repeat(None), repeat(True)))  # validate
@@ -108,15 +121,17 @@ def _split_base64(body: bytes) -> tuple[dict[str, Any], list[bytes]] | None:
     return payload, chunks
 
 
+def _text_width(dimensions: int | None) -> int | None:
+    """Characters of the base64 text of ``dimensions`` float32 values, padding included."""
+    return None if dimensions is None else 4 * -(-4 * dimensions // 3)
+
+
 #: Each vector's text is replaced by its ordinal: ``_ORDINALS[i]`` is ``b"i"``.
-_ORDINALS = [b"%d" % ordinal for ordinal in range(1024)]
+_ORDINALS_KEPT = 1024
+_ORDINALS = [b"%d" % ordinal for ordinal in range(_ORDINALS_KEPT)]
 _get_embedding = itemgetter("embedding")
 _get_index = itemgetter("index")
 _INT = frozenset({int})
-
-
-def _ordinal(ordinal: int) -> bytes:
-    return _ORDINALS[ordinal] if ordinal < len(_ORDINALS) else b"%d" % ordinal
 
 
 def _keys_found(rest: bytes, found: int) -> bool:

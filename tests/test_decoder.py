@@ -164,6 +164,12 @@ def test_a_plain_base64_answer_is_decoded_without_parsing_its_vectors_text() -> 
     vectors = np.ones((2, 4), dtype=np.float32)
     assert _decoder._split_base64(_body(vectors, [0, 1], "base64")) is not None
     assert _decoder._split_base64(_body(vectors, [0, 1], "base64").replace(b"/", b"\\/")) is None
+    width = _decoder._text_width(4)
+    assert width == len(base64.b64encode(vectors[0].tobytes()))
+    for known in (None, width, width + 4):  # a wrong width is searched past, not trusted
+        split = _decoder._split_base64(_body(vectors, [0, 1], "base64"), known)
+        assert split is not None
+        assert split[1] == [vectors[0].tobytes(), vectors[1].tobytes()]
 
 
 @pytest.mark.parametrize(
@@ -177,6 +183,8 @@ def test_a_plain_base64_answer_is_decoded_without_parsing_its_vectors_text() -> 
         ('"AACAPwAA gD8="', "bad embedding values"),
         ("[1.0, 1.0]", "bad embedding values"),
         ('"AACAPwAAgD8=', "not valid JSON"),
+        # A quote where a text of the expected width ends, and another before it.
+        ('"AACA","x":"g"', "bad embedding values"),
     ],
 )
 def test_an_odd_base64_answer_is_judged_as_a_json_reader_reads_it(
