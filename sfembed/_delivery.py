@@ -117,12 +117,13 @@ class Delivery:
                 await self._release()
 
     async def _release(self) -> None:
-        batch, failures = self.ring.take()
-        if batch is None:
+        taken = self.ring.take_each()
+        if not taken:
             return
-        self.stats.rows += len(batch)
-        if failures:  # the usual batch has none, and its default, (), says so
-            self.stats.failures.extend(failures)
-            batch = dataclasses.replace(batch, failures=tuple(failures))
-        await self.batches.send(batch)
+        for batch, failures in taken:
+            self.stats.rows += len(batch)
+            if failures:  # the usual batch has none, and its default, (), says so
+                self.stats.failures.extend(failures)
+                batch = dataclasses.replace(batch, failures=tuple(failures))
+            await self.batches.send(batch)
         await self.ring.notify_room()

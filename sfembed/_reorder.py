@@ -10,9 +10,10 @@ take). Intake reserves rows well before their requests are sent (records read, c
 queued for packing), so the rows answered span less than those reserved: at the default
 concurrency, about 1,024 against 3,000, 4 MiB of rows instead of 16. An answer whose rows are a
 run of units (as nearly every answer's are) is kept as the array it came in, and leaves as it
-is or joined to its neighbours by one copy: not copied into the ring and out of it again. Other
-rows are scattered into the ring with one numpy assignment per request. Units made of several
-parts (an over-long record's chunks) are pooled in a side table until their last part arrives.
+is, a batch of its own (:meth:`ReorderBuffer.take_each`): not copied into the ring and out of it
+again. Other rows are scattered into the ring with one numpy assignment per request. Units made
+of several parts (an over-long record's chunks) are pooled in a side table until their last part
+arrives.
 """
 
 from __future__ import annotations
@@ -57,11 +58,8 @@ class ReorderBuffer:
         self._rows = np.empty((self._size, dims), dtype=np.float32)
         self._done = np.zeros(self._size, dtype=bool)
         # Runs of rows kept as they were put, by their first unit, instead of in the arrays.
-        self._runs: dict[int, FloatArray] = {}
-        # Chunk details are written when rows are reserved, so they are sized by the rows
-        # reserved (32 bytes a row): slot = unit % meta size.
-        self._meta_size = self._size
-        self._meta = np.zeros((self._size, 4), dtype=np.int64) if with_chunks else None
+        self._runs = _Runs()
+        self._meta = _Details(self._size) if with_chunks else None
         self._pending: dict[int, _Pending] = {}
         self._failed: dict[int, str] = {}
         self.emitted = 0  # units before this have left the ring
@@ -81,20 +79,14 @@ class ReorderBuffer:
             async with self._room:
                 await self._room.wait_for(lambda: self.has_room(units))
         first, self.created = self.created, self.created + units
-        if self._meta is not None and self.created - self.emitted > self._meta_size:
-            self._grow_meta(first)
+        if self._meta is not None and self.created - self.emitted > self._meta.size:
+            self._meta.grow(self.emitted, first, self.created, self.capacity)
         return first
-
-    def _larger(self, size: int, span: int) -> int:
-        """``size`` doubled until it holds ``span`` rows, at most ``capacity``."""
-        while size < span:
-            size *= 2
-        return min(size, self.capacity)
 
     def _grow(self, span: int) -> None:
         """Resize the row arrays to hold ``span`` rows from the oldest unfinished one, moving
         the rows placed (all within the present window) to their slots in the larger ring."""
-        size = self._larger(self._size, span)
+        size = _larger(self._size, span, self.capacity)
         units = np.arange(self.emitted, min(self.created, self.emitted + self._size))
         old, new = units % self._size, units % size
         rows = np.empty((size, self.dims), dtype=np.float32)
@@ -102,16 +94,6 @@ class ReorderBuffer:
         done = np.zeros(size, dtype=bool)
         done[new] = self._done[old]
         self._rows, self._done, self._size = rows, done, size
-
-    def _grow_meta(self, reserved_before: int) -> None:
-        """Resize the chunk details to hold every row reserved, moving those of the rows
-        reserved before this reservation (units up to ``reserved_before``)."""
-        assert self._meta is not None
-        size = self._larger(self._meta_size, self.created - self.emitted)
-        units = np.arange(self.emitted, reserved_before)
-        meta = np.zeros((size, 4), dtype=np.int64)
-        meta[units % size] = self._meta[units % self._meta_size]
-        self._meta, self._meta_size = meta, size
 
     def expect_parts(self, unit: int, parts: int) -> None:
         """Unit ``unit`` is made of ``parts`` more parts than the one it was planned with."""
@@ -126,7 +108,7 @@ class ReorderBuffer:
     def describe(self, units: IntArray, meta: MetaArray) -> None:
         """Record (position, chunk number, start, end) for each unit, in ``chunks`` mode."""
         if self._meta is not None:
-            self._meta[units % self._meta_size] = meta
+            self._meta.rows[units % self._meta.size] = meta
 
     def put(self, chunks: Sequence[Chunk], rows: FloatArray) -> None:
         """Place the vectors of one answered request. ``rows`` is handed over: the ring may
@@ -137,18 +119,12 @@ class ReorderBuffer:
         first = chunks[0].unit
         # The usual answer: units in a run from the oldest unfinished one on, nothing pending
         # or failed. The array is kept whole, not copied in (and out again at ``take``).
-        if (
-            not self._pending
-            and not self._failed
-            and first >= self.emitted
-            and rows.shape == (count, self.dims)
-            and rows.dtype == np.float32
-            and list(map(_UNIT, chunks)) == list(range(first, first + count))
-        ):
+        usual = not (self._pending or self._failed) and first >= self.emitted
+        if usual and _is_run(chunks, rows, self.dims):
             if first + count - self.emitted > self._size:
                 self._grow(first + count - self.emitted)
-            self._runs[first] = rows
-            self._done[self._slots(first, first + count, self._size)] = True
+            self._runs.by_first[first] = rows
+            self._done[_slots(first, first + count, self._size)] = True
             return
         units = np.fromiter(map(_UNIT, chunks), dtype=np.int64, count=count)
         # A late part of a unit that failed and left already must not land in its old slot,
@@ -182,23 +158,28 @@ class ReorderBuffer:
         self._finish(chunk.unit, None)
 
     def take(self) -> tuple[EmbeddedBatch | None, list[Failure]]:
-        """The contiguous finished rows from the oldest unfinished unit, and their failures."""
+        """The contiguous finished rows from the oldest unfinished unit as one batch, and their
+        failures (see :meth:`take_each`, which copies no run kept whole)."""
+        taken = self.take_each()
+        if len(taken) <= 1:
+            return taken[0] if taken else (None, [])
+        return _joined(taken)
+
+    def take_each(self) -> list[_Taken]:
+        """The contiguous finished rows from the oldest unfinished unit, in order, and the
+        failures of each batch: a run kept whole leaves as the array that was put, other rows
+        are copied out of the arrays (whose slots are written again), so no row is copied twice."""
         start, end = self.emitted, self._contiguous_end()
         if end == start:
-            return None, []
-        slots = self._slots(start, end, self._size)
-        batch = self._batch(np.arange(start, end), slots)
+            return []
+        taken = []
+        for first, last, rows in self._parts(start, end):
+            batch = self._batch(first, last, rows)
+            taken.append((batch, _failures(self._failed, first, last, batch)))
+        slots = _slots(start, end, self._size)
         self._done[slots] = False  # the rows stay: a slot is written before it is done again
         self.emitted = end
-        return batch, self._failures(start, end, batch)
-
-    def _slots(self, start: int, end: int, size: int) -> slice | IntArray:
-        """The slots of units ``start`` to ``end`` in arrays of ``size`` rows: a slice unless
-        they wrap around the end."""
-        first = start % size
-        if first + end - start <= size:
-            return slice(first, first + end - start)
-        return np.arange(start, end) % size
+        return taken
 
     async def notify_room(self) -> None:
         """Wake an intake waiting in ``reserve`` (call after ``take``)."""
@@ -222,67 +203,145 @@ class ReorderBuffer:
         """Unit ``unit`` is done: its row is ``row``, or NaN (failed)."""
         if unit - self.emitted >= self._size:
             self._grow(unit + 1 - self.emitted)
-        if self._runs:
-            self._unkeep(unit)
+        # A row of a run kept whole, settled again (as a later settling always overwrote it):
+        # the run moves into the arrays first.
+        held = self._runs.holding(unit) if self._runs else None
+        if held is not None:
+            self._rows[_slots(held[0], held[0] + len(held[1]), self._size)] = held[1]
         slot = unit % self._size
         self._rows[slot] = np.nan if row is None else row
         self._done[slot] = True
-
-    def _unkeep(self, unit: int) -> None:
-        """Move the run kept whole that holds ``unit``, if any, into the arrays, where its row
-        can be settled again (as a later settling of a row always overwrote it)."""
-        for first, run in self._runs.items():
-            if first <= unit < first + len(run):
-                del self._runs[first]
-                self._rows[self._slots(first, first + len(run), self._size)] = run
-                return
 
     def _contiguous_end(self) -> int:
         # Only the window of the arrays can be done: a unit beyond it has no row yet.
         end = min(self.created, self.emitted + self._size)
         if end == self.emitted:
             return self.emitted
-        done = self._done[self._slots(self.emitted, end, self._size)]
+        done = self._done[_slots(self.emitted, end, self._size)]
         first = int(done.argmin())  # the first unfinished unit, if any is
         return end if done[first] else self.emitted + first
 
-    def _batch(self, units: IntArray, slots: slice | IntArray) -> EmbeddedBatch:
-        rows = self._taken(int(units[0]), int(units[-1]) + 1, slots)
+    def _batch(self, first: int, last: int, rows: FloatArray) -> EmbeddedBatch:
         if self._meta is None:
-            return EmbeddedBatch(units, rows)
-        meta = self._meta[self._slots(int(units[0]), int(units[-1]) + 1, self._meta_size)]
+            return EmbeddedBatch(np.arange(first, last), rows)
+        meta = self._meta.rows[_slots(first, last, self._meta.size)]
         return EmbeddedBatch(meta[:, 0].copy(), rows, meta[:, 1].copy(), meta[:, 2:].copy())
 
-    def _taken(self, start: int, end: int, slots: slice | IntArray) -> FloatArray:
-        """The rows of units ``start`` to ``end``, all done: one copy of them at most (a slice
-        is a view, and the ring's slots are written again), none for a single run kept whole."""
-        if not self._runs:
-            return self._rows[slots].copy() if isinstance(slots, slice) else self._rows[slots]
-        parts: list[FloatArray] = []
-        kept = 0  # parts that are runs kept whole
+    def _parts(self, start: int, end: int) -> list[tuple[int, int, FloatArray]]:
+        """(first unit, end unit, rows) of the runs kept whole from ``start`` to ``end`` (all
+        done), and of the rows between them, copied out of the arrays."""
+        parts = []
         at = start
         # A run lies wholly before ``end`` or after it: its rows were all done at once.
-        for first in sorted(self._runs):
-            if first >= end:
-                break
+        for first, run in self._runs.before(end) if self._runs else ():
             if first > at:
-                parts.append(self._rows[self._slots(at, first, self._size)])
-            run = self._runs.pop(first)
-            parts.append(run)
-            kept += 1
+                parts.append((at, first, self._copied(at, first)))
+            parts.append((first, first + len(run), run))
             at = first + len(run)
         if at < end:
-            parts.append(self._rows[self._slots(at, end, self._size)])
-        if kept == len(parts) == 1:
-            return parts[0]
-        return np.concatenate(parts)
+            parts.append((at, end, self._copied(at, end)))
+        return parts
 
-    def _failures(self, start: int, end: int, batch: EmbeddedBatch) -> list[Failure]:
-        found = [unit for unit in self._failed if start <= unit < end]
-        failures = []
-        for unit in sorted(found):
-            reason = self._failed.pop(unit)
-            offset = unit - start
-            number = None if batch.chunk_numbers is None else int(batch.chunk_numbers[offset])
-            failures.append(Failure(int(batch.positions[offset]), reason, number))
-        return failures
+    def _copied(self, start: int, end: int) -> FloatArray:
+        slots = _slots(start, end, self._size)
+        # One copy (a slice is a view; an array of slots copies already).
+        return self._rows[slots].copy() if isinstance(slots, slice) else self._rows[slots]
+
+
+_Taken = tuple[EmbeddedBatch, list[Failure]]
+
+
+def _joined(taken: list[_Taken]) -> _Taken:
+    """Consecutive batches and their failures as one batch (one copy of their rows)."""
+    batches = [batch for batch, _ in taken]
+    numbers = [batch.chunk_numbers for batch in batches if batch.chunk_numbers is not None]
+    spans = [batch.spans for batch in batches if batch.spans is not None]
+    joined = EmbeddedBatch(
+        np.concatenate([batch.positions for batch in batches]),
+        np.concatenate([batch.embeddings for batch in batches]),
+        np.concatenate(numbers) if numbers else None,  # chunks mode: every batch has them
+        np.concatenate(spans) if spans else None,
+    )
+    return joined, [failure for _, failures in taken for failure in failures]
+
+
+def _is_run(chunks: Sequence[Chunk], rows: FloatArray, dims: int) -> bool:
+    """Whether ``chunks`` are units in a run, one float32 row of ``dims`` each in ``rows``."""
+    first = chunks[0].unit
+    return (
+        rows.shape == (len(chunks), dims)
+        and rows.dtype == np.float32
+        and list(map(_UNIT, chunks)) == list(range(first, first + len(chunks)))
+    )
+
+
+class _Runs:
+    """Answers' rows kept as they were put, by their first unit, instead of in the ring."""
+
+    __slots__ = ("by_first",)
+
+    def __init__(self) -> None:
+        self.by_first: dict[int, FloatArray] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.by_first)
+
+    def before(self, end: int) -> list[tuple[int, FloatArray]]:
+        """(first unit, rows) of the runs that start before ``end``, in order, taken out."""
+        firsts = [first for first in sorted(self.by_first) if first < end]
+        return [(first, self.by_first.pop(first)) for first in firsts]
+
+    def holding(self, unit: int) -> tuple[int, FloatArray] | None:
+        """(first unit, rows) of the run that holds ``unit``, if any, taken out."""
+        for first, run in self.by_first.items():
+            if first <= unit < first + len(run):
+                del self.by_first[first]
+                return first, run
+        return None
+
+
+def _slots(start: int, end: int, size: int) -> slice | IntArray:
+    """The slots of units ``start`` to ``end`` in arrays of ``size`` rows: a slice unless they
+    wrap around the end."""
+    first = start % size
+    if first + end - start <= size:
+        return slice(first, first + end - start)
+    return np.arange(start, end) % size
+
+
+def _larger(size: int, span: int, capacity: int) -> int:
+    """``size`` doubled until it holds ``span`` rows, at most ``capacity``."""
+    while size < span:
+        size *= 2
+    return min(size, capacity)
+
+
+class _Details:
+    """Each unit's (position, chunk number, start, end), in ``chunks`` mode. They are written
+    when rows are reserved, so they are sized by the rows reserved (32 bytes a row): a unit's
+    slot is unit % size."""
+
+    __slots__ = ("rows", "size")
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.rows = np.zeros((size, 4), dtype=np.int64)
+
+    def grow(self, emitted: int, reserved_before: int, created: int, capacity: int) -> None:
+        """Resize to hold every unit from ``emitted`` to ``created``, moving those reserved
+        before this reservation (units up to ``reserved_before``)."""
+        size = _larger(self.size, created - emitted, capacity)
+        units = np.arange(emitted, reserved_before)
+        rows = np.zeros((size, 4), dtype=np.int64)
+        rows[units % size] = self.rows[units % self.size]
+        self.rows, self.size = rows, size
+
+
+def _failures(failed: dict[int, str], start: int, end: int, batch: EmbeddedBatch) -> list[Failure]:
+    """The failures of units ``start`` to ``end`` (``batch``'s), taken out of ``failed``."""
+    failures = []
+    for unit in sorted(unit for unit in failed if start <= unit < end):
+        offset = unit - start
+        number = None if batch.chunk_numbers is None else int(batch.chunk_numbers[offset])
+        failures.append(Failure(int(batch.positions[offset]), failed.pop(unit), number))
+    return failures

@@ -241,3 +241,27 @@ async def test_a_unit_of_a_run_kept_whole_settled_again_takes_the_later_row() ->
     assert batch.embeddings[[0, 1, 3], 0].tolist() == [0, 1, 3]
     assert np.isnan(batch.embeddings[2]).all()
     assert [failure.position for failure in failures] == [2]
+
+
+async def test_take_each_hands_runs_kept_whole_apart_from_the_rows_between() -> None:
+    ring = ReorderBuffer(dims=3, capacity=16, with_chunks=True)
+    await ring.reserve(7)
+    _describe(ring, 0, 7)
+    first, last = _rows([0, 1]), _rows([5, 6])
+    ring.put(_chunks([0, 1]), first)
+    ring.put(_chunks([3, 2, 4]), _rows([3, 2, 4]))  # out of order: into the ring's arrays
+    ring.put(_chunks([5, 6]), last)
+    ring.fail(Chunk(4, 4, 0, "x", 1), "refused")
+    taken = ring.take_each()
+    assert [batch.positions.tolist() for batch, _ in taken] == [[0, 1], [2, 3, 4], [5, 6]]
+    assert taken[0][0].embeddings is first
+    assert taken[2][0].embeddings is last
+    assert taken[1][0].embeddings[:2, 0].tolist() == [2, 3]
+    assert np.isnan(taken[1][0].embeddings[2]).all()
+    assert [[failure.position for failure in failures] for _, failures in taken] == [[], [4], []]
+    assert [batch.spans[:, 0].tolist() for batch, _ in taken if batch.spans is not None] == [
+        [0, 1],
+        [2, 3, 4],
+        [5, 6],
+    ]
+    assert ring.take_each() == []
