@@ -245,6 +245,10 @@ class Pending:
         self.where: dict[bytes, int] = {}  # key -> its latest entry, of the first _seen keys
         self._seen = 0
 
+    def __bool__(self) -> bool:
+        """Whether any row is here, without the sort :meth:`__len__` makes."""
+        return bool(self.keys)
+
     def __len__(self) -> int:
         """The keys here, each counted once (a sort of them all: not for the hot path)."""
         return len(self._latest(b"".join(self.keys)))

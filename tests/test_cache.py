@@ -88,6 +88,8 @@ async def test_keys_are_digests_of_the_normalised_text(cache: EmbeddingCache) ->
     assert keys == [EmbeddingCache.key(text) for text in texts]
     assert all(type(key) is bytes and len(key) == KEY_BYTES for key in keys)
     assert len(set(keys)) == len(texts)
+    plain = ["plain ascii", " padded\r\n", "x"]  # a block of ASCII alone, the usual one
+    assert cache.keys(plain) == [EmbeddingCache.key(text) for text in plain]
 
 
 def test_key_refuses_what_is_not_text() -> None:
