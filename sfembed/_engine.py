@@ -39,13 +39,13 @@ from ._intake import Input, Intake, Splitter
 from ._limiter import Limiter, RateLimiter, process_age_s
 from ._models import ModelSpec
 from ._packer import packer_for
-from ._quota import SharedLimiter
 from ._reorder import ReorderBuffer
 from ._streams import ReceiveStream, SendStream, open_stream
 from ._types import Chunk, EmbeddedBatch, FloatArray, JobStats
 
 if TYPE_CHECKING:  # aiohttp loads with the client, apart from the stages (see _commands)
     from ._client import EmbeddingClient
+    from ._quota import SharedLimiter  # loaded for a shared quota only (redis's client, its script)
 
 __all__ = ["Engine", "embed", "embed_stream", "job_stream", "shared_limiter_for"]
 
@@ -234,6 +234,8 @@ def _as_inputs(
 def shared_limiter_for(settings: Settings) -> SharedLimiter:
     """The shared quota at ``settings.quota`` for the settings' model and account; not opened.
     Raises ConfigError without redis-py or for a bad URL."""
+    from ._quota import SharedLimiter
+
     return SharedLimiter(
         settings.quota, settings.rate, model=settings.model, account=settings.quota_account
     )

@@ -14,12 +14,13 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
-
-import tenacity
+from typing import TYPE_CHECKING, TypeVar
 
 from ._config import RetryPolicy
 from ._exceptions import APIError, APIStatusError, SFEmbedError
+
+if TYPE_CHECKING:
+    import tenacity
 
 __all__ = [
     "FailureStreak",
@@ -104,11 +105,17 @@ async def _retrying(
     ``first`` after ``spent_s`` seconds: as :func:`call_with_retries` from there on.
 
     Raised here, outside any handler, ``first`` keeps the ``__context__`` it had."""
+    # Loaded at a job's first retry, not before its first request: some 20 ms of a start-up.
+    import tenacity
+
+    jitter = tenacity.wait_random_exponential(
+        multiplier=policy.initial_backoff_s, max=policy.max_backoff_s
+    )
     retrying = tenacity.AsyncRetrying(
         retry=tenacity.retry_if_exception(is_retryable),
         stop=tenacity.stop_after_attempt(policy.max_attempts)
         | tenacity.stop_after_delay(policy.max_total_s - spent_s),
-        wait=_Wait(policy),
+        wait=_Wait(policy, jitter),
         sleep=sleep,
         before_sleep=_before_sleep(on_retry),
         reraise=True,
@@ -124,13 +131,13 @@ async def _retrying(
     return await retrying(once)
 
 
-class _Wait(tenacity.wait.wait_base):
-    """The server's Retry-After when given, else full-jitter exponential backoff."""
+class _Wait:
+    """The server's Retry-After when given, else ``jitter`` (full-jitter exponential backoff)."""
 
-    def __init__(self, policy: RetryPolicy) -> None:
-        self._jitter = tenacity.wait_random_exponential(
-            multiplier=policy.initial_backoff_s, max=policy.max_backoff_s
-        )
+    def __init__(
+        self, policy: RetryPolicy, jitter: Callable[[tenacity.RetryCallState], float]
+    ) -> None:
+        self._jitter = jitter
         self._policy = policy
 
     def __call__(self, retry_state: tenacity.RetryCallState) -> float:
