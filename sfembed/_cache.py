@@ -57,7 +57,15 @@ from ._direct import RawBuffer
 from ._exceptions import ConfigError
 from ._types import FloatArray
 
-__all__ = ["KEY_BYTES", "SCHEMA_VERSION", "EmbeddingCache", "normalise", "normalise_all", "scope"]
+__all__ = [
+    "KEY_BYTES",
+    "SCHEMA_VERSION",
+    "EmbeddingCache",
+    "keys_of_normalised",
+    "normalise",
+    "normalise_all",
+    "scope",
+]
 
 #: Bytes of a key: 128 bits make a collision among even 10**12 texts vanishingly unlikely.
 KEY_BYTES = 16
@@ -99,6 +107,16 @@ def normalise_all(texts: Sequence[str]) -> list[str]:
     if joined.isascii() and "\r" not in joined:
         return [text.strip() for text in texts]
     return [normalise(text) for text in texts]
+
+
+def keys_of_normalised(texts: Sequence[str]) -> list[bytes]:
+    """:meth:`EmbeddingCache.keys` of texts already normalised (the engine's intake normalises
+    each block once, for the request and the key alike), without doing it again."""
+    blake2b = hashlib.blake2b
+    return [
+        blake2b(text.encode("utf-8", "surrogatepass"), digest_size=KEY_BYTES).digest()
+        for text in texts
+    ]
 
 
 class EmbeddingCache:
@@ -152,17 +170,7 @@ class EmbeddingCache:
 
     def keys(self, texts: Sequence[str]) -> list[bytes]:
         """The key of each of ``texts``, in order. Raises TypeError for an item not a string."""
-        return self._keys_normalised(normalise_all(texts))
-
-    @staticmethod
-    def _keys_normalised(texts: Sequence[str]) -> list[bytes]:
-        """:meth:`keys` of texts already normalised (the engine's intake normalises each block
-        once, for the request and the key alike), without doing it again."""
-        blake2b = hashlib.blake2b
-        return [
-            blake2b(text.encode("utf-8", "surrogatepass"), digest_size=KEY_BYTES).digest()
-            for text in texts
-        ]
+        return keys_of_normalised(normalise_all(texts))
 
     async def lookup(self, model: str, dims: int, keys: Sequence[bytes]) -> dict[bytes, FloatArray]:
         """The stored vectors of ``keys`` for ``model`` at ``dims``: hits only, by key.

@@ -17,7 +17,7 @@ from typing import Protocol, TypeAlias, cast
 import numpy as np
 
 from ._bounds import upper_bound
-from ._cache import EmbeddingCache
+from ._cache import EmbeddingCache, keys_of_normalised
 from ._models import ModelSpec
 from ._types import Chunk, FloatArray, JobStats
 
@@ -65,7 +65,7 @@ class Dedup:
         may cut is not cached)."""
         if self.cache is None or self.truncating:
             return None
-        return self.cache._keys_normalised(texts)
+        return keys_of_normalised(texts)
 
     async def admit(self, chunks: list[Chunk], rows: RowSink) -> list[Chunk]:
         """The chunks still to send. Those the cache holds are put in ``rows`` at once, and a
