@@ -7,6 +7,7 @@ orjson and one numpy conversion. No per-float Python work happens here.
 
 from __future__ import annotations
 
+import re
 from itertools import repeat
 from operator import itemgetter
 from typing import Any, TypeGuard
@@ -65,6 +66,63 @@ def _split_base64(
 ) -> tuple[dict[str, Any], list[bytes]] | None:
     """(payload, each entry's vector bytes) without a Python string made of any vector's text,
     or None for a body not plainly laid out so (it is then parsed whole, as any other).
+
+    Texts of the expected ``width`` are cut out by one regular expression split (see
+    :func:`_split_fixed`); any other answer, or one that split does not explain, is searched
+    entry by entry (:func:`_split_searched`)."""
+    if width is not None and (split := _split_fixed(body, width)) is not None:
+        return split
+    return _split_searched(body, width)
+
+
+def _split_fixed(body: bytes, width: int) -> tuple[dict[str, Any], list[bytes]] | None:
+    """:func:`_split_searched` for the usual answer, whose every text is ``width`` characters
+    long, in C: one split of the body at each ``"embedding":"<width characters>"`` gives the
+    texts (as bytes: strict decoding takes them quicker than views) and the rest between them,
+    where each text's place is taken by ``"embedding":<ordinal>``. The split skips a text
+    without reading it. So every check of the searched path holds here too: the rest has no
+    backslash, its keys are the ones found, entry i holds ordinal i, and each text is strict
+    base64 (a text holding a quote, being shorter than ``width``, is refused by decoding).
+    None when any of them fails, or no text was found."""
+    pieces = _fixed_pattern(width).split(body)
+    count = len(pieces) // 2
+    if not count:
+        return None
+    texts = pieces[1::2]
+    pieces[1::2] = _KEYED[:count] if count <= _ORDINALS_KEPT else _keyed(count)
+    rest = b"".join(pieces)
+    if b"\\" in rest or not _keys_found(rest, count):
+        return None
+    try:
+        payload = orjson.loads(rest)
+        if list(map(_get_embedding, payload["data"])) != list(range(count)):
+            return None
+        chunks = list(map(pybase64.b64decode, texts, repeat(None), repeat(True)))  # validate
+    except (ValueError, LookupError, TypeError):  # JSONDecodeError and binascii.Error included
+        return None
+    return payload, chunks
+
+
+def _fixed_pattern(width: int) -> re.Pattern[bytes]:
+    """``"embedding":"<text>"`` with a text of ``width`` characters (JSON's whitespace allowed
+    after the colon, as :func:`_split_searched` allows it), the text captured. DOTALL: a run
+    of any ``width`` characters is skipped, not matched one by one."""
+    pattern = _PATTERNS.get(width)
+    if pattern is None:
+        pattern = _PATTERNS[width] = re.compile(
+            rb'"embedding":[ \t\n\r]*"(.{%d})"' % width, re.DOTALL
+        )
+    return pattern
+
+
+def _keyed(count: int) -> list[bytes]:
+    return [b'"embedding":%d' % ordinal for ordinal in range(count)]
+
+
+def _split_searched(
+    body: bytes, width: int | None = None
+) -> tuple[dict[str, Any], list[bytes]] | None:
+    """:func:`_split_base64` for any width, each text found by a search of its own.
 
     Most of a base64 answer is its vectors' text, and parsing it into strings costs more than
     decoding it. So each ``"embedding":"<text>"`` is found by its key, its text decoded from the
@@ -129,6 +187,9 @@ def _text_width(dimensions: int | None) -> int | None:
 #: Each vector's text is replaced by its ordinal: ``_ORDINALS[i]`` is ``b"i"``.
 _ORDINALS_KEPT = 1024
 _ORDINALS = [b"%d" % ordinal for ordinal in range(_ORDINALS_KEPT)]
+#: Each key and text cut out by :func:`_split_fixed` is replaced by ``_KEYED[i]``.
+_KEYED = _keyed(_ORDINALS_KEPT)
+_PATTERNS: dict[int, re.Pattern[bytes]] = {}  # by text width
 _get_embedding = itemgetter("embedding")
 _get_index = itemgetter("index")
 _INT = frozenset({int})

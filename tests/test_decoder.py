@@ -293,3 +293,78 @@ def test_a_spoilt_vector_is_refused(how: str, which: int) -> None:
 )
 def test_keys_found_tells_a_plain_structure(rest: bytes, plain: bool) -> None:
     assert _decoder._keys_found(rest, 1) is plain
+
+
+def _fixed_body(vectors: np.ndarray, order: list[int]) -> tuple[bytes, int]:
+    """A compact base64 answer and the width of its texts."""
+    return _body(vectors, order, "base64"), _decoder._text_width(vectors.shape[1]) or 0
+
+
+def test_texts_of_the_expected_width_are_cut_out_by_one_split() -> None:
+    vectors = np.random.default_rng(5).standard_normal((3, 7)).astype(np.float32)
+    body, width = _fixed_body(vectors, [2, 0, 1])
+    split = _decoder._split_fixed(body, width)
+    assert split is not None
+    payload, chunks = split
+    assert chunks == [vectors[i].astype("<f4").tobytes() for i in (2, 0, 1)]
+    assert [entry["index"] for entry in payload["data"]] == [2, 0, 1]
+    assert payload["usage"]["total_tokens"] == 7
+    # JSON's whitespace after the colon, as a spaced or indented writer puts it.
+    spaced = json.dumps(orjson.loads(body), indent=1).encode()
+    assert _decoder._split_fixed(spaced, width) is not None
+
+
+def _spoilt_for_the_split(body: bytes, width: int, how: str) -> bytes:
+    first = body.index(b'"embedding":"') + len(b'"embedding":"')
+    text = body[first : first + width]
+    return {
+        # An escape in the rest: the split cannot tell what it spells.
+        "backslash": body.replace(b'"model":"m"', b'"model":"\\u006d"'),
+        # A key the split does not see ("embedding" :), which JSON reads as the vector.
+        "key unseen": body.replace(b'"index":0', b'"index":0,"embedding" :"QUFB"'),
+        # A text of the full width where no entry's vector is: ordinals out of place.
+        "key elsewhere": body.replace(b'"usage":{', b'"usage":{"embedding":"' + text + b'",'),
+        # A shorter text whose quote falls where a full one ends: a quote inside the "text".
+        "quote inside": body.replace(
+            b'"embedding":"' + text + b'"',
+            b'"embedding":"' + text[: width - 12] + b'","x":"' + text[-5:] + b'"',
+        ),
+        "not base64": body.replace(text, text[:-5] + b"!" + text[-4:]),
+    }[how]
+
+
+@pytest.mark.parametrize(
+    ("how", "refused"),
+    [
+        ("backslash", False),
+        ("key unseen", True),  # JSON keeps the later key: a vector of 3 bytes
+        ("key elsewhere", False),
+        ("quote inside", True),
+        ("not base64", True),
+    ],
+)
+def test_an_answer_the_split_cannot_explain_is_judged_as_a_json_reader_reads_it(
+    how: str, refused: bool
+) -> None:
+    vectors = np.random.default_rng(6).standard_normal((3, 7)).astype(np.float32)
+    body, width = _fixed_body(vectors, [1, 2, 0])
+    odd = _spoilt_for_the_split(body, width, how)
+    assert odd != body
+    assert _decoder._split_fixed(odd, width) is None
+    if refused:
+        with pytest.raises(MalformedResponseError, match="bad embedding values"):
+            _decoder.decode_body(odd, items=3, dimensions=7, encoding_format="base64")
+        return
+    rows, usage, model = _decoder.decode_body(odd, items=3, dimensions=7, encoding_format="base64")
+    np.testing.assert_array_equal(rows, vectors)
+    assert (usage or {}).get("total_tokens") == 7
+    assert model == "m"
+
+
+def test_more_texts_than_ordinals_kept_are_split_alike() -> None:
+    count = _decoder._ORDINALS_KEPT + 5
+    vectors = np.arange(count * 2, dtype=np.float32).reshape(count, 2)
+    body, width = _fixed_body(vectors, list(range(count))[::-1])
+    assert _decoder._split_fixed(body, width) is not None
+    rows, _, _ = _decoder.decode_body(body, items=count, dimensions=2, encoding_format="base64")
+    np.testing.assert_array_equal(rows, vectors)
