@@ -114,9 +114,11 @@ class JobFiles:
         """Raise ConfigError when two roles are one file, when an input is one of the files
         written, or when a file to be written exists and is not a regular file."""
         written = self.written()
+        # Each path resolved and looked up once: some 12 roles, compared pairwise.
+        identity = {path: _identity(path) for path in (*self.inputs, *written.values())}
         for path in self.inputs:
             for role, other in written.items():
-                if _same(path, other):
+                if _same(identity[path], identity[other]):
                     raise ConfigError(
                         f"the input {str(path)!r} is also the job's {role}: refusing to write "
                         "over it; choose another --out, --errors or --cache"
@@ -124,7 +126,7 @@ class JobFiles:
         names = list(written.items())
         for i, (role, path) in enumerate(names):
             for other_role, other in names[i + 1 :]:
-                if _same(path, other):
+                if _same(identity[path], identity[other]):
                     raise ConfigError(
                         f"the {role} and the {other_role} are one file ({str(path)!r}); "
                         "choose another --out, --errors or --cache"
@@ -229,14 +231,21 @@ class JobFiles:
         return [self.output, self.errors] + ([self.ids] if self.ids is not None else [])
 
 
-def _same(first: Path, second: Path) -> bool:
-    """True when the two paths are one file: the same resolved path, or the same inode."""
-    if first.resolve() == second.resolve():
-        return True
+#: A path as resolved, and its file's (device, inode) when it exists.
+_Identity = tuple[Path, tuple[int, int] | None]
+
+
+def _identity(path: Path) -> _Identity:
     try:
-        return os.path.samefile(first, second)
-    except OSError:  # one of them does not exist (yet)
-        return False
+        found = os.stat(path)
+    except OSError:  # it does not exist (yet)
+        return path.resolve(), None
+    return path.resolve(), (found.st_dev, found.st_ino)
+
+
+def _same(first: _Identity, second: _Identity) -> bool:
+    """True when the two paths are one file: the same resolved path, or the same inode."""
+    return first[0] == second[0] or (first[1] is not None and first[1] == second[1])
 
 
 def _check_kind(role: str, path: Path) -> None:
