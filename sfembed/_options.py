@@ -300,8 +300,8 @@ def default_of(key: str, settings: Settings | None = None) -> Any:
     return value
 
 
-def _help(option: Option) -> str:
-    default = default_of(option.key)
+def _help(option: Option, defaults: Settings) -> str:
+    default = default_of(option.key, defaults)
     shown = (
         f"{default:,}" if isinstance(default, int) and not isinstance(default, bool) else default
     )
@@ -310,13 +310,14 @@ def _help(option: Option) -> str:
     text = option.help.format(
         default=shown,
         choices=", ".join(option.choices or ()),
-        window=f"{Settings().rate.window_s:g}",
+        window=f"{defaults.rate.window_s:g}",
     )
     return f"{text}; config key {option.key}"
 
 
 def add_options(groups: dict[str, argparse._ArgumentGroup]) -> None:
     """Add every option to its group; each stores None unless given."""
+    defaults = Settings()
     for option in OPTIONS:
         groups[option.group].add_argument(
             option.flag,
@@ -325,7 +326,7 @@ def add_options(groups: dict[str, argparse._ArgumentGroup]) -> None:
             default=None,
             metavar=option.metavar,
             choices=option.choices,
-            help=_help(option),
+            help=_help(option, defaults),
         )
 
 
