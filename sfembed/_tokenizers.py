@@ -19,7 +19,6 @@ import importlib
 import lzma
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor
-from importlib import resources
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Protocol
@@ -189,6 +188,8 @@ def _tokenizer_path(name: str) -> Path | None:
 def bundled_tokenizer(packed_name: str) -> Tokenizer:
     """The bundled tokenizer stored as ``packed_name`` (a value of :data:`FAMILIES`), loaded and
     decompressed once per process (0.1-1.5 s)."""
+    from importlib import resources  # 2-3 ms to import: only a job that loads a tokenizer pays
+
     folder = resources.files("sfembed").joinpath(_DATA)
     if packed_name.startswith("bert-"):
         vocab = lzma.decompress(folder.joinpath(f"{packed_name}.vocab.txt.xz").read_bytes())
