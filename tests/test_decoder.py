@@ -368,3 +368,13 @@ def test_more_texts_than_ordinals_kept_are_split_alike() -> None:
     assert _decoder._split_fixed(body, width) is not None
     rows, _, _ = _decoder.decode_body(body, items=count, dimensions=2, encoding_format="base64")
     np.testing.assert_array_equal(rows, vectors)
+
+
+@pytest.mark.parametrize("where", [None, (0, 0), (63, 1023), (64, 0), (299, 1023)])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_all_finite_looks_at_every_block_of_rows(where: tuple[int, int] | None, bad: float) -> None:
+    rows = np.full((300, 1024), 3e38, dtype=np.float32)  # more rows than one block checks
+    if where is not None:
+        rows[where] = bad
+    assert _decoder.all_finite(rows) is (where is None)
+    assert _decoder.all_finite(rows[:0]) is True
