@@ -124,7 +124,8 @@ class ReorderBuffer:
             if first + count - self.emitted > self._size:
                 self._grow(first + count - self.emitted)
             self._runs.by_first[first] = rows
-            self._done[_slots(first, first + count, self._size)] = True
+            for part in _spans(first, first + count, self._size):
+                self._done[part] = True
             return
         units = np.fromiter(map(_UNIT, chunks), dtype=np.int64, count=count)
         # A late part of a unit that failed and left already must not land in its old slot,
@@ -176,8 +177,8 @@ class ReorderBuffer:
         for first, last, rows in self._parts(start, end):
             batch = self._batch(first, last, rows)
             taken.append((batch, _failures(self._failed, first, last, batch)))
-        slots = _slots(start, end, self._size)
-        self._done[slots] = False  # the rows stay: a slot is written before it is done again
+        for part in _spans(start, end, self._size):
+            self._done[part] = False  # the rows stay: a slot is written before it is done again
         self.emitted = end
         return taken
 
@@ -215,11 +216,14 @@ class ReorderBuffer:
     def _contiguous_end(self) -> int:
         # Only the window of the arrays can be done: a unit beyond it has no row yet.
         end = min(self.created, self.emitted + self._size)
-        if end == self.emitted:
-            return self.emitted
-        done = self._done[_slots(self.emitted, end, self._size)]
-        first = int(done.argmin())  # the first unfinished unit, if any is
-        return end if done[first] else self.emitted + first
+        at = self.emitted
+        for part in _spans(at, end, self._size):
+            done = self._done[part]  # a view: no copy, and no index array for a wrap
+            first = int(done.argmin())  # the first unfinished unit, if any is
+            if not done[first]:
+                return at + first
+            at += len(done)
+        return end
 
     def _batch(self, first: int, last: int, rows: FloatArray) -> EmbeddedBatch:
         if self._meta is None:
@@ -307,6 +311,17 @@ def _slots(start: int, end: int, size: int) -> slice | IntArray:
     if first + end - start <= size:
         return slice(first, first + end - start)
     return np.arange(start, end) % size
+
+
+def _spans(start: int, end: int, size: int) -> tuple[slice, ...]:
+    """The slots of units ``start`` to ``end`` in arrays of ``size`` rows as slices: one, two
+    when they wrap around the end, none when ``end`` is ``start``."""
+    if end <= start:
+        return ()
+    first = start % size
+    if first + end - start <= size:
+        return (slice(first, first + end - start),)
+    return slice(first, size), slice(0, end - start - (size - first))
 
 
 def _larger(size: int, span: int, capacity: int) -> int:

@@ -265,3 +265,27 @@ async def test_take_each_hands_runs_kept_whole_apart_from_the_rows_between() -> 
         [5, 6],
     ]
     assert ring.take_each() == []
+
+
+async def test_runs_and_gaps_across_the_end_of_the_ring_leave_in_order() -> None:
+    ring = ReorderBuffer(dims=3, capacity=8)  # arrays of 8 rows: unit u in slot u % 8
+    await ring.reserve(6)
+    ring.put(_chunks([0, 1, 2, 3, 4, 5]), _rows([0, 1, 2, 3, 4, 5]))
+    assert ring.take()[0] is not None
+    assert await ring.reserve(6) == 6  # slots 6, 7, then 0 to 3
+    ring.put(_chunks([6, 7, 8]), _rows([6, 7, 8]))  # a run across the end
+    ring.put(_chunks([10, 11]), _rows([10, 11]))
+    batch, _ = ring.take()  # 9, in the slot after the end, is not answered yet
+    assert batch is not None
+    assert batch.positions.tolist() == [6, 7, 8]
+    ring.put(_chunks([9]), _rows([9]))
+    batch, _ = ring.take()
+    assert batch is not None
+    assert batch.positions.tolist() == [9, 10, 11]
+    assert batch.embeddings[:, 0].tolist() == [9, 10, 11]
+    assert await ring.reserve(6) == 12  # slots 4 to 7, then 0 and 1, done before: not now
+    ring.put(_chunks([12, 13, 14, 15]), _rows([12, 13, 14, 15]))
+    batch, _ = ring.take()
+    assert batch is not None
+    assert batch.positions.tolist() == [12, 13, 14, 15]
+    assert ring.take() == (None, [])
