@@ -378,3 +378,30 @@ async def test_the_first_request_reaches_a_server_in_this_process_before_the_thi
     assert len(rows) == 4 * BLOCK
     assert read_when_it_arrived
     assert read_when_it_arrived[0] <= _FIRST_BLOCKS[0] + _FIRST_BLOCKS[1]
+
+
+def test_a_new_npy_output_is_not_synced_before_the_first_request_its_first_commit_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The job opens its output before its first request: nothing vouches for the empty file
+    # yet, and an fsync there waited for the disk. The first commit (a checkpoint) syncs.
+    import numpy as np
+
+    from sfembed._types import EmbeddedBatch
+    from sfembed._writers import NpyWriter
+
+    synced: list[int] = []
+    real = os.fsync
+    monkeypatch.setattr(
+        os, "fsync", lambda descriptor: synced.append(descriptor) or real(descriptor)
+    )
+    writer = NpyWriter(tmp_path / "out.npy", dims=4, fsync=True)
+    try:
+        assert synced == []
+        assert np.load(tmp_path / "out.npy").shape == (0, 4)  # a valid file all the same
+        writer.write(["a"], EmbeddedBatch(np.arange(1), np.ones((1, 4), np.float32)))
+        writer.commit()
+        assert len(synced) >= 2  # the data and the sidecar
+    finally:
+        writer.close()
+    assert np.load(tmp_path / "out.npy").shape == (1, 4)
