@@ -405,3 +405,26 @@ def test_a_new_npy_output_is_not_synced_before_the_first_request_its_first_commi
     finally:
         writer.close()
     assert np.load(tmp_path / "out.npy").shape == (1, 4)
+
+
+def test_a_local_server_starts_without_its_token_class_table_and_fills_what_texts_bring(
+    tmp_path: Path,
+) -> None:
+    # The whole table took 27 ms of the demo's start, before its first request.
+    code = (
+        "import asyncio\n"
+        "from sfembed._testing import tokenizer\n"
+        "from sfembed.testing import LocalServer\n"
+        "async def start() -> None:\n"
+        "    async with LocalServer():\n"
+        "        pass\n"
+        "asyncio.run(start())\n"
+        "print(int((tokenizer._BMP_CLASSES != tokenizer._UNKNOWN).sum()))\n"
+        "print(tokenizer.text_tokens(['abc 12', 'xyz']))\n"
+        "print(int((tokenizer._BMP_CLASSES != tokenizer._UNKNOWN).sum()))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:3] == ["0", "[2, 1]", "10"]  # "\n" joins: a, b, c, 1, 2, ...

@@ -19,7 +19,6 @@ from .errors import NOT_FOUND, OVER_RPM, OVER_TPM, TEXT, Reject
 from .faults import ALTERED, ANSWERED, FaultPlan
 from .quota import Quota
 from .settings import Faults, ServerConfig, ServerStats
-from .tokenizer import warm
 
 _PATH = "/v1/embeddings"
 _SHUTDOWN_S = 0.1  # stop() is a crash, not a drain: in-flight handlers get this long, then cancel
@@ -90,9 +89,6 @@ class LocalServer:
         """Listen (on the port of an earlier start, if any) and return the base URL."""
         if self._runner is not None:
             raise RuntimeError("the server is already running")
-        # Before listening: built in a request, the table would hold up the loop it shares with
-        # the tests' clients, whose short read timeouts would then expire on healthy answers.
-        warm()
         runner = web.ServerRunner(
             _Server(self._handle, access_log=None), shutdown_timeout=_SHUTDOWN_S
         )
