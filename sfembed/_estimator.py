@@ -97,12 +97,14 @@ class _Prices:
     def cost(self, runs: _Runs) -> CostArray:
         """Fractional tokens of each run. The terms that are zero for most runs (capitals,
         gaps, joints) are added only where they are not: adding 0.0 changes no sum, so each
-        cost is the plain formula's to the bit."""
+        cost is the plain formula's to the bit. A joint's run costs nothing by the formula
+        (its class is priced at zero), so only the lone spaces are set to zero."""
         kinds = runs.kinds
         price: CostArray = _array(self.base).take(kinds)
         price += runs.lengths * _array(self.rate).take(kinds)
-        price[runs.cased] += runs.uppers * self.upper + runs.humps * self.hump
-        price[runs.free] = 0.0
+        if runs.cased.size:
+            price[runs.cased] += runs.uppers * self.upper + runs.humps * self.hump
+        np.putmask(price, runs.free, 0.0)
         marked = np.flatnonzero(_MARKED_PAIRS.take(runs.pairs))
         price[marked] += _marks(self.gap, self.joint).take(runs.pairs[marked])
         return price
@@ -249,9 +251,9 @@ def _classify(code: int) -> int:
 class _Runs:
     """Maximal runs of one class: first character, length and class of each; the runs that
     hold ASCII capitals (``cased``, in order) with their capitals and humps (a capital after a
-    small letter); the runs that cost nothing (``free``: a lone " ", a joint between texts);
-    and each run's class with the next one's, ``kind << 4 | following`` (a joint after the
-    last)."""
+    small letter); the runs that cost nothing (``free``, a mask: a lone " "; a joint between
+    texts costs nothing by its class's prices); and each run's class with the next one's,
+    ``kind << 4 | following`` (a joint after the last)."""
 
     starts: IntArray
     lengths: IntArray
@@ -259,7 +261,7 @@ class _Runs:
     cased: IntArray
     uppers: IntArray
     humps: IntArray
-    free: IntArray
+    free: npt.NDArray[np.bool_]
     pairs: ClassArray
 
 
@@ -271,19 +273,17 @@ def _runs(text: str, separators: IntArray | None = None) -> _Runs:
     change = np.ones(codes.size, dtype=np.bool_)  # a run starts at each change of class
     np.not_equal(classes[1:], classes[:-1], out=change[1:])
     starts = np.flatnonzero(change).astype(np.int64, copy=False)
-    ends = np.empty_like(starts)
-    ends[:-1] = starts[1:]
-    ends[-1:] = codes.size
-    lengths = ends - starts
+    lengths = np.diff(starts, append=codes.size)
     kinds = classes.take(starts)
-    following = np.empty_like(kinds)
-    following[:-1] = kinds[1:]
-    following[-1:] = _SEP
-    pairs = np.left_shift(kinds, np.uint8(4)) | following
+    pairs = np.left_shift(kinds, np.uint8(4))
+    pairs[:-1] |= kinds[1:]  # and _SEP, zero, after the last
     cased, uppers, humps = _capitals(codes, starts)
-    lone = (lengths == 1) & (codes.take(starts) == 0x20)
-    free = np.flatnonzero(lone | (kinds == _SEP))
+    free = lengths == 1
+    free &= codes.take(starts) == 0x20
     return _Runs(starts, lengths, kinds, cased, uppers, humps, free, pairs)
+
+
+_NONE = np.zeros(0, dtype=np.int64)
 
 
 def _capitals(
@@ -291,8 +291,10 @@ def _capitals(
 ) -> tuple[IntArray, IntArray, IntArray]:
     """The runs holding ASCII capitals (in order), their capitals and their humps (a capital
     right after a small letter, as in camelCase). Worked out from the capitals alone, which
-    are few."""
+    are few (often none)."""
     at = np.flatnonzero((codes - codes.dtype.type(0x41)) < 26)
+    if not at.size:
+        return _NONE, _NONE, _NONE
     before = codes.take(np.maximum(at - 1, 0))
     hump = ((before - before.dtype.type(0x61)) < 26) & (at > 0)
     owners = np.searchsorted(starts, at, side="right") - 1
@@ -300,7 +302,7 @@ def _capitals(
     np.not_equal(owners[1:], owners[:-1], out=first[1:])
     firsts = np.flatnonzero(first)
     uppers = np.diff(firsts, append=owners.size)
-    humps = np.add.reduceat(hump.astype(np.int64), firsts) if firsts.size else uppers
+    humps = np.add.reduceat(hump.astype(np.int64), firsts)
     return owners.take(firsts), uppers, humps
 
 
@@ -346,13 +348,14 @@ class CharClassEstimator:
         sizes = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
         joints = np.cumsum(sizes[:-1] + 1) - 1  # texts joined by one character
         runs = _runs("\0".join(texts), separators=joints)
-        # A text's runs follow the joints before it; a joint's own run costs nothing.
-        owner = np.cumsum(np.where(runs.kinds == _SEP, runs.lengths, 0))
-        sums = [
-            np.bincount(owner, weights=prices.cost(runs), minlength=len(texts))
-            + prices.text * (sizes > 0)  # an empty text is empty for every tokenizer
-            for prices in self.prices
-        ]
+        segments, owners = _segments(runs)
+        sums = []
+        for prices in self.prices:
+            # A text's runs follow the joint before it, which costs nothing: one sum each.
+            text_sums = np.zeros(len(texts))
+            if segments.size:  # not every text empty
+                text_sums[owners] = np.add.reduceat(prices.cost(runs), segments)
+            sums.append(text_sums + prices.text * (sizes > 0))  # an empty text is empty
         most = sums[0] if len(sums) == 1 else np.max(sums, axis=0)
         counts: list[int] = (_ceil(most) + self.special_tokens).tolist()
         return counts
@@ -373,6 +376,20 @@ class CharClassEstimator:
         begin = np.repeat(starts, per_run) + rank * size // pieces
         end = np.append(begin[1:], starts[-1] + lengths[-1])
         return list(zip(begin.tolist(), end.tolist(), strict=True))
+
+
+def _segments(runs: _Runs) -> tuple[IntArray, IntArray]:
+    """The first run of each text's segment (its runs after the joint run before it, which
+    holds one joint per text it ends) and the text each belongs to; empty texts have none. The
+    sums of segments may differ from run-by-run sums in their last bit, never in their ceiling:
+    prices have three decimals, so a sum is an integer or 0.001 or more away from one."""
+    if not runs.kinds.size:
+        return _NONE, _NONE
+    joints = np.flatnonzero(runs.kinds == _SEP)
+    owners = np.cumsum(runs.lengths.take(joints))  # the text after each joint run
+    if joints.size and joints[0] == 0:  # the first text is empty
+        return joints, owners
+    return np.concatenate(([0], joints)), np.concatenate(([0], owners))
 
 
 def _ceil(values: npt.ArrayLike) -> IntArray:
