@@ -77,6 +77,9 @@ _SPARE_BUFFERS = 1  # a written block's memory, kept for the next one: the one f
 
 _T = TypeVar("_T")
 
+_hasher = partial(hashlib.blake2b, digest_size=KEY_BYTES)
+_digest = hashlib.blake2b.digest
+
 
 def scope(model: str, endpoint: str) -> str:
     """The name the engine files ``model``'s vectors under when they come from ``endpoint``."""
@@ -112,11 +115,11 @@ def normalise_all(texts: Sequence[str]) -> list[str]:
 def keys_of_normalised(texts: Sequence[str]) -> list[bytes]:
     """:meth:`EmbeddingCache.keys` of texts already normalised (the engine's intake normalises
     each block once, for the request and the key alike), without doing it again."""
-    blake2b = hashlib.blake2b
-    return [
-        blake2b(text.encode("utf-8", "surrogatepass"), digest_size=KEY_BYTES).digest()
-        for text in texts
-    ]
+    try:  # the usual texts: encoded by a C call each, without a Python step per text
+        data = list(map(str.encode, texts))
+    except UnicodeEncodeError:  # a lone surrogate: still a key
+        data = [text.encode("utf-8", "surrogatepass") for text in texts]
+    return list(map(_digest, map(_hasher, data)))
 
 
 class EmbeddingCache:

@@ -709,8 +709,8 @@ def _lines_block(lines: list[bytes], first: int, fields: _Fields, limit: int, en
         return _each_line(lines, first, fields, limit, ended)
     if set(map(type, values)) != {dict}:
         return _each_line(lines, first, fields, limit, ended)
-    ids = [value.get(fields.id) for value in values]
-    texts = [value.get(fields.text) for value in values]
+    ids: list[Any] = list(map(dict.get, values, repeat(fields.id)))
+    texts: list[Any] = list(map(dict.get, values, repeat(fields.text)))
     if _all_text(ids) and _all_text(texts) and not any(map(str.isspace, texts)):
         plain = cast(list[str], texts)
         if "\x00" not in "".join(plain):
