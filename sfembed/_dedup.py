@@ -100,7 +100,26 @@ class Dedup:
         if not hits and len(fresh) == len(keys) and self._waiting.keys().isdisjoint(fresh):
             self._waiting.update(fresh)  # the usual block: every text new, all sent
             return chunks
+        if hits and len(hits) == len(fresh):  # every text held (a job run again): all served
+            return self._serve(chunks, keyed, keys, hits, rows)
         return self._hold(chunks, keyed, hits, rows)
+
+    def _serve(
+        self,
+        chunks: list[Chunk],
+        keyed: list[Chunk],
+        keys: list[bytes],
+        hits: dict[bytes, FloatArray],
+        rows: RowSink,
+    ) -> list[Chunk]:
+        """What :meth:`_hold` does when the cache holds every key: ``keyed`` put in ``rows``
+        without a Python step per chunk, and the chunks that were not keyed sent."""
+        rows.put(keyed, np.stack(list(map(hits.__getitem__, keys))))
+        self.stats.cached += len(keyed)
+        if keyed is chunks:
+            return []
+        served = set(map(id, keyed))
+        return [chunk for chunk in chunks if id(chunk) not in served]
 
     def _hold(
         self, chunks: list[Chunk], keyed: list[Chunk], hits: dict[bytes, FloatArray], rows: RowSink

@@ -207,3 +207,30 @@ async def test_dedup_holds_each_repeat_of_a_text_on_its_way_whatever_block_it_is
         assert await dedup.admit(fourth, rows) == fourth[:1]  # a repeat within one block
         await dedup.answered(fourth[:1], vectors[:1], rows)
         np.testing.assert_array_equal(rows.put_rows[10], vectors[0])
+
+
+async def test_a_block_the_cache_holds_whole_is_served_row_by_row_and_sends_the_rest(
+    tmp_path: Path,
+) -> None:
+    # Every text of the block is cached (a job run again): each row gets its own text's
+    # vector, a repeat included, and only what cannot be keyed (an image) is sent.
+    stats = JobStats()
+    spec = DEFAULT_CATALOG[M3]
+    rows = _Rows()
+    texts = ["a", "b", "c"]
+    vectors = np.arange(12, dtype=np.float32).reshape(3, 4)
+    async with EmbeddingCache(tmp_path / "cache.sqlite") as cache:
+        await cache.store(M3, 4, cache.keys(texts), vectors)
+        dedup = Dedup(cache, spec, 4, stats, scope=M3, truncating=False)
+        image = Chunk(0, 0, 0, {"image": "data:image/png;base64,AAAA"}, 1024)
+        mixed = [image, *(Chunk(1 + n, 1 + n, 0, t, 3) for n, t in enumerate(["c", "a", "c"]))]
+        assert await dedup.admit(mixed, rows) == [image]
+        keys = dedup.keys(["b", "a"])
+        assert keys is not None
+        pairs = enumerate(zip("ba", keys, strict=True))
+        keyed = [Chunk(4 + n, 4 + n, 0, text, 3, key=key) for n, (text, key) in pairs]
+        assert await dedup.admit_keyed(keyed, keys, rows) == []
+    assert sorted(rows.put_rows) == [1, 2, 3, 4, 5]
+    for unit, row in zip([1, 2, 3, 4, 5], [2, 0, 2, 1, 0], strict=True):
+        np.testing.assert_array_equal(rows.put_rows[unit], vectors[row])
+    assert (stats.cached, stats.deduplicated) == (5, 0)
