@@ -23,6 +23,12 @@ thread, interpreter start included): on a busy machine the wall time varies with
 CPU much less. In ``demo`` the server is inside the job's process: the first request's arrival
 is when the server's handler gets it, marked by the same wrapper.
 
+``--instructions`` counts instead, once per scenario (``demo``, ``tpm``, ``rpm``, ``big``), the
+instructions the job's process runs until its client first sends, every thread and interpreter
+start included: the same command under valgrind's cachegrind, stopped at that send. The count
+does not move with the load (to about 0.1%), so it compares two versions on a busy machine; it
+leaves out what is waited for (a disk's fsync, the server), and two threads' overlap.
+
 sfembed's bytecode is compiled first, as an installed package's is (a process that may not write
 ``__pycache__``, as with PYTHONDONTWRITEBYTECODE, would compile every module at each start:
 some 80 ms more here). ``--no-bytecode`` measures that case.
@@ -47,6 +53,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 from _harness import table
@@ -66,7 +73,7 @@ ROOT = Path(sfembed.__file__).parent.parent
 # "server MONOTONIC" when a local server in this process first receives. An audit hook patches
 # the two methods once their modules are imported; it imports nothing itself.
 _MARKED = r"""
-import sys, time
+import os, sys, time
 mark = sys.argv.pop(1)
 todo = {"sfembed._testing.server": ("LocalServer", "_respond", "server"),
         "aiohttp.client": ("ClientSession", "_request", "client")}
@@ -78,6 +85,8 @@ def patch(cls, name, what):
             cpu = f" {time.process_time()!r}" if what == "client" else ""
             with open(mark, "a") as out:
                 out.write(f"{what} {time.monotonic()!r}{cpu}\n")
+            if what == "client" and os.environ.get("SFEMBED_BENCH_STOP_AT_SEND"):
+                os._exit(0)
         return await real(self, *args, **kwargs)
     setattr(cls, name, first)
 def hook(event, args):
@@ -130,20 +139,11 @@ def _big_texts() -> list[str]:
 def first_request_external(name: str, source: Path, workdir: Path) -> tuple[float, float]:
     """Seconds from spawning the job to its first request at a server in another process, and
     the job's CPU seconds until it sent it."""
-    profile = PROFILES["tpm" if name == "big" else name]
-    limits = testing.ModelLimits(rpm=profile.rpm, tpm=profile.tpm)
-    config = testing.ServerConfig(window_s=WINDOW_S, default_limits=limits)
-    parent, child = mp.Pipe()
-    server = mp.get_context("spawn").Process(target=_serve_first, args=(config, child))
-    server.start()
+    parent, server = _server(name)
     try:
         url = parent.recv()
         mark = workdir / "marks"
-        command = [
-            *(sys.executable, "-c", _MARKED, str(mark), "embed", str(source)),
-            *("--out", str(workdir / "out.npy"), "--base-url", url, "--model", profile.model),
-            *("--rpm", str(profile.rpm), "--tpm", str(profile.tpm), "--window-s", str(WINDOW_S)),
-        ]
+        command = [sys.executable, "-c", _MARKED, str(mark), *_job(name, source, workdir, url)]
         env = {**os.environ, "SILICONFLOW_API_KEY": KEY}
         started = time.monotonic()
         job = subprocess.Popen(
@@ -162,15 +162,72 @@ def first_request_external(name: str, source: Path, workdir: Path) -> tuple[floa
             server.kill()
 
 
+def _server(name: str) -> tuple[Connection, BaseProcess]:
+    """A started local server process for scenario ``name`` (see ``_serve_first``), and the
+    pipe that gives its URL."""
+    profile = PROFILES["tpm" if name == "big" else name]
+    limits = testing.ModelLimits(rpm=profile.rpm, tpm=profile.tpm)
+    config = testing.ServerConfig(window_s=WINDOW_S, default_limits=limits)
+    parent, child = mp.Pipe()
+    server = mp.get_context("spawn").Process(target=_serve_first, args=(config, child))
+    server.start()
+    return parent, server
+
+
+def _job(name: str, source: Path, workdir: Path, url: str = "") -> list[str]:
+    """The command line's arguments of scenario ``name``: ``make demo``'s, or the pacing
+    profile's defaults against ``url``."""
+    if name == "demo":
+        return [
+            *("embed", "--local", str(ROOT / "sfembed/data/sample.jsonl")),
+            *("--out", str(workdir / "demo.npy"), "--model", "BAAI/bge-m3"),
+            *("--rpm", "600", "--tpm", "300000", "--window-s", "6", "--no-cache"),
+        ]
+    profile = PROFILES["tpm" if name == "big" else name]
+    return [
+        *("embed", str(source), "--out", str(workdir / "out.npy"), "--base-url", url),
+        *("--model", profile.model, "--rpm", str(profile.rpm), "--tpm", str(profile.tpm)),
+        *("--window-s", str(WINDOW_S)),
+    ]
+
+
+def instructions(name: str, source: Path, workdir: Path) -> int:
+    """Instructions the job's process runs until its client first sends (every thread and the
+    interpreter's start), counted by valgrind's cachegrind."""
+    parent, server = (None, None) if name == "demo" else _server(name)
+    try:
+        url = parent.recv() if parent is not None else ""
+        command = [
+            *("valgrind", "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null"),
+            *(
+                sys.executable,
+                "-c",
+                _MARKED,
+                str(workdir / "marks"),
+                *_job(name, source, workdir, url),
+            ),
+        ]
+        env = {
+            **os.environ,
+            "SILICONFLOW_API_KEY": KEY,
+            "SFEMBED_BENCH_STOP_AT_SEND": "1",
+            "PYTHONHASHSEED": "0",
+        }
+        done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True)
+    finally:
+        if server is not None:
+            server.kill()
+            server.join()
+    found = re.search(r"I\s+refs:\s+([\d,]+)", done.stderr)
+    if found is None or "client" not in _marks(workdir / "marks"):
+        raise RuntimeError(f"no count for {name}: {done.stderr[-2000:]}")
+    return int(found.group(1).replace(",", ""))
+
+
 def demo(workdir: Path) -> tuple[float, float, float, float]:
     """(first request s, CPU s before it, wall s, TPM utilisation) of ``make demo``'s command."""
     mark = workdir / "marks"
-    command = [
-        *(sys.executable, "-c", _MARKED, str(mark), "embed", "--local"),
-        *(str(ROOT / "sfembed/data/sample.jsonl"), "--out", str(workdir / "demo.npy")),
-        *("--model", "BAAI/bge-m3", "--rpm", "600", "--tpm", "300000", "--window-s", "6"),
-        "--no-cache",
-    ]
+    command = [sys.executable, "-c", _MARKED, str(mark), *_job("demo", Path(), workdir)]
     started = time.monotonic()
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, check=True)
     wall = time.monotonic() - started
@@ -196,6 +253,11 @@ def main() -> None:
     parser.add_argument("--scenario", default="demo,tpm,rpm,big,help", help="comma-separated")
     parser.add_argument("--repeat", type=int, default=5, help="runs per scenario")
     parser.add_argument("--no-bytecode", action="store_true", help="leave sfembed uncompiled")
+    parser.add_argument(
+        "--instructions",
+        action="store_true",
+        help="count the instructions until the first send, once per scenario (valgrind)",
+    )
     args = parser.parse_args()
     package = Path(sfembed.__file__).parent
     if args.no_bytecode:
@@ -217,6 +279,15 @@ def main() -> None:
                 _write_jsonl(source, documents(PROFILES[name]))
             elif name == "big":
                 _write_jsonl(source, _big_texts())
+            if args.instructions and name == "help":
+                continue  # no first send
+            if args.instructions:
+                workdir = base / "run"
+                shutil.rmtree(workdir, ignore_errors=True)
+                workdir.mkdir()
+                count = instructions(name, source, workdir)
+                rows.append((name, "instructions to the first send", f"{count / 1e6:,.1f} M"))
+                continue
             for _ in range(args.repeat):
                 workdir = base / "run"
                 shutil.rmtree(workdir, ignore_errors=True)
@@ -241,7 +312,8 @@ def main() -> None:
                 rows.append((name, "wall", spread(walls, seconds)))
                 rows.append((name, "TPM utilisation", spread(shares, lambda u: f"{u:.1%}")))
     print(f"sfembed from {package}; load average at the start: {load:.1f}")
-    print(f"median (min-max) of {args.repeat} runs")
+    if not args.instructions:
+        print(f"median (min-max) of {args.repeat} runs")
     print(table(rows, ("scenario", "figure", "value")))
 
 
