@@ -1,6 +1,6 @@
 """Response bodies -> float32 arrays in input order, with the response's indices checked.
 
-The hot path of a job: base64 vectors are decoded from the body itself, never made into Python
+The hot path of a job: base64 vectors are cut out of the body as bytes, never made into Python
 strings, and go from decoded bytes straight to numpy (``frombuffer``); float lists go through
 orjson and one numpy conversion. No per-float Python work happens here.
 """
