@@ -42,6 +42,7 @@ _CLASSES = (
     "symbol",
     "astral",
     "control",
+    "free",
 )
 (
     _SEP,
@@ -57,14 +58,16 @@ _CLASSES = (
     _SYMBOL,
     _ASTRAL,
     _CONTROL,
+    _FREE,  # a lone " ", set apart by the runs (see ``_runs``): priced at zero by every family
 ) = range(len(_CLASSES))
 
 #: The classes a space won't join.
 _APART = (_DIGIT, _CJK, _KANA, _HANGUL, _SYMBOL, _ASTRAL)
-#: A run and the next one as one byte, ``kind << 4 | following``: the pairs where the run is a
-#: gap (whitespace before a class a space won't join) or a joint (letters touching digits).
+#: A run and the next one as one number below 256, ``kind << 4 | following``: the pairs where
+#: the run is a gap (whitespace before a class a space won't join) or a joint (letters touching
+#: digits).
 _GAP_PAIRS = np.zeros(256, dtype=np.bool_)
-_GAP_PAIRS[[_SPACE << 4 | kind for kind in _APART]] = True
+_GAP_PAIRS[[space << 4 | kind for space in (_SPACE, _FREE) for kind in _APART]] = True
 _JOINT_PAIRS = np.zeros(256, dtype=np.bool_)
 _JOINT_PAIRS[[_LETTER << 4 | _DIGIT, _DIGIT << 4 | _LETTER]] = True
 _MARKED_PAIRS = _GAP_PAIRS | _JOINT_PAIRS
@@ -97,14 +100,13 @@ class _Prices:
     def cost(self, runs: _Runs) -> CostArray:
         """Fractional tokens of each run. The terms that are zero for most runs (capitals,
         gaps, joints) are added only where they are not: adding 0.0 changes no sum, so each
-        cost is the plain formula's to the bit. A joint's run costs nothing by the formula
-        (its class is priced at zero), so only the lone spaces are set to zero."""
+        cost is the plain formula's to the bit. A joint's run and a lone space's cost nothing
+        by the formula: their classes are priced at zero."""
         kinds = runs.kinds
         price: CostArray = _array(self.base).take(kinds)
         price += runs.lengths * _array(self.rate).take(kinds)
         if runs.cased.size:
             price[runs.cased] += runs.uppers * self.upper + runs.humps * self.hump
-        np.putmask(price, runs.free, 0.0)
         marked = np.flatnonzero(_MARKED_PAIRS.take(runs.pairs))
         price[marked] += _marks(self.gap, self.joint).take(runs.pairs[marked])
         return price
@@ -251,18 +253,17 @@ def _classify(code: int) -> int:
 class _Runs:
     """Maximal runs of one class: first character, length and class of each; the runs that
     hold ASCII capitals (``cased``, in order) with their capitals and humps (a capital after a
-    small letter); the runs that cost nothing (``free``, a mask: a lone " "; a joint between
-    texts costs nothing by its class's prices); and each run's class with the next one's,
-    ``kind << 4 | following`` (a joint after the last)."""
+    small letter); and each run's class with the next one's, ``kind << 4 | following`` (a
+    joint after the last). A lone " " is a run of its own class, ``_FREE``: it costs nothing
+    (but its gap), as a run of one character is set apart before its class is taken."""
 
     starts: IntArray
     lengths: IntArray
-    kinds: ClassArray
+    kinds: IntArray
     cased: IntArray
     uppers: IntArray
     humps: IntArray
-    free: npt.NDArray[np.bool_]
-    pairs: ClassArray
+    pairs: IntArray
 
 
 def _runs(text: str, separators: IntArray | None = None) -> _Runs:
@@ -270,17 +271,22 @@ def _runs(text: str, separators: IntArray | None = None) -> _Runs:
     codes, classes = _classes(text)
     if separators is not None:
         classes[separators] = _SEP
-    change = np.ones(codes.size, dtype=np.bool_)  # a run starts at each change of class
-    np.not_equal(classes[1:], classes[:-1], out=change[1:])
-    starts = np.flatnonzero(change).astype(np.int64, copy=False)
+    change = np.ones(codes.size + 1, dtype=np.bool_)  # a run starts at each change of class
+    np.not_equal(classes[1:], classes[:-1], out=change[1:-1])
+    starts = np.flatnonzero(change[:-1]).astype(np.int64, copy=False)
+    # A lone " " (a run of one character, by the changes on both sides) becomes a _FREE run:
+    # found in a few passes over the characters, not by a take per run.
+    lone = codes == 0x20
+    lone &= change[:-1]
+    lone &= change[1:]
+    classes += lone.view(np.uint8) * np.uint8(_FREE - _SPACE)
     lengths = np.diff(starts, append=codes.size)
-    kinds = classes.take(starts)
-    pairs = np.left_shift(kinds, np.uint8(4))
+    # As indices (intp): each take by them would otherwise cast them first.
+    kinds = classes.take(starts).astype(np.intp)
+    pairs = kinds << 4
     pairs[:-1] |= kinds[1:]  # and _SEP, zero, after the last
     cased, uppers, humps = _capitals(codes, starts)
-    free = lengths == 1
-    free &= codes.take(starts) == 0x20
-    return _Runs(starts, lengths, kinds, cased, uppers, humps, free, pairs)
+    return _Runs(starts, lengths, kinds, cased, uppers, humps, pairs)
 
 
 _NONE = np.zeros(0, dtype=np.int64)
