@@ -256,7 +256,8 @@ class Intake:
         cache key when the job keys texts up front), and packed."""
         size = len(block)
         limit = self.splitter.limit
-        charged = tokens if max(tokens) <= limit else [min(n, limit) for n in tokens]
+        most = max(tokens)
+        charged = tokens if most <= limit else [min(n, limit) for n in tokens]
         sent = normalise_all(block)
         keys = self.dedup.keys(sent)
         zero = itertools.repeat(0)  # endless, so one serves every column of zeros
@@ -274,11 +275,12 @@ class Intake:
                 itertools.repeat(None) if keys is None else keys,
             )
         )
+        most = min(most, limit)  # the packer's bound of tokens (no weight: none was counted)
         if keys is None:
-            await self._pack(chunks)
+            admitted = await self.dedup.admit(chunks, self._rows)
         else:
             admitted = await self.dedup.admit_keyed(chunks, keys, self._rows)
-            await self._send(list(self.packer.add(admitted)))
+        await self._send(list(self.packer.add(admitted, most=most)))
 
     def _some_rows(
         self,

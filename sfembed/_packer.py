@@ -39,10 +39,13 @@ class Packer:
         self._open: list[Chunk] = []
         self._tokens = 0
 
-    def add(self, chunks: Sequence[Chunk]) -> Iterator[list[Chunk]]:
-        """Add chunks in order; yields each request as it fills."""
+    def add(self, chunks: Sequence[Chunk], *, most: int | None = None) -> Iterator[list[Chunk]]:
+        """Add chunks in order; yields each request as it fills. ``most``, when the caller
+        knows one, is at least every chunk's tokens and weight (else they are looked at)."""
         alone = self.alone_over
-        if chunks and alone is not None and max(_largest(chunks)) > alone:
+        if most is None and chunks and alone is not None:
+            most = max(_largest(chunks))
+        if chunks and alone is not None and most is not None and most > alone:
             yield from self._add_each(chunks, alone)
         else:  # the usual chunks, none near the limit: a request's worth at a time
             yield from self._add_runs(chunks)
