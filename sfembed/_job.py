@@ -561,7 +561,7 @@ class _Feed:
         where = ids.take(batch)
         if batch.failures:
             summary.failed += self.errors.write(batch, where.places(), with_source=several)
-        placed = dataclasses.replace(batch, positions=batch.positions + offset)
+        placed = dataclasses.replace(batch, positions=batch.positions + offset) if offset else batch
         places = list(zip(where.sources, where.lines, strict=True)) if several else None
         kept: list[tuple[object, ...]] | None = None
         if self.job.format == "lance":
