@@ -108,7 +108,7 @@ def normalise_all(texts: Sequence[str]) -> list[str]:
     except TypeError:
         joined = "\r"  # not all texts: normalise says which
     if joined.isascii() and "\r" not in joined:
-        return [text.strip() for text in texts]
+        return list(map(str.strip, texts))
     return [normalise(text) for text in texts]
 
 

@@ -171,9 +171,14 @@ class _Ids:
     first: int = 0  # input position of the first record of pending[0]
 
     def feed(self, blocks: Iterator[Block]) -> Iterator[str | dict[str, str] | Unusable]:
+        """The records of ``blocks``, each block's places kept as it is reached: chained in C,
+        not a generator's step per record."""
+        return itertools.chain.from_iterable(self._inputs(blocks))
+
+    def _inputs(self, blocks: Iterator[Block]) -> Iterator[list[str | dict[str, str] | Unusable]]:
         for block in blocks:
             self.pending.append(block.places)
-            yield from block.inputs
+            yield block.inputs
 
     def take(self, batch: EmbeddedBatch) -> _Taken:
         """The places of the batch's rows, dropping the records this batch ends (it ends
