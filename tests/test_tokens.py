@@ -592,6 +592,16 @@ def test_the_class_table_filled_as_texts_come_classifies_as_the_whole_table_woul
     assert _estimator._UNKNOWN not in _estimator._BMP_CLASSES
 
 
+def test_new_code_points_are_classified_in_bulk_as_one_at_a_time() -> None:
+    # The table may be filled already by other tests: the bulk rule is checked on its own,
+    # over every BMP point and over a few out of order, against the rule for one point.
+    everything = np.arange(0x10000, dtype=np.intp)
+    one_by_one = np.array([_estimator._classify(code) for code in range(0x10000)], dtype=np.uint8)
+    np.testing.assert_array_equal(_estimator._classified(everything), one_by_one)
+    few = np.array([0xFE0F, 0x20, 0x4E00, 0x3042, 0xAC00, 0x0416, 0x0660, 0x9FFF, 0x7F, 0x85])
+    np.testing.assert_array_equal(_estimator._classified(few), one_by_one[few])
+
+
 _APART = {_estimator._DIGIT, _estimator._CJK, _estimator._KANA, _estimator._HANGUL}
 _APART |= {_estimator._SYMBOL, _estimator._ASTRAL}  # the classes a space before is a token
 
