@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from ._codepoints import CodePointTable
 from ._types import IntArray, Span
 
 __all__ = ["CharClassEstimator"]
@@ -206,26 +207,6 @@ _ANY_FAMILY = tuple(_PRICES.values())  # an unknown tokenizer: the largest of th
 _PRICES["qwen3-vl"] = _PRICES["qwen3"]
 
 
-_UNKNOWN = 255
-#: The class of each BMP code point, filled in as texts bring new ones: the whole table took
-#: 30-50 ms of a job's start-up, before its first request, and a corpus uses a few thousand.
-_BMP_CLASSES = np.full(0x10000, _UNKNOWN, dtype=np.uint8)
-
-
-def _bmp_classes(codes: npt.NDArray[np.uint32]) -> npt.NDArray[np.uint8]:
-    """The class of each of ``codes`` (BMP code points), classifying those not met before.
-    Threads may fill the table at once: they write the same values."""
-    classes = _BMP_CLASSES[codes]
-    unknown = classes == _UNKNOWN
-    if unknown.any():
-        met = np.zeros(0x10000, dtype=np.bool_)  # not np.unique: it imports numpy.ma (20 ms)
-        met[codes[unknown]] = True
-        new = np.flatnonzero(met)
-        _BMP_CLASSES[new] = _classified(new)
-        classes[unknown] = _BMP_CLASSES[codes[unknown]]
-    return classes
-
-
 def _classified(codes: IntArray) -> npt.NDArray[np.uint8]:
     """``_classify`` of each of ``codes`` (BMP code points), by C calls mapped over the points
     and numpy over their results, not a Python step per point: a corpus of many scripts
@@ -250,6 +231,10 @@ def _classified(codes: IntArray) -> npt.NDArray[np.uint8]:
     classes[ascii_] = np.frombuffer(_ascii_classes(), dtype=np.uint8)[codes[ascii_]]
     classes[np.fromiter(map(str.isspace, chars), dtype=np.bool_, count=codes.size)] = _SPACE
     return classes
+
+
+#: The estimator's class of each BMP code point, as texts bring them.
+_bmp_classes = CodePointTable(_classified)
 
 
 #: Kana and Hangul, as ``_classify`` tells them apart (after CJK, before the categories).

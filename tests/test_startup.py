@@ -419,9 +419,9 @@ def test_a_local_server_starts_without_its_token_class_table_and_fills_what_text
         "    async with LocalServer():\n"
         "        pass\n"
         "asyncio.run(start())\n"
-        "print(int((tokenizer._BMP_CLASSES != tokenizer._UNKNOWN).sum()))\n"
+        "print(int((tokenizer._bmp_classes.table != tokenizer._bmp_classes.UNKNOWN).sum()))\n"
         "print(tokenizer.text_tokens(['abc 12', 'xyz']))\n"
-        "print(int((tokenizer._BMP_CLASSES != tokenizer._UNKNOWN).sum()))"
+        "print(int((tokenizer._bmp_classes.table != tokenizer._bmp_classes.UNKNOWN).sum()))"
     )
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=60

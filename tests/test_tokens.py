@@ -589,7 +589,7 @@ def test_the_class_table_filled_as_texts_come_classifies_as_the_whole_table_woul
     expected = np.array([_estimator._classify(int(code)) for code in shuffled], dtype=np.uint8)
     np.testing.assert_array_equal(whole, expected)
     np.testing.assert_array_equal(again, expected[:1000])
-    assert _estimator._UNKNOWN not in _estimator._BMP_CLASSES
+    assert _estimator._bmp_classes.UNKNOWN not in _estimator._bmp_classes.table
 
 
 def test_new_code_points_are_classified_in_bulk_as_one_at_a_time() -> None:

@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from .._codepoints import CodePointTable
+
 # Every character falls in a class; a run of one class costs ceil(run / width) tokens. This mimics
 # subword tokenizers (about 5 letters or 3 digits a token, one per CJK char or symbol) closely
 # enough that a client counting with a real tokenizer is tested against a plausible server count.
@@ -44,27 +46,6 @@ def _classify(code: int) -> int:
     return _LETTER if category[0] in "LM" else _SINGLE
 
 
-_UNKNOWN = 255
-#: The class of each BMP code point, filled in as texts bring new ones: the whole table took
-#: 27 ms of a local server's start, before a demo's first request, and a corpus meets a few
-#: thousand points (a request classifies its new ones in bulk, 0.4 us each).
-_BMP_CLASSES = np.full(0x10000, _UNKNOWN, dtype=np.uint8)
-
-
-def _bmp_classes(codes: npt.NDArray[np.uint32]) -> npt.NDArray[np.uint8]:
-    """The class of each of ``codes`` (BMP code points), classifying those not met before.
-    Threads may fill the table at once: they write the same values."""
-    classes = _BMP_CLASSES[codes]
-    unknown = classes == _UNKNOWN
-    if unknown.any():
-        met = np.zeros(0x10000, dtype=np.bool_)
-        met[codes[unknown]] = True
-        new = np.flatnonzero(met)
-        _BMP_CLASSES[new] = _classified(new)
-        classes[unknown] = _BMP_CLASSES[codes[unknown]]
-    return classes
-
-
 def _classified(codes: npt.NDArray[np.intp]) -> npt.NDArray[np.uint8]:
     """``_classify`` of each of ``codes`` (at least one), in numpy: one point at a time took
     four times as long, a pause a server on the loop of a client with a short read timeout must
@@ -78,6 +59,11 @@ def _classified(codes: npt.NDArray[np.intp]) -> npt.NDArray[np.uint8]:
     for low, high in _CJK:
         classes[(codes >= low) & (codes <= high)] = _SINGLE
     return classes
+
+
+#: The server's class of each BMP code point, as texts bring them (the whole table took 27 ms of
+#: a local server's start, before a demo's first request).
+_bmp_classes = CodePointTable(_classified)
 
 
 _classify_astral = lru_cache(maxsize=4096)(_classify)
