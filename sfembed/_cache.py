@@ -126,9 +126,11 @@ class EmbeddingCache:
     """Vectors already embedded, keyed by (model, dims, hash of the normalised text).
 
     Opening creates ``path`` (and its vectors file, ``path`` + ``-vectors``) if need be (not
-    their directory); it blocks for the few milliseconds the open takes. Raises ConfigError
-    naming ``path`` when it cannot be opened or created, is not an sfembed cache, or has a newer
-    schema version. An async context manager that closes.
+    their directory); it blocks for the few milliseconds the open takes, or while another
+    process or cache holds the file locked (jobs started together creating it), for up to
+    30 s. Raises ConfigError naming ``path`` when it cannot be opened or created (locked all
+    that time, say), is not an sfembed cache, or has a newer schema version. An async context
+    manager that closes.
 
     Rows are written in blocks of ``write_rows`` (1: every row as it is stored), and their
     index entries once ``index_rows`` rows are written.

@@ -48,11 +48,13 @@ keeps serving.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import sqlite3
 import threading
+import time
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -146,6 +148,8 @@ _INDEXER_CACHE_KIB = 512  # the indexer's SQLite page cache
 _IN_KEYS = 500  # keys per SELECT: with the scope, 501 variables, below the 999 of old SQLite
 _WRITTEN_BITS = 1 << 23  # the filter of keys written (1 MiB): 3 in 1,000 false at 500,000 keys
 _BUSY_TIMEOUT_S = 30.0  # how long to wait for another process's write transaction
+_RETRY_FIRST_S = 0.002  # opening: the first pause before trying again a step found busy
+_RETRY_MOST_S = 0.1  # and the longest, the pauses doubling in between
 _VECTORS_SUFFIX = "-vectors"
 
 _SCHEMA = (
@@ -160,6 +164,8 @@ _SELECT = "SELECT key, offset, checksum FROM entries WHERE scope = ? AND key IN 
 _INSERT = "INSERT OR REPLACE INTO entries (scope, key, offset, checksum) VALUES "
 _LEGACY_SELECT = "SELECT key, vector FROM vectors WHERE model = ? AND dims = ? AND key IN "
 _FILLED = "SELECT model, dims FROM scopes WHERE EXISTS (SELECT 1 FROM entries WHERE scope = id)"
+
+log = logging.getLogger("sfembed")
 
 
 def vectors_path(path: Path) -> Path:
@@ -414,6 +420,9 @@ class Indexer:
         self._scopes: dict[tuple[str, int], int] = {}
         try:
             self.filled, self._version = _snapshot(self.db)
+        except sqlite3.Error as error:
+            self.db.close()
+            raise _refusal(path, error) from error
         except BaseException:
             self.db.close()
             raise
@@ -703,10 +712,10 @@ def _connect(path: Path, *, prepare: bool = True) -> sqlite3.Connection:
             path, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=prepare
         )
     except sqlite3.Error as error:
-        raise ConfigError(f"cannot open embedding cache {str(path)!r}: {error}") from error
+        raise _refusal(path, error) from error
     try:
         if prepare:
-            _prepare(db, path)
+            _until_free(db, path, functools.partial(_prepare, db, path))
         else:
             db.execute("PRAGMA synchronous = NORMAL")  # per connection; WAL is the file's
             # Its transactions insert in key order, each page once: a cache of the B-tree's
@@ -714,38 +723,89 @@ def _connect(path: Path, *, prepare: bool = True) -> sqlite3.Connection:
             db.execute(f"PRAGMA cache_size = -{_INDEXER_CACHE_KIB}")
     except sqlite3.Error as error:
         db.close()
-        raise ConfigError(f"cannot open embedding cache {str(path)!r}: {error}") from error
+        raise _refusal(path, error) from error
     except BaseException:
         db.close()
         raise
     return db
 
 
+def _refusal(path: Path, error: sqlite3.Error) -> ConfigError:
+    """The error of a cache that cannot be opened, naming it and the cause."""
+    if _busy(error):
+        return ConfigError(
+            f"cannot open embedding cache {str(path)!r}: another process (or another cache "
+            f"on the same file) held it locked for the {_BUSY_TIMEOUT_S:g} s a cache waits "
+            f"({error})"
+        )
+    return ConfigError(f"cannot open embedding cache {str(path)!r}: {error}")
+
+
+def _busy(error: sqlite3.Error) -> bool:
+    """Whether ``error`` is SQLITE_BUSY (any of its extended codes): another connection held a
+    lock that this one needed."""
+    return error.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY
+
+
+def _until_free(db: sqlite3.Connection, path: Path, step: Callable[[], None]) -> None:
+    """Run ``step`` (which may be run again from its start), again while it fails for a lock
+    another connection holds, for up to ``_BUSY_TIMEOUT_S`` in all.
+
+    The busy handler does not always wait: SQLite refuses at once, rather than deadlock, a
+    connection that holds a read lock and asks for a write lock another connection holds. The
+    switch to WAL is such a step (it reads the file's header, then writes it), so two jobs
+    creating the same cache at once found "database is locked" here. The step then finds the
+    file switched by the other, or switches it itself. Raises the last sqlite3.Error."""
+    deadline = time.monotonic() + _BUSY_TIMEOUT_S
+    pause = _RETRY_FIRST_S
+    while True:
+        try:
+            step()
+            return
+        except sqlite3.Error as error:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            if not _busy(error) or time.monotonic() + pause > deadline:
+                raise
+            if pause == _RETRY_FIRST_S:
+                log.debug("embedding cache %r is locked by another opener: waiting", str(path))
+        time.sleep(pause)
+        pause = min(2 * pause, _RETRY_MOST_S)
+
+
 def _prepare(db: sqlite3.Connection, path: Path) -> None:
     """Create the tables in an empty database, check (and upgrade) an existing one, then set
-    the journal."""
+    the journal. Each step may be run again: another process may be doing the same."""
     # Reading the schema is the first read of the file: junk fails here, "not a database".
     tables = db.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table'").fetchone()[0]
     if tables == 0:
         _create(db)
     if _version(db, path) < SCHEMA_VERSION:
-        _create(db)  # version 1: the index beside the old rows, which stay readable
+        _create(db, upgrade=True)  # version 1: the index beside the old rows, kept
     # Only now: another program's SQLite file must not be switched to WAL by a wrong path.
     db.execute("PRAGMA journal_mode = WAL")
     db.execute("PRAGMA synchronous = NORMAL")
 
 
-def _create(db: sqlite3.Connection) -> None:
-    # IF NOT EXISTS and OR IGNORE: another process may be creating the same file right now.
+def _create(db: sqlite3.Connection, *, upgrade: bool = False) -> None:
+    """Make the tables that are missing; raise the schema version if ``upgrade``."""
+    # IF NOT EXISTS and OR IGNORE: another process may be creating the same file right now,
+    # perhaps a newer sfembed, whose version must stay: only an upgrade raises it.
     db.execute("BEGIN IMMEDIATE")
     try:
         for statement in _SCHEMA:
             db.execute(statement)
+        version = str(SCHEMA_VERSION)
         db.execute("INSERT OR IGNORE INTO meta (name, value) VALUES ('format', ?)", (_FORMAT,))
         db.execute(
-            "INSERT OR REPLACE INTO meta (name, value) VALUES ('schema_version', ?)",
-            (str(SCHEMA_VERSION),),
+            "INSERT OR IGNORE INTO meta (name, value) VALUES ('schema_version', ?)", (version,)
         )
+        if upgrade:
+            db.execute(
+                "UPDATE meta SET value = ? WHERE name = 'schema_version' "
+                "AND CAST(value AS INTEGER) < ?",
+                (version, SCHEMA_VERSION),
+            )
         db.execute("COMMIT")
     except BaseException:
         if db.in_transaction:
@@ -758,7 +818,9 @@ def _version(db: sqlite3.Connection, path: Path) -> int:
     not_ours = ConfigError(f"{str(path)!r} is an SQLite file but not an sfembed embedding cache")
     try:
         meta = dict(db.execute("SELECT name, value FROM meta"))
-    except sqlite3.OperationalError:  # no meta table, or not the columns we wrote
+    except sqlite3.OperationalError as error:  # no meta table, or not the columns we wrote
+        if _busy(error):  # or locked: waited for and tried again
+            raise
         raise not_ours from None
     if meta.get("format") != _FORMAT:
         raise not_ours
