@@ -1,4 +1,5 @@
-"""Shared by the benchmarks: a local server in a child process, and per-window figures.
+"""Shared by the benchmarks: a local server in a child process, per-window figures, and the
+removal of a run's big files (inputs, outputs, caches: gigabytes at the larger sizes).
 
 The server runs in its own process so that its CPU does not count against the client's and its
 clock judges the limits exactly as a remote server would. At the end it hands back its log of
@@ -8,14 +9,17 @@ accepted requests (arrival time, tokens) and its status counts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import multiprocessing as mp
+import shutil
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -183,3 +187,28 @@ def table(rows: list[tuple[Any, ...]], header: tuple[str, ...]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def tidy(folder: Path, keep: Collection[str] = ()) -> bool:
+    """Delete ``folder`` with what a run made in it, but the files named in ``keep`` (small
+    logs): the folder stays only to hold those. True when something was kept."""
+    if not folder.exists():
+        return False
+    kept = False
+    for entry in folder.iterdir():
+        if entry.name in keep:
+            kept = True
+        elif entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    if not kept:
+        folder.rmdir()
+    return kept
+
+
+def remove_if_empty(folder: Path) -> None:
+    """Remove ``folder`` if nothing is left in it (a work folder the runs have tidied)."""
+    # Not when something is kept in it (logs, or files not the benchmark's), or it is gone.
+    with contextlib.suppress(OSError):
+        folder.rmdir()

@@ -13,6 +13,10 @@ it, the wall time, rows/s and CPU time. The output is then checked here, memory-
 record i), and every line of the id sidecar naming record i at row i.
 
 The bar: peak RSS under 300 MB, and the same at every N.
+
+Each N's input, output (4 GB at a million documents) and the job's files beside them are in a
+folder of the work directory, deleted once checked, and the work directory then if nothing else is
+in it; ``--keep`` keeps them.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import json
 import os
 import random
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -210,24 +215,44 @@ def main() -> None:
         url, input_path, output_path, concurrency = sys.argv[2:]
         child_main(url, input_path, output_path, int(concurrency))
         return
-    from _harness import server_process
+    from _harness import remove_if_empty
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--counts", default="100000,1000000", help="comma-separated N")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--sample", type=int, default=1000, help="rows spot-checked per run")
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/sfembed-bench-memory"))
-    parser.add_argument("--keep", action="store_true", help="keep the .npy outputs")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path("/tmp/sfembed-bench-memory"),
+        help="folder of the inputs and outputs (default: %(default)s)",
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the inputs and .npy outputs")
     args = parser.parse_args()
     counts = [int(text.replace("_", "")) for text in args.counts.split(",")]
     args.workdir.mkdir(parents=True, exist_ok=True)
+    results: list[tuple[int, dict[str, Any], dict[str, Any]]] = []
+    try:
+        for count in counts:
+            results.append(one_size(count, args))
+    finally:
+        if not args.keep:
+            remove_if_empty(args.workdir)
+    _print(results)
+
+
+def one_size(count: int, args: argparse.Namespace) -> tuple[int, dict[str, Any], dict[str, Any]]:
+    """The job on ``count`` documents: its report and the output's check."""
+    from _harness import server_process, tidy
 
     from sfembed import testing
 
-    results: list[tuple[int, dict[str, Any], dict[str, Any]]] = []
-    for count in counts:
-        input_path = args.workdir / f"docs-{count}.jsonl"
-        output_path = args.workdir / f"out-{count}.npy"
+    folder = args.workdir / f"n{count}"  # the job's files beside its output too (lock, manifest)
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    input_path = folder / "docs.jsonl"
+    output_path = folder / "out.npy"
+    try:
         started = time.monotonic()
         write_input(input_path, count)
         print(f"N={count:,}: input ready ({time.monotonic() - started:.1f} s)", flush=True)
@@ -237,12 +262,10 @@ def main() -> None:
         report["server_429"] = server.rate_limited
         report["server_non_200"] = sum(n for status, n in server.by_status.items() if status != 200)
         print(f"N={count:,}: job done in {report['wall_s']:.1f} s, checking", flush=True)
-        check = verify(output_path, count, args.sample, seed=count)
-        results.append((count, report, check))
+        return count, report, verify(output_path, count, args.sample, seed=count)
+    finally:
         if not args.keep:
-            output_path.unlink(missing_ok=True)
-            output_path.with_suffix(".ids.jsonl").unlink(missing_ok=True)
-    _print(results)
+            tidy(folder)
 
 
 def _print(results: list[tuple[int, dict[str, Any], dict[str, Any]]]) -> None:

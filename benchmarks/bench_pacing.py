@@ -1,9 +1,9 @@
 """Does `sfembed embed`, as a user runs it, finish at the speed of the quota? Four account profiles.
 
     python benchmarks/bench_pacing.py [--profile tpm,rpm,faults,large,long] [--repeat 1]
-        [--workdir DIR] [--trace]
+        [--workdir DIR] [--trace] [--keep]
     python benchmarks/bench_pacing.py --cpu [--cpu-counts 20000,100000[,400000]] [--no-cache]
-        [--repeat 1]
+        [--repeat 1] [--workdir DIR] [--keep]
 
 Each profile runs the local server in a process of its own, shaped like the provider: a sliding
 6 s window, an answer in 30 ms + 5 ms per 1,000 tokens, and a token count of its own (about 14%
@@ -46,6 +46,11 @@ no limits and no latency: the marginal CPU between the first and the last job si
 documents, so that start-up (imports, the interpreter) is left out. Each size prints the job's
 peak RSS too: with a third size (``--cpu-counts 20000,100000,400000``) it shows whether memory
 stays flat as the corpus grows.
+
+Each run works in a folder of its own under ``--workdir`` (input, output, the job's cache: some
+3.3 GB for the 400,000-document ``--cpu`` run), deleted once its figures are taken; with
+``--trace``, or when the job failed, its logs and traces are kept there (the path printed), and
+``--keep`` keeps everything.
 """
 
 from __future__ import annotations
@@ -62,7 +67,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from _harness import ServerReport, _serve, max_sliding, server_process, table, windows
+from _harness import (
+    ServerReport,
+    _serve,
+    max_sliding,
+    remove_if_empty,
+    server_process,
+    table,
+    tidy,
+    windows,
+)
 from _pacing_trace import BOOT, explain, serve_traced
 
 from sfembed import testing
@@ -183,9 +197,30 @@ with open(sys.argv[1], "w") as out:
 """
 
 
-def run_profile(profile: Profile, texts: list[str], workdir: Path, trace: bool = False) -> Run:
+#: What a run keeps of its folder when traced or failed: the job's output streams and figures,
+#: the traces (a few MB at most); never the input, the output or the cache.
+LOGS = ("stdout.txt", "stderr.txt", "launched.json", "trace.json", "server.json")
+
+
+def run_profile(
+    profile: Profile, texts: list[str], workdir: Path, *, trace: bool = False, keep: bool = False
+) -> Run:
+    """One run of the job in ``workdir`` (made afresh), deleted after but for its logs when
+    traced or failed, their place printed (everything, with ``keep``)."""
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
+    run: Run | None = None
+    try:
+        run = _run(profile, texts, workdir, trace)
+        return run
+    finally:
+        if not keep:
+            logs = trace or run is None or run.exit_code != 0
+            if tidy(workdir, LOGS if logs else ()):
+                print(f"{profile.name}: logs kept in {workdir}", file=sys.stderr, flush=True)
+
+
+def _run(profile: Profile, texts: list[str], workdir: Path, trace: bool) -> Run:
     source = workdir / "in.jsonl"
     with open(source, "w", encoding="utf-8") as out:
         for i, text in enumerate(texts):
@@ -280,7 +315,7 @@ def summarise(profile: Profile, run: Run) -> dict[str, str]:
 
 
 def cpu_marginal(
-    counts: list[int], options: tuple[str, ...], workdir: Path, repeat: int = 1
+    counts: list[int], options: tuple[str, ...], workdir: Path, repeat: int = 1, keep: bool = False
 ) -> None:
     """Client CPU of the command per million documents, from the difference of two job sizes
     (the least CPU of ``repeat`` runs of each: other work on the machine only ever adds)."""
@@ -291,7 +326,9 @@ def cpu_marginal(
             latency=False, options=options,
         )  # fmt: skip
         texts = documents(profile)
-        tries = [run_profile(profile, texts, workdir / f"cpu{count}") for _ in range(repeat)]
+        tries = [
+            run_profile(profile, texts, workdir / f"cpu{count}", keep=keep) for _ in range(repeat)
+        ]
         run = min(tries, key=lambda one: one.cpu_s)
         runs.append((count, run))
         each = ", ".join(f"{one.cpu_s:.2f}" for one in tries)
@@ -309,7 +346,12 @@ def main() -> None:
     parser.add_argument(
         "--repeat", type=int, default=1, help="runs per profile (--cpu: per size, least kept)"
     )
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/sfembed-bench-pacing"))
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path("/tmp/sfembed-bench-pacing"),
+        help="folder of the runs' files, one sub-folder each (default: %(default)s)",
+    )
     parser.add_argument("--cpu", action="store_true", help="measure the marginal client CPU")
     parser.add_argument(
         "--cpu-counts",
@@ -321,20 +363,34 @@ def main() -> None:
     parser.add_argument(
         "--trace", action="store_true", help="note the job's limiter and explain each 429"
     )
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep each run's folder whole (input, output, cache; gigabytes at 400,000 "
+        "documents); by default only the logs of a traced or failed run are kept",
+    )
     args = parser.parse_args()
+    try:
+        run_all(args)
+    finally:
+        if not args.keep:
+            remove_if_empty(args.workdir)
+
+
+def run_all(args: argparse.Namespace) -> None:
     if args.cpu:
         counts = [int(count) for count in args.cpu_counts.split(",")]
         options = ("--no-cache",) if args.no_cache else ()
-        cpu_marginal(counts, options, args.workdir, args.repeat)
+        cpu_marginal(counts, options, args.workdir, args.repeat, args.keep)
         return
     results: list[tuple[str, dict[str, str]]] = []
     for name in args.profile.split(","):
         profile = PROFILES[name]
         texts = documents(profile)
         for number in range(args.repeat):
-            summary = summarise(
-                profile, run_profile(profile, texts, args.workdir / f"{name}{number}", args.trace)
-            )
+            folder = args.workdir / f"{name}{number}"
+            run = run_profile(profile, texts, folder, trace=args.trace, keep=args.keep)
+            summary = summarise(profile, run)
             results.append((f"{name}" + (f" #{number + 1}" if args.repeat > 1 else ""), summary))
             print(f"{name}: {summary}", file=sys.stderr, flush=True)
     figures = list(results[0][1])

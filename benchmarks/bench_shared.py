@@ -1,6 +1,7 @@
 """Many processes, one account: do N sfembed processes on a quota shared through Redis hold it?
 
     python benchmarks/bench_shared.py [--workers 2,4,8] [--window-s 6] [--runs shared,alone,...]
+        [--keep]
 
 The local server runs in a process of its own (a sliding window, an answer in 30 ms), a private
 Redis-compatible server in another, and N sfembed processes each embed one shard of one corpus
@@ -19,6 +20,9 @@ time from the first accepted request to the last), 429s, the peak of any sliding
 Jain index of the tokens each process was admitted while all of them were running, rows wrong
 (each row must be the server's vector for its text), Redis round trips per admitted request, and
 for ``kill`` whether any key was left one window after the run.
+
+Each run's outputs go to a temporary folder, deleted once checked (``--keep`` keeps it and prints
+where).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import argparse
 import asyncio
 import multiprocessing as mp
 import os
+import shutil
 import signal
 import tempfile
 import time
@@ -150,12 +155,12 @@ def run(
     workers: int,
     args: argparse.Namespace,
     redis: testing.RedisServer | None,
+    folder: Path,
 ) -> Run:
     limits = testing.ModelLimits(rpm=args.rpm, tpm=args.tpm)
     server = testing.ServerConfig(
         window_s=args.window_s, default_limits=limits, faults=testing.Faults(latency_s=LATENCY_S)
     )
-    folder = Path(tempfile.mkdtemp(prefix="bench_shared_"))
     shards = [texts[i::workers] for i in range(workers)]
     outputs = [folder / f"{name}-{i}.npy" for i in range(workers)]
     context = mp.get_context("spawn")
@@ -351,6 +356,7 @@ def main() -> None:
     parser.add_argument("--documents", type=int, default=4_000)
     parser.add_argument("--outage-s", type=float, default=2.0, help="Redis down this long")
     parser.add_argument("--lead-s", type=float, default=None, help="booking lead (default: own)")
+    parser.add_argument("--keep", action="store_true", help="keep each run's outputs (.npy)")
     args = parser.parse_args()
     texts = list(testing.synthetic_corpus(args.documents, seed=11, long_every=0))
     runs = args.runs.split(",")
@@ -359,7 +365,14 @@ def main() -> None:
             several = name in ("shared", "alone")
             counts = [int(n) for n in args.workers.split(",")] if several else [4]
             for count in counts:
-                summarise(run(name, texts, count, args, redis), args)
+                folder = Path(tempfile.mkdtemp(prefix="bench_shared_"))
+                try:
+                    summarise(run(name, texts, count, args, redis, folder), args)
+                finally:
+                    if args.keep:
+                        print(f"outputs kept in {folder}")
+                    else:
+                        shutil.rmtree(folder)
 
 
 if __name__ == "__main__":
