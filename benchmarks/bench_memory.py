@@ -27,7 +27,6 @@ import json
 import os
 import random
 import resource
-import shutil
 import subprocess
 import sys
 import time
@@ -248,8 +247,7 @@ def one_size(count: int, args: argparse.Namespace) -> tuple[int, dict[str, Any],
     from sfembed import testing
 
     folder = args.workdir / f"n{count}"  # the job's files beside its output too (lock, manifest)
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)  # an input kept (--keep) is used again
     input_path = folder / "docs.jsonl"
     output_path = folder / "out.npy"
     try:
