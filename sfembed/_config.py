@@ -64,13 +64,15 @@ def _count(key: str, value: object, low: int = 1, high: int | None = None) -> No
 
 
 def _seconds(key: str, value: object, *, zero: bool = False, below: float | None = None) -> None:
-    """A number of seconds (or a fraction): above zero, or at least zero, and under ``below``."""
+    """A finite number of seconds (or a fraction): above zero, or at least zero, and under
+    ``below``. An infinite one is refused: it divides to zero (a pace of nothing per window)."""
     number = isinstance(value, int | float) and not isinstance(value, bool)
     low_ok = number and (value >= 0 if zero else value > 0)  # type: ignore[operator]
-    if not low_ok or value != value or (below is not None and value >= below):  # type: ignore[operator]
+    finite = number and abs(value) < float("inf")  # type: ignore[arg-type]  # nan fails too
+    if not low_ok or not finite or (below is not None and value >= below):  # type: ignore[operator]
         low = "0 or more" if zero else "more than 0"
         high = f" and less than {below:g}" if below is not None else ""
-        raise _fail(key, value, f"a number {low}{high}")
+        raise _fail(key, value, f"a finite number {low}{high}")
 
 
 def _text(key: str, value: object, *, empty: bool = False) -> None:

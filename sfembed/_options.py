@@ -29,6 +29,8 @@ def _number(kind: type[Any], least: float, *, above: bool) -> Any:
         except ValueError:
             what = "a whole number" if kind is int else "a number"
             raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not abs(value) < float("inf"):  # nan or inf: not an amount
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
         if value < least or (above and value == least):
             bound = f"over {least:g}" if above else f"at least {least:g}"
             raise argparse.ArgumentTypeError(f"{text} is out of range: it must be {bound}")

@@ -124,8 +124,10 @@ def test_a_setting_not_allowed_names_key_value_and_what_is_allowed(
         (lambda: RateLimits(tpm=0), r"rate\.tpm = 0"),
         (
             lambda: RateLimits(window_s=-1.0),
-            r"rate\.window_s = -1\.0 is not allowed: a number more than 0",
+            r"rate\.window_s = -1\.0 is not allowed: a finite number more than 0",
         ),
+        (lambda: RateLimits(window_s=float("inf")), r"rate\.window_s = inf.*a finite number"),
+        (lambda: Timeouts(grace_s=float("inf")), r"timeouts\.grace_s = inf.*a finite number"),
         (lambda: RateLimits(headroom=0.5), r"rate\.headroom = 0\.5.*0 or more and less than 0\.5"),
         (lambda: RateLimits(window_s=float("nan")), r"rate\.window_s = nan"),
         (lambda: RetryPolicy(max_attempts=0), r"retry\.max_attempts = 0"),
@@ -147,6 +149,9 @@ def test_a_value_not_allowed_in_a_file_names_the_file_and_the_key(tmp_path: Path
         load_settings(path)
     path.write_text("[batch]\nmax_items = -1\n")
     with pytest.raises(ConfigError, match=r"job\.toml.*batch\.max_items = -1"):
+        load_settings(path)
+    path.write_text("[rate]\nwindow_s = inf\n")  # TOML's own infinity
+    with pytest.raises(ConfigError, match=r"job\.toml.*rate\.window_s = inf is not allowed"):
         load_settings(path)
     path.write_text('rate = "fast"\n')
     with pytest.raises(ConfigError, match=r"job\.toml.*rate: must be a table"):

@@ -78,6 +78,9 @@ def test_other_usage_errors_exit_2(
         ("--grace-s", "-1", "must be at least 0"),
         ("--checkpoint-rows", "0", "must be over 0"),
         ("--dimensions", "0", "must be over 0"),
+        ("--window-s", "inf", "'inf' is not a finite number"),
+        ("--window-s", "nan", "'nan' is not a finite number"),
+        ("--grace-s", "infinity", "'infinity' is not a finite number"),
     ],
 )
 def test_a_count_or_time_out_of_range_exits_2_naming_the_flag(
