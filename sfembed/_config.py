@@ -310,6 +310,10 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
                 values = tomllib.load(handle)
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"config {str(path)!r}: {exc}") from None
+        except UnicodeDecodeError as exc:  # TOML is UTF-8: a file saved in another encoding
+            raise ConfigError(
+                f"config {str(path)!r}: not UTF-8 text (byte {exc.start}); save it as UTF-8"
+            ) from None
     where = f"config {str(path)!r}" if path is not None else "settings"
     try:
         settings = _build(Settings, values, where)

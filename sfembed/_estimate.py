@@ -119,4 +119,16 @@ def price_of(model: str, path: Path) -> float:
             table = tomllib.load(handle).get("prices_per_million_tokens", {})
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"prices file {str(path)!r}: {exc}") from None
-    return float(table.get(model, 0.0))
+    except UnicodeDecodeError as exc:  # TOML is UTF-8: a file saved in another encoding
+        raise ConfigError(
+            f"prices file {str(path)!r}: not UTF-8 text (byte {exc.start}); save it as UTF-8"
+        ) from None
+    if not isinstance(table, dict):
+        raise ConfigError(f"prices file {str(path)!r}: prices_per_million_tokens must be a table")
+    price = table.get(model, 0.0)
+    if not isinstance(price, int | float) or isinstance(price, bool) or not 0 <= price < math.inf:
+        raise ConfigError(
+            f"prices file {str(path)!r}: prices_per_million_tokens.{model!r} = {price!r} is "
+            "not allowed: a finite number 0 or more"
+        )
+    return float(price)

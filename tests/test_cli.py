@@ -223,3 +223,27 @@ def test_dry_run_refuses_a_missing_prices_file(
     )
     assert code == 2
     assert "nope.toml" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        (b'[prices_per_million_tokens]\n"BAAI/bge-m3" = "cheap"\n', "= 'cheap' is not allowed"),
+        (b'[prices_per_million_tokens]\n"BAAI/bge-m3" = -1\n', "= -1 is not allowed"),
+        (b"prices_per_million_tokens = 5\n", "prices_per_million_tokens must be a table"),
+        (b"# \xa5 per million, saved as Latin-1\n", "not UTF-8 text (byte 2)"),
+    ],
+)
+def test_dry_run_refuses_a_prices_file_it_cannot_use(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes, says: str
+) -> None:
+    source = _jsonl(tmp_path / "in.jsonl", _docs(3))
+    prices = tmp_path / "prices.toml"
+    prices.write_bytes(content)
+    out = str(tmp_path / "o.npy")
+    code = main(["embed", str(source), "--out", out, "--dry-run", "--prices", str(prices)])
+    printed = capsys.readouterr().err
+    assert code == 2
+    assert f"prices file {str(prices)!r}" in printed
+    assert says in printed
+    assert "Traceback" not in printed

@@ -54,6 +54,9 @@ def test_unreadable_file_is_a_config_error(tmp_path: Path) -> None:
         load_settings(path)
     with pytest.raises(ConfigError):
         load_settings(tmp_path / "missing.toml")
+    path.write_bytes(b'model = "BAAI/bge-m3" # \xe9t\xe9, saved as Latin-1\n')
+    with pytest.raises(ConfigError, match=r"broken\.toml': not UTF-8 text \(byte 24\)"):
+        load_settings(path)
 
 
 def test_burst_default_stays_within_headroom() -> None:
