@@ -94,6 +94,7 @@ def _check_service(settings: Settings) -> None:
 
 async def embed(args: argparse.Namespace) -> int:
     settings = settings_from(args)
+    _check_dimensions(settings)
     if args.dry_run:
         return _dry_run(args, settings)
     if not args.local:
@@ -118,6 +119,25 @@ async def embed(args: argparse.Namespace) -> int:
         local = dataclasses.replace(settings, base_url=server.url)
         async with EmbeddingClient(api_key=config.api_key, base_url=server.url) as client:
             return await _run(args, local, client)
+
+
+def _check_dimensions(settings: Settings) -> None:
+    """Refuse dimensions the model does not offer as a usage error (exit 2), before a file is
+    touched, rather than as the first request's error. Raises ConfigError."""
+    wanted = settings.dimensions
+    if wanted is None:
+        return
+    spec = model_spec(settings)
+    if not spec.accepts_dimensions:
+        given = f"it gives {spec.dimensions[0]}; leave dimensions unset"
+        raise ConfigError(
+            f"dimensions = {wanted} is not allowed: model {spec.name} takes none ({given})"
+        )
+    if wanted not in spec.dimensions:
+        offered = ", ".join(map(str, spec.dimensions))
+        raise ConfigError(
+            f"dimensions = {wanted} is not allowed: model {spec.name} offers {offered}"
+        )
 
 
 def _load_beside_job(library: str) -> None:

@@ -206,3 +206,25 @@ def test_a_mistyped_value_in_the_config_file_exits_2_naming_key_and_values(
     assert "'chunk'" in printed
     assert "pool" in printed
     assert "Traceback" not in printed
+
+
+@pytest.mark.parametrize(
+    ("model", "dimensions", "says"),
+    [
+        ("BAAI/bge-m3", "512", "dimensions = 512 is not allowed: model BAAI/bge-m3 takes none"),
+        ("Qwen/Qwen3-Embedding-8B", "100", "offers 64, 128, 256"),
+    ],
+)
+def test_dimensions_the_model_does_not_offer_exit_2_before_any_file(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, model: str, dimensions: str, says: str
+) -> None:
+    source = write_lines(tmp_path / "in" / "in.jsonl", docs(3))
+    out = tmp_path / "out"
+    out.mkdir()
+    options = ["--model", model, "--dimensions", dimensions]
+    code = main(["embed", str(source), "--out", str(out / "o.npy"), "--local", *options])
+    printed = capsys.readouterr().err
+    assert code == 2
+    assert says in printed
+    assert "Traceback" not in printed
+    assert list(out.iterdir()) == []  # not even a lock file

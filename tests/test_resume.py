@@ -503,8 +503,10 @@ async def test_a_resume_with_other_settings_or_input_is_refused_naming_the_diffe
     await cancelled(server, source, out, settings)
     append(ids_path_for(out), b'{"row": 1')  # a torn write: a refusal leaves even that alone
     before = snapshot(out.parent)
+    shorter = tmp_path / "shorter.toml"  # the model offers 256 here: only the setting differs
+    shorter.write_text(f'[models."{EN}"]\naccepts_dimensions = true\ndimensions = [256, 1024]\n')
     changed = {
-        "dimensions": ["--dimensions", "256"],
+        "dimensions": ["--config", str(shorter), "--dimensions", "256"],
         "model": ["--model", M3],
         "long_mode": ["--long", "chunks"],
         "io.text_field": ["--text-field", "body"],
