@@ -787,7 +787,18 @@ def _check_runnable(job: _FileJob, *, resume: bool, restart: bool) -> None:
 
 
 def _output_format(output_path: str | Path, settings: Settings) -> str:
-    """The output's format: the one set, else LanceDB when a table is named, else the suffix's."""
-    if settings.io.output_format is None and settings.io.table:
+    """The output's format: the one set, else LanceDB when a table is named, else the suffix's.
+    Raises ConfigError for a table or kept fields asked of an output that is not a LanceDB table
+    (before a database folder is made where a file was meant)."""
+    io = settings.io
+    named = Path(output_path).suffix.lower() in (".npy", ".jsonl", ".parquet")
+    if io.output_format is None and io.table and not named:
         return "lance"
-    return format_of(output_path, settings.io.output_format)
+    format = format_of(output_path, io.output_format)
+    if format != "lance" and (io.table or io.keep_fields):
+        option = "--table (io.table)" if io.table else "--keep-fields (io.keep_fields)"
+        raise ConfigError(
+            f"{option} is for LanceDB output, and {str(output_path)!r} is {format}: write to "
+            "NAME.lance (or a database folder with --table), or leave the option out"
+        )
+    return format

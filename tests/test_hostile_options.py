@@ -228,3 +228,26 @@ def test_dimensions_the_model_does_not_offer_exit_2_before_any_file(
     assert says in printed
     assert "Traceback" not in printed
     assert list(out.iterdir()) == []  # not even a lock file
+
+
+@pytest.mark.parametrize(
+    ("out", "extra", "says"),
+    [
+        ("o.npy", ["--table", "docs"], "--table (io.table) is for LanceDB output"),
+        ("o.npy", ["--format", "npy", "--table", "docs"], "--table (io.table) is for LanceDB"),
+        ("o.jsonl", ["--keep-fields", "title"], "--keep-fields (io.keep_fields) is for LanceDB"),
+    ],
+)
+def test_lance_options_for_another_output_exit_2_and_make_no_folder(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, out: str, extra: list[str], says: str
+) -> None:
+    source = write_lines(tmp_path / "in" / "in.jsonl", docs(3))
+    folder = tmp_path / "out"
+    folder.mkdir()
+    code = main(
+        ["embed", str(source), "--out", str(folder / out), "--no-progress", "--local", *extra]
+    )
+    printed = capsys.readouterr().err
+    assert code == 2
+    assert says in printed
+    assert list(folder.iterdir()) == []  # no database folder named o.npy, no lock
