@@ -252,6 +252,8 @@ def _add_report(commands: Any, run: Command) -> None:
 
 
 def _add_serve(commands: Any, run: Command) -> None:
+    from ._options import _number as number  # the embed options' checks, loaded already
+
     serve = commands.add_parser(
         "serve",
         help="run the SiliconFlow-compatible local server, for trials and tests",
@@ -267,7 +269,7 @@ def _add_serve(commands: Any, run: Command) -> None:
     )
     serve.add_argument(
         "--port",
-        type=int,
+        type=number(int, 0, above=False, most=65535),
         default=0,
         metavar="PORT",
         help="the port to listen on; 0 picks a free one (default: 0)",
@@ -280,20 +282,20 @@ def _add_serve(commands: Any, run: Command) -> None:
     )
     serve.add_argument(
         "--window-s",
-        type=float,
+        type=number(float, 0, above=True),
         default=60.0,
         metavar="SECONDS",
         help="the rate-limit window, in seconds (default: 60)",
     )
     serve.add_argument(
         "--rpm",
-        type=int,
+        type=number(int, 0, above=True),
         metavar="N",
         help="requests per window allowed per model (default: no limit)",
     )
     serve.add_argument(
         "--tpm",
-        type=int,
+        type=number(int, 0, above=True),
         metavar="N",
         help="tokens per window allowed per model (default: no limit)",
     )
@@ -305,7 +307,7 @@ def _add_serve(commands: Any, run: Command) -> None:
     ):
         serve.add_argument(
             f"--rate-{fault}",
-            type=float,
+            type=number(float, 0, above=False, most=1),
             default=0.0,
             metavar="FRACTION",
             help=f"the fraction of requests {what}, 0 to 1 (default: 0)",

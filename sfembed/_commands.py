@@ -346,6 +346,12 @@ async def show_report(args: argparse.Namespace) -> int:
 async def serve(args: argparse.Namespace) -> int:
     from . import testing
 
+    rates = (args.rate_503, args.rate_504, args.rate_reset, args.rate_stall)
+    if sum(rates) > 1:  # each is checked alone by the parser
+        raise ConfigError(
+            f"--rate-503, --rate-504, --rate-reset and --rate-stall add up to {sum(rates):g}: "
+            "their sum must be at most 1"
+        )
     faults = testing.Faults(
         rate_503=args.rate_503,
         rate_504=args.rate_504,

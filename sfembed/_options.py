@@ -20,8 +20,9 @@ from ._writers import FORMATS as OUTPUT_FORMATS
 __all__ = ["OPTIONS", "Option", "add_options", "default_of"]
 
 
-def _number(kind: type[Any], least: float, *, above: bool) -> Any:
-    """An argparse type: a ``kind`` number over (``above``) or at least ``least``."""
+def _number(kind: type[Any], least: float, *, above: bool, most: float | None = None) -> Any:
+    """An argparse type: a ``kind`` number over (``above``) or at least ``least``, and at most
+    ``most``."""
 
     def parse(text: str) -> Any:
         try:
@@ -34,6 +35,8 @@ def _number(kind: type[Any], least: float, *, above: bool) -> Any:
         if value < least or (above and value == least):
             bound = f"over {least:g}" if above else f"at least {least:g}"
             raise argparse.ArgumentTypeError(f"{text} is out of range: it must be {bound}")
+        if most is not None and value > most:
+            raise argparse.ArgumentTypeError(f"{text} is out of range: it must be at most {most:g}")
         return value
 
     parse.__name__ = kind.__name__  # argparse names the type in its messages

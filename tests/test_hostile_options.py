@@ -251,3 +251,25 @@ def test_lance_options_for_another_output_exit_2_and_make_no_folder(
     assert code == 2
     assert says in printed
     assert list(folder.iterdir()) == []  # no database folder named o.npy, no lock
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        (["--rate-503", "2"], "argument --rate-503: 2 is out of range: it must be at most 1"),
+        (["--rate-stall", "-0.1"], "argument --rate-stall: -0.1 is out of range"),
+        (["--rate-503", "0.6", "--rate-reset", "0.6"], "add up to 1.2: their sum must be at most"),
+        (["--port", "99999"], "argument --port: 99999 is out of range: it must be at most 65535"),
+        (["--window-s", "inf"], "argument --window-s: 'inf' is not a finite number"),
+        (["--rpm", "0"], "argument --rpm: 0 is out of range: it must be over 0"),
+    ],
+)
+def test_serve_with_a_value_out_of_range_exits_2_before_listening(
+    capsys: pytest.CaptureFixture[str], extra: list[str], says: str
+) -> None:
+    code = main(["serve", "--port", "0", *extra])
+    printed = capsys.readouterr()
+    assert code == 2
+    assert says in printed.err
+    assert "serving on" not in printed.out
+    assert "Traceback" not in printed.err
