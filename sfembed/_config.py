@@ -317,6 +317,7 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
     where = f"config {str(path)!r}" if path is not None else "settings"
     try:
         settings = _build(Settings, values, where)
+        catalog_for(settings)  # a [models] table's mistakes named with the file, now
     except ConfigError as exc:
         if path is None or str(exc).startswith(where):
             raise

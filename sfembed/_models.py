@@ -41,8 +41,32 @@ class ModelSpec:
     special_tokens: int = 0
 
     def __post_init__(self) -> None:
-        if self.max_input_tokens <= 0:
-            raise ConfigError(f"model {self.name!r}: max_input_tokens must be positive")
+        for key in ("max_input_tokens", "default_dimensions", "special_tokens"):
+            value = getattr(self, key)
+            least = 0 if key == "special_tokens" else 1
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ConfigError(
+                    f"model {self.name!r}: {key} = {value!r} is not allowed: a whole number "
+                    f"{least} or more"
+                )
+        dims = self.dimensions
+        if not all(
+            isinstance(size, int) and not isinstance(size, bool) and size > 0 for size in dims
+        ):
+            raise ConfigError(
+                f"model {self.name!r}: dimensions = {list(dims)!r} is not allowed: a list of "
+                "whole numbers 1 or more"
+            )
+        if not isinstance(self.accepts_dimensions, bool):
+            raise ConfigError(
+                f"model {self.name!r}: accepts_dimensions = {self.accepts_dimensions!r} is not "
+                "allowed: true or false"
+            )
+        if self.tokenizer is not None and not isinstance(self.tokenizer, str):
+            raise ConfigError(
+                f"model {self.name!r}: tokenizer = {self.tokenizer!r} is not allowed: a bundled "
+                "family's name or a path to a tokenizer.json"
+            )
         if not self.dimensions:
             object.__setattr__(self, "dimensions", (self.default_dimensions,))
         if self.default_dimensions not in self.dimensions:
@@ -137,7 +161,25 @@ class ModelCatalog(Mapping[str, ModelSpec]):
             return self.with_table(tomllib.load(handle).get("models", {}))
 
     def _spec_from(self, name: str, fields: Mapping[str, Any]) -> ModelSpec:
+        if not isinstance(fields, Mapping):
+            raise ConfigError(f"model {name!r}: must be a table of its limits, not {fields!r}")
         values = dict(fields)
+        known = set(ModelSpec.__dataclass_fields__) - {"name"}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(
+                f"model {name!r}: unknown key(s) {', '.join(unknown)}; known: "
+                + ", ".join(sorted(known))
+            )
+        required = {"max_input_tokens", "default_dimensions"}
+        if name not in self._specs and not required <= set(values):
+            raise ConfigError(
+                f"model {name!r} is not in the catalogue: give its max_input_tokens and "
+                "default_dimensions"
+            )
+        for key in ("dimensions", "modalities"):
+            if key in values and not isinstance(values[key], list | tuple):
+                raise ConfigError(f"model {name!r}: {key} = {values[key]!r} is not allowed: a list")
         if "dimensions" in values:
             values["dimensions"] = tuple(values["dimensions"])
         if "modalities" in values:

@@ -82,6 +82,38 @@ def test_user_models_extend_the_catalogue(tmp_path: Path) -> None:
         DEFAULT_CATALOG.load(path)
 
 
+@pytest.mark.parametrize(
+    ("table", "named"),
+    [
+        (
+            'max_input_tokens = "a"\ndefault_dimensions = 8',
+            r"max_input_tokens = 'a' is not allowed",
+        ),
+        ("max_input_tokens = 9\ndefault_dimensions = 8\nfoo = 1", r"unknown key\(s\) foo; known"),
+        ("max_input_tokens = 9", r"give its max_input_tokens and default_dimensions"),
+        (
+            "max_input_tokens = 9\ndefault_dimensions = 8\ndimensions = 8",
+            r"dimensions = 8 .*a list",
+        ),
+        (
+            "max_input_tokens = 9\ndefault_dimensions = 8\nspecial_tokens = -1",
+            r"special_tokens = -1",
+        ),
+        (
+            'max_input_tokens = 9\ndefault_dimensions = 8\naccepts_dimensions = "yes"',
+            r"true or false",
+        ),
+    ],
+)
+def test_a_models_table_not_allowed_names_the_file_the_model_and_the_key(
+    tmp_path: Path, table: str, named: str
+) -> None:
+    path = tmp_path / "job.toml"
+    path.write_text(f'[models."Org/new"]\n{table}\n')
+    with pytest.raises(ConfigError, match=r"config '.*job\.toml': model 'Org/new'.*" + named):
+        load_settings(path)
+
+
 def test_catalogue_has_the_nine_reference_models() -> None:
     assert len(DEFAULT_CATALOG) == 9
     vl = DEFAULT_CATALOG["Qwen/Qwen3-VL-Embedding-8B"]
