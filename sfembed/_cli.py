@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import logging
 import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
@@ -53,17 +52,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     gc.set_threshold(10_000, 20, 20)
     _one_malloc_arena()
     _one_blas_thread()
-    from . import _commands  # loads numpy (the settings' types): after the line above
-
     try:
         args = _parser().parse_args(argv)
     except SystemExit as exit:  # argparse: --help, --version (0) or a usage error (2)
-        return exit.code if isinstance(exit.code, int) else _commands.EXIT_USAGE
-    logging.basicConfig(format="sfembed: %(message)s", level=logging.WARNING)
+        if isinstance(exit.code, int):
+            return exit.code
+        from ._commands import EXIT_USAGE
+
+        return EXIT_USAGE
+    # What runs a command (asyncio, logging; for a job numpy and the rest) loads only now: the
+    # parser needs the settings' defaults alone, so --help and a usage error stay cheap.
     import asyncio
+    import logging
+
+    from . import _commands
+
+    logging.basicConfig(format="sfembed: %(message)s", level=logging.WARNING)
 
     try:
-        return int(asyncio.run(args.run(args)))
+        return int(asyncio.run(_command(args.command)(args)))
     except ConfigError as error:
         print(f"sfembed: error: {error}", file=sys.stderr)
         return _commands.EXIT_USAGE
@@ -77,6 +84,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sfembed: interrupted", file=sys.stderr)
         return _commands.EXIT_INTERRUPTED
+
+
+def _command(name: str) -> Command:
+    """What the command ``name`` (as the parser stores it) runs."""
+    from . import _commands
+
+    commands: dict[str, Command] = {
+        "embed": _commands.embed,
+        "report": _commands.show_report,
+        "serve": _commands.serve,
+    }
+    return commands[name]
 
 
 def _one_malloc_arena() -> None:
@@ -109,15 +128,12 @@ def _one_blas_thread() -> None:
     starts as numpy loads, one thread per core, spins for some 0.1 s of each core (measured: 80
     ms of CPU beside numpy's own 60 ms, and 20 ms more on the loading thread): the very cores a
     job's start-up is using to load its client. Set before numpy loads, as OpenBLAS reads it
-    then; the parser's options load numpy, so this comes first."""
+    then: first thing, whatever the command loads later."""
     if "numpy" not in sys.modules:
         os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
 def _parser() -> argparse.ArgumentParser:
-    from . import _commands
-    from ._options import add_options
-
     parser = argparse.ArgumentParser(
         prog="sfembed",
         description=_DESCRIPTION,
@@ -125,13 +141,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"sfembed {__version__}")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
-    _add_embed(commands, add_options, _commands.embed)
-    _add_report(commands, _commands.show_report)
-    _add_serve(commands, _commands.serve)
+    _add_embed(commands)
+    _add_report(commands)
+    _add_serve(commands)
     return parser
 
 
-def _add_embed(commands: Any, add_options: Callable[[dict[str, Any]], None], run: Command) -> None:
+def _add_embed(commands: Any) -> None:
+    from ._options import add_options  # the settings' types and defaults, for the help texts
+
     embed = commands.add_parser(
         "embed",
         help="embed every record of a file into an output file",
@@ -231,10 +249,10 @@ def _add_embed(commands: Any, add_options: Callable[[dict[str, Any]], None], run
         "(default: configs/prices.toml if present)",
     )
     add_options(groups)
-    embed.set_defaults(run=run)
+    embed.set_defaults(command="embed")
 
 
-def _add_report(commands: Any, run: Command) -> None:
+def _add_report(commands: Any) -> None:
     report = commands.add_parser(
         "report",
         help="show a run report as a table, or plot it",
@@ -248,10 +266,10 @@ def _add_report(commands: Any, run: Command) -> None:
         help="draw the plot into this PNG file; needs pip install 'sfembed[plot]' "
         "(default: no plot)",
     )
-    report.set_defaults(run=run)
+    report.set_defaults(command="report")
 
 
-def _add_serve(commands: Any, run: Command) -> None:
+def _add_serve(commands: Any) -> None:
     from ._options import _number as number  # the embed options' checks, loaded already
 
     serve = commands.add_parser(
@@ -319,4 +337,4 @@ def _add_serve(commands: Any, run: Command) -> None:
         metavar="N",
         help="the seed of the faults' random choices (default: 0)",
     )
-    serve.set_defaults(run=run)
+    serve.set_defaults(command="serve")

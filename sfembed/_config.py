@@ -15,11 +15,13 @@ from typing import Any, Literal, TypeAlias, TypeVar, get_args
 
 from ._exceptions import ConfigError
 from ._models import DEFAULT_CATALOG, ModelCatalog, ModelSpec
-from ._types import EncodingFormat, Truncate
 
 __all__ = [
     "DEFAULT_BASE_URL",
+    "INPUT_FORMATS",
+    "OUTPUT_FORMATS",
     "BatchLimits",
+    "EncodingFormat",
     "IOSettings",
     "LongMode",
     "OutputDtype",
@@ -27,6 +29,7 @@ __all__ = [
     "RetryPolicy",
     "Settings",
     "Timeouts",
+    "Truncate",
     "catalog_for",
     "load_settings",
     "model_spec",
@@ -41,6 +44,16 @@ DEFAULT_KEY_ENV = "SILICONFLOW_API_KEY"
 LongMode: TypeAlias = Literal["pool", "chunks", "truncate"]
 #: The float type of ``.npy`` output.
 OutputDtype: TypeAlias = Literal["float32", "float16"]
+# The choices below belong to the wire's types, the readers and the writers, all of which load
+# numpy: kept here, with the settings that take them, so that --help names them without numpy.
+#: How vectors travel from the server (the API's ``encoding_format``).
+EncodingFormat: TypeAlias = Literal["float", "base64"]
+#: Which end of a text over the model's limit the server cuts (the API's ``truncate``).
+Truncate: TypeAlias = Literal["left", "right"]
+#: Input format names the readers take (``tsv`` is tab-separated, without quoting).
+INPUT_FORMATS = ("jsonl", "txt", "csv", "tsv", "parquet")
+#: Output format names the writers take.
+OUTPUT_FORMATS = ("npy", "jsonl", "parquet", "lance")
 #: Concurrency above this is a typo, not a plan: each unit is a connection and a worker.
 MAX_CONCURRENCY = 10_000
 

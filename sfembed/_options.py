@@ -12,10 +12,16 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, get_args
 
-from ._config import LongMode, OutputDtype, Settings
-from ._sources import FORMATS as INPUT_FORMATS
-from ._types import EncodingFormat, Truncate
-from ._writers import FORMATS as OUTPUT_FORMATS
+# The settings alone, not the readers and writers whose formats they name: --help loads no numpy.
+from ._config import (
+    INPUT_FORMATS,
+    OUTPUT_FORMATS,
+    EncodingFormat,
+    LongMode,
+    OutputDtype,
+    Settings,
+    Truncate,
+)
 
 __all__ = ["OPTIONS", "Option", "add_options", "default_of"]
 

@@ -41,6 +41,7 @@ from typing import IO, Any, NamedTuple, cast
 
 import orjson
 
+from ._config import INPUT_FORMATS as FORMATS
 from ._exceptions import ConfigError
 from ._request import IMAGE_SUFFIXES
 from ._types import Unusable
@@ -62,8 +63,6 @@ __all__ = [
 
 log = logging.getLogger("sfembed")
 
-#: Input format names ``read_records`` accepts (``tsv`` is tab-separated, without quoting).
-FORMATS = ("jsonl", "txt", "csv", "tsv", "parquet")
 #: The input name that means standard input.
 STDIN = "-"
 

@@ -6,10 +6,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, NotRequired, TypeAlias, TypedDict
+from typing import NotRequired, TypeAlias, TypedDict
 
 import numpy as np
 import numpy.typing as npt
+
+from ._config import EncodingFormat, Truncate
 
 __all__ = [
     "Chunk",
@@ -33,8 +35,6 @@ __all__ = [
     "WireRequest",
 ]
 
-EncodingFormat: TypeAlias = Literal["float", "base64"]
-Truncate: TypeAlias = Literal["left", "right"]
 FloatArray: TypeAlias = npt.NDArray[np.float32]
 IntArray: TypeAlias = npt.NDArray[np.int64]
 #: Rows of (position, chunk number, start, end), one per output row in ``chunks`` mode.

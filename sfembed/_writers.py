@@ -46,6 +46,7 @@ from typing import IO, Any, Protocol, Self
 import numpy as np
 import orjson
 
+from ._config import OUTPUT_FORMATS as FORMATS
 from ._direct import Appender
 from ._exceptions import ConfigError
 from ._types import EmbeddedBatch
@@ -63,8 +64,6 @@ __all__ = [
     "reopen_at",
 ]
 
-#: Output formats, by the name ``open_writer`` takes.
-FORMATS = ("npy", "jsonl", "parquet", "lance")
 #: Element types of ``.npy`` output.
 DTYPES = ("float32", "float16")
 

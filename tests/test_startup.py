@@ -66,23 +66,36 @@ def test_importing_sfembed_loads_no_stage_until_a_name_is_used(tmp_path: Path) -
     assert "sfembed._cache" in modules
 
 
-def test_help_loads_no_client_cache_server_bar_or_optional_library(tmp_path: Path) -> None:
-    code = (
-        "import contextlib, io\n"
+@pytest.mark.parametrize(
+    ("argv", "code"), [(["--help"], 0), (["embed", "--help"], 0), (["embed", "--bogus"], 2)]
+)
+def test_help_and_a_usage_error_load_no_numpy_event_loop_client_or_optional_library(
+    tmp_path: Path, argv: list[str], code: int
+) -> None:
+    # The parser needs the settings' defaults only: numpy, asyncio and the job's modules would
+    # double what --help costs.
+    run = (
+        "import io, sys\n"
         "from sfembed._cli import main\n"
-        "with contextlib.redirect_stdout(io.StringIO()):\n"
-        "    assert main(['embed', '--help']) == 0"
+        "sys.stdout = sys.stderr = io.StringIO()\n"
+        f"assert main({argv!r}) == {code}\n"
+        "sys.stdout = sys.__stdout__"
     )
-    modules = _modules_after(code, tmp_path)
-    assert "sfembed._options" in modules
+    modules = _modules_after(run, tmp_path)
+    assert {"sfembed._options", "sfembed._config", "argparse"} <= modules
     unwanted = {
         "sfembed._cache",
         "sfembed._client",
+        "sfembed._commands",
         "sfembed.testing",
         "sfembed._testing",
         "sfembed._job",
+        "sfembed._sources",
+        "sfembed._types",
+        "sfembed._writers",
     }
-    assert not modules & (unwanted | {"aiohttp", "tqdm", "tokenizers"} | OPTIONAL)
+    libraries = {"numpy", "asyncio", "aiohttp", "orjson", "tqdm", "tokenizers", "logging"}
+    assert not modules & (unwanted | libraries | OPTIONAL)
 
 
 @pytest.mark.parametrize(("chosen", "kept"), [(None, "1"), ("3", "3")])
@@ -94,6 +107,8 @@ def test_before_numpy_loads_the_command_line_sets_one_blas_thread_and_a_rarer_co
     env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
     if chosen is not None:
         env["OPENBLAS_NUM_THREADS"] = chosen
+    # A job's, as --help loads no numpy.
+    (tmp_path / "in.jsonl").write_text('{"id": "a", "text": "a short text"}\n')
     code = (
         "import contextlib, gc, io, os, sys\n"
         "seen = []\n"
@@ -105,11 +120,17 @@ def test_before_numpy_loads_the_command_line_sets_one_blas_thread_and_a_rarer_co
         "sys.meta_path.insert(0, _Seen)\n"
         "from sfembed._cli import main\n"
         "with contextlib.redirect_stdout(io.StringIO()):\n"
-        "    assert main(['embed', '--help']) == 0\n"
+        "    assert main(['embed', '--local', 'in.jsonl', '--out', 'out.npy', '--no-cache',\n"
+        "                 '--no-progress']) == 0\n"
         "print(*seen[0])"
     )
     done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=60,
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == [kept, "10000"]
