@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import datetime as dt
 import enum
-import html
 import ipaddress
 import logging
 import math
@@ -475,6 +474,8 @@ def _error_fields(raw: bytes) -> tuple[int | None, str]:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
         if raw.lstrip()[:1] == b"<":  # a proxy's HTML error page: its title says enough
+            import html  # here only: its entities' table is some 8 M instructions of start-up
+
             found = _TITLE.search(raw)
             title = found[1].decode("utf-8", "replace") if found else ""
             text = " ".join(html.unescape(title).split())[:200]

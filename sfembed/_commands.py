@@ -26,7 +26,6 @@ from urllib.parse import urlsplit
 from ._config import DEFAULT_KEY_ENV, RateLimits, Settings, load_settings, model_spec
 from ._exceptions import ConfigError, SFEmbedError
 from ._options import overrides, replaced
-from ._summary import dry_run_table, quota_line, summary_table
 
 # The modules a command needs are imported when it runs, not here: --help and a usage error
 # should not load the client, the local server or the cache, and a job should reach its first
@@ -247,6 +246,8 @@ async def _outcome(job: asyncio.Future[JobSummary]) -> JobSummary | None:
 
 
 def _finish(summary: JobSummary, limits: RateLimits, limiter: SharedLimiter | None) -> int:
+    from ._summary import quota_line, summary_table
+
     print(summary_table(summary, limits))
     if limiter is not None:
         print(quota_line(limiter))
@@ -324,6 +325,7 @@ def _pricing(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
 def _dry_run(args: argparse.Namespace, settings: Settings) -> int:
     """``--dry-run``: count and price the job without sending; print the plan."""
     from ._estimate import dry_run
+    from ._summary import dry_run_table
 
     spec = model_spec(settings)
     pricing = _pricing(args, settings)

@@ -17,7 +17,6 @@ from typing import IO
 
 import orjson
 
-from ._report import reason_group
 from ._sources import Place
 from ._types import EmbeddedBatch
 from ._writers import reopen_at
@@ -55,6 +54,8 @@ class ErrorLog:
 
     def _count_earlier(self, length: int) -> None:
         """Count the reasons of the entries an earlier run committed."""
+        from ._report import reason_group  # on a resume or a failure only, as below
+
         assert self._file is not None
         self._file.seek(0)
         for line in self._file.read(length).splitlines():
@@ -80,6 +81,8 @@ class ErrorLog:
         Each is also logged at WARNING, named by id and line."""
         if not batch.failures:
             return 0
+        from ._report import reason_group  # a job that fails nothing does without
+
         rows = {position: row for row, position in enumerate(batch.positions.tolist())}
         lines = []
         for failure in batch.failures:

@@ -19,7 +19,7 @@ import itertools
 from asyncio import TaskGroup
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
 from itertools import islice
-from typing import TypeGuard, cast
+from typing import TYPE_CHECKING, TypeGuard, cast
 
 import numpy as np
 
@@ -33,9 +33,11 @@ from ._estimator import CharClassEstimator
 from ._models import ModelSpec
 from ._packer import Packer
 from ._streams import SendStream
-from ._tokenizer_process import ExactCounting
 from ._tokenizers import FAMILIES
 from ._types import Chunk, JobStats, Span, Unusable
+
+if TYPE_CHECKING:  # loaded with the exact counter, which a job of short texts never starts
+    from ._tokenizer_process import ExactCounting
 
 __all__ = ["BLOCK", "Input", "Intake", "Splitter"]
 
@@ -121,6 +123,8 @@ class Splitter:
         and, for XLM-R, some 300 MB that a job of short texts never needs. It runs in a process
         of its own (``_tokenizer_process``)."""
         if self._exact is None:
+            from ._tokenizer_process import ExactCounting
+
             self._exact = ExactCounting(self.spec)
         return self._exact
 

@@ -35,7 +35,6 @@ from ._engine import job_stream
 from ._errorlog import ErrorLog
 from ._exceptions import ConfigError
 from ._jobfiles import JobFiles, staged_path
-from ._lance import lance_location
 from ._limiter import Limiter
 from ._manifest import (
     Checkpoint,
@@ -47,7 +46,6 @@ from ._manifest import (
     output_settings,
     save_manifest,
 )
-from ._report import run_report, write_report
 from ._sources import Block, Place, Places, Source, find_sources, read_blocks
 from ._types import EmbeddedBatch, JobStats, Unusable
 from ._writers import Committed, Writer, format_of, open_writer
@@ -103,10 +101,14 @@ class _Reporting:
 
     def write(self, job: _FileJob, status: str, error: str | None) -> None:
         """Rewrite the report of ``job`` (see ``_report``); ``error`` says why it failed."""
+        from ._report import write_report  # a report is asked for: loaded only then
+
         write_report(self.path, self.made(job, status, error))
 
     def made(self, job: _FileJob, status: str, error: str | None) -> dict[str, Any]:
         """The report of ``job`` as it stands (see :meth:`write`)."""
+        from ._report import run_report
+
         summary = job.summary
         counts = {
             "records": summary.records,
@@ -690,6 +692,8 @@ class _Checkpoints:
             self.errors.path = job.errors  # a first failure from now on opens it in place
             self.swapped = True
         if job.report is not None and report is not None:
+            from ._report import write_report
+
             write_report(job.report.path, report)
 
     def _proven(self) -> bool:
@@ -761,6 +765,8 @@ def _after(blocks: Iterator[Block], skip: int) -> Iterator[Block]:
 
 def _table_path(output_path: str | Path, settings: Settings) -> Path:
     """A LanceDB table's own folder, ``DB/NAME.lance``: the job's manifest and errors go beside."""
+    from ._lance import lance_location  # LanceDB output only
+
     folder, table = lance_location(output_path, settings.io.table or None)
     if folder.parent.is_dir():  # a new database folder, as LanceDB itself would make
         folder.mkdir(exist_ok=True)

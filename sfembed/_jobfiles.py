@@ -42,7 +42,6 @@ from ._manifest import (
     save_manifest,
     sync_folder,
 )
-from ._report import load_report
 from ._writers import ids_path_for
 
 __all__ = ["JobFiles", "staged_path"]
@@ -150,6 +149,8 @@ class JobFiles:
     def check_report(self) -> None:
         """Raise ConfigError when a file at the report's path is not a run report."""
         if self.report is not None and self.report.exists():
+            from ._report import load_report  # a report is asked for: loaded only then
+
             try:
                 load_report(self.report)
             except ConfigError:

@@ -17,9 +17,8 @@ as bytes in bounded pieces, so a 100 MB line costs about twice ``max_line_bytes`
 
 from __future__ import annotations
 
-import csv
-import glob
-import gzip
+# csv, glob and gzip are imported where a CSV input, a glob or a .gz file needs them: some 4 M
+# instructions that a job of plain JSONL would otherwise pay before its first request.
 import importlib
 import io
 import json
@@ -247,6 +246,8 @@ def _expand(name: str, format: str | None) -> list[str]:
         return _folder(name, format)
     if os.path.lexists(name) or not _GLOB.search(name):
         return [name]
+    import glob
+
     found = [path for path in glob.glob(name, recursive=True) if not os.path.isdir(path)]
     if not found:
         raise ConfigError(f"no input file matches {name!r}")
@@ -521,6 +522,8 @@ def _opened(source: Source) -> Iterator[IO[bytes]]:
         if compression is None:
             yield raw
         elif compression == "gzip":
+            import gzip
+
             with gzip.GzipFile(fileobj=raw, mode="rb") as unzipped:
                 yield unzipped  # type: ignore[misc]
         else:
@@ -1036,6 +1039,8 @@ def _csv_scan(piece: bytes, state: int) -> int:
 
 def _csv_rows(stream: IO[bytes], limit: int) -> Iterator[tuple[list[str] | None, int, str | None]]:
     """(row or None, first line, problem) for each CSV record, the header included."""
+    import csv
+
     _widen_field_limit(limit)
     source = _CsvSource(stream, limit)
     rows = csv.reader(source, strict=True)
@@ -1067,6 +1072,8 @@ def _csv_problem(exc: Exception) -> str:
 def _widen_field_limit(limit: int) -> None:
     """The csv module refuses fields over 128 KiB by default, a process-wide setting; only ever
     raised here, to what one record may hold (our own bound keeps memory in check)."""
+    import csv
+
     if csv.field_size_limit() < limit + 8:
         csv.field_size_limit(limit + 8)
 
