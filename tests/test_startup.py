@@ -257,6 +257,14 @@ async def test_a_job_against_a_server_loads_no_local_server_tokenizer_or_optiona
         "tomllib",  # no config or models file named
         "tenacity",  # loaded at a first retry: this job has none
         "sfembed._quota",  # a shared quota's: none named
+        # Loaded where used: a report, a failure or a resume; LanceDB output; a text that may be
+        # over the limit; a proxy's HTML error page; a glob or a .gz input.
+        "sfembed._report",
+        "sfembed._lance",
+        "sfembed._tokenizer_process",
+        "html",
+        "glob",
+        "gzip",
     }
     assert not modules & (unwanted | OPTIONAL)
 
