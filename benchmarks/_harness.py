@@ -207,6 +207,22 @@ def tidy(folder: Path, keep: Collection[str] = ()) -> bool:
     return kept
 
 
+_MARK = ".sfembed-benchmark"  # in a work folder a benchmark made, and may empty again
+
+
+def fresh_workdir(folder: Path) -> None:
+    """Make ``folder`` an empty work folder. A folder that exists is emptied only when a
+    benchmark made it (it holds the mark) or it is empty: ``--workdir`` pointed at a folder of
+    the user's files exits with a message instead of deleting them."""
+    if folder.exists() and any(folder.iterdir()) and not (folder / _MARK).exists():
+        raise SystemExit(
+            f"--workdir {folder} holds files no benchmark made: name a new or empty folder"
+        )
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    (folder / _MARK).touch()
+
+
 def remove_if_empty(folder: Path) -> None:
     """Remove ``folder`` if nothing is left in it (a work folder the runs have tidied)."""
     # Not when something is kept in it (logs, or files not the benchmark's), or it is gone.

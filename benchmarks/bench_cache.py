@@ -18,8 +18,9 @@ With ``--cpu``, the cache alone, as a job uses it: ``lookup`` then ``store`` of 
 rows of 1,024 dims in requests of 64, then ``close``, in this process; printed, the CPU per row
 (user and system time apart, the cache's thread included) of each run, against an empty cache.
 
-``--workdir`` (made afresh) holds the inputs, the outputs and the cache: 1.6 GB at 100,000
-documents. It is deleted at the end, unless ``--keep``.
+``--workdir`` holds the inputs, the outputs and the cache: 1.6 GB at 100,000 documents. It must
+be new, empty, or one this benchmark made (one holding other files is refused, not emptied), and
+it is deleted at the end, unless ``--keep``.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import numpy as np
 import orjson
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _harness import server_process, table
+from _harness import fresh_workdir, server_process, table
 
 from sfembed import EmbeddingCache, EmbeddingClient, RateLimits, load_settings, testing
 from sfembed._cache import normalise
@@ -149,15 +150,15 @@ def main() -> None:
         "--workdir",
         type=Path,
         default=Path("/tmp/sfembed-bench-cache"),
-        help="folder of the runs' files, emptied first, deleted at the end (default: %(default)s)",
+        help="folder of the runs' files: new, empty, or one this benchmark made; emptied first, "
+        "deleted at the end (default: %(default)s)",
     )
     parser.add_argument("--cpu", action="store_true", help="the cache's CPU per row, alone")
     parser.add_argument(
         "--keep", action="store_true", help="keep --workdir and its files (1.6 GB at 100,000)"
     )
     args = parser.parse_args()
-    shutil.rmtree(args.workdir, ignore_errors=True)
-    args.workdir.mkdir(parents=True)
+    fresh_workdir(args.workdir)
     try:
         if args.cpu:
             cpu(args.count, args.workdir)
