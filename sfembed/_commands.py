@@ -93,7 +93,7 @@ def _check_service(settings: Settings) -> None:
 
 async def embed(args: argparse.Namespace) -> int:
     settings = settings_from(args)
-    _check_dimensions(settings)
+    _check_for_model(settings)
     if args.dry_run:
         return _dry_run(args, settings)
     if not args.local:
@@ -120,13 +120,22 @@ async def embed(args: argparse.Namespace) -> int:
             return await _run(args, local, client)
 
 
-def _check_dimensions(settings: Settings) -> None:
-    """Refuse dimensions the model does not offer as a usage error (exit 2), before a file is
-    touched, rather than as the first request's error. Raises ConfigError."""
-    wanted = settings.dimensions
-    if wanted is None:
+def _check_for_model(settings: Settings) -> None:
+    """Refuse dimensions the model does not offer, and an overlap the model's pieces cannot
+    hold (the cutter would quietly shorten it), as usage errors (exit 2), before a file is
+    touched. Raises ConfigError."""
+    wanted, overlap = settings.dimensions, settings.overlap_tokens
+    if wanted is None and not overlap:
         return
     spec = model_spec(settings)
+    most = (spec.max_input_tokens - spec.special_tokens) // 2  # half a piece, as cut
+    if overlap > most:
+        raise ConfigError(
+            f"overlap_tokens = {overlap} is not allowed: model {spec.name} takes at most {most} "
+            f"(half of a piece of {spec.max_input_tokens - spec.special_tokens} tokens)"
+        )
+    if wanted is None:
+        return
     if not spec.accepts_dimensions:
         given = f"it gives {spec.dimensions[0]}; leave dimensions unset"
         raise ConfigError(

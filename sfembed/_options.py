@@ -194,7 +194,8 @@ OPTIONS: tuple[Option, ...] = (
         "overlap_tokens",
         _AMOUNT,
         "N",
-        "tokens each piece of a split text repeats from the piece before it (default: {default})",
+        "tokens each piece of a split text repeats from the piece before it, at most half a "
+        "piece (default: {default})",
         "model",
     ),
     Option(

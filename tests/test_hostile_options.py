@@ -273,3 +273,20 @@ def test_serve_with_a_value_out_of_range_exits_2_before_listening(
     assert says in printed.err
     assert "serving on" not in printed.out
     assert "Traceback" not in printed.err
+
+
+def test_an_overlap_over_half_a_piece_exits_2_naming_the_most(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    source = write_lines(tmp_path / "in" / "in.jsonl", docs(3))
+    out = tmp_path / "out"
+    out.mkdir()
+    options = ["--model", "BAAI/bge-large-en-v1.5", "--overlap-tokens", "300"]
+    code = main(["embed", str(source), "--out", str(out / "o.npy"), "--local", *options])
+    printed = capsys.readouterr().err
+    assert code == 2
+    assert (
+        "overlap_tokens = 300 is not allowed: model BAAI/bge-large-en-v1.5 takes at most 255"
+        in printed
+    )
+    assert list(out.iterdir()) == []
