@@ -408,6 +408,11 @@ class SharedLimiter:
         except _unreachable() as error:
             self._stand_in.take_over(error, self.workers, self._recent)
             return None
+        except _redis_error() as error:  # it answered, but not as the quota's Redis can
+            # (a database index out of range, a wrong password, a server that is not Redis):
+            # waiting will not mend it, and redis-py's own error would not name the setting.
+            message = f"quota URL {self.where!r}: Redis refused the call: {error}"
+            raise ConfigError(message) from None
         if args[0] != "carry":  # which says itself whether the shared state is restoring
             self._stand_in.hand_back()
         return reply
@@ -476,6 +481,10 @@ async def _sleep(clock: Clock, delay_s: float) -> None:
         await done
     finally:
         handle.cancel()
+
+
+def _redis_error() -> type[BaseException]:
+    return importlib.import_module("redis.exceptions").RedisError  # type: ignore[no-any-return]
 
 
 def _unreachable() -> tuple[type[BaseException], ...]:

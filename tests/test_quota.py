@@ -678,3 +678,20 @@ async def test_embed_with_settings_quota_paces_through_redis(
     tokens, requests, entries = await sums(inspect)
     assert requests == entries >= 1
     assert tokens > 0
+
+
+@pytest.mark.parametrize("where", ["database", "not redis"])
+async def test_a_quota_url_redis_refuses_stops_the_job_naming_the_setting(
+    server: Any, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    from sfembed import embed, load_settings
+
+    monkeypatch.setenv("SFEMBED_TEST_KEY", "sk-local-test")
+    # A database the server does not have, or the embeddings server's port: both answer, so no
+    # local stand-in can help, and redis-py's own error would not say which setting is wrong.
+    url = redis_server.url.rsplit("/", 1)[0] + "/99"
+    if where == "not redis":
+        url = "redis://" + server.url.split("//", 1)[1].split("/", 1)[0] + "/0"
+    settings = load_settings(base_url=server.url, quota=url)
+    with pytest.raises(ConfigError, match=r"^quota URL '127\.0\.0\.1:\d+/(99|0)': Redis refused"):
+        await embed(["a", "b"], model=MODEL, settings=settings, api_key_env="SFEMBED_TEST_KEY")
