@@ -92,6 +92,11 @@ class JobError(SFEmbedError):
         )
         super().__init__(f"{len(self.failures)} input(s) could not be embedded{detail}.")
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Rebuilt from its failures, not from its message: a process pool or a Ray task hands
+        # an error to another process by pickling it, and JobError(message) cannot be built.
+        return (type(self), (self.failures,), self.__dict__)
+
 
 class InputError(SFEmbedError, ValueError):
     """Raised before sending when an input is invalid; ``item`` is its position in the request."""

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import gc
 import itertools
+import pickle
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
@@ -510,6 +511,10 @@ async def test_a_bad_item_fails_alone_and_nothing_is_sent_twice(server: LocalSer
             await embed(items, model=VL, settings=settings, client=client)
     assert [f.position for f in raised.value.failures] == [7]
     assert "input 7" in str(raised.value)
+    # It crosses to another process (a process pool, a Ray task) whole.
+    copied = pickle.loads(pickle.dumps(raised.value))
+    assert [(f.position, f.reason) for f in copied.failures] == [(7, stats.failures[0].reason)]
+    assert str(copied) == str(raised.value)
 
 
 #: 300 words of 101 letters: one [UNK] each for bge-large-en's WordPiece, 21 tokens each for the
