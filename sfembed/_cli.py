@@ -133,8 +133,33 @@ def _one_blas_thread() -> None:
         os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, but an argument it does not know is named without a value that may be
+    a key: ``--key sk-...`` or ``--token=sk-...`` would otherwise be printed back as given."""
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> Any:
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:
+            shown = [_shown(argument) for argument in extra]
+            self.error("unrecognized arguments: " + " ".join(shown))
+        return parsed
+
+
+def _shown(argument: str) -> str:
+    """``argument`` as a usage error may print it: an option's name, a value unless it looks
+    like a key (a long run of letters, digits, - and _, or anything holding 'sk-')."""
+    name, equals, value = (
+        argument.partition("=") if argument.startswith("-") else ("", "", argument)
+    )
+    token = value.strip()
+    key_like = len(token) >= 20 and all(c.isalnum() or c in "-_" for c in token)
+    if value and ("sk-" in value or key_like):
+        value = "(a value not shown)"
+    return f"{name}{equals}{value}" if name else value
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="sfembed",
         description=_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -290,3 +290,20 @@ def test_an_overlap_over_half_a_piece_exits_2_naming_the_most(
         in printed
     )
     assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "given",
+    [["--key", SECRET], [f"--token={SECRET}"], ["--api_key", f"Bearer {SECRET}"]],
+    ids=["flag-value", "flag=value", "bearer"],
+)
+def test_a_key_given_to_an_unknown_flag_is_not_printed_back(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, source: Path, given: list[str]
+) -> None:
+    code, printed = _run(capsys, tmp_path, source, "--local", *given, "--nope", "5")
+    assert code == 2
+    assert "unrecognized arguments: --" in printed
+    assert "(a value not shown)" in printed
+    assert "--nope 5" in printed  # a value that cannot be a key is still shown
+    assert SECRET not in printed
+    assert SECRET[3:20] not in printed
