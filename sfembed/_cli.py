@@ -346,7 +346,7 @@ def _add_serve(commands: Any) -> None:
         ("503", "answered 503 Service Unavailable"),
         ("504", "answered 504 Gateway Timeout"),
         ("reset", "whose connection is reset"),
-        ("stall", "left unanswered for a while"),
+        ("stall", "held 30 s (past a client's read timeout), then answered"),
     ):
         serve.add_argument(
             f"--rate-{fault}",

@@ -66,3 +66,11 @@ def test_units_are_named_where_a_value_has_one(capsys: pytest.CaptureFixture[str
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.strip() == f"sfembed {sfembed.__version__}"
+
+
+def test_serve_says_how_long_a_stall_lasts(capsys: pytest.CaptureFixture[str]) -> None:
+    from sfembed.testing import Faults
+
+    assert main(["serve", "--help"]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert f"held {Faults().stall_s:g} s" in printed  # the server's own stall, not a guess
