@@ -143,9 +143,12 @@ class LanceWriter:
             or width != self.dims
             or sorted(names) != sorted(self.keep_fields)
         ):
+            vectors = "no vector column" if vector is None else f"vectors of {width} dims"
+            if vector is not None and width is None:
+                vectors = f"vectors of type {vector}"  # a variable-size list, say
             raise ConfigError(
                 f"LanceDB table {self.name!r} in {str(self.folder)!r} has columns "
-                f"{', '.join(schema.names)} with vectors of {width} dims; this job writes id, "
+                f"{', '.join(schema.names)} with {vectors}; this job writes id, "
                 f"vector ({self.dims} dims), error{''.join(', ' + n for n in self.keep_fields)}: "
                 "write to another table"
             )

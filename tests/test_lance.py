@@ -13,6 +13,7 @@ from typing import Any
 
 import lancedb
 import numpy as np
+import pyarrow as pa
 import pytest
 from test_resume import M3, MakeServer, job, settings_for
 from test_shards import PER_SHARD, shard_lines, write_shard
@@ -83,6 +84,13 @@ def test_a_table_of_another_shape_is_refused_and_left_alone(tmp_path: Path) -> N
     with pytest.raises(ConfigError, match=r"name a table as NAME\.lance"):
         LanceWriter(tmp_path / "vectors.npy", dims=DIMS)
     assert len(table_rows(tmp_path)) == 1
+
+
+def test_a_table_without_a_vector_column_is_refused_saying_so(tmp_path: Path) -> None:
+    lancedb.connect(tmp_path).create_table("mine", data=pa.table({"name": ["x"], "n": [1]}))
+    with pytest.raises(ConfigError, match="has columns name, n with no vector column; this job"):
+        LanceWriter(tmp_path / "mine.lance", dims=DIMS)
+    assert lancedb.connect(tmp_path).open_table("mine").count_rows() == 1
 
 
 async def nightly(server: LocalServer, folder: Path, out: Path, **io: Any) -> Any:
