@@ -119,10 +119,7 @@ class Embedder:
         )
 
     async def _embed(self, texts: list[Any]) -> tuple[np.ndarray[Any, Any], list[str | None]]:
-        inputs = [
-            text if isinstance(text, str) else Unusable(f"{self.text_column} is not a text")
-            for text in texts
-        ]
+        inputs = [text if isinstance(text, str) else self._unusable(text) for text in texts]
         stats = JobStats()
         rows = await embed(
             inputs,
@@ -137,6 +134,11 @@ class Embedder:
         for failure in stats.failures:
             errors[failure.position] = failure.reason
         return rows, errors
+
+    def _unusable(self, value: Any) -> Unusable:
+        if value is None:
+            return Unusable(f"{self.text_column} is null")
+        return Unusable(f"{self.text_column} is not a text but {type(value).__name__}")
 
     def _vectors(self, rows: np.ndarray[Any, Any], errors: list[str | None]) -> Any:
         pa = self._pa

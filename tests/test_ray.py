@@ -120,3 +120,21 @@ def test_a_batch_without_the_text_column_is_refused_naming_it(
 def test_chunks_mode_is_refused_as_it_would_break_one_row_per_input() -> None:
     with pytest.raises(ConfigError, match="one row per input"):
         Embedder(model=MODEL, quota="local", long_mode="chunks")
+
+
+async def test_a_row_without_a_text_fails_alone_saying_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(KEY_ENV, "sk-local-test")
+    async with LocalServer() as server:  # the embedder blocks its caller: run it on a thread
+        embedder = await asyncio.to_thread(
+            Embedder, model=MODEL, quota="local", base_url=server.url, api_key_env=KEY_ENV
+        )
+        try:
+            batch = pa.table({"text": pa.array(["a", None, "b"])})
+            numbers = pa.table({"text": pa.array([1, 2])})
+            result = await asyncio.to_thread(embedder, batch)
+            as_numbers = await asyncio.to_thread(embedder, numbers)
+        finally:
+            await asyncio.to_thread(embedder.close)
+    assert result.column("error").to_pylist() == [None, "text is null", None]
+    assert result.column("embedding").null_count == 1
+    assert as_numbers.column("error").to_pylist() == ["text is not a text but int"] * 2
