@@ -35,6 +35,7 @@ import importlib
 import itertools
 import logging
 import math
+import re
 import uuid
 from importlib import resources
 from typing import Any
@@ -441,6 +442,14 @@ class _Script:
 
 def _connect(url: str, timeout_s: float) -> Any:
     """An asyncio Redis client for ``url``; ConfigError for a bad URL or without redis-py."""
+    parts = urlsplit(url)
+    # redis-py reads a path that is not one number as database 0 ('/O' for '/0') or joins its
+    # digits ('/1/2' is database 12): a typo would share a quota no other worker is on.
+    if parts.scheme in ("redis", "rediss") and not re.fullmatch(r"/?|/\d+", parts.path):
+        raise ConfigError(
+            f"quota URL {_where(url)!r}: the path must be a database number, as in "
+            "redis://host:6379/0"
+        )
     redis = _import_redis()
     backoff = importlib.import_module("redis.backoff")
     retry = importlib.import_module("redis.asyncio.retry")

@@ -695,3 +695,10 @@ async def test_a_quota_url_redis_refuses_stops_the_job_naming_the_setting(
     settings = load_settings(base_url=server.url, quota=url)
     with pytest.raises(ConfigError, match=r"^quota URL '127\.0\.0\.1:\d+/(99|0)': Redis refused"):
         await embed(["a", "b"], model=MODEL, settings=settings, api_key_env="SFEMBED_TEST_KEY")
+
+
+@pytest.mark.parametrize("path", ["/O", "/1/2", "/db0"])
+def test_a_quota_url_whose_path_is_not_a_database_number_is_refused(path: str) -> None:
+    url = "redis://127.0.0.1:6379" + path  # refused before any connection
+    with pytest.raises(ConfigError, match=r"quota URL '127\.0\.0\.1:6379/.*': the path must be"):
+        SharedLimiter(url, limits(), model=MODEL)
