@@ -281,6 +281,11 @@ class Dispatch:
                 finally:
                     self.sender.in_flight.discard(me)  # from its first admission to here
 
+    def ended(self) -> None:
+        """Every request was sent and answered or given up on. Raises the stopping error of a
+        job whose requests all ran out of retries, none answered (see ``FailureStreak.ended``)."""
+        self._streak.ended()
+
     def stop(self) -> None:
         """Start no more requests: cancel every worker that has none out."""
         self.sender.stopping = True

@@ -298,6 +298,7 @@ class Engine:
         requests_out, requests_in = _requests_stream(self.settings.concurrency)
         batches_out, batches_in = _batches_stream()
         delivery = Delivery(self.ring, self.stats, batches_out)
+        ended = False  # every batch handed on, the stream closed by its writer
         async with asyncio.TaskGroup() as group:
             start = functools.partial(self._start, group)
             rows = delivery.writer()
@@ -330,11 +331,15 @@ class Engine:
                             yield batch
                         except GeneratorExit:
                             break  # the caller closed us: cancel the stages and end quietly
+                    else:
+                        ended = True
             finally:
                 for task in self._tasks:
                     task.cancel()
         if self._error is not None:
             raise self._error
+        if ended and not self.dispatch.sender.stopping:  # not when told to stop, or closed
+            self.dispatch.ended()
 
     def _start(
         self,

@@ -184,11 +184,26 @@ class FailureStreak:
         self._limits = {"refused": refused_limit, "gave up": gave_up_limit}
         self._key: tuple[object, ...] | None = None
         self._count = 0
+        self._last: APIError | None = None
+        self._answered = False
+        self._gave_up = 0  # requests out of retries, in all
 
     def success(self) -> None:
         """A request was answered: whatever failed before was not about every request."""
         self._key = None
         self._count = 0
+        self._answered = True
+
+    def ended(self) -> None:
+        """The job sent its last request. A job too small to complete a streak (fewer requests
+        than ``gave_up_limit``, against a server that is down) whose requests all ran out of
+        retries, none answered, stops as a longer one would: with one error (the last), and its
+        earlier output left in place rather than replaced by rows of failures."""
+        last = self._last
+        if self._answered or last is None or self._key != self._key_of("gave up", last):
+            return
+        why = f"{self._gave_up} requests ran out of retries and none succeeded: "
+        raise stopping_error(last, why)
 
     def refused(self, error: APIError) -> None:
         """An item sent alone was refused with ``error``. Raises when the streak is complete."""
@@ -196,12 +211,18 @@ class FailureStreak:
 
     def gave_up(self, error: APIError) -> None:
         """A request ran out of retries on ``error``. Raises when the streak is complete."""
+        self._gave_up += 1
         self._add("gave up", error)
 
+    @staticmethod
+    def _key_of(kind: str, error: APIError) -> tuple[object, ...]:
+        return (kind, type(error), error.status, error.code, error.message)
+
     def _add(self, kind: str, error: APIError) -> None:
-        key = (kind, type(error), error.status, error.code, error.message)
+        key = self._key_of(kind, error)
         self._count = self._count + 1 if key == self._key else 1
         self._key = key
+        self._last = error
         if self._count >= self._limits[kind]:
             what = "inputs sent alone were refused" if kind == "refused" else "requests failed"
             why = f"{self._count} {what} in a row with the same error, and none succeeded: "

@@ -9,6 +9,7 @@ import contextlib
 import os
 import resource
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -135,3 +136,25 @@ async def test_a_full_disk_ends_the_job_with_one_clear_line_and_keeps_the_earlie
     assert "File too large" in text
     assert "Traceback" not in text
     assert snapshot(tmp_path) == before  # the earlier output as it was, nothing left behind
+
+
+async def test_a_small_rerun_against_a_server_that_is_down_keeps_the_earlier_output(
+    server: LocalServer, tmp_path: Path
+) -> None:
+    source = write_lines(tmp_path / "in.jsonl", docs(10))
+    out = tmp_path / "out.npy"
+    first = await sfembed(*embed_args(server.url, source, out, "--no-cache"))
+    assert first.code == 0, first.err
+    config = tmp_path / "job.toml"
+    config.write_text("[retry]\nmax_attempts = 2\ninitial_backoff_s = 0.01\n")
+    before = snapshot(tmp_path)
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        down = f"http://127.0.0.1:{probe.getsockname()[1]}/v1"
+
+    again = await sfembed(*embed_args(down, source, out, "--no-cache", "--config", str(config)))
+
+    assert again.code == 1, again.err
+    assert "none succeeded" in again.err
+    assert_clean(again, KEY)
+    assert snapshot(tmp_path) == before  # two requests, both given up: the good rows stay

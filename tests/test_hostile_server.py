@@ -504,6 +504,18 @@ async def test_a_refused_connection_at_the_start_stops_the_job() -> None:
             await embed(RECORDS, model=M3, settings=settings, client=client)
 
 
+async def test_a_job_of_one_request_against_a_server_that_is_down_stops_too() -> None:
+    # Too small for a streak of failures in a row: it must not end as a success of failed rows.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/v1"
+    settings = load_settings(base_url=url, rate=UNLIMITED, retry=FAST_RETRY)
+    async with EmbeddingClient(api_key=KEY, base_url=url) as client:
+        with pytest.raises(APIConnectionError, match="1 requests ran out of retries and none"):
+            await embed(RECORDS[:3], model=M3, settings=settings, client=client)
+
+
 async def test_inputs_refused_one_by_one_among_good_ones_do_not_stop_the_job(
     server: LocalServer,
 ) -> None:

@@ -11,8 +11,9 @@ from sfembed._exceptions import (
     BadRequestError,
     OverloadedError,
     RateLimitError,
+    ServerError,
 )
-from sfembed._retry import call_with_retries
+from sfembed._retry import FailureStreak, call_with_retries
 
 
 class _Script:
@@ -175,3 +176,24 @@ def test_a_failure_streak_stops_only_the_same_error_in_a_row() -> None:
     streak.gave_up(down)
     with pytest.raises(ServerError, match="2 requests failed in a row"):
         streak.gave_up(down)
+
+
+def test_a_job_too_small_for_a_streak_stops_when_none_of_its_requests_was_answered() -> None:
+    down = ServerError("overloaded", status=503)
+    quiet = FailureStreak(gave_up_limit=4)
+    quiet.ended()  # nothing sent, nothing failed
+    quiet.gave_up(down)
+    quiet.success()
+    quiet.gave_up(down)
+    quiet.ended()  # one request answered: the failures are its records', not the job's
+    refused = FailureStreak(gave_up_limit=4)
+    refused.gave_up(down)
+    refused.refused(BadRequestError("invalid", status=400, code=20015))
+    refused.ended()  # the last failure was an input's own
+    small = FailureStreak(gave_up_limit=4)
+    small.gave_up(ServerError("timeout", status=504))
+    small.gave_up(down)
+    with pytest.raises(ServerError, match="2 requests ran out of retries and none") as info:
+        small.ended()
+    assert not info.value.retryable
+    assert info.value.status == 503
