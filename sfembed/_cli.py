@@ -135,7 +135,13 @@ def _one_blas_thread() -> None:
 
 class _Parser(argparse.ArgumentParser):
     """argparse's parser, but an argument it does not know is named without a value that may be
-    a key: ``--key sk-...`` or ``--token=sk-...`` would otherwise be printed back as given."""
+    a key: ``--key sk-...`` or ``--token=sk-...`` would otherwise be printed back as given; and
+    an option is only known by its whole name (argparse would take ``--no-cach`` for
+    ``--no-cache``, or ``--conc`` for ``--concurrency``: a mistyped option runs as another)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def parse_args(self, args: Any = None, namespace: Any = None) -> Any:
         parsed, extra = self.parse_known_args(args, namespace)

@@ -67,6 +67,25 @@ def test_other_usage_errors_exit_2(
 
 
 @pytest.mark.parametrize(
+    "extra", [["--no-cach"], ["--conc", "4"], ["--tp", "1000"], ["--no-prog"]], ids=str
+)
+def test_an_option_cut_short_is_not_taken_for_the_whole_one(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, source: Path, extra: list[str]
+) -> None:
+    code, printed = _run(capsys, tmp_path, source, "--local", *extra)
+    assert code == 2
+    assert f"unrecognized arguments: {' '.join(extra)}" in printed
+    assert not (tmp_path / "o.npy").exists()
+
+
+def test_serve_does_not_take_an_option_cut_short_either(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["serve", "--po", "0"]) == 2
+    assert "unrecognized arguments: --po 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
     ("flag", "value", "says"),
     [
         ("--concurrency", "0", "must be over 0"),
