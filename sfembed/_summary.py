@@ -22,10 +22,16 @@ def quota_line(limiter: SharedLimiter) -> str:
 
 
 def summary_table(summary: JobSummary, limits: RateLimits) -> str:
-    """The job's figures, one per line; TPM utilisation is tokens over the limits' capacity."""
+    """The job's figures, one per line; TPM utilisation is tokens over the limits' capacity in
+    the job's wall time. A job shorter than one window has none: the window's whole quota may be
+    spent at once, so over a few seconds of a 60 s window the ratio would read hundreds of
+    percent and say nothing about the pace."""
     stats = summary.stats
     windows = summary.wall_s / limits.window_s
-    utilisation = stats.tokens / (limits.tpm * windows) if windows else 0.0
+    if windows >= 1:
+        utilisation = f"{stats.tokens / (limits.tpm * windows):.1%}"
+    else:
+        utilisation = f"- (the job was shorter than one {limits.window_s:g} s window)"
     lines = [
         ("records", f"{summary.records:,}"),
         ("rows written", f"{summary.rows:,}"),
@@ -37,7 +43,7 @@ def summary_table(summary: JobSummary, limits: RateLimits) -> str:
         ("retries", f"{stats.retries:,}"),
         ("failures", f"{summary.failed:,}"),
         ("wall time", f"{summary.wall_s:,.1f} s"),
-        ("TPM utilisation", f"{utilisation:.1%}"),
+        ("TPM utilisation", utilisation),
     ]
     if summary.resumed_records:
         lines.insert(1, ("resumed after", f"{summary.resumed_records:,} records done earlier"))

@@ -247,3 +247,16 @@ def test_dry_run_refuses_a_prices_file_it_cannot_use(
     assert f"prices file {str(prices)!r}" in printed
     assert says in printed
     assert "Traceback" not in printed
+
+
+def test_the_summary_gives_a_utilisation_only_for_a_job_of_a_window_or_more() -> None:
+    from sfembed import JobStats, RateLimits
+    from sfembed._job import JobSummary
+    from sfembed._summary import summary_table
+
+    limits = RateLimits(rpm=600, tpm=60_000, window_s=60.0)
+    stats = JobStats(tokens=90_000)  # tokens the server counted
+    two_windows = summary_table(JobSummary(stats, wall_s=120.0), limits)
+    assert "TPM utilisation 75.0%" in two_windows
+    seconds = summary_table(JobSummary(stats, wall_s=3.0), limits)  # would read 3,000%
+    assert "TPM utilisation - (the job was shorter than one 60 s window)" in seconds
