@@ -15,8 +15,9 @@ Keys live under ``sfembed:{account}:{model}`` (the braces make them one Redis Cl
 expire a window after the last call, so a killed worker leaks nothing: its admissions leave the log
 as they leave the server's window. When Redis cannot be reached, the limiter paces locally at the
 limits divided by the live workers it last saw, says so once on the log, and goes back to Redis as
-soon as it answers again (it asks again at most every ``min(1 s, window / 20)``). Each worker
-remembers its own admissions of the last window: the local stand-in starts from them (the
+soon as it answers again (it asks again at most every ``min(1 s, window / 20)``, by a probe of its
+own that no caller waits for: a Redis that does not answer costs up to twice the timeout). Each
+worker remembers its own admissions of the last window: the local stand-in starts from them (the
 server's window still counts them), and they are carried into the shared log when Redis answers
 again, so that a Redis that restarted empty does not admit a window the server holds full. After
 such a restart every worker paces on locally for a window, booking in the shared log too, until
@@ -233,6 +234,7 @@ class SharedLimiter:
         self._worker = uuid.uuid4().hex
         self._ids = itertools.count()
         self._turn = asyncio.Lock()  # callers of this process ask Redis in arrival order
+        self._probe: asyncio.Task[bool] | None = None  # asks Redis again, outside the turn
         self._factors = (1.0, 1.0)
         self._stand_in = _StandIn(limits, self._clock, self.where)
         # A waiter late by more than this loses its place in the line (its process died); the
@@ -248,7 +250,13 @@ class SharedLimiter:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Close the connections to Redis."""
+        """Stop a probe of Redis still under way and close the connections to Redis."""
+        probe, self._probe = self._probe, None
+        if probe is not None:
+            probe.cancel()
+            await asyncio.wait([probe])
+            if not probe.cancelled():
+                probe.exception()  # taken: what a probe met no longer matters once closed
         await self._script.redis.aclose()
 
     @property
@@ -311,7 +319,7 @@ class SharedLimiter:
             if (
                 stand_in is not None
                 and ticket.local is None
-                and (self._stand_in.pacing or not await self._carry())
+                and (self._stand_in.pacing or not await self._answers_again())
             ):
                 ticket.local = await stand_in.acquire(min(ticket.tokens, stand_in.max_tokens))
                 ticket._fallback = stand_in
@@ -334,6 +342,24 @@ class SharedLimiter:
             if admitted:
                 return wait_us / _US, charged
             await _sleep(self._clock, wait_us / _US)
+
+    async def _answers_again(self) -> bool:
+        """True if pacing is shared again. Redis is asked by a probe of its own, one at a time,
+        that no caller waits for: one that does not answer takes up to twice ``timeout_s``, and
+        every caller of this process waits for the one in the turn. Once the probe is answered,
+        the carry runs in the turn, so that every admission of the stand-in is in it."""
+        probe = self._probe
+        if probe is not None and probe.done():
+            self._probe = None
+            if probe.result():  # raises what it met (ConfigError: Redis refused it)
+                return await self._carry()
+        if self._probe is None:
+            carried = self._recent.carried()  # an early carry: the one in the turn completes it
+            self._probe = asyncio.create_task(self._asked_again(carried))
+        return False
+
+    async def _asked_again(self, carried: list[str]) -> bool:
+        return await self._call("carry", self._worker, *carried) is not None
 
     async def _carry(self) -> bool:
         """Ask Redis again after an outage, carrying this worker's admissions of the window into

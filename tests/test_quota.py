@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 import textwrap
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ import redis.asyncio as redis
 
 from sfembed._config import RateLimits
 from sfembed._exceptions import ConfigError, InputError
+from sfembed._limiter import ManualClock
 from sfembed._quota import SharedLimiter
 from sfembed.testing import RedisServer
 from sfembed.testing import expected_embedding as expected
@@ -477,6 +478,75 @@ async def test_a_caller_cancelled_while_the_stand_in_paces_is_not_carried_back(
     await limiter._carry()
     assert set(await inspect.zrange(f"{PREFIX}:log", 0, -1)) == {t.id for t in kept}
     assert await sums(inspect) == (20, 2, 2)
+
+
+async def _booked(limiter: SharedLimiter, clock: ManualClock) -> Any:
+    """One acquire of 10 tokens, the limiter's clock moved on while it waits."""
+    booking = asyncio.create_task(limiter.acquire(10))
+    while not booking.done():
+        clock.advance(0.01)
+        await asyncio.sleep(0.001)
+    return booking.result()
+
+
+@contextlib.contextmanager
+def paused(redis_server: RedisServer) -> Iterator[None]:
+    """The server stops answering (SIGSTOP) without refusing connections, then goes on."""
+    assert redis_server._process is not None
+    pid = redis_server._process.pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+async def test_a_redis_that_stops_answering_holds_up_no_booking_of_the_stand_in(
+    redis_server: RedisServer, make_limiter: Callable[..., SharedLimiter]
+) -> None:
+    """Each probe of a silent Redis takes up to twice the timeout: bookings do not wait for it."""
+    clock = ManualClock()
+    limiter = make_limiter(limits(window_s=1.0), clock=clock, timeout_s=0.5)
+    probe_s = 0.05  # window / 20
+    await _booked(limiter, clock)
+    assert limiter.shared
+    with paused(redis_server):
+        await _booked(limiter, clock)  # the call that finds it silent
+        assert not limiter.shared
+        calls = limiter.round_trips
+        booked = []
+        for _ in range(5):
+            clock.advance(probe_s)  # each booking comes when Redis is due to be asked again
+            booked.append(await limiter.acquire(10))
+            await asyncio.sleep(0.01)  # the other tasks run meanwhile (a probe among them)
+        assert all(ticket.local is not None for ticket in booked)
+        assert limiter.round_trips - calls == 1  # one probe, still under way
+        assert not limiter.shared
+    # It answers again: the probe under way says so, and the next booking is shared.
+    for _ in range(500):
+        await _booked(limiter, clock)
+        if limiter.shared:
+            break
+        await asyncio.sleep(0.01)
+    assert limiter.shared
+
+
+async def test_closing_stops_a_probe_under_way(
+    redis_server: RedisServer, make_limiter: Callable[..., SharedLimiter]
+) -> None:
+    clock = ManualClock()
+    limiter = make_limiter(limits(window_s=1.0), clock=clock, timeout_s=0.5)
+    with paused(redis_server):
+        await _booked(limiter, clock)
+        assert not limiter.shared
+        clock.advance(0.05)
+        await limiter.acquire(10)  # asks Redis again, in a probe of its own
+        probe = limiter._probe
+        assert probe is not None
+        assert not probe.done()
+        await limiter.aclose()
+        assert probe.cancelled()
+        assert limiter._probe is None
 
 
 async def test_an_answered_admission_leaves_the_log_a_window_after_its_answer(
