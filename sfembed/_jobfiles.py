@@ -18,7 +18,7 @@ place, or a staged one the files about to be.
 
 Each job holds an exclusive lock (``flock``) on a hidden lock file beside its output, and on one
 beside its cache, for its whole life: a second job writing the same output, or using the same
-cache, is refused at once.
+cache, is refused at once. The lock files are removed as the job ends.
 """
 
 from __future__ import annotations
@@ -264,20 +264,47 @@ def _check_kind(role: str, path: Path) -> None:
 
 @contextlib.contextmanager
 def _locked(path: Path, what: str) -> Iterator[None]:
+    """Hold the lock file ``path`` for the block, and remove it after: a job leaves no lock
+    file behind, a refused one none in the user's folder either."""
+    descriptor = _lock(path, what)
     try:
-        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as error:
-        raise ConfigError(f"cannot create {str(path)!r}: {error.strerror or error}") from None
-    try:
+        yield
+    finally:
+        # Removed while still held: a job that opened it meanwhile and then gets the lock finds
+        # the path gone or another file there (see _lock), and locks anew.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        os.close(descriptor)
+
+
+def _lock(path: Path, what: str) -> int:
+    """The descriptor of ``path``, created if need be and locked. Raises ConfigError when
+    another job holds it."""
+    while True:
+        try:
+            descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise ConfigError(f"cannot create {str(path)!r}: {error.strerror or error}") from None
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if _same_file(descriptor, path):
+                return descriptor
         except OSError as error:
+            os.close(descriptor)
             if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
                 raise ConfigError(f"cannot lock {what}: {error.strerror or error}") from None
             raise ConfigError(
                 f"another sfembed job is using {what}: wait for it to end, or give this job "
                 "another --out (and --cache)"
             ) from None
-        yield
-    finally:
-        os.close(descriptor)
+        os.close(descriptor)  # a job that held it removed it meanwhile: lock the path anew
+
+
+def _same_file(descriptor: int, path: Path) -> bool:
+    """Whether ``path`` still names the file open as ``descriptor``."""
+    try:
+        named = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(descriptor)
+    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)

@@ -131,7 +131,7 @@ async def test_an_errors_file_the_job_did_not_write_is_never_removed(
 
 
 def _earlier_files(folder: Path) -> dict[str, bytes]:
-    return {k: v for k, v in snapshot(folder).items() if not k.endswith(".lock")}
+    return snapshot(folder)  # a refused job leaves no lock file either
 
 
 @pytest.mark.parametrize(
@@ -152,6 +152,7 @@ async def test_a_rerun_that_stops_at_once_leaves_the_earlier_output_as_it_was(
     assert {"out.npy", "out.ids.jsonl", "out.npy.errors.jsonl", "out.npy.manifest.json"} <= set(
         before
     )
+    assert not [name for name in before if name.endswith(".lock")]  # none left behind
     source.write_bytes(source.read_bytes() + b'{"id": "new", "text": "one more"}\n')
     extra, key = {
         "a mistyped option": (["--long", "chunk"], "sk-local-test"),
@@ -216,5 +217,23 @@ async def test_a_damaged_cache_is_a_clear_error_and_is_kept(
     assert str(cache) in done.err
     assert "not a database" in done.err
     assert_clean(done)
-    after = snapshot(tmp_path)
-    assert {k: v for k, v in after.items() if not k.endswith(".lock")} == before
+    assert snapshot(tmp_path) == before  # no lock file left either
+
+
+def test_a_lock_file_is_removed_by_its_holder_only_and_then_taken_anew(tmp_path: Path) -> None:
+    from sfembed._exceptions import ConfigError
+    from sfembed._jobfiles import _locked
+
+    lock = tmp_path / ".out.npy.lock"
+    with _locked(lock, "the output"):
+        assert _held(lock)
+        refused = pytest.raises(ConfigError, match="another sfembed job is using the output")
+        with refused, _locked(lock, "the output"):
+            pass
+        assert lock.exists()  # the refused one removed nothing
+        opened = lock.open("rb")  # as a job that opened it just before it was removed
+    assert not lock.exists()
+    with opened, _locked(lock, "the output"):
+        fcntl.flock(opened.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # the removed file: free
+        assert _held(lock)  # but the path's new file is held: one holder at a time
+    assert not lock.exists()
