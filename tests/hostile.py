@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -86,3 +87,10 @@ def assert_clean(done: Done, *secrets: str) -> None:
         assert sign not in done.err, done.err
     for secret in secrets:
         assert secret not in done.out + done.err, done.err
+
+
+def nothing_listening() -> str:
+    """The base URL of a local port nothing listens on: every connection is refused."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{probe.getsockname()[1]}/v1"

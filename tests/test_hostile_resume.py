@@ -9,13 +9,22 @@ import contextlib
 import os
 import resource
 import signal
-import socket
 import sys
 from pathlib import Path
 
 import numpy as np
 import orjson
-from hostile import KEY, MakeServer, assert_clean, docs, embed_args, sfembed, snapshot, write_lines
+from hostile import (
+    KEY,
+    MakeServer,
+    assert_clean,
+    docs,
+    embed_args,
+    nothing_listening,
+    sfembed,
+    snapshot,
+    write_lines,
+)
 
 from sfembed import BatchLimits, EmbeddingClient, IOSettings, load_settings
 from sfembed._job import run_job
@@ -148,9 +157,7 @@ async def test_a_small_rerun_against_a_server_that_is_down_keeps_the_earlier_out
     config = tmp_path / "job.toml"
     config.write_text("[retry]\nmax_attempts = 2\ninitial_backoff_s = 0.01\n")
     before = snapshot(tmp_path)
-    with socket.socket() as probe:  # a port nothing listens on
-        probe.bind(("127.0.0.1", 0))
-        down = f"http://127.0.0.1:{probe.getsockname()[1]}/v1"
+    down = nothing_listening()
 
     again = await sfembed(*embed_args(down, source, out, "--no-cache", "--config", str(config)))
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 import threading
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 import orjson
 import pytest
+from hostile import nothing_listening
 
 from sfembed import (
     DEFAULT_CATALOG,
@@ -493,27 +493,20 @@ async def test_an_outage_outlasting_the_retries_stops_the_job(
     assert len(stats.failures) < len(RECORDS) // 4
 
 
-async def test_a_refused_connection_at_the_start_stops_the_job() -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    url = f"http://127.0.0.1:{port}/v1"
+@pytest.mark.parametrize(
+    ("records", "says"),
+    [
+        (len(RECORDS), "requests failed in a row"),
+        # Too small for a streak in a row: it must not end as a success of failed rows.
+        (3, "1 requests ran out of retries and none succeeded"),
+    ],
+)
+async def test_a_refused_connection_at_the_start_stops_the_job(records: int, says: str) -> None:
+    url = nothing_listening()
     settings = load_settings(base_url=url, rate=UNLIMITED, retry=FAST_RETRY)
     async with EmbeddingClient(api_key=KEY, base_url=url) as client:
-        with pytest.raises(APIConnectionError, match="requests failed in a row"):
-            await embed(RECORDS, model=M3, settings=settings, client=client)
-
-
-async def test_a_job_of_one_request_against_a_server_that_is_down_stops_too() -> None:
-    # Too small for a streak of failures in a row: it must not end as a success of failed rows.
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    url = f"http://127.0.0.1:{port}/v1"
-    settings = load_settings(base_url=url, rate=UNLIMITED, retry=FAST_RETRY)
-    async with EmbeddingClient(api_key=KEY, base_url=url) as client:
-        with pytest.raises(APIConnectionError, match="1 requests ran out of retries and none"):
-            await embed(RECORDS[:3], model=M3, settings=settings, client=client)
+        with pytest.raises(APIConnectionError, match=says):
+            await embed(RECORDS[:records], model=M3, settings=settings, client=client)
 
 
 async def test_inputs_refused_one_by_one_among_good_ones_do_not_stop_the_job(
