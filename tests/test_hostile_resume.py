@@ -119,13 +119,19 @@ def _small_files() -> None:
     resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
 
 
-async def test_a_full_disk_ends_the_job_with_one_clear_line_and_keeps_the_earlier_output(
-    server: LocalServer, tmp_path: Path
-) -> None:
+async def _a_first_run(server: LocalServer, tmp_path: Path) -> tuple[Path, Path]:
+    """The input and the output of a finished job of 10 records, the earlier output of a rerun."""
     source = write_lines(tmp_path / "in.jsonl", docs(10))
     out = tmp_path / "out.npy"
     first = await sfembed(*embed_args(server.url, source, out, "--no-cache"))
     assert first.code == 0, first.err
+    return source, out
+
+
+async def test_a_full_disk_ends_the_job_with_one_clear_line_and_keeps_the_earlier_output(
+    server: LocalServer, tmp_path: Path
+) -> None:
+    source, out = await _a_first_run(server, tmp_path)
     before = snapshot(tmp_path)
     write_lines(source, docs(200))  # 200 rows of 4 KiB: past what the disk will take
     before["in.jsonl"] = source.read_bytes()
@@ -150,10 +156,7 @@ async def test_a_full_disk_ends_the_job_with_one_clear_line_and_keeps_the_earlie
 async def test_a_small_rerun_against_a_server_that_is_down_keeps_the_earlier_output(
     server: LocalServer, tmp_path: Path
 ) -> None:
-    source = write_lines(tmp_path / "in.jsonl", docs(10))
-    out = tmp_path / "out.npy"
-    first = await sfembed(*embed_args(server.url, source, out, "--no-cache"))
-    assert first.code == 0, first.err
+    source, out = await _a_first_run(server, tmp_path)
     config = tmp_path / "job.toml"
     config.write_text("[retry]\nmax_attempts = 2\ninitial_backoff_s = 0.01\n")
     before = snapshot(tmp_path)

@@ -43,18 +43,24 @@ _IMPORTED_BY = (
 )
 
 
-def _modules_after(code: str, tmp_path: Path) -> set[str]:
-    """The modules a fresh interpreter holds once ``code`` has run (in ``tmp_path``)."""
-    listing = "import sys, json\nprint(json.dumps(sorted(sys.modules)))"
+def _python(code: str, tmp_path: Path, env: dict[str, str] | None = None) -> str:
+    """What a fresh interpreter running ``code`` in ``tmp_path`` prints; it must succeed."""
     done = subprocess.run(
-        [sys.executable, "-c", f"{code}\n{listing}"],
+        [sys.executable, "-c", code],
         capture_output=True,
         text=True,
         cwd=tmp_path,
+        env=env,
         timeout=60,
     )
     assert done.returncode == 0, done.stderr
-    return set(json.loads(done.stdout.splitlines()[-1]))
+    return done.stdout
+
+
+def _modules_after(code: str, tmp_path: Path) -> set[str]:
+    """The modules a fresh interpreter holds once ``code`` has run (in ``tmp_path``)."""
+    listing = "import sys, json\nprint(json.dumps(sorted(sys.modules)))"
+    return set(json.loads(_python(f"{code}\n{listing}", tmp_path).splitlines()[-1]))
 
 
 def test_importing_sfembed_loads_no_stage_until_a_name_is_used(tmp_path: Path) -> None:
@@ -124,16 +130,7 @@ def test_before_numpy_loads_the_command_line_sets_one_blas_thread_and_a_rarer_co
         "                 '--no-progress']) == 0\n"
         "print(*seen[0])"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=env,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == [kept, "10000"]
+    assert _python(code, tmp_path, env).split() == [kept, "10000"]
 
 
 # After the command line's start (``sfembed embed --help``), four threads each keep 2,000 small
@@ -452,8 +449,5 @@ def test_a_local_server_starts_without_its_token_class_table_and_fills_what_text
         "print(tokenizer.text_tokens(['abc 12', 'xyz']))\n"
         "print(int((tokenizer._bmp_classes.table != tokenizer._bmp_classes.UNKNOWN).sum()))"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=60
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split("\n")[:3] == ["0", "[2, 1]", "10"]  # "\n" joins: a, b, c, 1, 2, ...
+    printed = _python(code, tmp_path).split("\n")[:3]
+    assert printed == ["0", "[2, 1]", "10"]  # "\n" joins: a, b, c, 1, 2, ...
