@@ -149,14 +149,8 @@ class EmbeddingCache:
         self.hits = 0
         self.misses = 0
         self.stored = 0
-        self._write_rows = write_rows
-        # Rows not yet handed to the worker (a lookup sees them): the block being filled for
-        # each (model, dims), and the full ones.
-        self._filling: dict[tuple[str, int], Block] = {}
-        self._full: list[Block] = []
+        self._gathering = _Gathering(write_rows)
         self._writing: asyncio.Future[None] | None = None  # the write under way, if any
-        self._handed: list[Block] = []  # the blocks it writes
-        self._spare: list[RawBuffer] = []
         self._closing: asyncio.Future[None] | None = None
         self._files: CacheFiles | None = None  # used on the worker thread only
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sfembed-cache")
@@ -190,18 +184,8 @@ class EmbeddingCache:
         if not keys:
             return {}
         found, hits = await self._run(partial(self._lookup, model, dims, list(keys)))
-        blocks = self._gathered(model, dims)
-        if blocks and len(found) < len(keys):
-            unfound = set(keys).difference(found)
-            gathered = False
-            for block in blocks:  # the latest first: a key's latest row
-                held = block.held(unfound)
-                if held:
-                    found.update((key, block.row(key)) for key in held)
-                    unfound -= held
-                    gathered = True
-            if gathered:  # a key given twice counts twice
-                hits = sum(map(found.__contains__, keys))
+        if len(found) < len(keys) and self._gathering.find(model, dims, keys, found):
+            hits = sum(map(found.__contains__, keys))  # a key given twice counts twice
         self.hits += hits
         self.misses += len(keys) - hits
         return found
@@ -244,30 +228,10 @@ class EmbeddingCache:
         if not keys:
             return
         # Copied before any wait: the caller may reuse its buffer, or be cancelled, meanwhile.
-        self._gather(model, dims, list(keys), rows)
+        self._gathering.add(model, dims, list(keys), rows)
         self.stored += len(keys)
-        if self._full:
+        if self._gathering.full:
             await self._write(index=False)
-
-    def _gather(self, model: str, dims: int, keys: list[bytes], rows: FloatArray) -> None:
-        """Copy ``rows`` into the block being filled, and the next ones as each fills."""
-        start = 0
-        while start < len(keys):
-            block = self._filling.get((model, dims))
-            if block is None:
-                spare = self._spare.pop() if self._spare else None
-                block = self._filling[(model, dims)] = Block(model, dims, self._write_rows, spare)
-            end = start + min(block.room(), len(keys) - start)
-            block.add(keys[start:end], rows[start:end])
-            start = end
-            if not block.room():
-                self._full.append(self._filling.pop((model, dims)))
-
-    def _gathered(self, model: str, dims: int) -> list[Block]:
-        """The blocks not yet handed to the worker for (model, dims), the latest first."""
-        blocks = [b for b in reversed(self._full) if b.model == model and b.dims == dims]
-        filling = self._filling.get((model, dims))
-        return [filling, *blocks] if filling is not None else blocks
 
     async def flush(self) -> None:
         """Write and index every row gathered by :meth:`store`. The write goes on if the caller
@@ -283,22 +247,11 @@ class EmbeddingCache:
             await asyncio.shield(self._writing)  # another caller may start one meanwhile
         if self._writing is not None:
             self._writing.result()  # a failed write's error, to every later caller
-            self._recycle()
-        blocks, self._full = self._full, []
-        if index:
-            blocks.extend(self._filling.values())
-            self._filling = {}
+            self._gathering.written()
+        blocks = self._gathering.hand(filling=index)
         if not blocks and not index:
             return
-        self._handed = blocks
         self._writing = self._submit(partial(self._append, blocks, index))
-
-    def _recycle(self) -> None:
-        """Keep the memory of the blocks written, for the next ones."""
-        for block in self._handed:
-            if len(self._spare) < _SPARE_BUFFERS:
-                self._spare.append(block.buffer)
-        self._handed = []
 
     async def close(self) -> None:
         """Write and index what is gathered and close the files, after any work already queued;
@@ -370,6 +323,77 @@ class EmbeddingCache:
         if self._files is None:  # only if work slipped in after close; _run refuses new ones
             raise ValueError(f"embedding cache {str(self.path)!r} is closed")
         return self._files
+
+
+class _Gathering:
+    """The rows stored but not yet handed to the cache's worker (a lookup sees them), in blocks
+    of ``write_rows``: the block being filled for each (model, dims), the full ones, and the
+    ones handed to the write under way, whose memory is used again once it is written."""
+
+    __slots__ = ("_filling", "_full", "_handed", "_spare", "_write_rows")
+
+    def __init__(self, write_rows: int) -> None:
+        self._write_rows = write_rows
+        self._filling: dict[tuple[str, int], Block] = {}
+        self._full: list[Block] = []
+        self._handed: list[Block] = []
+        self._spare: list[RawBuffer] = []
+
+    @property
+    def full(self) -> bool:
+        """Whether a block is full, waiting to be written."""
+        return bool(self._full)
+
+    def add(self, model: str, dims: int, keys: list[bytes], rows: FloatArray) -> None:
+        """Copy ``rows`` into the block being filled, and the next ones as each fills."""
+        start = 0
+        while start < len(keys):
+            block = self._filling.get((model, dims))
+            if block is None:
+                spare = self._spare.pop() if self._spare else None
+                block = self._filling[(model, dims)] = Block(model, dims, self._write_rows, spare)
+            end = start + min(block.room(), len(keys) - start)
+            block.add(keys[start:end], rows[start:end])
+            start = end
+            if not block.room():
+                self._full.append(self._filling.pop((model, dims)))
+
+    def find(
+        self, model: str, dims: int, keys: Sequence[bytes], found: dict[bytes, FloatArray]
+    ) -> bool:
+        """Add to ``found`` the latest row gathered of each of ``keys`` not in it yet; whether
+        there was any."""
+        unfound = set(keys).difference(found)
+        gathered = False
+        for block in self._blocks(model, dims):  # the latest first: a key's latest row
+            held = block.held(unfound)
+            if held:
+                found.update((key, block.row(key)) for key in held)
+                unfound -= held
+                gathered = True
+        return gathered
+
+    def _blocks(self, model: str, dims: int) -> list[Block]:
+        """The blocks not yet handed to the worker for (model, dims), the latest first."""
+        blocks = [b for b in reversed(self._full) if b.model == model and b.dims == dims]
+        filling = self._filling.get((model, dims))
+        return [filling, *blocks] if filling is not None else blocks
+
+    def hand(self, *, filling: bool) -> list[Block]:
+        """The full blocks (with ``filling``, the ones being filled too), handed to a write."""
+        blocks, self._full = self._full, []
+        if filling:
+            blocks.extend(self._filling.values())
+            self._filling = {}
+        self._handed = blocks
+        return blocks
+
+    def written(self) -> None:
+        """The blocks last handed are written: keep their memory for the next ones."""
+        for block in self._handed:
+            if len(self._spare) < _SPARE_BUFFERS:
+                self._spare.append(block.buffer)
+        self._handed = []
 
 
 def _check_target(model: str, dims: int) -> None:
