@@ -13,7 +13,17 @@ callers ask in arrival order, one at a time.
 
 Keys live under ``sfembed:{account}:{model}`` (the braces make them one Redis Cluster slot) and
 expire a window after the last call, so a killed worker leaks nothing: its admissions leave the log
-as they leave the server's window. When Redis cannot be reached, the limiter paces locally at the
+as they leave the server's window.
+
+A Redis that has never answered is not an outage but a quota URL that cannot work (a wrong host or
+port, a Redis down at the start): opening the limiter (``async with``), or else its first call,
+raises ConfigError, before anything is sent. Pacing alone then would run every worker started with
+the same URL at the whole limits. The first contact waits as any call does: a refused connection
+fails at once, a host that does not answer after twice ``timeout_s`` (one quick retry). A Redis
+that answers but refuses the call (a wrong password, a database it lacks, a server that is not
+Redis) raises ConfigError whenever it happens: waiting would not mend it.
+
+Once Redis has answered, when it cannot be reached, the limiter paces locally at the
 limits divided by the live workers it last saw, says so once on the log, and goes back to Redis as
 soon as it answers again (it asks again at most every ``min(1 s, window / 20)``, by a probe of its
 own that no caller waits for: a Redis that does not answer costs up to twice the timeout). Each
@@ -38,8 +48,9 @@ import logging
 import math
 import re
 import uuid
+from collections.abc import Awaitable, Callable
 from importlib import resources
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from ._config import RateLimits
@@ -52,6 +63,7 @@ __all__ = ["SharedLimiter", "SharedTicket"]
 log = logging.getLogger("sfembed")
 
 _US = 1_000_000
+_T = TypeVar("_T")
 
 
 def _import_redis() -> Any:
@@ -204,7 +216,10 @@ class SharedLimiter:
     pace runs at the effective ones, nominal * (1 - headroom), as for the local limiter.
     ``lead_s`` is how far ahead the script may book a request (default window / 20);
     ``timeout_s`` bounds each Redis call before the local stand-in takes over. Raises ConfigError
-    without redis-py. Close with :meth:`aclose` (or ``async with``).
+    without redis-py. Opening it (``async with``) is the first contact with Redis, else its first
+    call is: ConfigError, nothing admitted, when Redis does not answer (a refused connection at
+    once, a silent host within twice ``timeout_s``) or refuses the call (a wrong password, a
+    database it lacks). Close with :meth:`aclose` (or ``async with``).
     """
 
     def __init__(
@@ -221,6 +236,8 @@ class SharedLimiter:
         if not account or any(c in account for c in "{}"):
             raise ConfigError(f"quota account label {account!r}: must be non-empty, without braces")
         self.where = _where(url)  # host:port/db, without a password
+        self._url = url
+        self._answered = False  # Redis has answered once: an error after it is an outage
         self._limits = limits
         self._clock: Clock = clock if clock is not None else LoopClock()
         self.max_tokens = effective_tokens(limits.tpm, limits.headroom)
@@ -244,6 +261,13 @@ class SharedLimiter:
         self.max_workers = 1  # the most seen at once
 
     async def __aenter__(self) -> SharedLimiter:
+        """The first contact with Redis (it loads the quota's script). Raises ConfigError when
+        Redis does not answer or refuses the call, the limiter closed."""
+        try:
+            await self._contact(self._script.load)
+        except BaseException:
+            await self.aclose()
+            raise
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -308,7 +332,9 @@ class SharedLimiter:
             admitted = True
             return ticket
         finally:
-            if not admitted and (ticket._asked or ticket.local is not None):
+            # A Redis that never answered holds nothing to give back (and would raise again).
+            booked = (ticket._asked and self._answered) or ticket.local is not None
+            if not admitted and booked:
                 await self.refund(ticket)
 
     async def _book(self, ticket: SharedTicket) -> tuple[float, int]:
@@ -430,19 +456,39 @@ class SharedLimiter:
 
     async def _call(self, *args: object) -> list[Any] | None:
         """One run of the script; None (and the local stand-in) when Redis is unreachable."""
+        reply = await self._contact(lambda: self._script(*args))
+        if reply is not None and args[0] != "carry":  # which says whether it is restoring
+            self._stand_in.hand_back()
+        return reply
+
+    async def _contact(self, call: Callable[[], Awaitable[_T]]) -> _T | None:
+        """What ``call`` returns; None (and the local stand-in) when Redis, which answered
+        before, is unreachable. Raises ConfigError when Redis refuses the call or has never
+        answered: then no worker knows how many others share the quota."""
         try:
-            reply = await self._script(*args)
+            reply = await call()
         except _unreachable() as error:
+            if _denied(error) or not self._answered:
+                raise self._error(error) from None
             self._stand_in.take_over(error, self.workers, self._recent)
             return None
         except _redis_error() as error:  # it answered, but not as the quota's Redis can
-            # (a database index out of range, a wrong password, a server that is not Redis):
-            # waiting will not mend it, and redis-py's own error would not name the setting.
-            message = f"quota URL {self.where!r}: Redis refused the call: {error}"
-            raise ConfigError(message) from None
-        if args[0] != "carry":  # which says itself whether the shared state is restoring
-            self._stand_in.hand_back()
+            # (a database index out of range, a server that is not Redis): waiting will not
+            # mend it, and redis-py's own error would not name the setting.
+            raise self._error(error) from None
+        self._answered = True
         return reply
+
+    def _error(self, error: BaseException) -> ConfigError:
+        """The ConfigError for what Redis did, naming the URL without its password."""
+        if _denied(error) or not isinstance(error, _unreachable()):
+            said = f"Redis refused the call: {error}"
+        else:
+            said = (
+                f"Redis did not answer ({type(error).__name__}: {error}); nothing was sent: "
+                "check the URL and that Redis runs"
+            )
+        return ConfigError(_without_password(f"quota URL {self.where!r}: {said}", self._url))
 
 
 class _Script:
@@ -455,9 +501,15 @@ class _Script:
         self.redis = _connect(url, timeout_s)
         source = resources.files(__package__).joinpath("_quota_script.lua").read_text("utf-8")
         self._run = self.redis.register_script(source)
+        self._source = source
         self._keys = [f"{prefix}:{name}" for name in self._NAMES]
         self._head = head
         self.calls = 0
+
+    async def load(self) -> None:
+        """Load the script into Redis (what its first run would do); raises redis-py's errors."""
+        self.calls += 1
+        await self.redis.script_load(self._source)
 
     async def __call__(self, op: object, *args: object) -> list[Any]:
         """One run of operation ``op``; raises redis-py's errors."""
@@ -520,6 +572,19 @@ async def _sleep(clock: Clock, delay_s: float) -> None:
 
 def _redis_error() -> type[BaseException]:
     return importlib.import_module("redis.exceptions").RedisError  # type: ignore[no-any-return]
+
+
+def _denied(error: BaseException) -> bool:
+    """A wrong password or a user without the right: redis-py calls it a connection error, but
+    Redis answered, and waiting will not mend it."""
+    exceptions = importlib.import_module("redis.exceptions")
+    return isinstance(error, exceptions.AuthenticationError | exceptions.AuthorizationError)
+
+
+def _without_password(text: str, url: str) -> str:
+    """``text`` with the password of ``url`` (if any) masked, wherever a message echoed it."""
+    password = urlsplit(url).password
+    return text.replace(password, "***") if password else text
 
 
 def _unreachable() -> tuple[type[BaseException], ...]:

@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import textwrap
@@ -22,12 +23,21 @@ from typing import Any
 import numpy as np
 import pytest
 import redis.asyncio as redis
+from hostile import (
+    assert_clean,
+    docs,
+    embed_args,
+    nothing_listening,
+    sfembed,
+    snapshot,
+    write_lines,
+)
 
 from sfembed._config import RateLimits
 from sfembed._exceptions import ConfigError, InputError
 from sfembed._limiter import ManualClock
 from sfembed._quota import SharedLimiter
-from sfembed.testing import RedisServer
+from sfembed.testing import LocalServer, RedisServer
 from sfembed.testing import expected_embedding as expected
 
 MODEL = "BAAI/bge-m3"
@@ -62,6 +72,11 @@ async def make_limiter(redis_server: RedisServer) -> AsyncIterator[Callable[...,
     yield make
     for limiter in made:
         await limiter.aclose()
+
+
+async def opened(limiter: SharedLimiter) -> SharedLimiter:
+    """``limiter`` after its first contact with Redis, as ``async with`` opens it."""
+    return await limiter.__aenter__()
 
 
 async def sums(client: redis.Redis) -> tuple[int, int, int]:
@@ -462,7 +477,7 @@ async def test_the_local_stand_in_starts_from_the_workers_own_window(
 async def test_a_caller_cancelled_while_the_stand_in_paces_is_not_carried_back(
     redis_server: RedisServer, make_limiter: Callable[..., SharedLimiter], inspect: redis.Redis
 ) -> None:
-    limiter = make_limiter(limits(rpm=2, window_s=30.0, burst_s=30.0))
+    limiter = await opened(make_limiter(limits(rpm=2, window_s=30.0, burst_s=30.0)))
     redis_server.stop()
     kept = [await limiter.acquire(10) for _ in range(2)]
     assert not limiter.shared
@@ -535,7 +550,7 @@ async def test_closing_stops_a_probe_under_way(
     redis_server: RedisServer, make_limiter: Callable[..., SharedLimiter]
 ) -> None:
     clock = ManualClock()
-    limiter = make_limiter(limits(window_s=1.0), clock=clock, timeout_s=0.5)
+    limiter = await opened(make_limiter(limits(window_s=1.0), clock=clock, timeout_s=0.5))
     with paused(redis_server):
         await _booked(limiter, clock)
         assert not limiter.shared
@@ -772,3 +787,99 @@ def test_a_quota_url_whose_path_is_not_a_database_number_is_refused(path: str) -
     url = "redis://127.0.0.1:6379" + path  # refused before any connection
     with pytest.raises(ConfigError, match=r"quota URL '127\.0\.0\.1:6379/.*': the path must be"):
         SharedLimiter(url, limits(), model=MODEL)
+
+
+# -- a Redis that never answered ----------------------------------------------------------------
+
+SECRET = "hunter2-quota-secret"
+
+
+def silent_url(password: str = SECRET) -> tuple[str, str]:
+    """A quota URL with a password on a local port nothing listens on, and its host:port/db."""
+    where = nothing_listening().split("//", 1)[1].split("/", 1)[0] + "/0"
+    return f"redis://:{password}@{where}", where
+
+
+async def test_a_quota_redis_that_never_answered_stops_the_cli_before_any_file_or_request(
+    server: LocalServer, tmp_path: Path
+) -> None:
+    """Alone, each worker started with the same mistyped URL would pace at the whole limits."""
+    source = write_lines(tmp_path / "in.jsonl", docs(20))
+    before = snapshot(tmp_path)
+    url, where = silent_url()
+    done = await sfembed(*embed_args(server.url, source, tmp_path / "out.npy", "--quota", url))
+    assert done.code == 2, done.err  # as any setting that cannot work
+    assert_clean(done, SECRET)
+    lines = done.err.splitlines()
+    assert len(lines) == 1, done.err
+    assert lines[0].startswith(f"sfembed: error: quota URL '{where}': Redis did not answer (")
+    assert "Connect call failed" in lines[0]  # the cause, as redis-py gives it
+    assert snapshot(tmp_path) == before  # no output, no manifest, no lock file
+    assert server.stats.requests == 0
+
+
+async def test_a_quota_redis_that_never_answered_stops_embed_before_any_request(
+    server: LocalServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sfembed import embed, load_settings
+
+    monkeypatch.setenv("SFEMBED_TEST_KEY", "sk-local-test")
+    url, where = silent_url()
+    settings = load_settings(base_url=server.url, quota=url)
+    with pytest.raises(ConfigError) as raised:
+        await embed(["a", "b"], model=MODEL, settings=settings, api_key_env="SFEMBED_TEST_KEY")
+    assert str(raised.value).startswith(f"quota URL '{where}': Redis did not answer (")
+    assert SECRET not in str(raised.value) + repr(raised.value)
+    assert server.stats.requests == 0
+
+
+async def _first_contact(limiter: SharedLimiter, how: str) -> None:
+    if how == "opened":
+        async with limiter:
+            pytest.fail("opened without Redis")
+    try:
+        await limiter.acquire(10)
+    finally:
+        await limiter.aclose()
+
+
+@pytest.mark.parametrize("how", ["opened", "first call"])
+async def test_a_shared_limiter_whose_redis_never_answered_admits_nothing(how: str) -> None:
+    url, where = silent_url()
+    limiter = SharedLimiter(url, limits(), model=MODEL)
+    said = f"^quota URL {re.escape(repr(where))}: Redis did not answer"
+    with pytest.raises(ConfigError, match=said) as raised:
+        await _first_contact(limiter, how)
+    assert SECRET not in str(raised.value)
+    assert limiter.fallbacks == 0  # no local stand-in took over
+
+
+async def test_a_quota_redis_that_never_answered_stops_the_ray_stage_at_its_start(
+    server: LocalServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sfembed.ray import Embedder
+
+    monkeypatch.setenv("SFEMBED_TEST_KEY", "sk-local-test")
+    url, where = silent_url()
+    said = f"^quota URL {re.escape(repr(where))}: Redis did not answer"
+    with pytest.raises(ConfigError, match=said):
+        await asyncio.to_thread(  # the embedder blocks its caller
+            Embedder, model=MODEL, quota=url, base_url=server.url, api_key_env="SFEMBED_TEST_KEY"
+        )
+    assert server.stats.requests == 0
+
+
+async def test_a_wrong_quota_password_is_refused_not_paced_alone(
+    redis_server: RedisServer, inspect: redis.Redis
+) -> None:
+    """redis-py calls it a connection error, but Redis answered: no stand-in can mend it."""
+    await inspect.config_set("requirepass", "the-right-one")
+    url = redis_server.url.replace("redis://", f"redis://:{SECRET}@")
+    limiter = SharedLimiter(url, limits(), model=MODEL)
+    with pytest.raises(
+        ConfigError, match=r"^quota URL '127\.0\.0\.1:\d+/0': Redis refused"
+    ) as raised:
+        async with limiter:
+            await limiter.acquire(10)
+    assert SECRET not in str(raised.value)
+    assert limiter.fallbacks == 0
