@@ -36,48 +36,27 @@ all have carried theirs.
 A request is charged in the shared log at its tokens times the largest server count over charge
 of the last answers of any worker, until its own answer settles it: one worker's short charges
 teach every worker.
+
+Here: the limiter's contract and its tickets, and the booking through the script; the local
+stand-in and the switch between it and Redis in ``_quota_outage``; the Redis client, the script on
+it and what its errors mean in ``_quota_redis``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import importlib
 import itertools
-import logging
-import math
-import re
 import uuid
-from collections.abc import Awaitable, Callable
-from importlib import resources
-from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from typing import Any
 
 from ._config import RateLimits
 from ._exceptions import ConfigError, InputError
 from ._limiter import Clock, LoopClock, RateLimiter, effective_requests, effective_tokens
+from ._quota_outage import Link, Recent, StandIn
+from ._quota_redis import US, Script, where
 from ._types import Ticket
 
 __all__ = ["SharedLimiter", "SharedTicket"]
-
-log = logging.getLogger("sfembed")
-
-_US = 1_000_000
-_T = TypeVar("_T")
-
-
-def _import_redis() -> Any:
-    """redis.asyncio, or a ConfigError naming the extra to install."""
-    try:
-        return importlib.import_module("redis.asyncio")
-    except ImportError as error:
-        raise ConfigError("a shared quota needs redis-py: pip install 'sfembed[redis]'") from error
-
-
-def _where(url: str) -> str:
-    """host:port/db of a Redis URL, without a password, for log lines and errors."""
-    parts = urlsplit(url)
-    return f"{parts.hostname or 'localhost'}:{parts.port or 6379}{parts.path or '/0'}"
 
 
 class SharedTicket(Ticket):
@@ -92,120 +71,6 @@ class SharedTicket(Ticket):
         self._fallback: RateLimiter | None = None
         self._asked = False  # the script may have booked it
         self._raw = tokens  # as asked (the charge may be more): names its place in the line
-
-
-class _Recent:
-    """This worker's own admissions still in a window, as the shared log holds them: ticket id ->
-    [when it leaves (this clock's seconds), tokens charged]. What the local stand-in starts from,
-    and what is carried into the shared log when Redis answers again."""
-
-    def __init__(self, clock: Clock, limits: RateLimits) -> None:
-        self._clock = clock
-        self._window_s = limits.window_s
-        # As in the shared log: a window after the answer, or this long after the admission.
-        self.unanswered_s = limits.window_s * (1.0 + limits.headroom / 2)
-        self._entries: dict[str, list[float]] = {}  # in admission order
-
-    def admitted(self, id: str, tokens: int, at: float) -> None:
-        entries = self._entries
-        now = self._clock.now()
-        # Oldest first, as they leave the window (within a latency): this keeps about a window.
-        while entries:
-            oldest = next(iter(entries))
-            if entries[oldest][0] > now:
-                break
-            del entries[oldest]
-        entries[id] = [at + self.unanswered_s, float(tokens)]
-
-    def answered(self, id: str, tokens: int) -> None:
-        if (entry := self._entries.get(id)) is not None:
-            entry[:] = [self._clock.now() + self._window_s, float(tokens)]
-
-    def refunded(self, id: str) -> None:
-        self._entries.pop(id, None)
-
-    def live(self) -> list[tuple[str, int, float]]:
-        """(id, tokens, seconds left) of each admission still in the window."""
-        now = self._clock.now()
-        return [(id, int(t), at - now) for id, (at, t) in self._entries.items() if at > now]
-
-    def carried(self) -> list[str]:
-        """The live admissions as the script's ``carry`` takes them: id, tokens, microseconds."""
-        return [str(x) for id, t, left_s in self.live() for x in (id, t, int(left_s * _US))]
-
-
-class _StandIn:
-    """The local limiter that paces while Redis is unreachable, at the limits divided by the
-    workers last seen; and when to try Redis again (at most every ``probe_s`` seconds)."""
-
-    def __init__(self, limits: RateLimits, clock: Clock, where: str) -> None:
-        self._limits = limits
-        self._clock = clock
-        self._where = where
-        self._probe_s = min(1.0, limits.window_s / 20)
-        self._retry_at = -math.inf
-        self._kept_until = -math.inf  # paces on after Redis answers, until then
-        self.limiter: RateLimiter | None = None
-        self.times = 0  # outages met
-
-    @property
-    def pacing(self) -> bool:
-        """True while the stand-in paces and it is not yet time to try Redis again."""
-        return self.limiter is not None and self._clock.now() < self._retry_at
-
-    @property
-    def restoring(self) -> bool:
-        """True while the stand-in paces on, Redis answering, as the shared state is restored."""
-        return self.limiter is not None and self._clock.now() < self._kept_until
-
-    @property
-    def answering(self) -> bool:
-        """Redis answers (pacing shared, or restoring the shared state)."""
-        return self.limiter is None or self.restoring
-
-    def take_over(self, error: BaseException, workers: int, recent: _Recent) -> None:
-        """Redis did not answer: pace locally (saying so once per outage) and wait a while. The
-        stand-in starts from this worker's admissions of the last window: the server's window
-        still holds them."""
-        self._retry_at = self._clock.now() + self._probe_s
-        if self.limiter is not None:
-            return
-        self._kept_until = -math.inf
-        # Its log holds a share of the limits less the headroom: each worker knows only its own
-        # window, and the workers above their share at the outage do not make room for those
-        # below it, whose stand-ins would fill the server's window past the limit by the difference.
-        nominal = self._limits
-        tpm = effective_tokens(nominal.tpm, nominal.headroom)
-        rpm = effective_requests(nominal.rpm, nominal.headroom)
-        limits = dataclasses.replace(
-            nominal, tpm=max(1, tpm // workers), rpm=max(1, rpm // workers)
-        )
-        self.limiter = RateLimiter(limits, clock=self._clock)
-        now = self._clock.now()
-        self.limiter.hold([(tokens, now + left_s) for _, tokens, left_s in recent.live()])
-        self.times += 1
-        log.warning(
-            "shared quota: Redis at %s unreachable (%s); pacing locally at 1/%d of the limits "
-            "until it answers",
-            self._where,
-            type(error).__name__,
-            workers,
-        )
-
-    def hand_back(self, restoring_s: float = 0.0) -> None:
-        """Redis answered again. If it lost the shared state (a restart), it is restoring it for
-        ``restoring_s`` more seconds: the stand-in paces on until then (asking again as before)
-        while every worker carries its window back. Until all have, the shared log holds only
-        part of what the server's window counts, and each worker's stand-in, at its share of the
-        limits, is the safe judge."""
-        now = self._clock.now()
-        if self.limiter is not None and restoring_s > 0:
-            self._kept_until = now + restoring_s
-        if now < self._kept_until:
-            self._retry_at = now + self._probe_s
-        elif self.limiter is not None:
-            log.warning("shared quota: Redis at %s answers again; pacing shared", self._where)
-            self.limiter = None
 
 
 class SharedLimiter:
@@ -235,36 +100,29 @@ class SharedLimiter:
     ) -> None:
         if not account or any(c in account for c in "{}"):
             raise ConfigError(f"quota account label {account!r}: must be non-empty, without braces")
-        self.where = _where(url)  # host:port/db, without a password
-        self._url = url
-        self._answered = False  # Redis has answered once: an error after it is an outage
+        self.where = where(url)  # host:port/db, without a password
         self._limits = limits
         self._clock: Clock = clock if clock is not None else LoopClock()
         self.max_tokens = effective_tokens(limits.tpm, limits.headroom)
         self.max_requests = effective_requests(limits.rpm, limits.headroom)
-        self._recent = _Recent(self._clock, limits)
+        recent = Recent(self._clock, limits)
         lead = lead_s if lead_s is not None else limits.window_s / 20
-        head = [int(limits.window_s * _US), limits.tpm, limits.rpm]
-        head += [self.max_tokens, self.max_requests, int(limits.burst_allowance_s * _US)]
-        head += [int(lead * _US), int(self._recent.unanswered_s * _US)]
-        self._script = _Script(url, timeout_s, f"sfembed:{{{account}}}:{model}", head)
+        head = [int(limits.window_s * US), limits.tpm, limits.rpm]
+        head += [self.max_tokens, self.max_requests, int(limits.burst_allowance_s * US)]
+        head += [int(lead * US), int(recent.unanswered_s * US)]
+        script = Script(url, timeout_s, f"sfembed:{{{account}}}:{model}", head)
         self._worker = uuid.uuid4().hex
-        self._ids = itertools.count()
-        self._turn = asyncio.Lock()  # callers of this process ask Redis in arrival order
-        self._probe: asyncio.Task[bool] | None = None  # asks Redis again, outside the turn
-        self._factors = (1.0, 1.0)
-        self._stand_in = _StandIn(limits, self._clock, self.where)
-        # A waiter late by more than this loses its place in the line (its process died); the
-        # absolute part covers an event loop that fires its timers late.
-        self._grace_us = int((lead + 0.1) * _US)
-        self.workers = 1  # live workers (processes) the script saw at the last admission
-        self.max_workers = 1  # the most seen at once
+        stand_in = StandIn(limits, self._clock, self.where)
+        self._link = Link(
+            url, script, stand_in, recent, worker=self._worker, workers=lambda: self.workers
+        )
+        self._booking = _Booking(self._link, self._clock, worker=self._worker, lead_s=lead)
 
     async def __aenter__(self) -> SharedLimiter:
         """The first contact with Redis (it loads the quota's script). Raises ConfigError when
         Redis does not answer or refuses the call, the limiter closed."""
         try:
-            await self._contact(self._script.load)
+            await self._link.open()
         except BaseException:
             await self.aclose()
             raise
@@ -275,46 +133,52 @@ class SharedLimiter:
 
     async def aclose(self) -> None:
         """Stop a probe of Redis still under way and close the connections to Redis."""
-        probe, self._probe = self._probe, None
-        if probe is not None:
-            probe.cancel()
-            await asyncio.wait([probe])
-            if not probe.cancelled():
-                probe.exception()  # taken: what a probe met no longer matters once closed
-        await self._script.redis.aclose()
+        await self._link.aclose()
 
     @property
     def round_trips(self) -> int:
         """Calls to Redis so far, answered or not."""
-        return self._script.calls
+        return self._link.script.calls
 
     # -- what progress bars and ETAs read ----------------------------------------------------
 
     @property
+    def workers(self) -> int:
+        """Live workers (processes) the script saw at the last admission."""
+        return self._booking.workers
+
+    @property
+    def max_workers(self) -> int:
+        """The most live workers seen at once."""
+        return self._booking.max_workers
+
+    @property
     def shared(self) -> bool:
         """False while the local stand-in paces (Redis unreachable)."""
-        return self._stand_in.limiter is None
+        return self._link.stand_in.limiter is None
 
     @property
     def fallbacks(self) -> int:
         """How many times Redis was found unreachable and the local stand-in took over."""
-        return self._stand_in.times
+        return self._link.stand_in.times
 
     @property
     def tokens_per_s(self) -> float:
         """This worker's share of the token pace, in tokens per second."""
-        if self._stand_in.limiter is not None:
-            return self._stand_in.limiter.tokens_per_s
-        return self.max_tokens * self._factors[0] / self._limits.window_s / self.workers
+        if (stand_in := self._link.stand_in.limiter) is not None:
+            return stand_in.tokens_per_s
+        factor = self._booking.factors[0]
+        return self.max_tokens * factor / self._limits.window_s / self.workers
 
     @property
     def requests_per_s(self) -> float:
         """This worker's share of the request pace, in requests per second."""
-        if self._stand_in.limiter is not None:
-            return self._stand_in.limiter.requests_per_s
-        return self.max_requests * self._factors[1] / self._limits.window_s / self.workers
+        if (stand_in := self._link.stand_in.limiter) is not None:
+            return stand_in.requests_per_s
+        factor = self._booking.factors[1]
+        return self.max_requests * factor / self._limits.window_s / self.workers
 
-    # -- admission -------------------------------------------------------------------------
+    # -- admission and after the response ----------------------------------------------------
 
     async def acquire(self, tokens: int) -> SharedTicket:
         """Wait, behind this process's earlier callers, until one request of ``tokens`` tokens may
@@ -322,81 +186,17 @@ class SharedLimiter:
         whole window and InputError if negative. If cancelled, whatever was booked for the call
         is given back."""
         _check(tokens, self._limits.tpm, self._limits.window_s)
-        ticket = SharedTicket(id=f"{self._worker}:{next(self._ids)}", tokens=tokens)
+        ticket = self._booking.ticket(tokens)
         admitted = False
         try:
-            async with self._turn:
-                wait_s, charged = await self._book(ticket)
-                self._recent.admitted(ticket.id, charged, self._clock.now() + wait_s)
-            await _sleep(self._clock, wait_s)
+            await _sleep(self._clock, await self._booking.book(ticket))
             admitted = True
             return ticket
         finally:
             # A Redis that never answered holds nothing to give back (and would raise again).
-            booked = (ticket._asked and self._answered) or ticket.local is not None
+            booked = (ticket._asked and self._link.answered) or ticket.local is not None
             if not admitted and booked:
                 await self.refund(ticket)
-
-    async def _book(self, ticket: SharedTicket) -> tuple[float, int]:
-        """Book ``ticket``; returns the seconds to wait before sending it and the tokens charged
-        (the shared log charges what the last answers say the server will count)."""
-        while True:
-            stand_in = self._stand_in.limiter
-            if (
-                stand_in is not None
-                and ticket.local is None
-                and (self._stand_in.pacing or not await self._answers_again())
-            ):
-                ticket.local = await stand_in.acquire(min(ticket.tokens, stand_in.max_tokens))
-                ticket._fallback = stand_in
-                # While the shared state is restored, the shared log must allow it too: a worker
-                # that paces shared again meets workers still pacing locally there.
-                if not self._stand_in.restoring:
-                    return 0.0, ticket.tokens
-            ticket._asked = True
-            reply = await self._call(
-                "acquire", ticket.id, ticket._raw, self._worker, self._grace_us
-            )
-            if reply is None:
-                if ticket.local is not None:
-                    return 0.0, ticket.tokens  # the stand-in booked it already
-                continue  # unreachable: the stand-in books it
-            admitted, wait_us, workers, tpm_factor, rpm_factor, charged = (int(x) for x in reply)
-            self.workers = max(1, workers)
-            self.max_workers = max(self.max_workers, self.workers)
-            self._factors = (tpm_factor / _US, rpm_factor / _US)
-            if admitted:
-                return wait_us / _US, charged
-            await _sleep(self._clock, wait_us / _US)
-
-    async def _answers_again(self) -> bool:
-        """True if pacing is shared again. Redis is asked by a probe of its own, one at a time,
-        that no caller waits for: one that does not answer takes up to twice ``timeout_s``, and
-        every caller of this process waits for the one in the turn. Once the probe is answered,
-        the carry runs in the turn, so that every admission of the stand-in is in it."""
-        probe = self._probe
-        if probe is not None and probe.done():
-            self._probe = None
-            if probe.result():  # raises what it met (ConfigError: Redis refused it)
-                return await self._carry()
-        if self._probe is None:
-            carried = self._recent.carried()  # an early carry: the one in the turn completes it
-            self._probe = asyncio.create_task(self._asked_again(carried))
-        return False
-
-    async def _asked_again(self, carried: list[str]) -> bool:
-        return await self._call("carry", self._worker, *carried) is not None
-
-    async def _carry(self) -> bool:
-        """Ask Redis again after an outage, carrying this worker's admissions of the window into
-        the shared log (those it lacks; a count settled meanwhile corrects the one it holds).
-        True if pacing is shared again."""
-        reply = await self._call("carry", self._worker, *self._recent.carried())
-        if reply is not None:
-            self._stand_in.hand_back(restoring_s=int(reply[1]) / _US)
-        return self._stand_in.limiter is None
-
-    # -- after the response ------------------------------------------------------------------
 
     async def settle(self, ticket: Ticket, used_tokens: int) -> None:
         """Correct ``ticket``'s charge to ``used_tokens``, the server's count. Idempotent; does
@@ -407,11 +207,11 @@ class SharedLimiter:
         ticket = self._own(ticket)
         if ticket.refunded:
             return
-        self._recent.answered(ticket.id, used_tokens)
+        self._link.recent.answered(ticket.id, used_tokens)
         if ticket.local is not None and ticket._fallback is not None:
             await ticket._fallback.settle(ticket.local, used_tokens)
-        if self._stand_in.answering:  # the shared log may hold it (a carried one too)
-            await self._call("settle", ticket.id, used_tokens, ticket._raw)
+        if self._link.stand_in.answering:  # the shared log may hold it (a carried one too)
+            await self._link.call("settle", ticket.id, used_tokens, ticket._raw)
         ticket.tokens = used_tokens
 
     async def refund(self, ticket: Ticket) -> None:
@@ -419,11 +219,11 @@ class SharedLimiter:
         ticket = self._own(ticket)
         if ticket.refunded:
             return
-        self._recent.refunded(ticket.id)
+        self._link.recent.refunded(ticket.id)
         if ticket.local is not None and ticket._fallback is not None:
             await ticket._fallback.refund(ticket.local)
-        if self._stand_in.answering:
-            await self._call("refund", ticket.id, ticket._raw)
+        if self._link.stand_in.answering:
+            await self._link.call("refund", ticket.id, ticket._raw)
         ticket.tokens = ticket.requests = 0
 
     async def unanswered(self, ticket: Ticket) -> None:
@@ -446,101 +246,78 @@ class SharedLimiter:
         per tenth of a window for all workers together and not for a 429 alone (none within a
         window before it, from any worker); with ``retry_after_s`` hold every admission that
         long."""
-        if self._stand_in.limiter is not None:
-            await self._stand_in.limiter.on_rate_limited(limit, retry_after_s)
+        if (stand_in := self._link.stand_in.limiter) is not None:
+            await stand_in.on_rate_limited(limit, retry_after_s)
             return
         kind = limit if limit in ("tpm", "rpm") else ""
-        await self._call("cut", kind, int((retry_after_s or 0) * _US))
-
-    # -- Redis, and the stand-in when it is gone --------------------------------------------
-
-    async def _call(self, *args: object) -> list[Any] | None:
-        """One run of the script; None (and the local stand-in) when Redis is unreachable."""
-        reply = await self._contact(lambda: self._script(*args))
-        if reply is not None and args[0] != "carry":  # which says whether it is restoring
-            self._stand_in.hand_back()
-        return reply
-
-    async def _contact(self, call: Callable[[], Awaitable[_T]]) -> _T | None:
-        """What ``call`` returns; None (and the local stand-in) when Redis, which answered
-        before, is unreachable. Raises ConfigError when Redis refuses the call or has never
-        answered: then no worker knows how many others share the quota."""
-        try:
-            reply = await call()
-        except _unreachable() as error:
-            if _denied(error) or not self._answered:
-                raise self._error(error) from None
-            self._stand_in.take_over(error, self.workers, self._recent)
-            return None
-        except _redis_error() as error:  # it answered, but not as the quota's Redis can
-            # (a database index out of range, a server that is not Redis): waiting will not
-            # mend it, and redis-py's own error would not name the setting.
-            raise self._error(error) from None
-        self._answered = True
-        return reply
-
-    def _error(self, error: BaseException) -> ConfigError:
-        """The ConfigError for what Redis did, naming the URL without its password."""
-        if _denied(error) or not isinstance(error, _unreachable()):
-            said = f"Redis refused the call: {error}"
-        else:
-            said = (
-                f"Redis did not answer ({type(error).__name__}: {error}); nothing was sent: "
-                "check the URL and that Redis runs"
-            )
-        return ConfigError(_without_password(f"quota URL {self.where!r}: {said}", self._url))
+        await self._link.call("cut", kind, int((retry_after_s or 0) * US))
 
 
-class _Script:
-    """The quota's script on one Redis, for the keys under ``prefix``: ``head`` are the limits
-    every call passes (see the script's header)."""
+class _Booking:
+    """Books tickets through the script, one caller of this process at a time in arrival order,
+    or through the local stand-in while Redis is unreachable; keeps what the script said at the
+    last admission (the live workers, the most seen at once, the pace factors)."""
 
-    _NAMES = ("state", "log", "charges", "workers", "line", "due", "counts")
+    def __init__(self, link: Link, clock: Clock, *, worker: str, lead_s: float) -> None:
+        self._link = link
+        self._clock = clock
+        self._worker = worker
+        self._ids = itertools.count()
+        self._turn = asyncio.Lock()  # callers of this process ask Redis in arrival order
+        # A waiter late by more than this loses its place in the line (its process died); the
+        # absolute part covers an event loop that fires its timers late.
+        self._grace_us = int((lead_s + 0.1) * US)
+        self.workers = 1
+        self.max_workers = 1
+        self.factors = (1.0, 1.0)  # of the shared pace (tokens, requests), cut by 429s
 
-    def __init__(self, url: str, timeout_s: float, prefix: str, head: list[int]) -> None:
-        self.redis = _connect(url, timeout_s)
-        source = resources.files(__package__).joinpath("_quota_script.lua").read_text("utf-8")
-        self._run = self.redis.register_script(source)
-        self._source = source
-        self._keys = [f"{prefix}:{name}" for name in self._NAMES]
-        self._head = head
-        self.calls = 0
+    def ticket(self, tokens: int) -> SharedTicket:
+        """A new ticket of ``tokens``, with an id no other ticket of any worker has."""
+        return SharedTicket(id=f"{self._worker}:{next(self._ids)}", tokens=tokens)
 
-    async def load(self) -> None:
-        """Load the script into Redis (what its first run would do); raises redis-py's errors."""
-        self.calls += 1
-        await self.redis.script_load(self._source)
+    async def book(self, ticket: SharedTicket) -> float:
+        """Book ``ticket`` in its turn; returns the seconds to wait before sending it."""
+        async with self._turn:
+            wait_s, charged = await self._book(ticket)
+            self._link.recent.admitted(ticket.id, charged, self._clock.now() + wait_s)
+        return wait_s
 
-    async def __call__(self, op: object, *args: object) -> list[Any]:
-        """One run of operation ``op``; raises redis-py's errors."""
-        self.calls += 1
-        reply: list[Any] = await self._run(keys=self._keys, args=[op, *self._head, *args])
-        return reply
+    async def _book(self, ticket: SharedTicket) -> tuple[float, int]:
+        """The seconds to wait before sending ``ticket`` and the tokens charged (the shared log
+        charges what the last answers say the server will count)."""
+        link, stand_in = self._link, self._link.stand_in
+        while True:
+            local = stand_in.limiter
+            if (
+                local is not None
+                and ticket.local is None
+                and (stand_in.pacing or not await link.answers_again())
+            ):
+                ticket.local = await local.acquire(min(ticket.tokens, local.max_tokens))
+                ticket._fallback = local
+                # While the shared state is restored, the shared log must allow it too: a worker
+                # that paces shared again meets workers still pacing locally there.
+                if not stand_in.restoring:
+                    return 0.0, ticket.tokens
+            ticket._asked = True
+            reply = await link.call("acquire", ticket.id, ticket._raw, self._worker, self._grace_us)
+            if reply is None:
+                if ticket.local is not None:
+                    return 0.0, ticket.tokens  # the stand-in booked it already
+                continue  # unreachable: the stand-in books it
+            admitted, wait_us, charged = self._seen(reply)
+            if admitted:
+                return wait_us / US, charged
+            await _sleep(self._clock, wait_us / US)
 
-
-def _connect(url: str, timeout_s: float) -> Any:
-    """An asyncio Redis client for ``url``; ConfigError for a bad URL or without redis-py."""
-    parts = urlsplit(url)
-    # redis-py reads a path that is not one number as database 0 ('/O' for '/0') or joins its
-    # digits ('/1/2' is database 12): a typo would share a quota no other worker is on.
-    if parts.scheme in ("redis", "rediss") and not re.fullmatch(r"/?|/\d+", parts.path):
-        raise ConfigError(
-            f"quota URL {_where(url)!r}: the path must be a database number, as in "
-            "redis://host:6379/0"
-        )
-    redis = _import_redis()
-    backoff = importlib.import_module("redis.backoff")
-    retry = importlib.import_module("redis.asyncio.retry")
-    try:
-        # One quick retry (a pooled connection the server dropped), then the stand-in.
-        return redis.from_url(
-            url,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry=retry.Retry(backoff.NoBackoff(), 1),
-        )
-    except ValueError as error:
-        raise ConfigError(f"quota URL {_where(url)!r}: {error}") from None
+    def _seen(self, reply: list[Any]) -> tuple[int, int, int]:
+        """Keep what an ``acquire`` reply says; returns admitted (0/1), the wait (us), the
+        tokens charged."""
+        admitted, wait_us, workers, tpm_factor, rpm_factor, charged = (int(x) for x in reply)
+        self.workers = max(1, workers)
+        self.max_workers = max(self.max_workers, self.workers)
+        self.factors = (tpm_factor / US, rpm_factor / US)
+        return admitted, wait_us, charged
 
 
 def _check(tokens: int, tpm: int, window_s: float) -> None:
@@ -568,25 +345,3 @@ async def _sleep(clock: Clock, delay_s: float) -> None:
         await done
     finally:
         handle.cancel()
-
-
-def _redis_error() -> type[BaseException]:
-    return importlib.import_module("redis.exceptions").RedisError  # type: ignore[no-any-return]
-
-
-def _denied(error: BaseException) -> bool:
-    """A wrong password or a user without the right: redis-py calls it a connection error, but
-    Redis answered, and waiting will not mend it."""
-    exceptions = importlib.import_module("redis.exceptions")
-    return isinstance(error, exceptions.AuthenticationError | exceptions.AuthorizationError)
-
-
-def _without_password(text: str, url: str) -> str:
-    """``text`` with the password of ``url`` (if any) masked, wherever a message echoed it."""
-    password = urlsplit(url).password
-    return text.replace(password, "***") if password else text
-
-
-def _unreachable() -> tuple[type[BaseException], ...]:
-    exceptions = importlib.import_module("redis.exceptions")
-    return (exceptions.ConnectionError, exceptions.TimeoutError, OSError)

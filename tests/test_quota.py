@@ -193,8 +193,8 @@ async def test_a_repeated_booking_by_ticket_id_is_charged_once(
 ) -> None:
     """An answer lost on the way back makes the client ask again with the same ticket id."""
     limiter = make_limiter()
-    first = await limiter._call("acquire", "lost-answer", 500, "worker-a")
-    again = await limiter._call("acquire", "lost-answer", 500, "worker-a")
+    first = await limiter._link.call("acquire", "lost-answer", 500, "worker-a")
+    again = await limiter._link.call("acquire", "lost-answer", 500, "worker-a")
     assert first is not None
     assert again is not None
     assert first[0] == again[0] == 1
@@ -434,16 +434,16 @@ async def test_after_an_outage_a_worker_carries_its_window_into_the_shared_log_o
     redis_server.start()  # empty, on the same port
 
     # Redis lost the window: the stand-in paces on for one while every worker carries its own.
-    assert not await limiter._carry()
+    assert not await limiter._link.carry()
     assert not limiter.shared
     assert await sums(inspect) == (120 + 100 + 40, 3, 3)
     carried = set(await inspect.zrange(f"{PREFIX}:log", 0, -1))
     assert carried == {before[0].id, before[1].id, alone[0].id}
-    assert not await limiter._carry()  # again: nothing is added twice
+    assert not await limiter._link.carry()  # again: nothing is added twice
     assert await sums(inspect) == (260, 3, 3)
     await limiter.settle(alone[0], 45)  # settled meanwhile: the next carry brings the count
     await limiter.settle(before[1], 90)
-    await limiter._carry()
+    await limiter._link.carry()
     assert await sums(inspect) == (120 + 90 + 45, 3, 3)
     assert await inspect.zcard(f"{PREFIX}:workers") == 1
     # Restoring, a request is booked by the stand-in and in the shared log both.
@@ -464,11 +464,11 @@ async def test_the_local_stand_in_starts_from_the_workers_own_window(
     redis_server.stop()
     waiting = asyncio.create_task(limiter.acquire(10))
     for _ in range(100):
-        if limiter._stand_in.limiter is not None and limiter._stand_in.limiter.queued:
+        if limiter._link.stand_in.limiter is not None and limiter._link.stand_in.limiter.queued:
             break
         await asyncio.sleep(0.01)
-    assert limiter._stand_in.limiter is not None
-    assert limiter._stand_in.limiter.queued == 1  # the window is full: it waits
+    assert limiter._link.stand_in.limiter is not None
+    assert limiter._link.stand_in.limiter.queued == 1  # the window is full: it waits
     waiting.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await waiting
@@ -483,14 +483,14 @@ async def test_a_caller_cancelled_while_the_stand_in_paces_is_not_carried_back(
     assert not limiter.shared
     waiting = asyncio.create_task(limiter.acquire(10))
     for _ in range(100):
-        if limiter._stand_in.limiter is not None and limiter._stand_in.limiter.queued:
+        if limiter._link.stand_in.limiter is not None and limiter._link.stand_in.limiter.queued:
             break
         await asyncio.sleep(0.01)
     waiting.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await waiting
     redis_server.start()
-    await limiter._carry()
+    await limiter._link.carry()
     assert set(await inspect.zrange(f"{PREFIX}:log", 0, -1)) == {t.id for t in kept}
     assert await sums(inspect) == (20, 2, 2)
 
@@ -556,12 +556,12 @@ async def test_closing_stops_a_probe_under_way(
         assert not limiter.shared
         clock.advance(0.05)
         await limiter.acquire(10)  # asks Redis again, in a probe of its own
-        probe = limiter._probe
+        probe = limiter._link.probe
         assert probe is not None
         assert not probe.done()
         await limiter.aclose()
         assert probe.cancelled()
-        assert limiter._probe is None
+        assert limiter._link.probe is None
 
 
 async def test_an_answered_admission_leaves_the_log_a_window_after_its_answer(
