@@ -18,7 +18,8 @@ mix. Whatever a file holds past its committed length is a torn write, and a resu
 off.
 
 ``settings`` holds the options that change the output (model, dimensions, encoding, long-text
-handling, fields, formats) and the errors file's path. The API key is never part of it.
+handling, fields, formats, the input fields a LanceDB table keeps) and the errors file's path.
+The API key is never part of it.
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ def output_settings(
     """The settings a resumed job must share with the run it continues, by their config keys.
     The model's limits count too: a catalogue entry overridden in ``[models]`` moves the cuts."""
     io = settings.io
-    return {
+    kept: dict[str, Any] = {
         "model": settings.model,
         "model limits": [spec.max_input_tokens, spec.special_tokens, str(spec.tokenizer)],
         "dimensions": settings.dimensions,
@@ -122,6 +123,9 @@ def output_settings(
         "io.dtype": io.dtype,
         "errors file": os.path.abspath(errors),
     }
+    if io.keep_fields:  # a table's columns (absent when none: earlier manifests stay resumable)
+        kept["io.keep_fields"] = list(io.keep_fields)
+    return kept
 
 
 async def identify(inputs: str | Path | Sequence[Source]) -> tuple[InputIdentity, ...]:
@@ -186,9 +190,9 @@ def check_resumable(
     """Raise ConfigError naming the first setting or input property that differs between the
     manifest's run and this one."""
     for key in sorted(set(manifest.settings) | set(settings)):
-        was, now = manifest.settings.get(key), settings.get(key)
+        was, now = manifest.settings.get(key, _UNSET), settings.get(key, _UNSET)
         if was != now:
-            raise ConfigError(_refusal(f"setting {key} was {was!r}, now {now!r}"))
+            raise ConfigError(_refusal(f"setting {key} was {_shown(was)}, now {_shown(now)}"))
     if len(manifest.input) != len(inputs):
         was_n, now_n = len(manifest.input), len(inputs)
         raise ConfigError(_refusal(f"the job read {was_n} input(s), now {now_n}"))
@@ -198,6 +202,14 @@ def check_resumable(
             if was != now:
                 which = f"input {earlier.path!r}" if len(inputs) > 1 else "the input"
                 raise ConfigError(_refusal(f"{which}'s {name} was {was!r}, now {now!r}"))
+
+
+#: A setting a manifest records only when it is set (``io.keep_fields``).
+_UNSET = object()
+
+
+def _shown(value: object) -> str:
+    return "none" if value is _UNSET else repr(value)
 
 
 def _refusal(difference: str) -> str:

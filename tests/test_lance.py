@@ -15,6 +15,7 @@ import lancedb
 import numpy as np
 import pyarrow as pa
 import pytest
+from hostile import Done, assert_clean, embed_args, sfembed, snapshot, write_lines
 from test_resume import M3, MakeServer, job, settings_for
 from test_shards import PER_SHARD, shard_lines, write_shard
 
@@ -148,3 +149,33 @@ async def test_a_folder_and_table_name_and_chunks_mode_refused(
     settings = dataclasses.replace(settings_for(server, M3), long_mode="chunks")
     with pytest.raises(ConfigError, match="one row per record"):
         await job(server, folder, tmp_path / "db" / "docs.lance", settings)
+
+
+async def test_a_resume_with_other_kept_fields_is_refused_naming_both_and_touching_nothing(
+    server: LocalServer, tmp_path: Path
+) -> None:
+    source = write_lines(tmp_path / "in.jsonl", shard_lines(0, 20))
+    out = tmp_path / "db" / "vectors.lance"
+
+    async def embed(*extra: str) -> Done:
+        return await sfembed(*embed_args(server.url, source, out, "--model", M3, *extra))
+
+    first = await embed("--keep-fields", "title,id2")
+    assert first.code == 0, first.err
+    before = snapshot(out.parent)  # the table's files, its manifest and the cache
+    changed = {
+        "left out": (),
+        "fewer": ("--keep-fields", "title"),
+        "other": ("--keep-fields", "title,url"),
+    }
+    for case, flags in changed.items():
+        refused = await embed("--resume", *flags)
+        assert refused.code == 2, (case, refused.err)
+        now = repr(flags[1].split(",")) if flags else "none"
+        assert f"setting io.keep_fields was ['title', 'id2'], now {now};" in refused.err, case
+        assert_clean(refused)
+        assert snapshot(out.parent) == before, case
+
+    again = await embed("--resume", "--keep-fields", "title,id2")
+    assert again.code == 0, again.err
+    assert table_rows(out.parent)["s0-3"]["title"] == "T3"
