@@ -256,9 +256,8 @@ OPTIONS: tuple[Option, ...] = (
         "URL",
         "share the account's limits with every other worker on this Redis, such as "
         "redis://host:6379/0; needs sfembed[redis]. A Redis that does not answer at the start "
-        "stops the job before anything is sent (a closed port at once, a silent host within 4 s: "
-        "twice the 2 s timeout); one lost mid-job is paced around (default: this job paces "
-        "alone)",
+        "stops the job before anything is sent (a closed port at once, a silent host after the "
+        "2 s timeout); one lost mid-job is paced around (default: this job paces alone)",
         "account limits",
     ),
     Option(

@@ -19,14 +19,14 @@ A Redis that has never answered is not an outage but a quota URL that cannot wor
 port, a Redis down at the start): opening the limiter (``async with``), or else its first call,
 raises ConfigError, before anything is sent. Pacing alone then would run every worker started with
 the same URL at the whole limits. The first contact waits as any call does: a refused connection
-fails at once, a host that does not answer after twice ``timeout_s`` (one quick retry). A Redis
-that answers but refuses the call (a wrong password, a database it lacks, a server that is not
-Redis) raises ConfigError whenever it happens: waiting would not mend it.
+fails at once, a host that does not answer after ``timeout_s`` (a call that timed out is never
+tried again). A Redis that answers but refuses the call (a wrong password, a database it lacks, a
+server that is not Redis) raises ConfigError whenever it happens: waiting would not mend it.
 
 Once Redis has answered, when it cannot be reached, the limiter paces locally at the
 limits divided by the live workers it last saw, says so once on the log, and goes back to Redis as
 soon as it answers again (it asks again at most every ``min(1 s, window / 20)``, by a probe of its
-own that no caller waits for: a Redis that does not answer costs up to twice the timeout). Each
+own that no caller waits for: a Redis that does not answer costs up to the timeout). Each
 worker remembers its own admissions of the last window: the local stand-in starts from them (the
 server's window still counts them), and they are carried into the shared log when Redis answers
 again, so that a Redis that restarted empty does not admit a window the server holds full. After
@@ -83,7 +83,7 @@ class SharedLimiter:
     ``timeout_s`` bounds each Redis call before the local stand-in takes over. Raises ConfigError
     without redis-py. Opening it (``async with``) is the first contact with Redis, else its first
     call is: ConfigError, nothing admitted, when Redis does not answer (a refused connection at
-    once, a silent host within twice ``timeout_s``) or refuses the call (a wrong password, a
+    once, a silent host within ``timeout_s``) or refuses the call (a wrong password, a
     database it lacks). Close with :meth:`aclose` (or ``async with``).
     """
 

@@ -202,7 +202,7 @@ class Link:
 
     async def answers_again(self) -> bool:
         """True if pacing is shared again. Redis is asked by a probe of its own, one at a time,
-        that no caller waits for: one that does not answer takes up to twice ``timeout_s``, and
+        that no caller waits for: one that does not answer takes up to ``timeout_s``, and
         every caller of this process waits for the one in the turn. Once the probe is answered,
         the carry runs in the turn, so that every admission of the stand-in is in it."""
         probe = self.probe

@@ -71,12 +71,16 @@ def _connect(url: str, timeout_s: float) -> Any:
     backoff = importlib.import_module("redis.backoff")
     retry = importlib.import_module("redis.asyncio.retry")
     try:
-        # One quick retry (a pooled connection the server dropped), then the stand-in.
+        # One quick retry for a pooled connection the server dropped, then the stand-in. Not
+        # for a timeout: a Redis that did not answer in time (stopped, overloaded, the network
+        # gone) will not answer a second try sooner, and every caller of the process waits in
+        # the turn meanwhile. A silent Redis costs one timeout, not two.
+        lost = importlib.import_module("redis.exceptions").ConnectionError
         return redis.from_url(
             url,
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
-            retry=retry.Retry(backoff.NoBackoff(), 1),
+            retry=retry.Retry(backoff.NoBackoff(), 1, supported_errors=(lost,)),
         )
     except ValueError as error:
         raise ConfigError(f"quota URL {where(url)!r}: {error}") from None

@@ -519,7 +519,7 @@ def paused(redis_server: RedisServer) -> Iterator[None]:
 async def test_a_redis_that_stops_answering_holds_up_no_booking_of_the_stand_in(
     redis_server: RedisServer, make_limiter: Callable[..., SharedLimiter]
 ) -> None:
-    """Each probe of a silent Redis takes up to twice the timeout: bookings do not wait for it."""
+    """Each probe of a silent Redis takes up to the timeout: bookings do not wait for it."""
     clock = ManualClock()
     limiter = make_limiter(limits(window_s=1.0), clock=clock, timeout_s=0.5)
     probe_s = 0.05  # window / 20
@@ -544,6 +544,31 @@ async def test_a_redis_that_stops_answering_holds_up_no_booking_of_the_stand_in(
             break
         await asyncio.sleep(0.01)
     assert limiter.shared
+
+
+async def _connections(redis_server: RedisServer) -> int:
+    """The connections the server has accepted, this one's own included. A new connection is
+    accepted after every one waiting before it (a stopped server's queue), so they count too."""
+    client = redis.from_url(redis_server.url)
+    try:
+        return int((await client.info("stats"))["total_connections_received"])
+    finally:
+        await client.aclose()
+
+
+async def test_a_silent_redis_is_asked_once_before_the_stand_in_takes_over(
+    redis_server: RedisServer, make_limiter: Callable[..., SharedLimiter]
+) -> None:
+    """Asked again on a new connection, a Redis that did not answer in time would hold every
+    caller's turn for a second timeout, and answer no sooner."""
+    clock = ManualClock()
+    limiter = make_limiter(limits(window_s=1.0), clock=clock, timeout_s=0.5)
+    await _booked(limiter, clock)
+    before = await _connections(redis_server)
+    with paused(redis_server):
+        await _booked(limiter, clock)  # the call that finds it silent
+        assert not limiter.shared
+    assert await _connections(redis_server) == before + 1  # only the counting one's own
 
 
 async def test_closing_stops_a_probe_under_way(
