@@ -12,11 +12,14 @@ stopped job thus ends after its last contiguous row, a shorter output and never 
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
 import logging
+import sys
 from types import TracebackType
 from typing import Self
 
+from ._exceptions import SFEmbedError
 from ._reorder import ReorderBuffer
 from ._streams import SendStream
 from ._types import Chunk, EmbeddedBatch, FloatArray, IntArray, JobStats, MetaArray
@@ -63,12 +66,18 @@ class RowWriter:
         self._ring.put(chunks, rows)
         self._delivery.changed.set()
 
-    def fail(self, chunk: Chunk, reason: str) -> None:
-        """Settle ``chunk``'s row as failed: NaN, and ``reason`` reported with it."""
+    def fail(self, chunk: Chunk, reason: str, error: SFEmbedError | None = None) -> None:
+        """Settle ``chunk``'s row as failed: NaN, and ``reason`` reported with it, and ``error``
+        (see ``Failure``). Called without one, from the handler of the error that failed the
+        row (as the dispatcher fails a request's rows), that error goes with it, as
+        ``logging.exception`` takes the error being handled."""
         # The caller names the record (a job logs its id and line); a position alone is only
         # for debugging, and restarts at 0 in a resumed job.
         log.debug("input %d failed: %s", chunk.position, reason)
-        self._ring.fail(chunk, reason)
+        if error is None:
+            handled = sys.exception()
+            error = handled if isinstance(handled, SFEmbedError) else None
+        self._ring.fail(chunk, reason, _detached(error) if error is not None else None)
         self._delivery.changed.set()
 
     def close(self) -> None:
@@ -127,3 +136,10 @@ class Delivery:
                 batch = dataclasses.replace(batch, failures=tuple(failures))
             await self.batches.send(batch)
         await self.ring.notify_room()
+
+
+def _detached(error: SFEmbedError) -> SFEmbedError:
+    """A copy of ``error`` without its traceback, cause or context: kept with a failure until
+    the job ends, it must hold none of the job's frames (nor the texts they reference). Its
+    class, message and attributes are the error's (it is rebuilt as pickling rebuilds it)."""
+    return copy.copy(error)

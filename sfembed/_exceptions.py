@@ -5,7 +5,8 @@ Every error sfembed raises for a condition of data, settings or the server is an
     SFEmbedError
     ├── ConfigError                settings that cannot work (a value not allowed, bad TOML, no key)
     │   └── UnknownModelError      a model the catalogue lacks (also a KeyError, for Mapping.get)
-    ├── JobError                   some inputs of a job could not be embedded (lists them all)
+    ├── JobError                   some inputs of a job could not be embedded (lists them all,
+    │                              each with the error that failed it)
     ├── InputError                 local validation failed; nothing was sent (names item, cause)
     └── APIError                   the server answered with an error, or the exchange failed
         ├── APIStatusError         an HTTP error status no narrower class covers
@@ -34,7 +35,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from ._types import Failure
 
 __all__ = [
     "APIConnectionError",
@@ -81,10 +85,20 @@ class UnknownModelError(ConfigError, KeyError):
 
 
 class JobError(SFEmbedError):
-    """Raised by ``embed`` when some inputs could not be embedded; ``failures`` lists each one."""
+    """Raised by ``embed`` when some inputs could not be embedded.
 
-    def __init__(self, failures: Sequence[Any]) -> None:
+    ``failures`` lists each one as a ``Failure``: its input ``position``, its ``reason`` in
+    words, and its ``error``, the SFEmbedError that failed it, to branch on (for an APIError:
+    ``status``, ``code``, ``trace_id``, ``retryable``; None for an input refused before it was
+    sent, such as an empty text). ``retryable`` is true when every failure is: the same inputs
+    sent again later may all succeed (the server was overloaded, timed out or unreachable past
+    the retries). A JobError pickles whole, failures and their errors included, so it crosses
+    to a process pool or a Ray task; neither its message nor any failure holds the API key.
+    """
+
+    def __init__(self, failures: Sequence[Failure]) -> None:
         self.failures = list(failures)
+        self.retryable = bool(self.failures) and all(f.retryable for f in self.failures)
         first = self.failures[0] if self.failures else None
         # The reason is closed off, so that nothing printed after the message runs into it.
         detail = (

@@ -26,6 +26,7 @@ from operator import attrgetter
 import numpy as np
 
 from ._chunker import pool
+from ._exceptions import SFEmbedError
 from ._types import Chunk, EmbeddedBatch, Failure, FloatArray, IntArray, MetaArray
 
 __all__ = ["ReorderBuffer"]
@@ -61,7 +62,7 @@ class ReorderBuffer:
         self._runs = _Runs()
         self._meta = _Details(self._size) if with_chunks else None
         self._pending: dict[int, _Pending] = {}
-        self._failed: dict[int, str] = {}
+        self._failed: dict[int, tuple[str, SFEmbedError | None]] = {}  # reason, error
         self.emitted = 0  # units before this have left the ring
         self.created = 0  # units before this have been handed out
         self._room = asyncio.Condition()
@@ -150,11 +151,12 @@ class ReorderBuffer:
             else:
                 self._finish(unit, rows[index])
 
-    def fail(self, chunk: Chunk, reason: str) -> None:
-        """Mark the unit of ``chunk`` failed: its row stays NaN and ``reason`` is reported."""
+    def fail(self, chunk: Chunk, reason: str, error: SFEmbedError | None = None) -> None:
+        """Mark the unit of ``chunk`` failed: its row stays NaN and ``reason`` is reported, with
+        ``error`` (see ``Failure``)."""
         if chunk.unit < self.emitted or chunk.unit in self._failed:
             return  # another part failed it already; its slot may be a later unit's by now
-        self._failed[chunk.unit] = reason
+        self._failed[chunk.unit] = (reason, error)
         self._pending.pop(chunk.unit, None)
         self._finish(chunk.unit, None)
 
@@ -352,11 +354,14 @@ class _Details:
         self.rows, self.size = rows, size
 
 
-def _failures(failed: dict[int, str], start: int, end: int, batch: EmbeddedBatch) -> list[Failure]:
+def _failures(
+    failed: dict[int, tuple[str, SFEmbedError | None]], start: int, end: int, batch: EmbeddedBatch
+) -> list[Failure]:
     """The failures of units ``start`` to ``end`` (``batch``'s), taken out of ``failed``."""
     failures = []
     for unit in sorted(unit for unit in failed if start <= unit < end):
         offset = unit - start
         number = None if batch.chunk_numbers is None else int(batch.chunk_numbers[offset])
-        failures.append(Failure(int(batch.positions[offset]), failed.pop(unit), number))
+        reason, error = failed.pop(unit)
+        failures.append(Failure(int(batch.positions[offset]), reason, number, error))
     return failures

@@ -12,6 +12,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ._config import EncodingFormat, Truncate
+from ._exceptions import SFEmbedError
 
 __all__ = [
     "Chunk",
@@ -157,11 +158,26 @@ class Ticket:
 
 @dataclass(frozen=True, slots=True)
 class Failure:
-    """A record (or, in ``chunks`` mode, a chunk) that could not be embedded, and why."""
+    """A record (or, in ``chunks`` mode, a chunk) that could not be embedded, and why.
+
+    ``reason`` says why in words (for an error of the server's: with its status, provider code
+    and trace id). ``error`` is that error, to branch on: an SFEmbedError of the class that
+    failed it, and for an APIError its ``status``, ``code``, ``trace_id`` and ``retryable``. It
+    is a copy without traceback, cause or context (it holds none of the job's frames, and
+    pickles), and it is None for an input refused before it was sent (an empty text, a line
+    that is not JSON). ``retryable`` is true when the input may be embedded if sent again later
+    (the server was overloaded, timed out or unreachable past the retries).
+    """
 
     position: int
     reason: str
     chunk: int | None = None
+    error: SFEmbedError | None = field(default=None, compare=False)
+
+    @property
+    def retryable(self) -> bool:
+        """True when sending the input again later may succeed (see the class docstring)."""
+        return self.error is not None and self.error.retryable
 
 
 @dataclass(frozen=True, slots=True)

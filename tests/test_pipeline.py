@@ -23,6 +23,7 @@ import pytest
 from sfembed import (
     DEFAULT_CATALOG,
     AuthenticationError,
+    BadRequestError,
     BatchLimits,
     ConfigError,
     EmbeddedBatch,
@@ -31,6 +32,7 @@ from sfembed import (
     JobError,
     JobStats,
     ModelNotFoundError,
+    OverloadedError,
     RateLimiter,
     RateLimits,
     RetryPolicy,
@@ -511,10 +513,74 @@ async def test_a_bad_item_fails_alone_and_nothing_is_sent_twice(server: LocalSer
             await embed(items, model=VL, settings=settings, client=client)
     assert [f.position for f in raised.value.failures] == [7]
     assert "input 7" in str(raised.value)
+    # The server's error comes with it, to branch on: a refusal, not worth sending again.
+    refused = raised.value.failures[0].error
+    assert isinstance(refused, BadRequestError)
+    assert (refused.status, refused.code, refused.retryable) == (400, 20015, False)
+    assert refused.trace_id
+    assert refused.__traceback__ is None  # none of the job's frames kept alive
+    assert not raised.value.failures[0].retryable
+    assert not raised.value.retryable
     # It crosses to another process (a process pool, a Ray task) whole.
-    copied = pickle.loads(pickle.dumps(raised.value))
+    pickled = pickle.dumps(raised.value)
+    copied = pickle.loads(pickled)
     assert [(f.position, f.reason) for f in copied.failures] == [(7, stats.failures[0].reason)]
     assert str(copied) == str(raised.value)
+    assert not copied.retryable
+    twin = copied.failures[0].error
+    assert isinstance(twin, BadRequestError)
+    assert (twin.status, twin.code, twin.trace_id, twin.message) == (
+        400,
+        20015,
+        refused.trace_id,
+        refused.message,
+    )
+    assert KEY.encode() not in pickled
+
+
+async def test_a_job_error_says_which_failures_may_succeed_when_sent_again(
+    server: LocalServer,
+) -> None:
+    # The first request and its one retry are answered 503: its inputs fail after the retries,
+    # the others are embedded.
+    retry = RetryPolicy(max_attempts=2, initial_backoff_s=0.01, max_backoff_s=0.01)
+    settings = settings_for(server, retry=retry, concurrency=1, batch=BatchLimits(max_items=4))
+    async with client_for(server) as client:
+        server.inject("503", 2)
+        with pytest.raises(JobError) as raised:
+            await embed(SHORT[:12], model=M3, settings=settings, client=client)
+        server.inject("503", 2)
+        with pytest.raises(JobError) as mixed:  # an empty text as well: never worth resending
+            await embed(["", *SHORT[:12]], model=M3, settings=settings, client=client)
+
+    failures = raised.value.failures
+    assert 0 < len(failures) <= 4
+    assert [f.position for f in failures] == list(range(len(failures)))
+    for failure in failures:
+        error = failure.error
+        assert isinstance(error, OverloadedError)
+        assert (error.status, error.code, error.retryable) == (503, 50505, True)
+        assert error.trace_id
+        assert error.trace_id in failure.reason
+        assert failure.retryable
+    assert raised.value.retryable
+    pickled = pickle.dumps(raised.value)
+    copied = pickle.loads(pickled)
+    assert copied.retryable
+    assert [(f.position, f.reason, f.retryable) for f in copied.failures] == [
+        (f.position, f.reason, True) for f in failures
+    ]
+    assert [type(f.error) for f in copied.failures] == [OverloadedError] * len(failures)
+    assert [f.error.trace_id for f in copied.failures if f.error is not None] == [
+        f.error.trace_id for f in failures if f.error is not None
+    ]
+    assert KEY.encode() not in pickled
+
+    empty, *sent = mixed.value.failures
+    assert (empty.position, empty.error, empty.retryable) == (0, None, False)
+    assert sent
+    assert all(isinstance(f.error, OverloadedError) and f.retryable for f in sent)
+    assert not mixed.value.retryable  # the empty text would fail again
 
 
 #: 300 words of 101 letters: one [UNK] each for bge-large-en's WordPiece, 21 tokens each for the
