@@ -790,6 +790,34 @@ async def test_embed_with_settings_quota_paces_through_redis(
     assert tokens > 0
 
 
+async def test_a_job_whose_redis_stops_midway_finishes_on_the_local_stand_in(
+    server: LocalServer, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis answered at the start: losing it later is an outage, not a setting that cannot work.
+    The requests are paced over some half a second: most are admitted after Redis stopped."""
+    from sfembed import embed_stream, load_settings
+    from sfembed._config import BatchLimits
+
+    monkeypatch.setenv("SFEMBED_TEST_KEY", "sk-local-test")
+    settings = load_settings(base_url=server.url, batch=BatchLimits(max_items=4))
+    texts = [f"text {i}" for i in range(40)]
+    positions: list[int] = []
+    async with SharedLimiter(redis_server.url, limits(rpm=20), model=MODEL) as limiter:
+        stream = embed_stream(
+            texts, model=MODEL, settings=settings, limiter=limiter, api_key_env="SFEMBED_TEST_KEY"
+        )
+        async with contextlib.aclosing(stream):
+            async for batch in stream:
+                if not positions:
+                    redis_server.stop()
+                positions += batch.positions.tolist()
+                for at, row in zip(batch.positions, batch.embeddings, strict=True):
+                    np.testing.assert_array_equal(row, expected(MODEL, texts[at]))
+        assert limiter.fallbacks == 1
+        assert not limiter.shared  # and paces on alone
+    assert positions == list(range(40))
+
+
 @pytest.mark.parametrize("where", ["database", "not redis"])
 async def test_a_quota_url_redis_refuses_stops_the_job_naming_the_setting(
     server: Any, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch, where: str
