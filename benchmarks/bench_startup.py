@@ -1,6 +1,6 @@
 """How soon does `sfembed embed` send? From process start to the first request, as a user runs it.
 
-    python benchmarks/bench_startup.py [--scenario demo,tpm,rpm,big,help] [--repeat 5]
+    python benchmarks/bench_startup.py [--scenario demo,tpm,rpm,big,lance,help] [--repeat 5]
 
 The clock starts just before the job's process is spawned and stops when its first request
 arrives at the server, so interpreter start-up, imports, settings, the job's files, the cache and
@@ -15,6 +15,8 @@ the median, min and max.
   stopped once the first request has arrived.
 * ``big``: 1,000,000 short documents (about 90 MB), as ``tpm`` otherwise: the cost of reading,
   counting or hashing the whole input before the first request.
+* ``lance``: as ``tpm``, into a new LanceDB table (``--out DIR/db/vectors.lance``): the cost of
+  importing lancedb and opening the table before the first request.
 * ``help``: ``sfembed --help``, the whole process's wall time (imports alone).
 
 The job runs through a wrapper that calls the same entry point as the ``sfembed`` script and
@@ -164,10 +166,14 @@ def first_request_external(name: str, source: Path, workdir: Path) -> tuple[floa
             server.kill()
 
 
+#: The pacing profile of each scenario that runs against a server in another process.
+_PROFILE = {"tpm": "tpm", "rpm": "rpm", "big": "tpm", "lance": "tpm"}
+
+
 def _server(name: str) -> tuple[Connection, BaseProcess]:
     """A started local server process for scenario ``name`` (see ``_serve_first``), and the
     pipe that gives its URL."""
-    profile = PROFILES["tpm" if name == "big" else name]
+    profile = PROFILES[_PROFILE[name]]
     limits = testing.ModelLimits(rpm=profile.rpm, tpm=profile.tpm)
     config = testing.ServerConfig(window_s=WINDOW_S, default_limits=limits)
     parent, child = mp.Pipe()
@@ -185,9 +191,10 @@ def _job(name: str, source: Path, workdir: Path, url: str = "") -> list[str]:
             *("--out", str(workdir / "demo.npy"), "--model", "BAAI/bge-m3"),
             *("--rpm", "600", "--tpm", "300000", "--window-s", "6", "--no-cache"),
         ]
-    profile = PROFILES["tpm" if name == "big" else name]
+    profile = PROFILES[_PROFILE[name]]
+    out = workdir / ("db/vectors.lance" if name == "lance" else "out.npy")
     return [
-        *("embed", str(source), "--out", str(workdir / "out.npy"), "--base-url", url),
+        *("embed", str(source), "--out", str(out), "--base-url", url),
         *("--model", profile.model, "--rpm", str(profile.rpm), "--tpm", str(profile.tpm)),
         *("--window-s", str(WINDOW_S)),
     ]
@@ -252,7 +259,7 @@ def spread(values: list[float], show: Callable[[float], str]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--scenario", default="demo,tpm,rpm,big,help", help="comma-separated")
+    parser.add_argument("--scenario", default="demo,tpm,rpm,big,lance,help", help="comma-separated")
     parser.add_argument("--repeat", type=int, default=5, help="runs per scenario")
     parser.add_argument("--no-bytecode", action="store_true", help="leave sfembed uncompiled")
     parser.add_argument(
@@ -277,8 +284,8 @@ def main() -> None:
             cpus: list[float] = []
             extra: list[tuple[float, float]] = []
             source = base / f"{name}.jsonl"
-            if name in ("tpm", "rpm"):
-                _write_jsonl(source, documents(PROFILES[name]))
+            if name in ("tpm", "rpm", "lance"):
+                _write_jsonl(source, documents(PROFILES[_PROFILE[name]]))
             elif name == "big":
                 _write_jsonl(source, _big_texts())
             if args.instructions and name == "help":

@@ -52,6 +52,7 @@ class DiskThread:
     async def room(self) -> None:
         """Return once at most ``depth`` pieces are waiting or running. Raises the error of
         earlier work. A cancelled wait leaves the work to go on (see :meth:`close`)."""
+        self.check()  # also when there is room: a failed piece ends the job at once
         while len(self._pending) > self.depth:
             await _done(self._pending[0])
             self.check()

@@ -466,6 +466,11 @@ class _FileJob:
                 cache = await files.enter_async_context(EmbeddingCache(self.files.cache))
             # The output's writes and syncs, off the event loop (joined again on leaving).
             disk = files.enter_context(DiskThread())
+            if not resumed and self.format == "lance":
+                # A fresh run's table is opened and checked beside its first requests (lancedb's
+                # import alone takes seconds), as the disk thread's first work: no row reaches
+                # it before, and a table of another shape ends the job at its next batch.
+                disk.put(functools.partial(_open_table, writer))
             feed = _Feed(self, writer, errors, disk, skip=done.records)
             checkpoints = _Checkpoints(self, manifest, feed, swapped=resumed)
             try:
@@ -496,7 +501,16 @@ class _FileJob:
             fsync=self.resumable,
             resume=Committed(done.rows, done.lengths) if done is not None else None,
             ids_path=ids,
+            open_now=done is not None,  # a resumed run goes on only once its table is checked
         )
+
+
+def _open_table(writer: Writer) -> None:
+    """Open and check a LanceDB table its writer was made without opening."""
+    from ._lance import LanceWriter  # LanceDB output only
+
+    assert isinstance(writer, LanceWriter)
+    writer.open()
 
 
 class _Feed:
@@ -518,6 +532,7 @@ class _Feed:
         self.writing = False  # a batch is half written: the files and the counts disagree
         summary = job.summary
         self.written = (summary.rows, summary.records)  # set by the disk thread
+        self.appended = False  # set by the disk thread as it starts its first write
         self.held: list[_Pending] = []  # batches counted, not yet handed over
         self.held_rows = 0
 
@@ -589,6 +604,7 @@ class _Feed:
     def _append(self, batches: list[_Pending]) -> None:
         """On the disk thread: ``batches`` into the output, in order, and their counts
         (rows, records) as written."""
+        self.appended = True
         for ids, batch, places, kept, counts in batches:
             self.writer.write(ids, batch, places=places, kept=kept)
             self.written = counts
@@ -660,9 +676,12 @@ class _Checkpoints:
         """The save of the files as the counts stand, or None when there is none to make. The
         errors file is synced here, the rest by the returned call."""
         job, summary = self.job, self.job.summary
-        if self.feed.writing or self.feed.disk.failed:
+        feed = self.feed
+        if feed.writing or (feed.disk.failed and feed.appended):
             log.warning("a batch was left half written: the last checkpoint stands")
             return None
+        if feed.disk.failed:
+            return None  # before any write (a table refused): nothing to vouch for
         if not self.swapped and not complete and not self._proven():
             return None  # nothing embedded yet: the earlier run's files stay as they were
         # At the job's end it may still be hashing a large input: waited for, and its error

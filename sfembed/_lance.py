@@ -15,6 +15,7 @@ writing its rows again) leaves exactly one row per id. A record without a readab
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,12 +36,22 @@ __all__ = ["LanceWriter", "lance_location"]
 _SUFFIX = ".lance"
 
 
+_MISSING = "LanceDB output needs lancedb: pip install 'sfembed[lance]'"
+
+
 def _import_lancedb() -> tuple[ModuleType, ModuleType]:
     """(lancedb, pyarrow). Raises ConfigError when they are not installed."""
     try:
         return importlib.import_module("lancedb"), importlib.import_module("pyarrow")
     except ImportError:
-        raise ConfigError("LanceDB output needs lancedb: pip install 'sfembed[lance]'") from None
+        raise ConfigError(_MISSING) from None
+
+
+def _check_installed() -> None:
+    """Raise ConfigError when lancedb or pyarrow is not installed, without importing them
+    (lancedb's import takes seconds)."""
+    if any(importlib.util.find_spec(name) is None for name in ("lancedb", "pyarrow")):
+        raise ConfigError(_MISSING)
 
 
 def lance_location(path: str | Path, table: str | None = None) -> tuple[Path, str]:
@@ -66,6 +77,10 @@ class LanceWriter:
     ``keep_fields`` names the input columns carried over, given to ``write`` as ``kept`` (one
     tuple of values per row). Raises ConfigError when lancedb is missing, ``dims`` is bad, the
     table exists with other columns or another vector width, or chunks-mode rows are written.
+
+    With ``open_now`` false the table is neither opened nor checked here (importing lancedb
+    alone takes seconds): :meth:`open` does it, on a thread of the caller's choosing, and raises
+    what this would have; rows are only pooled until then, and nothing reaches the table first.
     """
 
     def __init__(
@@ -77,6 +92,7 @@ class LanceWriter:
         keep_fields: Sequence[str] = (),
         group_rows: int = 65_536,
         group_bytes: int = 32 << 20,
+        open_now: bool = True,
     ) -> None:
         if dims <= 0:
             raise ConfigError(f"dims must be positive, not {dims}")
@@ -86,7 +102,6 @@ class LanceWriter:
                 f"--keep-fields cannot carry {', '.join(sorted(reserved))}: "
                 "the table has a column of that name already"
             )
-        self._lancedb, self._pa = _import_lancedb()
         self.folder, self.name = lance_location(path, table)
         self.dims = dims
         self.keep_fields = tuple(keep_fields)
@@ -95,7 +110,18 @@ class LanceWriter:
         self._group_rows, self._group_bytes = group_rows, group_bytes
         self._pooled: dict[str, tuple[np.ndarray[Any, Any], str | None, tuple[object, ...]]] = {}
         self._pooled_bytes = 0
-        self._table = self._open()
+        self._table: Any = None
+        if open_now:
+            self.open()
+        else:
+            _check_installed()
+
+    def open(self) -> None:
+        """Import lancedb, open the table (made if missing) and check its columns; idempotent.
+        Raises ConfigError as the class says."""
+        if self._table is None:
+            self._lancedb, self._pa = _import_lancedb()
+            self._table = self._open()
 
     def __enter__(self) -> Self:
         return self
@@ -207,6 +233,7 @@ class LanceWriter:
     def _merge(self) -> None:
         if not self._pooled:
             return
+        self.open()  # the table's check comes before any row reaches it
         data = self._arrow(self._pooled)
         (
             self._table.merge_insert("id")

@@ -127,6 +127,7 @@ def open_writer(
     ids_path: Path | None = None,
     table: str = "",
     keep_fields: Sequence[str] = (),
+    open_now: bool = True,
 ) -> Writer:
     """Open ``path`` for rows of ``dims`` floats, in ``format`` or the one its suffix names.
 
@@ -138,7 +139,8 @@ def open_writer(
     file that does not hold what ``resume`` says, or a path that cannot be opened for writing.
     LanceDB output (``lance``) is the table ``path`` names, or ``table`` in the folder it names,
     with the input fields ``keep_fields`` carried over; a resume writes into it again (rows are
-    upserted by id).
+    upserted by id). With ``open_now`` false a table is opened and checked later (see
+    ``LanceWriter``); it is ignored for the other formats.
     """
     name = _format_of(Path(path), format)
     if dtype != "float32" and name != "npy":
@@ -155,7 +157,9 @@ def open_writer(
         if name == "lance":
             from ._lance import LanceWriter  # lancedb is imported only when it is used
 
-            writer = LanceWriter(path, dims=dims, table=table or None, keep_fields=keep_fields)
+            writer = LanceWriter(
+                path, dims=dims, table=table or None, keep_fields=keep_fields, open_now=open_now
+            )
             writer.rows = resume.rows if resume is not None else 0
             return writer
         return ParquetWriter(path, dims=dims)

@@ -179,3 +179,41 @@ async def test_a_resume_with_other_kept_fields_is_refused_naming_both_and_touchi
     again = await embed("--resume", "--keep-fields", "title,id2")
     assert again.code == 0, again.err
     assert table_rows(out.parent)["s0-3"]["title"] == "T3"
+
+
+def test_a_table_opened_later_is_checked_before_any_row_reaches_it(tmp_path: Path) -> None:
+    path = tmp_path / "vectors.lance"
+    with LanceWriter(path, dims=DIMS) as writer:
+        writer.write(["a"], batch(0, 1))
+    later = LanceWriter(path, dims=2 * DIMS, open_now=False)  # neither opened nor checked yet
+    rows = np.ones((1, 2 * DIMS), dtype=np.float32)
+    later.write(["b"], EmbeddedBatch(np.arange(1), rows))  # pooled
+    with pytest.raises(ConfigError, match=r"vectors of 4 dims; this job writes id, vector \(8"):
+        later.commit()
+    assert sorted(table_rows(tmp_path)) == ["a"]
+
+
+async def test_a_new_job_on_a_table_of_another_shape_stops_before_writing_a_row(
+    server: LocalServer, tmp_path: Path
+) -> None:
+    # The job sends beside opening the table (lancedb's import alone takes seconds); the check
+    # still ends it before any row reaches the table, and nothing of the earlier run moves.
+    out = tmp_path / "db" / "vectors.lance"
+    with LanceWriter(out, dims=DIMS, keep_fields=("title",)) as writer:
+        writer.write(["s0-1"], batch(0, 1), kept=[("mine",)])
+    source = write_lines(tmp_path / "in.jsonl", shard_lines(0, 200))
+    before = snapshot(out.parent)
+
+    refused = await sfembed(*embed_args(server.url, source, out, "--model", M3))
+
+    assert refused.code == 2, refused.err
+    assert "LanceDB table 'vectors'" in refused.err
+    assert "has columns id, vector, error, title with vectors of 4 dims" in refused.err
+    assert "half written" not in refused.err  # nothing was: the check came first
+    assert_clean(refused)
+    after = snapshot(out.parent)
+    # The job's cache may hold the vectors it was sent meanwhile (a later run uses them); no
+    # manifest, errors file or lock file is left, and the table is as it was.
+    cache = {name for name in after if name.startswith("sfembed-cache")}
+    assert {name: data for name, data in after.items() if name not in cache} == before
+    assert table_rows(out.parent)["s0-1"]["title"] == "mine"
