@@ -35,6 +35,22 @@ Profiles:
   of the ``tpm`` mix and 12 of 5,000 to 22,000 words (6,600 to 29,000 tokens by the server's
   count) among them, each up to half a window in a request of its own.
 
+With ``--shape`` every profile runs against a server of another shape, the job's flags
+unchanged (the user's account as they know it), comma-separated:
+
+* ``count=F``: the server counts F times its usual tokens (charge and ``usage``);
+* ``latency=A+B``: an answer in A s + B s per 1,000 tokens; ``tail=S``: the per-token share
+  log-normal with sigma S (mean kept);
+* ``fixed``: a fixed window (the count starts afresh at each multiple of the window), not a
+  sliding one;
+* ``window=W``: a window of W s, the quota (TPM and RPM, flags and server alike) scaled by W / 6;
+* ``tpm=N`` / ``rpm=N``: that quota per window (flags and server) instead of the profile's;
+* ``docs=N``: N documents of the profile's kind instead of its count;
+* ``limit=F``: the server's own limits are F times the flags' (the ideal is then the server's);
+* ``429=P``: a share P of the requests answered with the provider's 429 (TPM) whatever the
+  quota; ``retry-after=S``: 429 and 503 answers carry ``Retry-After`` (S s);
+* ``concurrency=N``: the job's ``--concurrency``.
+
 With ``--trace`` the server notes every request it refuses and the job every decision of its
 limiter, and each 429 (and the two requests that came closest to the limit) is explained from
 both records: see ``_pacing_trace.py``. The job then starts through a small wrapper that notes
@@ -56,6 +72,7 @@ Each run works in a folder of its own under ``--workdir`` (input, output, the jo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -144,6 +161,70 @@ PROFILES = {
 }
 
 
+@dataclass(frozen=True)
+class Shape:
+    """How the server (and the quota the job is told) differ from a profile's: see ``--shape``."""
+
+    token_factor: float = 1.0
+    latency_s: float = LATENCY_S
+    latency_per_1k_s: float = LATENCY_PER_1K_S
+    latency_sigma: float = 0.0
+    fixed_window: bool = False
+    window_s: float = WINDOW_S
+    tpm: int | None = None
+    rpm: int | None = None
+    documents: int | None = None
+    limit_factor: float = 1.0
+    rate_429: float = 0.0
+    retry_after_s: float | None = None
+    concurrency: int | None = None
+
+
+def parse_shape(text: str) -> Shape:
+    """A :class:`Shape` from ``--shape``'s comma-separated settings; raises SystemExit naming
+    one it does not know."""
+    values: dict[str, object] = {}
+    for part in filter(None, (part.strip() for part in text.split(","))):
+        key, _, value = part.partition("=")
+        if key == "latency":
+            fixed, _, per_1k = value.partition("+")
+            values.update(latency_s=float(fixed), latency_per_1k_s=float(per_1k or 0))
+        elif key == "fixed":
+            values["fixed_window"] = True
+        elif key in _SHAPE_KEYS:
+            name, kind = _SHAPE_KEYS[key]
+            values[name] = kind(value)
+        else:
+            raise SystemExit(f"--shape: unknown setting {key!r}")
+    return Shape(**values)  # type: ignore[arg-type]
+
+
+_SHAPE_KEYS: dict[str, tuple[str, type]] = {
+    "count": ("token_factor", float),
+    "tail": ("latency_sigma", float),
+    "window": ("window_s", float),
+    "tpm": ("tpm", int),
+    "rpm": ("rpm", int),
+    "docs": ("documents", int),
+    "limit": ("limit_factor", float),
+    "429": ("rate_429", float),
+    "retry-after": ("retry_after_s", float),
+    "concurrency": ("concurrency", int),
+}
+
+
+def shaped(profile: Profile, shape: Shape) -> Profile:
+    """``profile`` with the quota and corpus of ``shape`` (the quota scaled to its window)."""
+    scale = shape.window_s / WINDOW_S
+    tpm = shape.tpm if shape.tpm is not None else round(profile.tpm * scale)
+    rpm = shape.rpm if shape.rpm is not None else round(profile.rpm * scale)
+    documents = shape.documents if shape.documents is not None else profile.documents
+    options = profile.options
+    if shape.concurrency is not None:
+        options = (*options, "--concurrency", str(shape.concurrency))
+    return dataclasses.replace(profile, tpm=tpm, rpm=rpm, documents=documents, options=options)
+
+
 def mixed_text(rng: random.Random) -> str:
     """A document for the TPM-bound profiles: 80% English (a word is about a token), 20%
     Chinese (a character is a token); lengths log-normal, median ~150, at most ~2,700."""
@@ -203,15 +284,16 @@ LOGS = ("stdout.txt", "stderr.txt", "launched.json", "trace.json", "server.json"
 
 
 def run_profile(
-    profile: Profile, texts: list[str], workdir: Path, *, trace: bool = False, keep: bool = False
-) -> Run:
+    profile: Profile, texts: list[str], workdir: Path, *, trace: bool = False, keep: bool = False,
+    shape: Shape = Shape(),
+) -> Run:  # fmt: skip
     """One run of the job in ``workdir`` (made afresh), deleted after but for its logs when
     traced or failed, their place printed (everything, with ``keep``)."""
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
     run: Run | None = None
     try:
-        run = _run(profile, texts, workdir, trace)
+        run = _run(profile, texts, workdir, trace, shape)
         return run
     finally:
         if not keep:
@@ -220,26 +302,20 @@ def run_profile(
                 print(f"{profile.name}: logs kept in {workdir}", file=sys.stderr, flush=True)
 
 
-def _run(profile: Profile, texts: list[str], workdir: Path, trace: bool) -> Run:
+def _run(profile: Profile, texts: list[str], workdir: Path, trace: bool, shape: Shape) -> Run:
     source = workdir / "in.jsonl"
     with open(source, "w", encoding="utf-8") as out:
         for i, text in enumerate(texts):
             out.write(json.dumps({"id": f"d{i}", "text": text}, ensure_ascii=False) + "\n")
-    latency = {"latency_s": LATENCY_S, "latency_per_1k_tokens_s": LATENCY_PER_1K_S}
-    faults = testing.Faults(
-        **(latency if profile.latency else {}), **profile.faults, seed=profile.seed
-    )
-    limits = testing.ModelLimits(rpm=profile.rpm, tpm=profile.tpm) if profile.latency else None
-    config = testing.ServerConfig(
-        window_s=WINDOW_S, default_limits=limits or testing.ModelLimits(), faults=faults
-    )
+    config = server_config(profile, shape)
     with server_process(config, serve_traced if trace else _serve) as (url, box):
         python = (sys.executable, "-c", BOOT, str(workdir / "trace.json")) if trace else ()
         command = [
             *(python or (sys.executable,)),
             *("-m", "sfembed", "embed", str(source)),
             *("--out", str(workdir / "out.npy"), "--base-url", url, "--model", profile.model),
-            *("--rpm", str(profile.rpm), "--tpm", str(profile.tpm), "--window-s", str(WINDOW_S)),
+            *("--rpm", str(profile.rpm), "--tpm", str(profile.tpm)),
+            *("--window-s", str(shape.window_s)),
             *profile.options,
         ]
         env = {**os.environ, "SILICONFLOW_API_KEY": KEY}
@@ -252,8 +328,8 @@ def _run(profile: Profile, texts: list[str], workdir: Path, trace: bool) -> Run:
     if trace:
         server = {"accepted": report.accepted, "refusals": box[0][1]}
         (workdir / "server.json").write_text(json.dumps(server))
-        for line in explain(workdir / "trace.json", report.accepted, box[0][1], WINDOW_S,
-                            profile.tpm):  # fmt: skip
+        for line in explain(workdir / "trace.json", report.accepted, box[0][1], shape.window_s,
+                            server_tpm(profile, shape)):  # fmt: skip
             print(line, file=sys.stderr, flush=True)
     started = job["started"]
     first = report.first_request_at - started if report.first_request_at else float("nan")
@@ -266,6 +342,40 @@ def _run(profile: Profile, texts: list[str], workdir: Path, trace: bool) -> Run:
         first_request_s=first,
         rows_wrong=rows_wrong(profile.model, texts, workdir / "out.npy"),
     )
+
+
+def server_config(profile: Profile, shape: Shape) -> testing.ServerConfig:
+    """The local server of ``profile`` in ``shape``."""
+    latency = {
+        "latency_s": shape.latency_s,
+        "latency_per_1k_tokens_s": shape.latency_per_1k_s,
+        "latency_sigma": shape.latency_sigma,
+    }
+    faults = testing.Faults(
+        **(latency if profile.latency else {}),
+        **profile.faults,
+        rate_429=shape.rate_429,
+        retry_after_s=shape.retry_after_s,
+        seed=profile.seed,
+    )
+    limits = testing.ModelLimits()
+    if profile.latency:
+        limits = testing.ModelLimits(rpm=server_rpm(profile, shape), tpm=server_tpm(profile, shape))
+    return testing.ServerConfig(
+        window_s=shape.window_s,
+        default_limits=limits,
+        faults=faults,
+        fixed_window=shape.fixed_window,
+        token_factor=shape.token_factor,
+    )
+
+
+def server_tpm(profile: Profile, shape: Shape) -> int:
+    return max(1, int(profile.tpm * shape.limit_factor))
+
+
+def server_rpm(profile: Profile, shape: Shape) -> int:
+    return max(1, int(profile.rpm * shape.limit_factor))
 
 
 def rows_wrong(model: str, texts: list[str], path: Path) -> int:
@@ -282,19 +392,19 @@ def rows_wrong(model: str, texts: list[str], path: Path) -> int:
     return wrong
 
 
-def summarise(profile: Profile, run: Run) -> dict[str, str]:
+def summarise(profile: Profile, run: Run, shape: Shape = Shape()) -> dict[str, str]:
+    """The figures of one run; limits and windows are the server's (``shape``'s)."""
     report = run.report
     tokens = sum(size for _, size in report.accepted)
     requests = len(report.accepted)
-    if profile.bound == "tpm":
-        ideal_s = tokens / (profile.tpm / WINDOW_S)
-    else:
-        ideal_s = requests / (profile.rpm / WINDOW_S)
-    limit = profile.tpm if profile.bound == "tpm" else profile.rpm
-    per_window = windows(report.accepted, WINDOW_S)
+    window_s = shape.window_s
+    tpm, rpm = server_tpm(profile, shape), server_rpm(profile, shape)
+    limit = tpm if profile.bound == "tpm" else rpm
+    ideal_s = (tokens if profile.bound == "tpm" else requests) / (limit / window_s)
+    per_window = windows(report.accepted, window_s)
     shares = [(t if profile.bound == "tpm" else r) / limit for t, r in per_window[1:]]
-    peak_tokens, peak_requests = max_sliding(report.accepted, WINDOW_S)
-    peak = peak_tokens / profile.tpm if profile.bound == "tpm" else peak_requests / profile.rpm
+    peak_tokens, peak_requests = max_sliding(report.accepted, window_s)
+    peak = peak_tokens / tpm if profile.bound == "tpm" else peak_requests / rpm
     return {
         "whole-run ratio": f"{ideal_s / run.wall_s:.3f}",
         "wall s (ideal s)": f"{run.wall_s:.1f} ({ideal_s:.1f})",
@@ -364,6 +474,12 @@ def main() -> None:
         "--trace", action="store_true", help="note the job's limiter and explain each 429"
     )
     parser.add_argument(
+        "--shape",
+        default="",
+        help="the server's shape, comma-separated (see the module's docstring), e.g. "
+        "'count=1.3,latency=0.3+0.02'; default: the profiles' own server",
+    )
+    parser.add_argument(
         "--keep",
         action="store_true",
         help="keep each run's folder whole (input, output, cache; gigabytes at 400,000 "
@@ -384,13 +500,16 @@ def run_all(args: argparse.Namespace) -> None:
         cpu_marginal(counts, options, args.workdir, args.repeat, args.keep)
         return
     results: list[tuple[str, dict[str, str]]] = []
+    shape = parse_shape(args.shape)
+    if args.shape:
+        print(f"shape: {shape}", file=sys.stderr, flush=True)
     for name in args.profile.split(","):
-        profile = PROFILES[name]
+        profile = shaped(PROFILES[name], shape)
         texts = documents(profile)
         for number in range(args.repeat):
             folder = args.workdir / f"{name}{number}"
-            run = run_profile(profile, texts, folder, trace=args.trace, keep=args.keep)
-            summary = summarise(profile, run)
+            run = run_profile(profile, texts, folder, trace=args.trace, keep=args.keep, shape=shape)
+            summary = summarise(profile, run, shape)
             results.append((f"{name}" + (f" #{number + 1}" if args.repeat > 1 else ""), summary))
             print(f"{name}: {summary}", file=sys.stderr, flush=True)
     figures = list(results[0][1])

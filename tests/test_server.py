@@ -14,13 +14,15 @@ import pytest
 
 from sfembed._exceptions import ConfigError
 from sfembed._models import DEFAULT_CATALOG
-from sfembed._testing import tokenizer
+from sfembed._testing import quota, tokenizer
+from sfembed._testing.faults import FaultPlan
 from sfembed.testing import (
     IMAGE_TOKENS,
     TRACE_HEADER,
     Faults,
     LocalServer,
     ModelLimits,
+    ServerConfig,
     count_tokens,
     expected_embedding,
     serve,
@@ -595,3 +597,63 @@ def test_expected_embedding_validates_like_the_server():
         expected_embedding(BGE_EN, "x", truncate="middle")
     with pytest.raises(ConfigError):
         expected_embedding("Org/nope", "x")
+
+
+# --- shapes of other providers ------------------------------------------------------------------
+
+
+async def test_token_factor_scales_the_charge_and_usage_rounded_up(make_server, http):
+    server = await make_server(default_limits=ModelLimits(tpm=20), token_factor=1.3)
+    body = {"model": BGE, "input": "aaaa bbbb cccc dddd"}  # 4 + 2 special: 7.8, charged 8
+    answer = await post(http, server, body)
+    assert answer.json()["usage"]["total_tokens"] == 8
+    assert (await post(http, server, body)).status == 200
+    assert (await post(http, server, body)).status == 429  # 16 + 8 > 20
+    assert [tokens for _, tokens in server.stats.accepted] == [8, 8]
+
+
+def test_token_factor_must_be_positive():
+    with pytest.raises(ValueError, match="token_factor"):
+        ServerConfig(token_factor=0.0)
+
+
+def test_a_fixed_window_starts_afresh_at_each_multiple_of_its_length():
+    limits = ModelLimits(rpm=1)
+    fixed, sliding = quota._Window(fixed=True), quota._Window()
+    times = (9.9, 10.1, 10.95, 11.05)
+    fixed_answers = [fixed.refusal(now, 1, limits, 1.0) for now in times]
+    sliding_answers = [sliding.refusal(now, 1, limits, 1.0) for now in times]
+    # 10.1: a new fixed window (from 10.0), the same sliding one; 10.95: the sliding window
+    # has let 9.9 go, the fixed one holds 10.1.
+    assert fixed_answers == [None, None, "RPM", None]
+    assert sliding_answers == [None, "RPM", None, "RPM"]
+
+
+async def test_random_429s_have_the_providers_body_and_spare_the_quota(make_server, http):
+    server = await make_server(
+        default_limits=ModelLimits(rpm=1), faults=Faults(rate_429=1.0, retry_after_s=0.5)
+    )
+    body = {"model": BGE, "input": "x"}
+    refused = await post(http, server, body)
+    assert (refused.status, refused.json()) == (
+        429,
+        {"message": LIMITED.format("TPM"), "data": None},
+    )
+    assert refused.headers["retry-after-ms"] == "500"
+    server.set_faults(Faults())
+    assert (await post(http, server, body)).status == 200  # the quota was not charged
+    assert server.stats.rate_limited_tpm == 1
+
+
+def test_a_long_tail_of_latency_keeps_the_faults_draws_and_its_mean():
+    plain = FaultPlan(Faults(rate_503=0.5, latency_per_1k_tokens_s=1.0, seed=4))
+    tailed = FaultPlan(Faults(rate_503=0.5, latency_per_1k_tokens_s=1.0, latency_sigma=1.0, seed=4))
+    draws, times = [], []
+    for _ in range(4_000):
+        draws.append((plain.draw(0), tailed.draw(0)))
+        times.append((plain.work_s(1_000), tailed.work_s(1_000)))
+    assert all(a == b for a, b in draws)  # the tail draws from a generator of its own
+    assert {a for a, _ in times} == {1.0}
+    tail = sorted(b for _, b in times)
+    assert tail[-40] > 5.0  # the slowest 1% take over five times the mean ...
+    assert 0.9 < sum(tail) / len(tail) < 1.1  # ... which is kept

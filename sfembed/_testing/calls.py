@@ -3,6 +3,7 @@ token counts and truncation, and the options; an invalid one raises :class:`Reje
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -181,7 +182,10 @@ def parse_call(raw: bytes, config: ServerConfig) -> Call:
     dimensions = dimensions_for(payload.get("dimensions"), spec)
     base64, truncate = parse_options(payload)
     items, counts = fit_items(items, token_counts(items, spec), spec, truncate)
-    return Call(spec.name, items, sum(counts), dimensions, base64)
+    tokens = sum(counts)
+    if config.token_factor != 1.0:
+        tokens = math.ceil(tokens * config.token_factor)
+    return Call(spec.name, items, tokens, dimensions, base64)
 
 
 def batch_size(raw: bytes) -> int:

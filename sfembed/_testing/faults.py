@@ -21,17 +21,29 @@ class FaultPlan:
     """Which fault each request meets: those injected, in order, then one drawn at random from the
     faults' rates (one draw per request, so that a seed replays the same faults)."""
 
-    __slots__ = ("_injected", "_rng", "faults")
+    __slots__ = ("_injected", "_latency_rng", "_rng", "faults")
 
     def __init__(self, faults: Faults) -> None:
         self.faults = faults
         self._rng = random.Random(faults.seed)
+        self._latency_rng = random.Random(faults.seed + 1)
         self._injected: deque[str] = deque()
 
     def replace(self, faults: Faults) -> None:
         """Put ``faults`` in force; the random draws restart from ``faults.seed``."""
         self.faults = faults
         self._rng = random.Random(faults.seed)
+        self._latency_rng = random.Random(faults.seed + 1)
+
+    def work_s(self, tokens: int) -> float:
+        """The model's time (s) for an accepted request of ``tokens`` tokens: with a
+        ``latency_sigma``, a log-normal multiple (mean 1) of the per-token latency."""
+        faults = self.faults
+        work_s = tokens / 1000 * faults.latency_per_1k_tokens_s
+        sigma = faults.latency_sigma
+        if sigma > 0 and work_s > 0:
+            work_s *= self._latency_rng.lognormvariate(-sigma * sigma / 2, sigma)
+        return work_s
 
     def inject(self, kind: str, count: int) -> None:
         """Script ``count`` requests' outcome ``kind`` (see ``LocalServer.inject``)."""
@@ -56,6 +68,7 @@ class FaultPlan:
             ("504", faults.rate_504),
             ("reset", faults.rate_reset),
             ("stall", faults.rate_stall),
+            ("429-tpm", faults.rate_429),
         ):
             if draw < rate:
                 return kind

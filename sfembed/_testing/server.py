@@ -207,7 +207,7 @@ class LocalServer:
             self.stats.stalls += 1
             await asyncio.sleep(self._plan.faults.stall_s)
         # The model's time, after admission: a limit acts at arrival, as the provider's does.
-        work_s = call.tokens / 1000 * self._plan.faults.latency_per_1k_tokens_s
+        work_s = self._plan.work_s(call.tokens)
         if work_s > 0:
             await asyncio.sleep(work_s)
         if fault in ALTERED:

@@ -45,7 +45,11 @@ class Faults:
     request (a model's time grows with its input: 0.030 and 0.005 are a plausible shape). Over
     ``max_in_flight`` concurrent requests the extra ones get 503 (code 50505).
     With ``retry_after_s`` set, 429 and 503 answers carry ``Retry-After`` (whole seconds, rounded
-    up) and ``retry-after-ms``.
+    up) and ``retry-after-ms``. ``rate_429``: a 429 (the provider's TPM body) to a request the
+    quota would have let in, as a gateway shared with other accounts may answer.
+    ``latency_sigma`` > 0 gives the model's time a long tail: each accepted request's
+    ``latency_per_1k_tokens_s`` share is multiplied by a log-normal draw of that sigma and mean
+    1 (from ``random.Random(seed + 1)``, so the faults' draws stay those of ``seed``).
     """
 
     rate_503: float = 0.0
@@ -58,14 +62,16 @@ class Faults:
     latency_per_1k_tokens_s: float = 0.0
     max_in_flight: int | None = None
     retry_after_s: float | None = None
+    rate_429: float = 0.0
+    latency_sigma: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
-        rates = (self.rate_503, self.rate_504, self.rate_reset, self.rate_stall)
+        rates = (self.rate_503, self.rate_504, self.rate_reset, self.rate_stall, self.rate_429)
         if min(rates) < 0 or sum(rates) > 1:
             raise ValueError("fault rates must be >= 0 and sum to at most 1")
-        if self.latency_s < 0 or self.latency_per_1k_tokens_s < 0:
-            raise ValueError("latencies must be >= 0")
+        if self.latency_s < 0 or self.latency_per_1k_tokens_s < 0 or self.latency_sigma < 0:
+            raise ValueError("latencies and their sigma must be >= 0")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -74,8 +80,12 @@ class ServerConfig:
 
     ``api_key`` is the one bearer token accepted (``None``: any non-empty one). ``port`` 0 picks a
     free port. ``limits`` maps model names to their quota (others get ``default_limits``), counted
-    over a sliding window of ``window_s`` seconds. A request of more than ``max_batch_items`` items
-    gets 413. ``catalog`` lists the models served, with their token limits and dimensions.
+    over a sliding window of ``window_s`` seconds (with ``fixed_window``, a fixed one: the count
+    starts afresh at each multiple of ``window_s`` of ``time.monotonic()``). A request of more
+    than ``max_batch_items`` items gets 413. ``catalog`` lists the models served, with their token
+    limits and dimensions. ``token_factor`` scales what a request is charged and its ``usage``
+    (rounded up; the per-item limit is still judged on the unscaled count): a provider whose
+    tokenizer counts more, or fewer, tokens than this server's own.
     """
 
     api_key: str | None = "sk-local-test"
@@ -87,10 +97,14 @@ class ServerConfig:
     faults: Faults = Faults()
     max_batch_items: int = 64
     catalog: ModelCatalog = field(default_factory=lambda: DEFAULT_CATALOG)
+    fixed_window: bool = False
+    token_factor: float = 1.0
 
     def __post_init__(self) -> None:
         if self.window_s <= 0 or self.max_batch_items < 1:
             raise ValueError("window_s must be positive and max_batch_items at least 1")
+        if not self.token_factor > 0:
+            raise ValueError("token_factor must be positive")
 
 
 @dataclass(kw_only=True, slots=True)
