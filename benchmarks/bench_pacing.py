@@ -49,7 +49,7 @@ unchanged (the user's account as they know it), comma-separated:
 * ``limit=F``: the server's own limits are F times the flags' (the ideal is then the server's);
 * ``429=P``: a share P of the requests answered with the provider's 429 (TPM) whatever the
   quota; ``retry-after=S``: 429 and 503 answers carry ``Retry-After`` (S s);
-* ``concurrency=N``: the job's ``--concurrency``.
+* ``concurrency=N``: the job's ``--concurrency``; ``config=PATH``: its ``--config``.
 
 With ``--trace`` the server notes every request it refuses and the job every decision of its
 limiter, and each 429 (and the two requests that came closest to the limit) is explained from
@@ -178,6 +178,7 @@ class Shape:
     rate_429: float = 0.0
     retry_after_s: float | None = None
     concurrency: int | None = None
+    config: str | None = None
 
 
 def parse_shape(text: str) -> Shape:
@@ -210,6 +211,7 @@ _SHAPE_KEYS: dict[str, tuple[str, type]] = {
     "429": ("rate_429", float),
     "retry-after": ("retry_after_s", float),
     "concurrency": ("concurrency", int),
+    "config": ("config", str),
 }
 
 
@@ -222,6 +224,8 @@ def shaped(profile: Profile, shape: Shape) -> Profile:
     options = profile.options
     if shape.concurrency is not None:
         options = (*options, "--concurrency", str(shape.concurrency))
+    if shape.config is not None:
+        options = (*options, "--config", shape.config)
     return dataclasses.replace(profile, tpm=tpm, rpm=rpm, documents=documents, options=options)
 
 
