@@ -290,10 +290,10 @@ async def test_log_keeps_an_entry_a_margin_past_the_window() -> None:
 
 
 async def test_an_answered_request_stays_a_window_after_its_answer() -> None:
-    # The server counted it at some moment before its answer: a window from the answer is safe
-    # however late the request was really sent.
+    # The server counted it at some moment before its answer: a window from an answer that
+    # came within the log's margin is safe however late the request was really sent.
     clock = ManualClock()
-    limiter = make(clock, rpm=1, tpm=1000, window_s=10.0)
+    limiter = RateLimiter(RateLimits(rpm=1, tpm=1000, window_s=10.0, headroom=0.1), clock)
     ticket = await limiter.acquire(1)
     second = start(limiter.acquire(1))
     await run_until(clock, 0.3)
@@ -302,6 +302,22 @@ async def test_an_answered_request_stays_a_window_after_its_answer() -> None:
     assert not second.done()
     await run_until(clock, 10.3)
     assert second.result().admitted_at == pytest.approx(10.3)
+
+
+async def test_a_slow_answer_holds_the_log_no_longer_than_an_unanswered_request() -> None:
+    # Answered 2 s after its admission (the model's time, after the server counted it on
+    # arrival): it leaves the log the headroom's share of a window (1 s of 10 s) after a window
+    # from its admission, not a window after its answer.
+    clock = ManualClock()
+    limiter = RateLimiter(RateLimits(rpm=1, tpm=1000, window_s=10.0, headroom=0.1), clock)
+    ticket = await limiter.acquire(1)
+    second = start(limiter.acquire(1))
+    await run_until(clock, 2.0)
+    await limiter.settle(ticket, 1)
+    await run_until(clock, 10.9)
+    assert not second.done()
+    await run_until(clock, 11.0)
+    assert second.result().admitted_at == pytest.approx(11.0)
 
 
 class LateClock(ManualClock):
