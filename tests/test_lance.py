@@ -7,7 +7,9 @@ vectors, and the second run sends only the changed and new texts (the cache has 
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +18,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from hostile import Done, assert_clean, embed_args, sfembed, snapshot, write_lines
-from test_resume import M3, MakeServer, job, settings_for
+from test_resume import KEY, M3, POLL_S, WAIT_S, MakeServer, job, job_tasks, settings_for
 from test_shards import PER_SHARD, shard_lines, write_shard
 
-from sfembed import ConfigError, IOSettings
+from sfembed import ConfigError, EmbeddingClient, IOSettings
+from sfembed._job import run_job
 from sfembed._lance import LanceWriter
 from sfembed._types import EmbeddedBatch, Failure
 from sfembed.testing import LocalServer, expected_embedding
@@ -193,6 +196,16 @@ def test_a_table_opened_later_is_checked_before_any_row_reaches_it(tmp_path: Pat
     assert sorted(table_rows(tmp_path)) == ["a"]
 
 
+@pytest.mark.parametrize("open_now", [True, False])
+def test_a_missing_lancedb_is_refused_saying_how_to_install_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, open_now: bool
+) -> None:
+    monkeypatch.setitem(sys.modules, "lancedb", None)  # as if it were not installed
+    with pytest.raises(ConfigError, match=r"needs lancedb: pip install 'sfembed\[lance\]'"):
+        LanceWriter(tmp_path / "vectors.lance", dims=DIMS, open_now=open_now)
+    assert list(tmp_path.iterdir()) == []
+
+
 async def test_a_new_job_on_a_table_of_another_shape_stops_before_writing_a_row(
     server: LocalServer, tmp_path: Path
 ) -> None:
@@ -217,3 +230,31 @@ async def test_a_new_job_on_a_table_of_another_shape_stops_before_writing_a_row(
     cache = {name for name in after if name.startswith("sfembed-cache")}
     assert {name: data for name, data in after.items() if name not in cache} == before
     assert table_rows(out.parent)["s0-1"]["title"] == "mine"
+
+
+async def test_a_new_job_cancelled_as_it_starts_leaves_nothing_running_and_reruns_whole(
+    server: LocalServer, tmp_path: Path
+) -> None:
+    # Cancelled at its first request: its table may still be opening on the disk thread.
+    source = write_lines(tmp_path / "in.jsonl", shard_lines(0, 200))
+    out = tmp_path / "db" / "vectors.lance"
+    out.parent.mkdir()
+    settings = dataclasses.replace(
+        settings_for(server, M3), io=IOSettings(cache=False, checkpoint_rows=50)
+    )
+    async with EmbeddingClient(api_key=KEY, base_url=server.url) as client:
+        task = asyncio.create_task(run_job(source, out, settings, client=client))
+        for _ in range(int(WAIT_S / POLL_S)):
+            if server.stats.first_request_at is not None or task.done():
+                break
+            await asyncio.sleep(POLL_S)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert not job_tasks()
+
+    summary = await job(server, source, out, settings, resume=True)
+    assert summary.records == 200
+    rows = table_rows(out.parent)
+    assert len(rows) == 200
+    assert rows["s0-7"]["vector"] is not None
