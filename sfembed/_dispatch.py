@@ -324,6 +324,8 @@ class Dispatch:
                 self._fail(chunk, rows, f"gave up after retries: {error}")
         else:
             self._streak.success()
+            # Requests packed from now on are the window's share in the server's tokens.
+            self._packer.calibrate(self.sender.calibration.ratio)
             rows.put(request, result.embeddings)
             await self.dedup.answered(request, result.embeddings, rows)
 

@@ -30,14 +30,38 @@ class Packer:
     under the model's per-item limit), and so does one of more than ``alone_over`` tokens (by
     its exact count when known): a server that counts a near-limit text as over the limit
     refuses the whole request, and alone, only that text is sent again.
+
+    With ``share_tokens`` (a share of the window, in the server's tokens) and ``most_tokens``
+    (the user's cap, in ours), :meth:`calibrate` sets ``max_tokens`` to that share in our
+    tokens once the server's count per token of ours is known.
     """
 
-    def __init__(self, *, max_items: int, max_tokens: int, alone_over: int | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        max_items: int,
+        max_tokens: int,
+        alone_over: int | None = None,
+        share_tokens: int | None = None,
+        most_tokens: int | None = None,
+    ) -> None:
         self.max_items = max_items
         self.max_tokens = max_tokens
         self.alone_over = alone_over
+        self._share = share_tokens
+        self._most = most_tokens if most_tokens is not None else max_tokens
+        self._ratio = 1.0
         self._open: list[Chunk] = []
         self._tokens = 0
+
+    def calibrate(self, ratio: float) -> None:
+        """The server counts ``ratio`` tokens per token of ours: a request is the window's share
+        in its tokens, not in ours (a server counting 1.5 times ours made each request 1/19 of
+        the window, not 1/32, and the windows lurched to 95-96% of the limit)."""
+        if ratio == self._ratio or ratio <= 0 or self._share is None:
+            return
+        self._ratio = ratio
+        self.max_tokens = max(1, min(self._most, int(self._share / ratio)))
 
     def add(self, chunks: Sequence[Chunk], *, most: int | None = None) -> Iterator[list[Chunk]]:
         """Add chunks in order; yields each request as it fills. ``most``, when the caller
@@ -116,17 +140,25 @@ def request_tokens(settings: Settings, spec: ModelSpec) -> int:
     (at most ``batch.max_tokens``); a text over it travels alone. A request that is a large share
     of the window makes the pace lurch: capped at bge-m3's 8,192 of a 60,000-token window,
     windows ran from 75% to 92% full. Large enough, too, that the RPM does not bind first."""
+    return max(1, min(settings.batch.max_tokens, window_share(settings)))
+
+
+def window_share(settings: Settings) -> int:
+    """The share of the window's quota (tokens, as the server counts them) one request takes."""
     rate = settings.rate
     quota = rate.tpm * (1 - rate.headroom)
-    share = max(quota / 32, 1.25 * quota / max(1.0, rate.rpm * (1 - rate.headroom)))
-    return max(1, min(settings.batch.max_tokens, int(share)))
+    return int(max(quota / 32, 1.25 * quota / max(1.0, rate.rpm * (1 - rate.headroom))))
 
 
 def packer_for(settings: Settings, spec: ModelSpec) -> Packer:
     """The packer of a job (and of its dry run, which must count the same requests): a text
-    over half the item limit travels alone, as a refusal would halve it."""
+    over half the item limit travels alone, as a refusal would halve it. Its token cap starts
+    at the window's share in our tokens, and follows the server's count (see
+    :meth:`Packer.calibrate`)."""
     return Packer(
         max_items=settings.batch.max_items,
         max_tokens=request_tokens(settings, spec),
         alone_over=spec.max_input_tokens // 2,
+        share_tokens=max(1, window_share(settings)),
+        most_tokens=settings.batch.max_tokens,
     )

@@ -108,3 +108,16 @@ def test_packing_a_block_at_once_gives_the_requests_of_the_rule_chunk_by_chunk()
         assert [[c.unit for c in r] for r in packer.flush()] == (
             [[c.unit for c in state]] if state else []
         )
+
+
+def test_calibrate_makes_the_token_cap_the_windows_share_in_the_servers_tokens() -> None:
+    packer = Packer(max_items=64, max_tokens=100, share_tokens=100, most_tokens=150)
+    packer.calibrate(2.0)  # the server counts two tokens per one of ours
+    assert packer.max_tokens == 50
+    requests = [*packer.add(_chunks([10] * 12)), *packer.flush()]
+    assert [sum(chunk.tokens for chunk in request) for request in requests] == [50, 50, 20]
+    packer.calibrate(0.5)
+    assert packer.max_tokens == 150  # no more than the user's cap
+    plain = Packer(max_items=64, max_tokens=100)
+    plain.calibrate(2.0)  # no share given: the cap stays
+    assert plain.max_tokens == 100

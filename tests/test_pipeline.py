@@ -44,6 +44,7 @@ from sfembed import (
 )
 from sfembed._cache import normalise
 from sfembed._engine import Engine
+from sfembed._packer import packer_for
 from sfembed._tokenizers import counter_for
 from sfembed._types import Ticket, Unusable
 from sfembed.testing import (
@@ -659,6 +660,25 @@ async def test_a_batch_too_large_halves_the_item_cap(server: LocalServer) -> Non
     assert stats.failures == []
     assert server.stats.by_status[413] == 1
     assert server.stats.tokens_accepted == server_tokens(M3, SHORT)
+
+
+async def test_requests_are_the_windows_share_in_the_servers_tokens(
+    make_server: MakeServer,
+) -> None:
+    # A server counting twice the tokens: once its usage says so, requests are packed to half
+    # as many of ours, so that each is still 1/32 of the window as the server counts it.
+    server = await make_server(token_factor=2.0)
+    rate = RateLimits(rpm=10**6, tpm=2048, window_s=0.25, headroom=0.0)  # 1/32: 64 tokens
+    settings = settings_for(server, rate=rate, concurrency=1)
+    first = packer_for(settings, DEFAULT_CATALOG[M3]).max_tokens
+    stats = JobStats()
+    async with client_for(server) as client:
+        job = Engine(settings, client, stats, None)
+        batches = await collect(job.run(SHORT))
+    assert_rows(np.concatenate([b.embeddings for b in batches]), M3, SHORT)
+    assert first == 64  # 1/32 of the window, then half of it or less in our tokens
+    assert job.packer.max_tokens <= 32
+    assert job.packer.max_tokens * job.dispatch.sender.calibration.ratio <= 64
 
 
 async def test_a_rate_limited_request_is_retried(server: LocalServer) -> None:
