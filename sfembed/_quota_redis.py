@@ -18,9 +18,34 @@ US = 1_000_000  # the script's times are microseconds
 
 
 def where(url: str) -> str:
-    """host:port/db of a Redis URL, without a password, for log lines and errors."""
+    """host:port/db of a Redis URL, without a password, for log lines and errors. Raises
+    ConfigError, echoing nothing of the URL, when its port or database cannot be read: most
+    often a password holding ``/``, ``?``, ``#`` or ``@`` not percent-encoded, whose rest would
+    be read as the port or the path."""
     parts = urlsplit(url)
-    return f"{parts.hostname or 'localhost'}:{parts.port or 6379}{parts.path or '/0'}"
+    try:
+        port = parts.port or 6379
+    except ValueError:
+        raise ConfigError(_UNREADABLE) from None
+    if "@" in parts.path + parts.query + parts.fragment:  # the end of a password, misread
+        raise ConfigError(_UNREADABLE)
+    host = parts.hostname or "localhost"
+    if parts.scheme in ("redis", "rediss") and not re.fullmatch(r"/?|/\d+", parts.path):
+        # redis-py reads a path that is not one number as database 0 ('/O' for '/0') or joins
+        # its digits ('/1/2' is database 12): a typo would share a quota no other worker is on.
+        # The path is not echoed: it may be the end of a password.
+        raise ConfigError(
+            f"quota URL {host}:{port}: the path must be a database number, as in "
+            "redis://host:6379/0 (a password holding '/', '?', '#' or '@' must be "
+            "percent-encoded)"
+        )
+    return f"{host}:{port}{parts.path or '/0'}"
+
+
+_UNREADABLE = (
+    "quota URL: its port or database cannot be read (a password holding '/', '?', '#' or '@' "
+    "must be percent-encoded, as in redis://:p%40ss@host:6379/0)"
+)
 
 
 class Script:
@@ -59,14 +84,7 @@ def _import_redis() -> Any:
 
 def _connect(url: str, timeout_s: float) -> Any:
     """An asyncio Redis client for ``url``; ConfigError for a bad URL or without redis-py."""
-    parts = urlsplit(url)
-    # redis-py reads a path that is not one number as database 0 ('/O' for '/0') or joins its
-    # digits ('/1/2' is database 12): a typo would share a quota no other worker is on.
-    if parts.scheme in ("redis", "rediss") and not re.fullmatch(r"/?|/\d+", parts.path):
-        raise ConfigError(
-            f"quota URL {where(url)!r}: the path must be a database number, as in "
-            "redis://host:6379/0"
-        )
+    named = where(url)  # refuses a URL whose port or database cannot be read
     redis = _import_redis()
     backoff = importlib.import_module("redis.backoff")
     retry = importlib.import_module("redis.asyncio.retry")
@@ -83,7 +101,7 @@ def _connect(url: str, timeout_s: float) -> Any:
             retry=retry.Retry(backoff.NoBackoff(), 1, supported_errors=(lost,)),
         )
     except ValueError as error:
-        raise ConfigError(f"quota URL {where(url)!r}: {error}") from None
+        raise _masked(f"quota URL {named!r}: {error}", url) from None
 
 
 def redis_error() -> type[BaseException]:
@@ -114,6 +132,10 @@ def quota_error(error: BaseException, url: str) -> ConfigError:
             f"Redis did not answer ({type(error).__name__}: {error}); nothing was sent: "
             "check the URL and that Redis runs"
         )
-    text = f"quota URL {where(url)!r}: {said}"
-    password = urlsplit(url).password  # masked wherever a message echoed it
+    return _masked(f"quota URL {where(url)!r}: {said}", url)
+
+
+def _masked(text: str, url: str) -> ConfigError:
+    """The ConfigError saying ``text``, the URL's password masked wherever it echoed it."""
+    password = urlsplit(url).password
     return ConfigError(text.replace(password, "***") if password else text)

@@ -838,8 +838,38 @@ async def test_a_quota_url_redis_refuses_stops_the_job_naming_the_setting(
 @pytest.mark.parametrize("path", ["/O", "/1/2", "/db0"])
 def test_a_quota_url_whose_path_is_not_a_database_number_is_refused(path: str) -> None:
     url = "redis://127.0.0.1:6379" + path  # refused before any connection
-    with pytest.raises(ConfigError, match=r"quota URL '127\.0\.0\.1:6379/.*': the path must be"):
+    with pytest.raises(ConfigError, match=r"^quota URL 127\.0\.0\.1:6379: the path must be"):
         SharedLimiter(url, limits(), model=MODEL)
+
+
+# A password with a character that ends its part of a URL, not percent-encoded: the rest of the
+# URL is read as the port (which cannot be a number) or as the path.
+MISREAD_SECRETS = ["s3cr/etXY99", "s3cr#etXY99", "s3cr?etXY99", "7777/etXY99", "7777?etXY99"]
+
+
+@pytest.mark.parametrize("password", MISREAD_SECRETS)
+def test_a_quota_url_whose_password_is_misread_is_refused_without_echoing_it(
+    password: str,
+) -> None:
+    with pytest.raises(ConfigError, match="percent-encoded") as raised:
+        SharedLimiter(f"redis://:{password}@127.0.0.1:6379/0", limits(), model=MODEL)
+    for part in (password[:4], password[5:]):
+        assert part not in str(raised.value), part
+
+
+async def test_the_cli_refuses_a_misread_quota_password_with_one_line(
+    server: LocalServer, tmp_path: Path
+) -> None:
+    source = write_lines(tmp_path / "in.jsonl", docs(3))
+    before = snapshot(tmp_path)
+    url = "redis://:s3cr/etXY#99@127.0.0.1:6379/0"
+    done = await sfembed(*embed_args(server.url, source, tmp_path / "out.npy", "--quota", url))
+    assert done.code == 2, done.err
+    assert len(done.err.splitlines()) == 1, done.err
+    for part in ("s3cr", "etXY", "99@"):
+        assert part not in done.err, done.err
+    assert snapshot(tmp_path) == before
+    assert server.stats.requests == 0
 
 
 # -- a Redis that never answered ----------------------------------------------------------------
