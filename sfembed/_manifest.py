@@ -124,7 +124,7 @@ def output_settings(
         "errors file": os.path.abspath(errors),
     }
     if io.keep_fields:  # a table's columns (absent when none: earlier manifests stay resumable)
-        kept["io.keep_fields"] = list(io.keep_fields)
+        kept["io.keep_fields"] = sorted(io.keep_fields)  # in any order, the same columns
     return kept
 
 
