@@ -110,9 +110,7 @@ def _match(tickets: dict[str, dict[str, Any]], accepted: list[tuple[float, int]]
                 break
 
 
-def _value_at(
-    ticket: dict[str, Any], when: float, window_s: float, unanswered_s: float, answered_s: float
-) -> int:
+def _value_at(ticket: dict[str, Any], when: float, window_s: float, unanswered_s: float) -> int:
     """What the job's log held for ``ticket`` at ``when``: its charge until answered, the
     server's count once settled, nothing once refunded or gone from the log."""
     if ticket["at"] > when:
@@ -120,8 +118,8 @@ def _value_at(
     kind, ended, used = ticket.get("end", ("", float("inf"), 0))
     if ended > when:
         return ticket["charge"] if when < ticket["at"] + unanswered_s else 0
-    if kind == "settle":  # a window after its answer, or the headroom's after its admission
-        return used if when < min(ended + window_s, ticket["at"] + answered_s) else 0
+    if kind == "settle":
+        return used if when < ended + window_s else 0
     if kind == "refund":
         return 0
     return ticket["charge"] if when < ticket["at"] + unanswered_s else 0
@@ -168,7 +166,6 @@ def _case(
     """The server's window just before ``at`` plus ``ticket`` (counted ``tokens``), beside the
     job's log at its last admission before ``at``."""
     unanswered_s = window_s * (1 + headroom / 2)
-    answered_s = window_s * (1 + headroom)
     last = max((t for t in tickets.values() if t["at"] <= at), key=lambda t: t["at"])
     when = last["at"]
     held = [(arrival, n) for arrival, n in accepted if at - window_s < arrival < at]
@@ -187,7 +184,7 @@ def _case(
             unmatched += n
             continue
         in_window.add(id(other))
-        value = _value_at(other, when, window_s, unanswered_s, answered_s)
+        value = _value_at(other, when, window_s, unanswered_s)
         if value == 0:
             gone += n
             lines.append(
@@ -203,7 +200,7 @@ def _case(
             )
     short += max(0, tokens - ticket["charge"])
     others = (t for t in tickets.values() if id(t) not in in_window)
-    slack = sum(_value_at(t, when, window_s, unanswered_s, answered_s) for t in others)
+    slack = sum(_value_at(t, when, window_s, unanswered_s) for t in others)
     lines.append(
         f"  log under the server: {short:,} in flight (this one included), {gone:,} gone from "
         f"the log; {unmatched:,} unmatched; log entries the server no longer held: {slack:,}"

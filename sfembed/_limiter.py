@@ -10,15 +10,13 @@ FIFO-fair, driven by timers on a clock. Two rules must both allow a request befo
 
 * a sliding log of admissions (time, tokens) never holds more than the account's limit within any
   ``window_s`` seconds: this is the hard guarantee, whatever the pace does. The server counts a
-  request from its arrival, which lies between our admission and its answer, some milliseconds
-  after the admission (more when a busy event loop sends late). So a request stays in the log
-  until a window and half the headroom's share of a window after its admission (once answered:
-  a window after its answer, or a window and the headroom's share after its caller had the
-  event loop back to send it, if that comes first): a request admitted as an old one leaves our
-  window finds it gone from the server's too. A slow answer (the model's time, after the
-  arrival) holds the log no longer than a fast one. Until its answer says how the server
-  counted it, a request is held at its charge and 15% more: the charge is an estimate, and the
-  log is often full to the last percent;
+  request from its arrival, which lies between our admission and its answer, by a latency that
+  varies (a busy event loop sends late). So an answered request stays in the log until a window
+  after its answer, and one not yet answered until a window and half the headroom's share of a
+  window after its admission: a request admitted as an old one leaves our window finds it gone
+  from the server's too. Until its answer says how the server counted it, a request is held at
+  its charge and 15% more: the charge is an estimate, and the log is often full to the last
+  percent;
 * a pace (GCRA, virtual scheduling) per resource spreads a window's quota evenly over the window
   and may run at most ``burst_s`` seconds ahead of it, so a job never spends a whole window's
   quota in its first second (a sliding-window server would then reject the rest of the minute).
@@ -226,15 +224,7 @@ class ManualClock:
 class LocalTicket(Ticket):
     """A ticket of :class:`RateLimiter`; ``admitted_at`` is the limiter's clock time in seconds."""
 
-    __slots__ = (
-        "_expires_at",
-        "_limiter",
-        "_live",
-        "_paced",
-        "_pending",
-        "admitted_at",
-        "resumed_at",
-    )
+    __slots__ = ("_expires_at", "_limiter", "_live", "_paced", "_pending", "admitted_at")
 
     def __init__(
         self, limiter: RateLimiter, id: str, tokens: int, admitted_at: float, expires_at: float
@@ -246,7 +236,6 @@ class LocalTicket(Ticket):
         self._pending = True  # no count from the server yet: the log holds it with a margin
         self._expires_at = expires_at  # when it leaves the log
         self.admitted_at = admitted_at
-        self.resumed_at = admitted_at  # when its caller had the event loop back, to send it
 
     def __repr__(self) -> str:
         return f"LocalTicket(tokens={self.tokens}, requests={self.requests}, at={self.admitted_at})"
@@ -603,8 +592,6 @@ class RateLimiter:
         self._window_s = limits.window_s
         self._nominal_tokens = limits.tpm
         self._allowance = _Allowance(limits, startup_s)
-        # At most this long (s) after its admission does an answered request stay in the log.
-        self._answered_s = limits.window_s * (1.0 + limits.headroom)
         self.max_tokens = self._allowance.max_tokens
         self.max_requests = self._allowance.max_requests
         self._queue: deque[_Waiter] = deque()
@@ -650,8 +637,6 @@ class RateLimiter:
         try:
             ticket = await waiter.future
             admitted = True
-            # The caller sends it from now: a busy event loop gives the turn back late.
-            ticket.resumed_at = self._clock.now()
             return ticket
         finally:
             if not admitted:
@@ -744,16 +729,7 @@ class RateLimiter:
     async def settle(self, ticket: Ticket, used_tokens: int) -> None:
         """Correct ``ticket``'s charge to ``used_tokens``, the server's count, in both the window
         and the pace; may admit waiters if the charge fell. Does nothing for a refunded ticket.
-        Raises InputError for a negative count and ValueError for another limiter's ticket.
-
-        The entry then stays in the log until a window after the server counted the request,
-        on its arrival: at the latest now, and within the headroom's share of a window of the
-        moment its caller had the event loop back to send it (twice the margin the log gives a
-        request not answered: the first requests, sent together on new connections, arrived up
-        to 68 ms after their admission with a 6 s window's margin of 60 ms). An answer's time
-        after the arrival (the model's) thus holds the log no longer: kept a window after each
-        answer, a server answering in 0.3 s + 20 ms per 1,000 tokens held the log, and the job,
-        to 90-94% of a 6 s window."""
+        Raises InputError for a negative count and ValueError for another limiter's ticket."""
         own = self._own(ticket)
         if used_tokens < 0:
             raise InputError(f"a response cannot have a negative token count ({used_tokens})")
@@ -761,7 +737,8 @@ class RateLimiter:
             now = self._clock.now()
             self._allowance.log.prune(now)  # one that has left the window stays out
             self._allowance.recharge(own, used_tokens, own.requests, now)
-            own._expires_at = min(now + self._window_s, own.resumed_at + self._answered_s)
+            # The server counted it from its arrival, at the latest now.
+            own._expires_at = now + self._window_s
             if self._queue:  # else no one waits, and no timer is set (``_pump`` disarmed it)
                 self._pump()
 
