@@ -33,7 +33,7 @@ class Packer:
 
     With ``share_tokens`` (a share of the window, in the server's tokens) and ``most_tokens``
     (the user's cap, in ours), :meth:`calibrate` sets ``max_tokens`` to that share in our
-    tokens once the server's count per token of ours is known.
+    tokens once the server's count per token of ours is known, when the server counts more.
     """
 
     def __init__(
@@ -61,7 +61,9 @@ class Packer:
         if ratio == self._ratio or ratio <= 0 or self._share is None:
             return
         self._ratio = ratio
-        self.max_tokens = max(1, min(self._most, int(self._share / ratio)))
+        # Never larger than the share in our tokens: a server counting fewer tokens than ours
+        # gains nothing from larger requests (x0.8: windows 96.9% at least, against 97.5%).
+        self.max_tokens = max(1, min(self._most, int(self._share / max(1.0, ratio))))
 
     def add(self, chunks: Sequence[Chunk], *, most: int | None = None) -> Iterator[list[Chunk]]:
         """Add chunks in order; yields each request as it fills. ``most``, when the caller

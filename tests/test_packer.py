@@ -116,8 +116,11 @@ def test_calibrate_makes_the_token_cap_the_windows_share_in_the_servers_tokens()
     assert packer.max_tokens == 50
     requests = [*packer.add(_chunks([10] * 12)), *packer.flush()]
     assert [sum(chunk.tokens for chunk in request) for request in requests] == [50, 50, 20]
-    packer.calibrate(0.5)
-    assert packer.max_tokens == 150  # no more than the user's cap
+    packer.calibrate(0.5)  # the server counts fewer: requests no larger than the share
+    assert packer.max_tokens == 100
+    capped = Packer(max_items=64, max_tokens=100, share_tokens=400, most_tokens=100)
+    capped.calibrate(2.0)
+    assert capped.max_tokens == 100  # no more than the user's cap
     plain = Packer(max_items=64, max_tokens=100)
     plain.calibrate(2.0)  # no share given: the cap stays
     assert plain.max_tokens == 100
