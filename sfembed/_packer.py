@@ -21,6 +21,9 @@ __all__ = ["Packer", "bisect", "packer_for", "request_tokens"]
 
 _TOKENS = attrgetter("tokens")
 _WEIGHT = attrgetter("weight")
+#: The server's count per token of our estimate up to which requests keep the token cap a dry
+#: run counts with: the estimate's own error (the limiter's margin on a request not answered).
+_SHARE_SLACK = 1.15
 
 
 class Packer:
@@ -32,8 +35,9 @@ class Packer:
     refuses the whole request, and alone, only that text is sent again.
 
     With ``share_tokens`` (a share of the window, in the server's tokens) and ``most_tokens``
-    (the user's cap, in ours), :meth:`calibrate` sets ``max_tokens`` to that share in our
-    tokens once the server's count per token of ours is known, when the server counts more.
+    (the user's cap, in ours), :meth:`calibrate` brings ``max_tokens`` down to that share in our
+    tokens once the server's count per token of ours is known to be higher than our estimate's
+    error allows.
     """
 
     def __init__(
@@ -56,14 +60,17 @@ class Packer:
 
     def calibrate(self, ratio: float) -> None:
         """The server counts ``ratio`` tokens per token of ours: a request is the window's share
-        in its tokens, not in ours (a server counting 1.5 times ours made each request 1/19 of
-        the window, not 1/32, and the windows lurched to 95-96% of the limit)."""
+        in its tokens, not in ours, give or take the estimate's error (a server counting 1.5
+        times ours made each request 1/19 of the window, not 1/32, and the windows lurched to
+        95-96% of the limit)."""
         if ratio == self._ratio or ratio <= 0 or self._share is None:
             return
         self._ratio = ratio
-        # Never larger than the share in our tokens: a server counting fewer tokens than ours
-        # gains nothing from larger requests (x0.8: windows 96.9% at least, against 97.5%).
-        self.max_tokens = max(1, min(self._most, int(self._share / max(1.0, ratio))))
+        # Within the estimate's own error of the server's count, the cap stays the one a dry
+        # run counts requests with; never larger (a server counting 0.8 times ours gains
+        # nothing from larger requests: windows 96.9% at least, against 97.5%).
+        share = self._share * min(1.0, _SHARE_SLACK / ratio)
+        self.max_tokens = max(1, min(self._most, int(share)))
 
     def add(self, chunks: Sequence[Chunk], *, most: int | None = None) -> Iterator[list[Chunk]]:
         """Add chunks in order; yields each request as it fills. ``most``, when the caller

@@ -112,10 +112,12 @@ def test_packing_a_block_at_once_gives_the_requests_of_the_rule_chunk_by_chunk()
 
 def test_calibrate_makes_the_token_cap_the_windows_share_in_the_servers_tokens() -> None:
     packer = Packer(max_items=64, max_tokens=100, share_tokens=100, most_tokens=150)
-    packer.calibrate(2.0)  # the server counts two tokens per one of ours
-    assert packer.max_tokens == 50
+    packer.calibrate(2.3)  # the server counts 2.3 tokens per one of ours
+    assert packer.max_tokens == 50  # 1.15 times the share, as the server counts it
     requests = [*packer.add(_chunks([10] * 12)), *packer.flush()]
     assert [sum(chunk.tokens for chunk in request) for request in requests] == [50, 50, 20]
+    packer.calibrate(1.1)  # within the estimate's error: the cap a dry run counts with
+    assert packer.max_tokens == 100
     packer.calibrate(0.5)  # the server counts fewer: requests no larger than the share
     assert packer.max_tokens == 100
     capped = Packer(max_items=64, max_tokens=100, share_tokens=400, most_tokens=100)

@@ -665,8 +665,8 @@ async def test_a_batch_too_large_halves_the_item_cap(server: LocalServer) -> Non
 async def test_requests_are_the_windows_share_in_the_servers_tokens(
     make_server: MakeServer,
 ) -> None:
-    # A server counting twice the tokens: once its usage says so, requests are packed to half
-    # as many of ours, so that each is still 1/32 of the window as the server counts it.
+    # A server counting twice the tokens: once its usage says so, requests are packed to about
+    # half as many of ours, so that each is still about 1/32 of the window as it counts them.
     server = await make_server(token_factor=2.0)
     rate = RateLimits(rpm=10**6, tpm=2048, window_s=0.25, headroom=0.0)  # 1/32: 64 tokens
     settings = settings_for(server, rate=rate, concurrency=1)
@@ -676,9 +676,11 @@ async def test_requests_are_the_windows_share_in_the_servers_tokens(
         job = Engine(settings, client, stats, None)
         batches = await collect(job.run(SHORT))
     assert_rows(np.concatenate([b.embeddings for b in batches]), M3, SHORT)
-    assert first == 64  # 1/32 of the window, then half of it or less in our tokens
-    assert job.packer.max_tokens <= 32
-    assert job.packer.max_tokens * job.dispatch.sender.calibration.ratio <= 64
+    ratio = job.dispatch.sender.calibration.ratio
+    assert ratio >= 2.0
+    assert first == 64  # 1/32 of the window, then as the server counts it (give or take 15%)
+    assert job.packer.max_tokens < 40
+    assert job.packer.max_tokens * ratio <= 64 * 1.15
 
 
 async def test_a_rate_limited_request_is_retried(server: LocalServer) -> None:
