@@ -15,7 +15,6 @@ import asyncio
 import copy
 import dataclasses
 import logging
-import sys
 from types import TracebackType
 from typing import Self
 
@@ -67,16 +66,12 @@ class RowWriter:
         self._delivery.changed.set()
 
     def fail(self, chunk: Chunk, reason: str, error: SFEmbedError | None = None) -> None:
-        """Settle ``chunk``'s row as failed: NaN, and ``reason`` reported with it, and ``error``
-        (see ``Failure``). Called without one, from the handler of the error that failed the
-        row (as the dispatcher fails a request's rows), that error goes with it, as
-        ``logging.exception`` takes the error being handled."""
+        """Settle ``chunk``'s row as failed: NaN, and ``reason`` reported with it, and ``error``,
+        the error that failed it (see ``Failure``): None for an input refused before any
+        request was made of it (an empty text), whatever error is being handled at the call."""
         # The caller names the record (a job logs its id and line); a position alone is only
         # for debugging, and restarts at 0 in a resumed job.
         log.debug("input %d failed: %s", chunk.position, reason)
-        if error is None:
-            handled = sys.exception()
-            error = handled if isinstance(handled, SFEmbedError) else None
         self._ring.fail(chunk, reason, _detached(error) if error is not None else None)
         self._delivery.changed.set()
 

@@ -307,21 +307,21 @@ class Dispatch:
             return  # left unanswered: the stream ends before these rows
         except _FATAL:
             raise
-        except exc.BatchTooLargeError:
+        except exc.BatchTooLargeError as error:
             self._packer.halve()
-            await self._bisect(request, rows, "the server refused the batch as too large")
+            await self._bisect(request, rows, "the server refused the batch as too large", error)
         except exc.BadRequestError as error:
             await self._narrow(request, rows, error.message or "refused by the server", error)
         except exc.InputError as error:
             if error.item is None:
                 raise  # an option, not an input: no request of this job can be sent
-            await self._drop(request, rows, error.item, error.reason)
+            await self._drop(request, rows, error.item, error)
         except exc.APIError as error:
             if request_wide(error):  # no request can get past it: one error, not one per record
                 raise stopping_error(error) from None
             self._streak.gave_up(error)
             for chunk in request:
-                self._fail(chunk, rows, f"gave up after retries: {error}")
+                self._fail(chunk, rows, f"gave up after retries: {error}", error)
         else:
             self._streak.success()
             # Requests packed from now on are the window's share in the server's tokens.
@@ -365,26 +365,29 @@ class Dispatch:
         for start in range(0, len(halves), cap):
             await self._send(halves[start : start + cap], rows)
 
-    async def _drop(self, request: list[Chunk], rows: RowWriter, index: int, reason: str) -> None:
+    async def _drop(
+        self, request: list[Chunk], rows: RowWriter, index: int, error: exc.InputError
+    ) -> None:
         """The client refused item ``index`` before sending (a content object to a text-only
-        model, say): fail it and send the others."""
-        self._fail(request[index], rows, reason)
+        model, say): fail it with ``error`` and send the others."""
+        self._fail(request[index], rows, error.reason, error)
         rest = request[:index] + request[index + 1 :]
         if rest:
             await self._send(rest, rows)
 
     async def _bisect(
-        self, request: list[Chunk], rows: RowWriter, reason: str, error: exc.APIError | None = None
+        self, request: list[Chunk], rows: RowWriter, reason: str, error: exc.APIError
     ) -> None:
-        """Send each half of a refused request; a lone refused item fails with ``reason``."""
+        """Send each half of a request refused with ``error``; a lone refused item fails with
+        ``reason`` and ``error``."""
         if len(request) > 1:
             left, right = bisect(request)
             await self._send(left, rows)
             await self._send(right, rows)
         else:
-            if error is not None:
+            if isinstance(error, exc.BadRequestError):  # a 413 alone fails, as it always did
                 self._streak.refused(error)  # raises when every request is refused alike
-            self._fail(request[0], rows, reason)
+            self._fail(request[0], rows, reason, error)
 
     def _near_limit(self, chunk: Chunk) -> bool:
         """True for a text over half the per-item limit, which halving can bring under it, and
@@ -397,10 +400,11 @@ class Dispatch:
             not chunk.weight and upper_bound(chunk.item, self.sender.spec) > self.limit
         )
 
-    def _fail(self, chunk: Chunk, rows: RowWriter, reason: str) -> None:
-        rows.fail(chunk, reason)
+    def _fail(self, chunk: Chunk, rows: RowWriter, reason: str, error: exc.SFEmbedError) -> None:
+        """Fail ``chunk``'s row, and those of the repeats waiting for it, with ``error``."""
+        rows.fail(chunk, reason, error)
         for repeat in self.dedup.repeats_of(chunk):
-            rows.fail(repeat, reason)
+            rows.fail(repeat, reason, error)
 
     async def _backoff(self, wait_s: float) -> None:
         """Sleep before a retry, cut short by a stop (the retry then finds the job stopping)."""

@@ -89,10 +89,11 @@ class JobError(SFEmbedError):
 
     ``failures`` lists each one as a ``Failure``: its input ``position``, its ``reason`` in
     words, and its ``error``, the SFEmbedError that failed it, to branch on (for an APIError:
-    ``status``, ``code``, ``trace_id``, ``retryable``; None for an input refused before it was
-    sent, such as an empty text). ``retryable`` is true when every failure is: the same inputs
-    sent again later may all succeed (the server was overloaded, timed out or unreachable past
-    the retries). A JobError pickles whole, failures and their errors included, so it crosses
+    ``status``, ``code``, ``trace_id``, ``retryable``; an InputError for an input the client
+    would not send, such as a text that is not valid Unicode; None for an input refused as it
+    was read, such as an empty text). ``retryable`` is true when every failure is: the same
+    inputs sent again later may all succeed (the server was overloaded, timed out or unreachable
+    past the retries). A JobError pickles whole, failures and their errors included, so it crosses
     to a process pool or a Ray task; neither its message nor any failure holds the API key.
     """
 

@@ -164,9 +164,11 @@ class Failure:
     and trace id). ``error`` is that error, to branch on: an SFEmbedError of the class that
     failed it, and for an APIError its ``status``, ``code``, ``trace_id`` and ``retryable``. It
     is a copy without traceback, cause or context (it holds none of the job's frames, and
-    pickles), and it is None for an input refused before it was sent (an empty text, a line
-    that is not JSON). ``retryable`` is true when the input may be embedded if sent again later
-    (the server was overloaded, timed out or unreachable past the retries).
+    pickles). An input the client would not send (a text that is not valid Unicode, an image
+    for a text-only model) carries that InputError; an input refused as it was read (an empty
+    text, a line that is not JSON) carries None. ``retryable`` is true when the input may be
+    embedded if sent again later (the server was overloaded, timed out or unreachable past the
+    retries).
     """
 
     position: int
