@@ -477,6 +477,8 @@ class _FileJob:
                 await feed.run(checkpoints, cache, stop, on_batch)
                 await disk.drained()  # a failure of the last writes is the job's
                 complete = not summary.stopped
+            except _TableRefused as refused:
+                raise _kept_meanwhile(refused, cache) from None
             finally:
                 disk.close()  # every write handed over done, or skipped after one failed
                 feed.settle()
@@ -505,12 +507,32 @@ class _FileJob:
         )
 
 
+class _TableRefused(ConfigError):
+    """A fresh run's LanceDB table, opened beside its first requests, was refused."""
+
+
 def _open_table(writer: Writer) -> None:
-    """Open and check a LanceDB table its writer was made without opening."""
+    """Open and check a LanceDB table its writer was made without opening. Raises
+    _TableRefused (a ConfigError) as ``LanceWriter.open`` raises ConfigError."""
     from ._lance import LanceWriter  # LanceDB output only
 
     assert isinstance(writer, LanceWriter)
-    writer.open()
+    try:
+        writer.open()
+    except ConfigError as error:
+        raise _TableRefused(str(error)) from None
+
+
+def _kept_meanwhile(refused: _TableRefused, cache: EmbeddingCache | None) -> ConfigError:
+    """The error of a job whose table was refused after its first requests were answered: the
+    vectors received meanwhile are in the cache (a run using it does not pay for them again),
+    deliberately kept, and the error says so."""
+    if cache is None or not cache.stored:
+        return ConfigError(str(refused))
+    return ConfigError(
+        f"{refused}. The {cache.stored:,} vectors received meanwhile are kept in the cache "
+        f"{str(cache.path)!r}: a run using it does not send their texts again"
+    )
 
 
 class _Feed:

@@ -3,7 +3,12 @@ what a stopped job leaves behind, and what a job run again finds."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
+import numpy as np
 import pytest
+from hostile import assert_clean, docs, embed_args, sfembed, snapshot, write_lines
 
 from sfembed import (
     EmbeddingClient,
@@ -16,6 +21,7 @@ from sfembed import (
     load_settings,
 )
 from sfembed._delivery import Delivery
+from sfembed._lance import LanceWriter
 from sfembed._reorder import ReorderBuffer
 from sfembed._streams import ReceiveStream, SendStream, open_stream
 from sfembed._types import Chunk, EmbeddedBatch
@@ -66,3 +72,38 @@ async def test_an_input_the_client_would_not_send_carries_its_input_error(
     assert failure.error.__traceback__ is None
     assert not failure.retryable
     assert not raised.value.retryable
+
+
+async def test_a_table_refused_after_answers_says_the_cache_keeps_them_and_a_rerun_uses_them(
+    server: LocalServer, tmp_path: Path
+) -> None:
+    # The table is opened beside the first requests: by the time its shape is refused, answers
+    # have come. The one file the job leaves is the cache that holds them, and the error says
+    # so; a run into another table of the same folder sends none of those texts again.
+    out = tmp_path / "db" / "vectors.lance"
+    with LanceWriter(out, dims=4) as writer:
+        writer.write(["a"], EmbeddedBatch(np.arange(1), np.ones((1, 4), np.float32)))
+    source = write_lines(tmp_path / "in.jsonl", docs(120))
+    before = snapshot(out.parent)
+
+    refused = await sfembed(*embed_args(server.url, source, out, "--model", M3))
+
+    assert refused.code == 2, refused.err
+    assert "has columns id, vector, error with vectors of 4 dims" in refused.err
+    assert_clean(refused)
+    after = snapshot(out.parent)
+    cache = out.parent / "sfembed-cache.sqlite"
+    assert set(after) - set(before) == {cache.name, cache.name + "-vectors"}
+    assert {name: after[name] for name in before} == before
+    kept = re.search(
+        r"The (\d+) vectors received meanwhile are kept in the cache '(.+?)'", refused.err
+    )
+    assert kept is not None, refused.err
+    assert kept[2] == str(cache)
+    sent = server.stats.requests
+    assert 0 < int(kept[1]) <= 120
+
+    done = await sfembed(*embed_args(server.url, source, out.parent / "m3.lance", "--model", M3))
+    assert done.code == 0, done.err
+    again = server.stats.requests - sent
+    assert again < sent  # the kept vectors were not paid for twice
