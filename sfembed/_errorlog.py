@@ -46,6 +46,7 @@ class ErrorLog:
         self.path = path
         self.reasons = reasons if reasons is not None else Counter()
         self._file: IO[bytes] | None = None
+        self._closed_length: int | None = None  # the length it was closed at, made durable
         if resume_length:
             self._file = reopen_at(path, resume_length)
             self._count_earlier(resume_length)
@@ -73,7 +74,11 @@ class ErrorLog:
 
     def __exit__(self, *exc_info: object) -> None:
         if self._file is not None:
-            self._file.close()
+            try:
+                if exc_info[0] is None:  # a Parquet job saves once its files are closed
+                    self._closed_length = self.commit()
+            finally:
+                self._file.close()
 
     def write(self, batch: EmbeddedBatch, where: list[Place], *, with_source: bool) -> int:
         """Log the failures of ``batch``, whose row i is the record ``where[i]``, by its id and
@@ -107,6 +112,10 @@ class ErrorLog:
         """Make the entries written so far durable; returns the file's length in bytes."""
         if self._file is None:
             return 0
+        if self._file.closed:
+            if self._closed_length is None:
+                raise ValueError("the errors file was closed by a failed job: nothing to commit")
+            return self._closed_length
         self._file.flush()
         os.fsync(self._file.fileno())
         return self._file.tell()
