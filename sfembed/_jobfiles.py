@@ -3,9 +3,9 @@
 A job reads its input(s) and writes an output, for ``.npy`` an id sidecar, an errors file and a
 manifest, and it may keep a cache. Before anything is written the paths are checked: no two of
 them may be one file (by resolved path, and by device and inode, so hard and symbolic links
-count), an existing output must be a regular file, and an existing errors file must be one the
-earlier run of this output wrote (its manifest names it). Nothing else is ever truncated,
-replaced or removed.
+count), an existing output (and id sidecar) must be a regular file an earlier run wrote (a
+manifest lies beside it), and an existing errors file must be one the earlier run of this output
+wrote (its manifest names it). Nothing else is ever truncated, replaced or removed.
 
 A run that starts afresh writes beside the earlier run's files, under hidden names
 (``.out.npy.sfembed-new``), and moves them into place at its first checkpoint that holds an
@@ -135,10 +135,18 @@ class JobFiles:
                 _check_kind(role, path)
 
     def check_owned(self, earlier: Manifest | None) -> None:
-        """Raise ConfigError when an errors file exists that the earlier run of this output
-        (``earlier`` is its manifest, if any) did not write, or a file at the report's path that
-        is not a run report: they are the user's, and stay."""
+        """Raise ConfigError when an output, id sidecar or errors file exists that the earlier
+        run of this output (``earlier`` is its manifest, if any) did not write, or a file at the
+        report's path that is not a run report: they are the user's, and stay."""
         self.check_report()
+        if not self.table and earlier is None and not self.manifest.exists():
+            # No manifest (not even one past reading) vouches for these: not this output's.
+            for role, path in (("output", self.output), ("id sidecar", self.ids)):
+                if path is not None and path.exists():
+                    raise ConfigError(
+                        f"the {role} {str(path)!r} exists and no earlier sfembed run wrote it "
+                        "(there is no manifest beside it): move it away or choose another --out"
+                    )
         named = earlier.settings.get("errors file") if earlier is not None else None
         if self.errors.exists() and named != os.path.abspath(self.errors):
             raise ConfigError(

@@ -42,3 +42,40 @@ def test_a_bad_line_in_a_parquet_job_is_listed_and_the_others_are_written(
     errors = (tmp_path / "out.parquet.errors.jsonl").read_bytes().splitlines()
     assert [orjson.loads(e)["line"] for e in errors] == [3]
     assert "failed: see" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("out_name", "foreign_name"),
+    [("o.npy", "o.npy"), ("o.npy", "o.ids.jsonl"), ("o.jsonl", "o.jsonl")],
+)
+def test_an_existing_output_no_run_wrote_is_refused_and_kept(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], out_name: str, foreign_name: str
+) -> None:
+    source = _jsonl(tmp_path / "in.jsonl", _docs(3))
+    foreign = tmp_path / foreign_name
+    foreign.write_bytes(b"the user's own file\n")
+    assert _embed(str(source), "--out", str(tmp_path / out_name)) == 2
+    assert foreign.read_bytes() == b"the user's own file\n"
+    err = capsys.readouterr().err
+    assert f"{foreign_name}' exists and no earlier sfembed run wrote it" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["in.jsonl", foreign_name])
+
+
+def test_a_symlink_out_to_a_file_no_run_wrote_is_refused_and_both_kept(tmp_path: Path) -> None:
+    source = _jsonl(tmp_path / "in.jsonl", _docs(3))
+    foreign = tmp_path / "theirs.npy"
+    foreign.write_bytes(b"the user's own file\n")
+    link = tmp_path / "o.npy"
+    link.symlink_to(foreign.name)
+    assert _embed(str(source), "--out", str(link)) == 2
+    assert foreign.read_bytes() == b"the user's own file\n"
+    assert link.is_symlink()
+
+
+def test_a_rerun_replaces_the_output_its_earlier_run_wrote(tmp_path: Path) -> None:
+    source = _jsonl(tmp_path / "in.jsonl", _docs(3))
+    out = tmp_path / "o.npy"
+    assert _embed(str(source), "--out", str(out)) == 0
+    _jsonl(source, _docs(4))
+    assert _embed(str(source), "--out", str(out)) == 0
+    assert len((tmp_path / "o.ids.jsonl").read_bytes().splitlines()) == 4

@@ -41,6 +41,7 @@ from sfembed import (
 from sfembed import _job as job_module
 from sfembed._diskthread import DiskThread
 from sfembed._job import JobSummary, run_job
+from sfembed._jobfiles import staged_path
 from sfembed._manifest import Manifest, load_manifest, manifest_path_for
 from sfembed._writers import Committed, NpyWriter, ids_path_for, open_writer
 from sfembed.testing import Faults, LocalServer, count_tokens, synthetic_corpus
@@ -552,8 +553,9 @@ async def test_resume_without_a_manifest_starts_over_and_a_complete_job_sends_no
     expected = await reference(server, source, tmp_path / "ref" / "out.npy", settings_for(server))
     out = tmp_path / "job" / "out.npy"
     out.parent.mkdir()
-    out.write_bytes(b"left over from some other run")  # no manifest: not a job to continue
-    ids_path_for(out).write_bytes(b'{"row": 0, "id": "stale"}\n')
+    # Left by a run killed before its first checkpoint; no manifest: not a job to continue.
+    staged_path(out).write_bytes(b"left over from some other run")
+    staged_path(ids_path_for(out)).write_bytes(b'{"row": 0, "id": "stale"}\n')
 
     first = await cli(server, source, out, "--resume")
 
