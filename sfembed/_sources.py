@@ -906,9 +906,26 @@ def _tsv_records(stream: IO[bytes], fields: _Fields, limit: int) -> Generator[Re
             elif not text:
                 yield _unusable(line, "blank line", fields)
             else:
-                yield _from_value(dict(zip(header, text.split("\t"), strict=False)), line, fields)
+                yield _table_record(header, text.split("\t"), line, fields, _TAB_ADVICE)
     except _damage_types() as exc:
         yield _damaged(fields, line, exc)
+
+
+_COMMA_ADVICE = "a text holding a comma must be quoted"
+_TAB_ADVICE = "a tab inside a text cannot be told from the next field"
+
+
+def _table_record(
+    header: list[str], row: list[str], line: int, fields: _Fields, advice: str
+) -> Record:
+    """The record of a CSV or TSV row. A row with more fields than the header (an unquoted
+    comma, a tab in a text) fails: the text read would be cut short. Empty extra fields (a
+    trailing delimiter) are no loss."""
+    record = _from_value(dict(zip(header, row, strict=False)), line, fields)
+    if len(row) > len(header) and any(extra.strip() for extra in row[len(header) :]):
+        why = f"{len(row)} fields, {len(header)} in the header: {advice}"
+        return Record(record.id, None, line, why, fields.source, record.kept)
+    return record
 
 
 def _header_read(read: Callable[[], Any], fields: _Fields) -> Any:
@@ -1091,7 +1108,7 @@ def _csv_records(stream: IO[bytes], fields: _Fields, limit: int) -> Generator[Re
             elif not row:
                 yield _unusable(line, "blank line", fields)
             else:
-                yield _from_value(dict(zip(header, row, strict=False)), line, fields)
+                yield _table_record(header, row, line, fields, _COMMA_ADVICE)
     except _damage_types() as exc:
         yield _damaged(fields, line, exc)
 

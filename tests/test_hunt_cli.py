@@ -79,3 +79,37 @@ def test_a_rerun_replaces_the_output_its_earlier_run_wrote(tmp_path: Path) -> No
     _jsonl(source, _docs(4))
     assert _embed(str(source), "--out", str(out)) == 0
     assert len((tmp_path / "o.ids.jsonl").read_bytes().splitlines()) == 4
+
+
+@pytest.mark.parametrize(
+    ("name", "body", "why"),
+    [
+        ("in.csv", b"id,text\na,one\nb,hello, world\nc,three\n", "comma"),
+        ("in.tsv", b"id\ttext\na\tone\nb\thello\tworld\nc\tthree\n", "tab"),
+    ],
+)
+def test_a_row_with_more_fields_than_the_header_is_an_error_not_a_cut_text(
+    tmp_path: Path, name: str, body: bytes, why: str
+) -> None:
+    source = tmp_path / name
+    source.write_bytes(body)
+    out = tmp_path / "o.jsonl"
+    assert _embed(str(source), "--out", str(out)) == 1
+    rows = [orjson.loads(line) for line in out.read_bytes().splitlines()]
+    assert [(r["id"], r["embedding"] is None) for r in rows] == [
+        ("a", False),
+        ("b", True),
+        ("c", False),
+    ]
+    (error,) = [
+        orjson.loads(e) for e in (tmp_path / "o.jsonl.errors.jsonl").read_bytes().splitlines()
+    ]
+    assert (error["id"], error["line"]) == ("b", 3)
+    assert "3 fields, 2 in the header" in error["reason"]
+    assert why in error["reason"]
+
+
+def test_a_trailing_empty_field_is_no_error(tmp_path: Path) -> None:
+    source = tmp_path / "in.csv"
+    source.write_bytes(b"id,text\na,one,\nb,two, \n")
+    assert _embed(str(source), "--out", str(tmp_path / "o.jsonl")) == 0
