@@ -256,19 +256,31 @@ def _expand(name: str, format: str | None) -> list[str]:
 
 def _folder(folder: str, format: str | None) -> list[str]:
     """A folder's input files. Others (without a known suffix) are skipped, and said so."""
-    files, skipped = [], []
+    files, skipped, folders = [], [], []
     for entry in sorted(os.scandir(folder), key=lambda entry: entry.name):
-        if entry.name.startswith((".", "_")) or entry.is_dir():
+        if entry.name.startswith((".", "_")):
             continue
-        if format is None and _suffix_format(Path(entry.name)) is None:
+        if entry.is_dir():
+            folders.append(entry.name)
+        elif format is None and _suffix_format(Path(entry.name)) is None:
             skipped.append(entry.name)
         else:
             files.append(os.path.join(folder, entry.name))
     if skipped:
         log.warning("input folder %s: skipped %s (no input suffix)", folder, ", ".join(skipped))
+    unread = f"; its subfolders ({', '.join(folders)}) are not read" if folders else ""
     if not files:
         known = ", ".join(_BY_SUFFIX)
-        raise ConfigError(f"input folder {folder!r} holds no input file (known suffixes: {known})")
+        raise ConfigError(
+            f"input folder {folder!r} holds no input file (known suffixes: {known}){unread}"
+        )
+    if folders:  # a folder's files are read, not its tree: said, as nothing may go unread unsaid
+        log.warning(
+            "input folder %s: skipped the subfolder(s) %s: name them as inputs too, or a glob "
+            "with ** to read a tree",
+            folder,
+            ", ".join(folders),
+        )
     return files
 
 

@@ -113,3 +113,17 @@ def test_a_trailing_empty_field_is_no_error(tmp_path: Path) -> None:
     source = tmp_path / "in.csv"
     source.write_bytes(b"id,text\na,one,\nb,two, \n")
     assert _embed(str(source), "--out", str(tmp_path / "o.jsonl")) == 0
+
+
+def test_the_subfolders_a_folder_input_does_not_read_are_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = tmp_path / "shards"
+    (folder / "2025").mkdir(parents=True)
+    _jsonl(folder / "a.jsonl", _docs(2))
+    _jsonl(folder / "2025" / "b.jsonl", _docs(2))
+    assert _embed(str(folder), "--out", str(tmp_path / "o.jsonl")) == 0
+    assert "skipped the subfolder(s) 2025" in caplog.text
+    (folder / "a.jsonl").unlink()
+    assert _embed(str(folder), "--out", str(tmp_path / "o.jsonl")) == 2
+    assert "its subfolders (2025) are not read" in capsys.readouterr().err
