@@ -31,6 +31,8 @@ from ._options import overrides, replaced
 # should not load the client, the local server or the cache, and a job should reach its first
 # request without paying for what only a later moment of it needs.
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from ._client import EmbeddingClient
     from ._job import JobSummary
     from ._quota import SharedLimiter
@@ -347,11 +349,44 @@ async def show_report(args: argparse.Namespace) -> int:
     from ._report import load_report, plot_report, report_table
 
     report = load_report(args.report)
-    print(report_table(report))
     if args.plot:
-        plot_report(report, args.plot)
+        _check_plot_path(Path(args.report), Path(args.plot))
+    with _damaged_report(args.report):
+        table = report_table(report)
+    print(table)
+    if args.plot:
+        with _damaged_report(args.report):
+            plot_report(report, args.plot)
         print(f"plot written to {args.plot}")
     return EXIT_OK
+
+
+def _check_plot_path(report: Path, plot: Path) -> None:
+    """Raise ConfigError when ``plot`` is the report, or a file that is not a PNG: the user's."""
+    with contextlib.suppress(OSError):  # a plot that cannot be written says so when written
+        if plot.exists() and os.path.samefile(report, plot):
+            raise ConfigError(f"--plot {str(plot)!r} is the report itself: name a .png file")
+        if plot.is_file():
+            with open(plot, "rb") as file:
+                if file.read(8) != b"\x89PNG\r\n\x1a\n":
+                    raise ConfigError(
+                        f"--plot {str(plot)!r} exists and is not a PNG: refusing to write over "
+                        "it; name another file"
+                    )
+
+
+@contextlib.contextmanager
+def _damaged_report(path: str) -> Iterator[None]:
+    """Turn a report whose fields are missing or of the wrong kind into one ConfigError."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (KeyError, TypeError, ValueError, ArithmeticError, AttributeError) as error:
+        what = f"{type(error).__name__}: {error}"
+        raise ConfigError(
+            f"{path!r} is a damaged run report ({what}): run the job again with --report"
+        ) from None
 
 
 async def serve(args: argparse.Namespace) -> int:

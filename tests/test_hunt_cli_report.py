@@ -1,0 +1,70 @@
+"""`sfembed report` on odd input: a damaged report, a plot path that is someone else's file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from sfembed._cli import main
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A run report a real job wrote."""
+    folder = tmp_path_factory.mktemp("report")
+    source = folder / "in.jsonl"
+    source.write_bytes(b'{"id": "a", "text": "one"}\n{"id": "b", "text": ""}\n')
+    flags = ["--local", "--no-progress", "--no-cache", "--report", str(folder / "run.json")]
+    assert main(["embed", str(source), "--out", str(folder / "o.npy"), *flags]) == 1
+    loaded: dict[str, Any] = orjson.loads((folder / "run.json").read_bytes())
+    return loaded
+
+
+def _damaged(report: dict[str, Any], how: str) -> dict[str, Any]:
+    damaged = dict(report)
+    if how == "no limits":
+        del damaged["limits"]
+    elif how == "windows null":
+        damaged["windows"] = None
+    elif how == "records a text":
+        damaged["records"] = "many"
+    else:
+        damaged["limits"] = {**report["limits"], "tpm": 0}
+    return damaged
+
+
+@pytest.mark.parametrize("how", ["no limits", "windows null", "records a text", "tpm 0"])
+def test_a_damaged_report_is_refused_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], report: dict[str, Any], how: str
+) -> None:
+    path = tmp_path / "run.json"
+    path.write_bytes(orjson.dumps(_damaged(report, how)))
+    assert main(["report", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"sfembed: error: {str(path)!r} is a damaged run report")
+    assert err.count("\n") == 1
+
+
+def test_a_plot_over_the_report_itself_is_refused_and_the_report_kept(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], report: dict[str, Any]
+) -> None:
+    path = tmp_path / "run.json"
+    path.write_bytes(orjson.dumps(report))
+    assert main(["report", str(path), "--plot", str(path)]) == 2
+    assert orjson.loads(path.read_bytes()) == report
+    assert "is the report itself" in capsys.readouterr().err
+
+
+def test_a_plot_over_a_file_that_is_not_a_png_is_refused_and_kept(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], report: dict[str, Any]
+) -> None:
+    path = tmp_path / "run.json"
+    path.write_bytes(orjson.dumps(report))
+    notes = tmp_path / "notes.txt"
+    notes.write_bytes(b"mine\n")
+    assert main(["report", str(path), "--plot", str(notes)]) == 2
+    assert notes.read_bytes() == b"mine\n"
+    assert "exists and is not a PNG" in capsys.readouterr().err
