@@ -11,6 +11,7 @@ import aiohttp
 import numpy as np
 import orjson
 import pytest
+from hostile import MakeServer
 
 from sfembed._exceptions import ConfigError
 from sfembed._models import DEFAULT_CATALOG
@@ -101,7 +102,9 @@ def words(count: int, start: int = 0) -> list[str]:
 # --- success ----------------------------------------------------------------------------------
 
 
-async def test_success_shape_usage_and_shuffled_indices(server, http):
+async def test_success_shape_usage_and_shuffled_indices(
+    server: LocalServer, http: aiohttp.ClientSession
+) -> None:
     items = ["hello world", "中文文本", "x"]
     reply = await post(http, server, {"model": BGE, "input": items})
     assert reply.status == 200
@@ -120,7 +123,9 @@ async def test_success_shape_usage_and_shuffled_indices(server, http):
     np.testing.assert_allclose(np.linalg.norm(expected, axis=1), 1.0, rtol=1e-6)
 
 
-async def test_base64_equals_float_exactly(server, http):
+async def test_base64_equals_float_exactly(
+    server: LocalServer, http: aiohttp.ClientSession
+) -> None:
     items = [f"document number {i}" for i in range(64)]
     as_float = await post(http, server, {"model": BGE, "input": items})
     as_b64 = await post(http, server, {"model": BGE, "input": items, "encoding_format": "base64"})
@@ -129,7 +134,9 @@ async def test_base64_equals_float_exactly(server, http):
     np.testing.assert_array_equal(vectors(as_float), vectors(as_b64))
 
 
-async def test_vectors_are_deterministic_and_distinct(server, http):
+async def test_vectors_are_deterministic_and_distinct(
+    server: LocalServer, http: aiohttp.ClientSession
+) -> None:
     first = vectors(await post(http, server, {"model": BGE, "input": ["a", "b", "a"]}))
     again = vectors(await post(http, server, {"model": BGE, "input": "a"}))
     np.testing.assert_array_equal(first[0], first[2])
@@ -139,7 +146,7 @@ async def test_vectors_are_deterministic_and_distinct(server, http):
     assert not np.array_equal(first[0], other_model)
 
 
-async def test_token_id_lists(server, http):
+async def test_token_id_lists(server: LocalServer, http: aiohttp.ClientSession) -> None:
     single = await post(http, server, {"model": BGE, "input": [5, 6, 7]})
     assert len(single.json()["data"]) == 1
     assert single.json()["usage"]["total_tokens"] == 3 + 2
@@ -149,7 +156,7 @@ async def test_token_id_lists(server, http):
     np.testing.assert_array_equal(vectors(several)[1], expected_embedding(BGE, [8]))
 
 
-async def test_dimensions(server, http):
+async def test_dimensions(server: LocalServer, http: aiohttp.ClientSession) -> None:
     default = await post(http, server, {"model": QWEN, "input": "hi"})
     assert vectors(default).shape == (1, 1024)
     small = await post(http, server, {"model": QWEN, "input": "hi", "dimensions": 256})
@@ -157,11 +164,18 @@ async def test_dimensions(server, http):
     np.testing.assert_array_equal(vectors(small)[0], expected_embedding(QWEN, "hi", dimensions=256))
 
 
-async def test_vl_model_takes_images_text_objects_and_mixed_lists(server, http):
+async def test_vl_model_takes_images_text_objects_and_mixed_lists(
+    server: LocalServer, http: aiohttp.ClientSession
+) -> None:
     image = "https://example.com/cat.jpg"
     raw = base64.b64encode(b"\x89PNG fake").decode()
     data_uri = "data:image/png;base64," + raw
-    items = ["a caption", {"text": "a caption"}, {"image": image}, {"image": data_uri}]
+    items: list[str | dict[str, str]] = [
+        "a caption",
+        {"text": "a caption"},
+        {"image": image},
+        {"image": data_uri},
+    ]
     items.append({"image": raw})
     reply = await post(http, server, {"model": VL, "input": items, "dimensions": 64})
     assert reply.status == 200
@@ -195,19 +209,19 @@ async def test_vl_model_takes_images_text_objects_and_mixed_lists(server, http):
         ("emoji 😀😀", 3),
     ],
 )
-def test_count_tokens(text, tokens):
+def test_count_tokens(text: str, tokens: int) -> None:
     spec = DEFAULT_CATALOG[BGE]
     assert count_tokens(text, spec) == tokens + spec.special_tokens
 
 
-def test_the_token_class_table_classifies_every_bmp_point_as_one_at_a_time():
+def test_the_token_class_table_classifies_every_bmp_point_as_one_at_a_time() -> None:
     # The table is filled in bulk as points are met; the rule is ``_classify``.
     table = tokenizer._bmp_classes(np.arange(0x10000, dtype=np.uint32))
     one_by_one = [tokenizer._classify(code) for code in range(0x10000)]
     assert table.tolist() == one_by_one
 
 
-def test_count_tokens_rejects_what_the_server_rejects():
+def test_count_tokens_rejects_what_the_server_rejects() -> None:
     with pytest.raises(ValueError, match="empty"):
         count_tokens("", DEFAULT_CATALOG[BGE])
     with pytest.raises(ValueError, match="content objects"):
@@ -215,7 +229,9 @@ def test_count_tokens_rejects_what_the_server_rejects():
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
-async def test_truncate_keeps_the_limit_and_the_right_end(server, http, side):
+async def test_truncate_keeps_the_limit_and_the_right_end(
+    server: LocalServer, http: aiohttp.ClientSession, side: str
+) -> None:
     limit = DEFAULT_CATALOG[BGE_EN].max_input_tokens
     keep = limit - DEFAULT_CATALOG[BGE_EN].special_tokens
     vocabulary = words(600)
@@ -233,7 +249,7 @@ async def test_truncate_keeps_the_limit_and_the_right_end(server, http, side):
     np.testing.assert_array_equal(got, expected_embedding(BGE_EN, text, truncate=side))
 
 
-async def test_truncate_token_ids(server, http):
+async def test_truncate_token_ids(server: LocalServer, http: aiohttp.ClientSession) -> None:
     ids = list(range(1, 601))
     reply = await post(http, server, {"model": BGE_EN, "input": [ids], "truncate": "left"})
     assert reply.json()["usage"]["total_tokens"] == 512
@@ -273,18 +289,22 @@ async def test_truncate_token_ids(server, http):
         b"{not json",
     ],
 )
-async def test_invalid_parameters_get_20015(server, http, body):
+async def test_invalid_parameters_get_20015(
+    server: LocalServer, http: aiohttp.ClientSession, body: Any
+) -> None:
     reply = await post(http, server, body)
     assert (reply.status, reply.json()) == (400, INVALID)
     assert reply.headers["Content-Type"].startswith("application/json")
 
 
-async def test_unknown_model_gets_20012(server, http):
+async def test_unknown_model_gets_20012(server: LocalServer, http: aiohttp.ClientSession) -> None:
     reply = await post(http, server, {"model": "Org/nope", "input": "x"})
     assert (reply.status, reply.json()) == (400, NO_MODEL)
 
 
-async def test_batch_too_large_gets_413(make_server, http):
+async def test_batch_too_large_gets_413(
+    make_server: MakeServer, http: aiohttp.ClientSession
+) -> None:
     server = await make_server(max_batch_items=8)
     reply = await post(http, server, {"model": BGE, "input": ["x"] * 9})
     message = "input batch size 9 > maximum allowed batch size 8"
@@ -295,7 +315,9 @@ async def test_batch_too_large_gets_413(make_server, http):
 @pytest.mark.parametrize(
     "key", [None, "", "sk-wrong", "Basic sk-local-test"], ids=["none", "empty", "wrong", "basic"]
 )
-async def test_bad_key_gets_401(server, http, key):
+async def test_bad_key_gets_401(
+    server: LocalServer, http: aiohttp.ClientSession, key: str | None
+) -> None:
     headers = {} if key is None else {"Authorization": key if " " in key else f"Bearer {key}"}
     body = orjson.dumps({"model": BGE, "input": "x"})
     async with http.post(server.url + "/embeddings", data=body, headers=headers) as resp:
@@ -303,14 +325,18 @@ async def test_bad_key_gets_401(server, http, key):
         assert orjson.loads(await resp.read()) == "Invalid token"
 
 
-async def test_any_key_when_api_key_is_none(make_server, http):
+async def test_any_key_when_api_key_is_none(
+    make_server: MakeServer, http: aiohttp.ClientSession
+) -> None:
     server = await make_server(api_key=None)
     assert (await post(http, server, {"model": BGE, "input": "x"}, key="anything")).status == 200
     assert (await post(http, server, {"model": BGE, "input": "x"}, key=None)).status == 401
 
 
 @pytest.mark.parametrize(("method", "path"), [("POST", "/chat"), ("GET", "/embeddings")])
-async def test_other_paths_get_404_plain_text(server, http, method, path):
+async def test_other_paths_get_404_plain_text(
+    server: LocalServer, http: aiohttp.ClientSession, method: str, path: str
+) -> None:
     async with http.request(method, server.url + path) as resp:
         assert resp.status == 404
         assert resp.headers["Content-Type"].startswith("text/plain")
@@ -318,7 +344,9 @@ async def test_other_paths_get_404_plain_text(server, http, method, path):
         assert resp.headers[TRACE_HEADER]
 
 
-async def test_every_answer_has_a_unique_trace_id(server, http):
+async def test_every_answer_has_a_unique_trace_id(
+    server: LocalServer, http: aiohttp.ClientSession
+) -> None:
     replies = [
         await post(http, server, {"model": BGE, "input": "x"}),
         await post(http, server, {"model": BGE, "input": ""}),
@@ -333,7 +361,7 @@ async def test_every_answer_has_a_unique_trace_id(server, http):
 # --- rate limits --------------------------------------------------------------------------------
 
 
-async def test_rpm_limit_per_model(make_server, http):
+async def test_rpm_limit_per_model(make_server: MakeServer, http: aiohttp.ClientSession) -> None:
     server = await make_server(limits={BGE: ModelLimits(rpm=2)})
     statuses = [(await post(http, server, {"model": BGE, "input": "x"})).status for _ in range(3)]
     assert statuses == [200, 200, 429]
@@ -345,7 +373,9 @@ async def test_rpm_limit_per_model(make_server, http):
     assert len(server.stats.accepted) == 3  # two of BGE, one of QWEN
 
 
-async def test_tpm_limit_counts_accepted_tokens_only(make_server, http):
+async def test_tpm_limit_counts_accepted_tokens_only(
+    make_server: MakeServer, http: aiohttp.ClientSession
+) -> None:
     server = await make_server(default_limits=ModelLimits(tpm=10))
     six = {"model": BGE, "input": "aaaa bbbb cccc dddd"}  # 4 + 2 special
     four = {"model": BGE, "input": "aaaa bbbb"}  # 2 + 2 special
@@ -359,7 +389,7 @@ async def test_tpm_limit_counts_accepted_tokens_only(make_server, http):
     assert [tokens for _, tokens in server.stats.accepted] == [6, 4]
 
 
-async def test_window_expiry(make_server, http):
+async def test_window_expiry(make_server: MakeServer, http: aiohttp.ClientSession) -> None:
     server = await make_server(default_limits=ModelLimits(rpm=1), window_s=0.2)
     body = {"model": BGE, "input": "x"}
     assert (await post(http, server, body)).status == 200
@@ -368,7 +398,9 @@ async def test_window_expiry(make_server, http):
     assert (await post(http, server, body)).status == 200
 
 
-async def test_retry_after_on_429_and_503(make_server, http):
+async def test_retry_after_on_429_and_503(
+    make_server: MakeServer, http: aiohttp.ClientSession
+) -> None:
     server = await make_server(default_limits=ModelLimits(rpm=1), faults=Faults(retry_after_s=1.5))
     body = {"model": BGE, "input": "x"}
     assert "Retry-After" not in (await post(http, server, body)).headers
@@ -381,7 +413,9 @@ async def test_retry_after_on_429_and_503(make_server, http):
 # --- faults -------------------------------------------------------------------------------------
 
 
-async def test_random_faults_replay_with_their_seed(make_server, http):
+async def test_random_faults_replay_with_their_seed(
+    make_server: MakeServer, http: aiohttp.ClientSession
+) -> None:
     faults = Faults(rate_503=0.3, rate_504=0.2, seed=7)
     runs = []
     for _ in range(2):
@@ -392,7 +426,9 @@ async def test_random_faults_replay_with_their_seed(make_server, http):
     assert {200, 503, 504} <= set(runs[0])
 
 
-async def test_fault_bodies_and_faults_spare_the_quota(make_server, http):
+async def test_fault_bodies_and_faults_spare_the_quota(
+    make_server: MakeServer, http: aiohttp.ClientSession
+) -> None:
     server = await make_server(
         default_limits=ModelLimits(rpm=1), faults=Faults(rate_503=1.0, seed=1)
     )
@@ -406,7 +442,7 @@ async def test_fault_bodies_and_faults_spare_the_quota(make_server, http):
     assert (await post(http, server, body)).status == 200  # quota untouched by the faults
 
 
-async def test_reset_is_a_connection_error(make_server):
+async def test_reset_is_a_connection_error(make_server: MakeServer) -> None:
     server = await make_server(faults=Faults(rate_reset=1.0))
     async with aiohttp.ClientSession() as http:
         with pytest.raises((aiohttp.ClientPayloadError, aiohttp.ClientConnectionError)):
@@ -415,7 +451,9 @@ async def test_reset_is_a_connection_error(make_server):
     assert server.stats.by_status == {}
 
 
-async def test_stall_outlasts_a_read_timeout(make_server, http):
+async def test_stall_outlasts_a_read_timeout(
+    make_server: MakeServer, http: aiohttp.ClientSession
+) -> None:
     server = await make_server(faults=Faults(rate_stall=1.0, stall_s=0.5))
     timeout = aiohttp.ClientTimeout(sock_read=0.1)
     with pytest.raises(asyncio.TimeoutError):
@@ -426,7 +464,9 @@ async def test_stall_outlasts_a_read_timeout(make_server, http):
     assert server.stats.by_status == {}
 
 
-async def test_model_time_grows_with_tokens_and_follows_admission(make_server, http):
+async def test_model_time_grows_with_tokens_and_follows_admission(
+    make_server: MakeServer, http: aiohttp.ClientSession
+) -> None:
     # 1,000 s per 1,000 tokens: a 3-token request is still being "embedded" at the read timeout,
     # but it was admitted (and charged) on arrival, as the provider's limits act.
     server = await make_server(faults=Faults(latency_per_1k_tokens_s=1000.0))
@@ -440,12 +480,15 @@ async def test_model_time_grows_with_tokens_and_follows_admission(make_server, h
 
 
 @pytest.mark.parametrize("field", ["latency_s", "latency_per_1k_tokens_s"])
-def test_negative_latency_is_refused(field):
+def test_negative_latency_is_refused(field: str) -> None:
+    options: dict[str, Any] = {field: -0.1}
     with pytest.raises(ValueError, match="latencies"):
-        Faults(**{field: -0.1})
+        Faults(**options)
 
 
-async def test_injected_stall_then_a_normal_answer(make_server, http):
+async def test_injected_stall_then_a_normal_answer(
+    make_server: MakeServer, http: aiohttp.ClientSession
+) -> None:
     server = await make_server(faults=Faults(stall_s=0.1))
     server.inject("stall")
     reply = await post(http, server, {"model": BGE, "input": "x"})
@@ -474,7 +517,9 @@ async def test_injected_stall_then_a_normal_answer(make_server, http):
         ),
     ],
 )
-async def test_inject_json_answers(server, http, kind, status, body):
+async def test_inject_json_answers(
+    server: LocalServer, http: aiohttp.ClientSession, kind: str, status: int, body: Any
+) -> None:
     server.inject(kind)
     reply = await post(http, server, {"model": BGE, "input": ["a", "b"]})
     assert (reply.status, reply.json()) == (status, body)
@@ -485,14 +530,16 @@ async def test_inject_json_answers(server, http, kind, status, body):
     ("kind", "status", "raw"),
     [("404", 404, b"404 page not found"), ("504", 504, b"upstream request timeout")],
 )
-async def test_inject_plain_text_answers(server, http, kind, status, raw):
+async def test_inject_plain_text_answers(
+    server: LocalServer, http: aiohttp.ClientSession, kind: str, status: int, raw: bytes
+) -> None:
     server.inject(kind)
     reply = await post(http, server, {"model": BGE, "input": "a"})
     assert (reply.status, reply.raw) == (status, raw)
     assert reply.headers["Content-Type"].startswith("text/plain")
 
 
-async def test_inject_broken_200s(server, http):
+async def test_inject_broken_200s(server: LocalServer, http: aiohttp.ClientSession) -> None:
     server.inject("bad-json")
     server.inject("no-data")
     bad = await post(http, server, {"model": BGE, "input": "a"})
@@ -505,7 +552,9 @@ async def test_inject_broken_200s(server, http):
     assert missing.json()["model"] == BGE
 
 
-async def test_inject_is_queued_and_takes_precedence(make_server, http):
+async def test_inject_is_queued_and_takes_precedence(
+    make_server: MakeServer, http: aiohttp.ClientSession
+) -> None:
     server = await make_server(faults=Faults(rate_504=1.0))
     server.inject("503", count=2)
     server.inject("reset")
@@ -517,12 +566,12 @@ async def test_inject_is_queued_and_takes_precedence(make_server, http):
     assert statuses == [503, 503, 504]
 
 
-def test_inject_rejects_unknown_kinds(server):
+def test_inject_rejects_unknown_kinds(server: LocalServer) -> None:
     with pytest.raises(ValueError, match="unknown fault"):
         server.inject("418")
 
 
-async def test_max_in_flight(make_server):
+async def test_max_in_flight(make_server: MakeServer) -> None:
     server = await make_server(faults=Faults(max_in_flight=2, latency_s=0.3))
     async with aiohttp.ClientSession() as http:
         body = {"model": BGE, "input": "a"}
@@ -536,7 +585,7 @@ async def test_max_in_flight(make_server):
 # --- lifecycle ----------------------------------------------------------------------------------
 
 
-async def test_restart_comes_back_on_the_same_port(make_server):
+async def test_restart_comes_back_on_the_same_port(make_server: MakeServer) -> None:
     server = await make_server()
     url = server.url
     body = {"model": BGE, "input": "a"}
@@ -553,7 +602,7 @@ async def test_restart_comes_back_on_the_same_port(make_server):
         assert (await post(http, server, body)).status == 200
 
 
-async def test_stop_drops_a_stalled_request(make_server):
+async def test_stop_drops_a_stalled_request(make_server: MakeServer) -> None:
     server = await make_server(faults=Faults(rate_stall=1.0, stall_s=30))
     async with aiohttp.ClientSession() as http:
         pending = asyncio.ensure_future(post(http, server, {"model": BGE, "input": "a"}))
@@ -564,7 +613,7 @@ async def test_stop_drops_a_stalled_request(make_server):
             await pending
 
 
-async def test_serve_runs_until_cancelled(http):
+async def test_serve_runs_until_cancelled(http: aiohttp.ClientSession) -> None:
     ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
     task = asyncio.create_task(serve(LocalServer().config, on_ready=ready.set_result))
     url = await ready
@@ -578,7 +627,7 @@ async def test_serve_runs_until_cancelled(http):
         await task
 
 
-async def test_stats(server, http):
+async def test_stats(server: LocalServer, http: aiohttp.ClientSession) -> None:
     await post(http, server, {"model": BGE, "input": ["a", "b"]})
     await post(http, server, {"model": BGE, "input": ""})
     await post(http, server, {"model": BGE, "input": "a"}, path="/x")
@@ -588,7 +637,7 @@ async def test_stats(server, http):
     assert len(server.stats.accepted) == 1
 
 
-def test_expected_embedding_validates_like_the_server():
+def test_expected_embedding_validates_like_the_server() -> None:
     with pytest.raises(ValueError, match="dimensions"):
         expected_embedding(BGE, "x", dimensions=256)
     with pytest.raises(ValueError, match="limit"):
@@ -602,7 +651,9 @@ def test_expected_embedding_validates_like_the_server():
 # --- shapes of other providers ------------------------------------------------------------------
 
 
-async def test_token_factor_scales_the_charge_and_usage_rounded_up(make_server, http):
+async def test_token_factor_scales_the_charge_and_usage_rounded_up(
+    make_server: MakeServer, http: aiohttp.ClientSession
+) -> None:
     server = await make_server(default_limits=ModelLimits(tpm=20), token_factor=1.3)
     body = {"model": BGE, "input": "aaaa bbbb cccc dddd"}  # 4 + 2 special: 7.8, charged 8
     answer = await post(http, server, body)
@@ -612,12 +663,12 @@ async def test_token_factor_scales_the_charge_and_usage_rounded_up(make_server, 
     assert [tokens for _, tokens in server.stats.accepted] == [8, 8]
 
 
-def test_token_factor_must_be_positive():
+def test_token_factor_must_be_positive() -> None:
     with pytest.raises(ValueError, match="token_factor"):
         ServerConfig(token_factor=0.0)
 
 
-def test_a_fixed_window_starts_afresh_at_each_multiple_of_its_length():
+def test_a_fixed_window_starts_afresh_at_each_multiple_of_its_length() -> None:
     limits = ModelLimits(rpm=1)
     fixed, sliding = quota._Window(fixed=True), quota._Window()
     times = (9.9, 10.1, 10.95, 11.05)
@@ -629,7 +680,9 @@ def test_a_fixed_window_starts_afresh_at_each_multiple_of_its_length():
     assert sliding_answers == [None, "RPM", None, "RPM"]
 
 
-async def test_random_429s_have_the_providers_body_and_spare_the_quota(make_server, http):
+async def test_random_429s_have_the_providers_body_and_spare_the_quota(
+    make_server: MakeServer, http: aiohttp.ClientSession
+) -> None:
     server = await make_server(
         default_limits=ModelLimits(rpm=1), faults=Faults(rate_429=1.0, retry_after_s=0.5)
     )
@@ -645,7 +698,7 @@ async def test_random_429s_have_the_providers_body_and_spare_the_quota(make_serv
     assert server.stats.rate_limited_tpm == 1
 
 
-def test_a_long_tail_of_latency_keeps_the_faults_draws_and_its_mean():
+def test_a_long_tail_of_latency_keeps_the_faults_draws_and_its_mean() -> None:
     plain = FaultPlan(Faults(rate_503=0.5, latency_per_1k_tokens_s=1.0, seed=4))
     tailed = FaultPlan(Faults(rate_503=0.5, latency_per_1k_tokens_s=1.0, latency_sigma=1.0, seed=4))
     draws, times = [], []
