@@ -18,7 +18,7 @@ import sys
 import textwrap
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -42,6 +42,10 @@ from sfembed.testing import expected_embedding as expected
 
 MODEL = "BAAI/bge-m3"
 PREFIX = f"sfembed:{{default}}:{MODEL}"
+#: A sorted set read with its scores. redis-py types each reply for every client setting at once
+#: (bytes or str, with scores or not, RESP2 or RESP3): the clients here decode their replies
+#: (``decode_responses=True``) and speak RESP2, so members are str and a scored read is pairs.
+Scored = list[tuple[str, float]]
 
 
 def limits(**overrides: Any) -> RateLimits:
@@ -89,7 +93,7 @@ async def until_gone(client: redis.Redis, seconds: float) -> list[str]:
     """The quota's keys still there after waiting (at most ``seconds``) for them to expire."""
     keys: list[str] = []
     for _ in range(int(seconds / 0.05)):
-        keys = await client.keys("sfembed:*")
+        keys = cast(list[str], await client.keys("sfembed:*"))
         if not keys:
             break
         await asyncio.sleep(0.05)
@@ -211,7 +215,7 @@ async def test_requests_beyond_the_window_wait_and_no_window_holds_more(
     async def take(limiter: SharedLimiter) -> None:
         for _ in range(5):
             await limiter.acquire(10)
-            seen.update(await inspect.zrange(f"{PREFIX}:log", 0, -1, withscores=True))
+            seen.update(cast(Scored, await inspect.zrange(f"{PREFIX}:log", 0, -1, withscores=True)))
 
     await asyncio.gather(take(first), take(second))
     times = sorted(seen.values())
@@ -280,6 +284,8 @@ async def test_a_429_seen_by_every_worker_cuts_the_shared_pace_once(
         await limiter.acquire(10)
     await asyncio.gather(*(limiter.on_rate_limited("tpm", None) for limiter in workers))
     t_cut, r_cut = await inspect.hmget(f"{PREFIX}:state", ["t_cut", "r_cut"])
+    assert t_cut is not None
+    assert r_cut is not None
     assert float(t_cut) == pytest.approx(0.8)
     assert float(r_cut) == 1.0
     await workers[0].acquire(10)  # the next admission reports the cut pace
@@ -294,7 +300,7 @@ async def test_a_retry_after_holds_every_worker(
     await first.on_rate_limited(None, 0.3)
     hold = int(await inspect.hget(f"{PREFIX}:state", "hold") or 0)
     await second.acquire(10)
-    (_, booked), *_ = await inspect.zrange(f"{PREFIX}:log", -1, -1, withscores=True)
+    (_, booked), *_ = cast(Scored, await inspect.zrange(f"{PREFIX}:log", -1, -1, withscores=True))
     assert booked >= hold
 
 
@@ -375,7 +381,9 @@ async def test_a_killed_worker_leaks_nothing_and_its_share_returns_within_a_wind
     for _ in range(6):  # the dead worker's charges leave with the window: a full window's worth
         await survivor.acquire(100)
     ours = [
-        i for i in await inspect.zrange(f"{PREFIX}:log", 0, -1) if i.startswith(survivor._worker)
+        i
+        for i in cast(list[str], await inspect.zrange(f"{PREFIX}:log", 0, -1))
+        if i.startswith(survivor._worker)
     ]
     assert len(ours) == 6
     assert await until_gone(inspect, 10.0) == []  # and the state expires a window after the run
@@ -598,6 +606,7 @@ async def test_an_answered_admission_leaves_the_log_a_window_after_its_answer(
     await limiter.settle(ticket, 90)
     after = await inspect.time()
     leaves = await inspect.zscore(f"{PREFIX}:log", ticket.id)
+    assert leaves is not None
     window_us = 30 * 1_000_000
     assert before[0] * 1_000_000 + before[1] + window_us <= leaves
     assert leaves <= after[0] * 1_000_000 + after[1] + window_us
@@ -725,7 +734,7 @@ def _corpus(path: Path, count: int) -> Path:
 async def _log_keys(url: str) -> list[str]:
     client = redis.from_url(url, decode_responses=True)
     try:
-        return sorted(await client.keys("sfembed:*:log"))
+        return sorted(cast(list[str], await client.keys("sfembed:*:log")))
     finally:
         await client.aclose()
 
