@@ -71,6 +71,7 @@ def test_a_truncated_gzip_shard_gives_its_lines_then_one_error_naming_where(
     assert len(bad) == 1
     assert bad[0].id is None
     assert Path(bad[0].source).name == "a.jsonl.gz"
+    assert bad[0].error is not None
     assert bad[0].error.startswith(f"unreadable after line {bad[0].line - 1} (")
     assert [r.id for r in records[-3:]] == ["s1-0", "s1-1", "s1-2"]  # the next shard goes on
 

@@ -60,7 +60,11 @@ async def test_two_actors_on_one_quota_return_every_row_once_with_single_process
     rate = RateLimits(rpm=240, tpm=120_000, window_s=1.0)
     limits = {MODEL: ModelLimits(rpm=rate.rpm, tpm=rate.tpm)}
     async with LocalServer(ServerConfig(window_s=rate.window_s, limits=limits)) as server:
-        kwargs = {"model": MODEL, "quota": redis_server.url, "base_url": server.url}
+        kwargs: dict[str, object] = {
+            "model": MODEL,
+            "quota": redis_server.url,
+            "base_url": server.url,
+        }
         kwargs |= {"api_key_env": KEY_ENV, "rate": rate}
 
         def pipeline() -> pa.Table:
