@@ -29,6 +29,7 @@ from sfembed import (
     load_settings,
 )
 from sfembed._client import _retry_after
+from sfembed._types import TextInput
 from sfembed.testing import LocalServer, expected_embedding, synthetic_corpus
 
 MakeServer = Callable[..., Awaitable[LocalServer]]
@@ -114,7 +115,7 @@ async def test_a_lone_surrogate_fails_its_item_only(server: LocalServer) -> None
             await client.embed(["fine", "bad \udc80 text", "also fine"], model=M3)
         assert info.value.item == 1
         with pytest.raises(InputError) as info:
-            await client.embed([{"text": "a\ud800"}], model="Qwen/Qwen3-VL-Embedding-8B")
+            await client.embed([TextInput(text="a\ud800")], model="Qwen/Qwen3-VL-Embedding-8B")
         assert info.value.item == 0
     assert server.stats.requests == 0  # nothing was sent
 
@@ -124,7 +125,7 @@ async def test_a_bare_string_is_one_input(server: LocalServer) -> None:
     async with EmbeddingClient(api_key=KEY, base_url=server.url) as client:
         rows = await embed("hello", model=M3, settings=settings, client=client)
         vl = "Qwen/Qwen3-VL-Embedding-8B"
-        one = await embed({"text": "hello"}, model=vl, settings=settings, client=client)  # type: ignore[arg-type]
+        one = await embed({"text": "hello"}, model=vl, settings=settings, client=client)
         text = await embed(["hello"], model=vl, settings=settings, client=client)
     assert rows.shape == (1, 1024)
     np.testing.assert_array_equal(rows[0], expected_embedding(M3, "hello"))
@@ -227,7 +228,7 @@ def test_a_base_url_without_a_scheme_is_refused_clearly() -> None:
 
 async def test_an_unknown_errors_choice_is_refused(server: LocalServer) -> None:
     with pytest.raises(ConfigError, match="'raise' or 'nan'"):
-        await embed(["one"], model=M3, errors="ignore")
+        await embed(["one"], model=M3, errors="ignore")  # type: ignore[arg-type]
     assert server.stats.requests == 0
 
 

@@ -46,7 +46,7 @@ from sfembed import (
 )
 from sfembed._cache import normalise
 from sfembed._cli import main
-from sfembed._limiter import RateLimiter, Ticket
+from sfembed._limiter import LocalTicket, RateLimiter
 from sfembed._retry import call_with_retries
 from sfembed._tokenizers import counter_for
 from sfembed.testing import (
@@ -287,9 +287,9 @@ class RecordingLimiter(RateLimiter):
     def __init__(self, rate: RateLimits) -> None:
         super().__init__(rate)
         self.asked: list[int] = []
-        self.tickets: list[Ticket] = []
+        self.tickets: list[LocalTicket] = []
 
-    async def acquire(self, tokens: int) -> Ticket:
+    async def acquire(self, tokens: int) -> LocalTicket:
         self.asked.append(tokens)
         ticket = await super().acquire(tokens)
         self.tickets.append(ticket)
