@@ -172,6 +172,7 @@ async def test_rows_follow_input_order_although_the_server_reverses_data(
     np.testing.assert_array_equal(result.embeddings, expected_rows(BGE, TEXTS))
     assert len({row.tobytes() for row in result.embeddings}) == len(TEXTS)
     spec = DEFAULT_CATALOG[BGE]
+    assert result.usage is not None
     assert result.usage["prompt_tokens"] == sum(count_tokens(text, spec) for text in TEXTS)
 
 
@@ -187,6 +188,7 @@ async def test_token_id_lists(client: EmbeddingClient) -> None:
     lists = [[1, 2, 3], [4], [5, 6]]
     several = await client.embed(lists, model=BGE)
     np.testing.assert_array_equal(several.embeddings, expected_rows(BGE, lists))
+    assert several.usage is not None
     assert several.usage["prompt_tokens"] == 6 + 3 * DEFAULT_CATALOG[BGE].special_tokens
 
 
@@ -212,6 +214,7 @@ async def test_vl_text_objects_embed_like_plain_text(client: EmbeddingClient) ->
 async def test_vl_single_content_object(client: EmbeddingClient) -> None:
     result = await client.embed({"image": URL}, model=VL)
     np.testing.assert_array_equal(result.embeddings[0], expected_embedding(VL, {"image": URL}))
+    assert result.usage is not None
     assert result.usage["prompt_tokens"] == IMAGE_TOKENS + DEFAULT_CATALOG[VL].special_tokens
 
 
@@ -294,6 +297,7 @@ async def test_truncate_left_and_right_on_an_over_long_input(
         result = await client.embed(["short", long_text], model=BGE_EN, truncate=side)
         expected = expected_rows(BGE_EN, ["short", long_text], truncate=side)
         np.testing.assert_array_equal(result.embeddings, expected)
+        assert result.usage is not None
         assert result.usage["prompt_tokens"] == count_tokens("short", DEFAULT_CATALOG[BGE_EN]) + 512
         rows[side] = result.embeddings[1]
     assert not np.array_equal(rows["left"], rows["right"])

@@ -37,6 +37,7 @@ def test_rows_follow_index_not_position(encoding: str) -> None:
     np.testing.assert_array_equal(rows, vectors)
     assert rows.dtype == np.float32
     assert rows.flags.c_contiguous
+    assert usage is not None
     assert usage["total_tokens"] == 7
     assert model == "m"
 
@@ -357,7 +358,8 @@ def test_an_answer_the_split_cannot_explain_is_judged_as_a_json_reader_reads_it(
         return
     rows, usage, model = _decoder.decode_body(odd, items=3, dimensions=7, encoding_format="base64")
     np.testing.assert_array_equal(rows, vectors)
-    assert (usage or {}).get("total_tokens") == 7
+    assert usage is not None
+    assert usage["total_tokens"] == 7
     assert model == "m"
 
 

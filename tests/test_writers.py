@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from sfembed._exceptions import ConfigError
-from sfembed._reorder import EmbeddedBatch
+from sfembed._types import EmbeddedBatch
 from sfembed._writers import (
     FORMATS,
     JsonlWriter,
