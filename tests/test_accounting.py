@@ -5,6 +5,7 @@ its entry names its line, its id and the cause. Against LocalServer over real HT
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 import orjson
@@ -69,7 +70,15 @@ def write_input(folder: Path, count: int) -> tuple[Path, list[str | None]]:
     return path, texts
 
 
-def read_errors(path: Path) -> list[dict[str, object]]:
+class ErrorEntry(TypedDict):
+    """The fields of an errors-file line read here (a job over one input, whole records)."""
+
+    id: str | None
+    line: int
+    reason: str
+
+
+def read_errors(path: Path) -> list[ErrorEntry]:
     return [orjson.loads(raw) for raw in path.read_bytes().splitlines()]
 
 
