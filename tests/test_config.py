@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -147,7 +148,7 @@ def test_catalogue_has_the_nine_reference_models() -> None:
     ],
 )
 def test_a_setting_not_allowed_names_key_value_and_what_is_allowed(
-    overrides: dict[str, object], named: str
+    overrides: dict[str, Any], named: str
 ) -> None:
     with pytest.raises(ConfigError, match=named):
         load_settings(**overrides)
@@ -168,7 +169,7 @@ def test_a_setting_not_allowed_names_key_value_and_what_is_allowed(
         (lambda: RetryPolicy(max_attempts=0), r"retry\.max_attempts = 0"),
         (lambda: Timeouts(read_s=0), r"timeouts\.read_s = 0"),
         (lambda: BatchLimits(max_items=0), r"batch\.max_items = 0"),
-        (lambda: IOSettings(dtype="float64"), r"io\.dtype = 'float64'.*'float32', 'float16'"),
+        (lambda: IOSettings(dtype="float64"), r"io\.dtype = 'float64'.*'float32', 'float16'"),  # type: ignore[arg-type]
         (lambda: IOSettings(checkpoint_rows=-1), r"io\.checkpoint_rows = -1"),
     ],
 )

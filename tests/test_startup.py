@@ -418,9 +418,12 @@ def test_a_new_npy_output_is_not_synced_before_the_first_request_its_first_commi
 
     synced: list[int] = []
     real = os.fsync
-    monkeypatch.setattr(
-        os, "fsync", lambda descriptor: synced.append(descriptor) or real(descriptor)
-    )
+
+    def fsync(descriptor: int) -> None:
+        synced.append(descriptor)
+        real(descriptor)
+
+    monkeypatch.setattr(os, "fsync", fsync)
     writer = NpyWriter(tmp_path / "out.npy", dims=4, fsync=True)
     try:
         assert synced == []
