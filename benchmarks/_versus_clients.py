@@ -158,7 +158,8 @@ async def _langchain(job: Job, documents: list[str], out: Rows, notes: dict[str,
     embedder = OpenAIEmbeddings(
         model=MODEL,
         base_url=job.url,
-        api_key=KEY,  # type: ignore[arg-type]
+        # Typed a SecretStr, which pydantic makes of a str (no check without the bench extra).
+        api_key=KEY,  # type: ignore[arg-type, unused-ignore]
         check_embedding_ctx_length=False,
         chunk_size=BATCH,
     )

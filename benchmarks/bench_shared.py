@@ -38,7 +38,7 @@ import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from _harness import ServerReport, max_sliding, server_process, table, windows
@@ -189,7 +189,9 @@ def run(
             time.sleep(ideal_s / 3)
             killed = 0
             event_at = time.monotonic()
-            os.kill(processes[killed].pid, signal.SIGKILL)
+            pid = processes[killed].pid
+            assert pid is not None  # started above
+            os.kill(pid, signal.SIGKILL)
         elif name == "restart" and redis is not None:
             time.sleep(ideal_s / 3)
             event_at = time.monotonic()
@@ -214,7 +216,8 @@ def _ideal_s(texts: list[str], args: argparse.Namespace) -> float:
     """The run's ideal time by the server's own count, to time the kill and the outage."""
     spec = DEFAULT_CATALOG[MODEL]
     tokens = sum(testing.count_tokens(text, spec) for text in texts)
-    return tokens / (args.tpm / args.window_s)
+    tokens_per_s: float = args.tpm / args.window_s
+    return tokens / tokens_per_s
 
 
 def _keys(url: str) -> list[str]:
@@ -222,7 +225,8 @@ def _keys(url: str) -> list[str]:
 
     client = redis_py.Redis.from_url(url, decode_responses=True)
     try:
-        return sorted(client.keys("sfembed:*"))
+        # redis-py types a reply for str and bytes clients alike: this one decodes (str).
+        return sorted(cast(list[str], client.keys("sfembed:*")))
     finally:
         client.close()
 
