@@ -34,7 +34,7 @@ from sfembed._intake import BLOCK, Intake, Splitter
 from sfembed._job import _Ids
 from sfembed._packer import packer_for
 from sfembed._sources import find_sources, read_sources
-from sfembed._streams import open_stream
+from sfembed._streams import ReceiveStream, SendStream, open_stream
 from sfembed._types import Chunk, EmbeddedBatch
 from sfembed._writers import _write_sidecar
 
@@ -89,7 +89,7 @@ def reading(path: Path) -> Callable[[], object]:
     """What a job hands the engine: the inputs read, their places kept for the sidecar."""
     sources = find_sources(path)
     if read_blocks is None:  # a build from before the block reader
-        return lambda: sum(1 for _ in _Ids().feed(read_sources(sources)))  # type: ignore[arg-type]
+        return lambda: sum(1 for _ in _Ids().feed(read_sources(sources)))
     return lambda: sum(1 for _ in _Ids().feed(read_blocks(sources)))
 
 
@@ -111,6 +111,8 @@ def intake(texts: list[str], folder: Path) -> Callable[[], object]:
         stats = JobStats()
         async with EmbeddingCache(folder / f"cache-{next(runs)}.sqlite") as cache:
             dedup = Dedup(cache, SPEC, 1024, stats, scope=M3, truncating=False)
+            requests_out: SendStream[list[Chunk]]
+            requests_in: ReceiveStream[list[Chunk]]
             requests_out, requests_in = open_stream(64)
             stage = Intake(
                 settings,

@@ -284,7 +284,7 @@ def _print(results: list[tuple[int, dict[str, Any], dict[str, Any]]]) -> None:
                 "yes" if report["maxrss_mb"] < RSS_BAR_MB else "**no**",
             )
         )
-    header = (
+    header: tuple[str, ...] = (
         "N",
         "wall s",
         "rows/s",

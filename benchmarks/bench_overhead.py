@@ -45,6 +45,7 @@ import numpy as np
 from _harness import server_process, table
 
 from sfembed import EmbeddingClient, RateLimits, embed, embed_stream, load_settings, testing
+from sfembed._types import EncodingFormat
 
 MODEL = "BAAI/bge-m3"
 DIMS = 1024
@@ -80,7 +81,7 @@ def _serve(config: testing.ServerConfig, conn: Connection) -> None:
 # --- the client: one measured run in a process of its own ---------------------------------------
 
 
-async def _pipeline(client: EmbeddingClient, texts: list[str], fmt: str) -> int:
+async def _pipeline(client: EmbeddingClient, texts: list[str], fmt: EncodingFormat) -> int:
     settings = load_settings(
         base_url="http://127.0.0.1",  # unused: the client is given
         rate=RateLimits(rpm=10**9, tpm=10**12),
@@ -92,7 +93,7 @@ async def _pipeline(client: EmbeddingClient, texts: list[str], fmt: str) -> int:
     return int(rows.shape[0])
 
 
-async def _stream(client: EmbeddingClient, texts: list[str], fmt: str) -> int:
+async def _stream(client: EmbeddingClient, texts: list[str], fmt: EncodingFormat) -> int:
     settings = load_settings(
         base_url="http://127.0.0.1",  # unused: the client is given
         rate=RateLimits(rpm=10**9, tpm=10**12),
@@ -111,7 +112,7 @@ async def _stream(client: EmbeddingClient, texts: list[str], fmt: str) -> int:
     return rows
 
 
-async def _raw(client: EmbeddingClient, texts: list[str], fmt: str) -> int:
+async def _raw(client: EmbeddingClient, texts: list[str], fmt: EncodingFormat) -> int:
     gate = asyncio.Semaphore(CONCURRENCY)
     checked: list[np.ndarray] = []
 
@@ -142,7 +143,12 @@ _MODES = {"raw": _raw, "stream": _stream, "pipeline": _pipeline}
 
 
 def _measure(
-    url: str, mode: str, fmt: str, count: int, profile_out: str | None, conn: Connection
+    url: str,
+    mode: str,
+    fmt: EncodingFormat,
+    count: int,
+    profile_out: str | None,
+    conn: Connection,
 ) -> None:
     run = _MODES[mode]
     texts = documents(count)
@@ -203,7 +209,7 @@ def _save_profile(profiler: cProfile.Profile, path: Path) -> dict[str, list[Entr
 
 
 def measure(
-    url: str, mode: str, fmt: str, count: int, profile_out: str | None = None
+    url: str, mode: str, fmt: EncodingFormat, count: int, profile_out: str | None = None
 ) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)

@@ -82,6 +82,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 from _harness import (
@@ -117,6 +118,23 @@ _HANZI = (
 )
 
 
+class FaultRates(TypedDict, total=False):
+    """A profile's random faults: probabilities per request (fields of testing.Faults)."""
+
+    rate_503: float
+    rate_504: float
+    rate_reset: float
+    rate_stall: float
+
+
+class Latency(TypedDict, total=False):
+    """A shape's model time (fields of testing.Faults), or none of it."""
+
+    latency_s: float
+    latency_per_1k_tokens_s: float
+    latency_sigma: float
+
+
 @dataclass(frozen=True)
 class Profile:
     name: str
@@ -126,7 +144,7 @@ class Profile:
     tpm: int
     bound: str  # "tpm" or "rpm": which limit the ideal time is computed from
     tiny: bool = False
-    faults: dict[str, float] = field(default_factory=dict)
+    faults: FaultRates = field(default_factory=FaultRates)
     latency: bool = True
     options: tuple[str, ...] = ()
     seed: int = 0  # of the server's fault draws
@@ -350,11 +368,11 @@ def _run(profile: Profile, texts: list[str], workdir: Path, trace: bool, shape: 
 
 def server_config(profile: Profile, shape: Shape) -> testing.ServerConfig:
     """The local server of ``profile`` in ``shape``."""
-    latency = {
-        "latency_s": shape.latency_s,
-        "latency_per_1k_tokens_s": shape.latency_per_1k_s,
-        "latency_sigma": shape.latency_sigma,
-    }
+    latency = Latency(
+        latency_s=shape.latency_s,
+        latency_per_1k_tokens_s=shape.latency_per_1k_s,
+        latency_sigma=shape.latency_sigma,
+    )
     faults = testing.Faults(
         **(latency if profile.latency else {}),
         **profile.faults,

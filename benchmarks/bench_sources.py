@@ -7,10 +7,12 @@ a folder of shards), and rows per second upserted into a LanceDB table. Prints M
 from __future__ import annotations
 
 import argparse
+import functools
 import gzip
 import importlib
 import tempfile
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -29,12 +31,12 @@ def corpus(records: int) -> bytes:
     )
 
 
-def best_of(runs: int, read: object) -> tuple[float, int]:
+def best_of(runs: int, read: Callable[[], Iterable[object]]) -> tuple[float, int]:
     """(best seconds, records) of ``runs`` full reads."""
     best, count = float("inf"), 0
     for _ in range(runs):
         start = time.perf_counter()
-        count = sum(1 for _ in read())  # type: ignore[operator]
+        count = sum(1 for _ in read())
         best = min(best, time.perf_counter() - start)
     return best, count
 
@@ -58,7 +60,7 @@ def reading(folder: Path, records: int) -> None:
         size = (
             sum(p.stat().st_size for p in path.iterdir()) if path.is_dir() else path.stat().st_size
         )
-        seconds, count = best_of(3, lambda path=path: read_records(path))
+        seconds, count = best_of(3, functools.partial(read_records, path))
         assert count == records
         label = "8 zstd shards" if name == "shards" else name
         print(f"| {label} | {size / 1e6:.1f} | {seconds:.2f} | {count / seconds:,.0f} |")

@@ -95,7 +95,7 @@ def pack_byte_bpe(original: dict[str, Any]) -> dict[str, Any]:
     vocab: dict[str, int] = model["vocab"]
     merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
     alphabet = sorted((i, token) for token, i in vocab.items() if i < len(vocab) - len(merges))
-    packed = json.loads(json.dumps(original))
+    packed: dict[str, Any] = json.loads(json.dumps(original))
     del packed["model"]["vocab"]
     packed["model"]["merges"] = merges
     packed[_tokenizers.PACKING_KEY] = {
@@ -110,7 +110,7 @@ def pack_unigram(original: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
     pieces = [piece for piece, _ in original["model"]["vocab"]]
     scores = np.array([score for _, score in original["model"]["vocab"]], dtype="<f8")
     deltas = np.diff(scores.view("<i8"), prepend=np.int64(0))  # wraps; cumsum undoes it exactly
-    packed = json.loads(json.dumps(original))
+    packed: dict[str, Any] = json.loads(json.dumps(original))
     packed["model"]["vocab"] = pieces
     packed[_tokenizers.PACKING_KEY] = {"vocab": "pieces+scores", "scores": "xlmr.scores.xz"}
     return packed, deltas.astype("<i8").tobytes()
@@ -120,7 +120,7 @@ def same_as(rebuilt: dict[str, Any], original: dict[str, Any]) -> None:
     """Raise unless the rebuilt object equals the original (merges compared as pairs)."""
 
     def canonical(obj: dict[str, Any]) -> dict[str, Any]:
-        copy = json.loads(json.dumps(obj))
+        copy: dict[str, Any] = json.loads(json.dumps(obj))
         if "merges" in copy["model"]:
             copy["model"]["merges"] = [
                 m.split(" ") if isinstance(m, str) else m for m in copy["model"]["merges"]
