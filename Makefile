@@ -32,8 +32,9 @@ lint: $(STAMP)
 	$(BIN)/ruff check sfembed tests benchmarks
 	$(BIN)/ruff format --check sfembed tests benchmarks
 
+# The tests and benchmarks too: they use the library as its users do, and keep it honest.
 types: $(STAMP)
-	$(BIN)/mypy sfembed
+	$(BIN)/mypy sfembed tests benchmarks
 
 unit: bytecode
 	$(BIN)/pytest -q
