@@ -46,6 +46,7 @@ from sfembed._exceptions import (
     ServerError,
 )
 from sfembed._models import DEFAULT_CATALOG, ModelSpec
+from sfembed._types import EncodingFormat, InputItem
 from sfembed.testing import (
     IMAGE_TOKENS,
     INJECT_KINDS,
@@ -266,12 +267,14 @@ async def test_base64_and_float_give_equal_arrays(
     [(QWEN, 64), (QWEN, 1024), ("Qwen/Qwen3-Embedding-4B", 2560), (VL, 768)],
 )
 @pytest.mark.parametrize("encoding", ["float", "base64"])
-async def test_dimensions(client: EmbeddingClient, model: str, dims: int, encoding: str) -> None:
+async def test_dimensions(
+    client: EmbeddingClient, model: str, dims: int, encoding: EncodingFormat
+) -> None:
     result = await client.embed(
         TEXTS[:3],
         model=model,
         dimensions=dims,
-        encoding_format=encoding,  # type: ignore[arg-type]
+        encoding_format=encoding,
     )
     assert_result_shape(result.embeddings, 3, dims)
     np.testing.assert_array_equal(
@@ -761,8 +764,9 @@ async def test_a_missing_local_image_sends_nothing(
     client: EmbeddingClient, server: LocalServer, tmp_path: Path
 ) -> None:
     missing = tmp_path / "missing.png"
+    items: list[InputItem] = ["ok", "ok", {"image": missing}]
     with pytest.raises(InputError, match="cannot read image") as info:
-        await client.embed(["ok", "ok", {"image": missing}], model=VL)  # type: ignore[arg-type]
+        await client.embed(items, model=VL)
     assert info.value.item == 2
     assert str(missing) in str(info.value)
     assert server.stats.requests == 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import orjson
@@ -11,6 +13,7 @@ import pytest
 
 from sfembed import _decoder
 from sfembed._exceptions import MalformedResponseError
+from sfembed._types import EncodingFormat
 
 
 def _body(vectors: np.ndarray, order: list[int], encoding: str) -> bytes:
@@ -25,14 +28,14 @@ def _body(vectors: np.ndarray, order: list[int], encoding: str) -> bytes:
 
 
 @pytest.mark.parametrize("encoding", ["float", "base64"])
-def test_rows_follow_index_not_position(encoding: str) -> None:
+def test_rows_follow_index_not_position(encoding: EncodingFormat) -> None:
     vectors = np.random.default_rng(1).standard_normal((5, 8)).astype(np.float32)
     body = _body(vectors, [3, 0, 4, 1, 2], encoding)
     rows, usage, model = _decoder.decode_body(
         body,
         items=5,
         dimensions=8,
-        encoding_format=encoding,  # type: ignore[arg-type]
+        encoding_format=encoding,
     )
     np.testing.assert_array_equal(rows, vectors)
     assert rows.dtype == np.float32
@@ -60,7 +63,7 @@ def test_rows_follow_index_not_position(encoding: str) -> None:
         (lambda p: p["data"][0].update(embedding=[0.0] * 3), "bad embedding values"),
     ],
 )
-def test_malformed_answers(mutate, message: str) -> None:  # type: ignore[no-untyped-def]
+def test_malformed_answers(mutate: Callable[[dict[str, Any]], object], message: str) -> None:
     vectors = np.ones((3, 4), dtype=np.float32)
     payload = orjson.loads(_body(vectors, [0, 1, 2], "float"))
     mutate(payload)
@@ -90,14 +93,14 @@ def test_invalid_json_is_malformed() -> None:
 
 
 @pytest.mark.parametrize("encoding", ["float", "base64"])
-def test_rows_in_order_are_the_callers_to_change(encoding: str) -> None:
+def test_rows_in_order_are_the_callers_to_change(encoding: EncodingFormat) -> None:
     vectors = np.random.default_rng(2).standard_normal((4, 8)).astype(np.float32)
     body = _body(vectors, [0, 1, 2, 3], encoding)
     rows, _, _ = _decoder.decode_body(
         body,
         items=4,
         dimensions=8,
-        encoding_format=encoding,  # type: ignore[arg-type]
+        encoding_format=encoding,
     )
     np.testing.assert_array_equal(rows, vectors)
     rows[0] = 0.0  # writable, as an array made by the scatter is

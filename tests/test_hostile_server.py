@@ -49,6 +49,7 @@ from sfembed._cli import main
 from sfembed._limiter import LocalTicket, RateLimiter
 from sfembed._retry import call_with_retries
 from sfembed._tokenizers import counter_for
+from sfembed._types import EncodingFormat
 from sfembed.testing import (
     Faults,
     LocalServer,
@@ -90,17 +91,17 @@ DAMAGED += ["missing-item", "extra-item", "duplicate-index", "wrong-dims"]
 @pytest.mark.parametrize("encoding", ["float", "base64"])
 @pytest.mark.parametrize("kind", DAMAGED)
 async def test_a_damaged_answer_is_refused_as_malformed(
-    server: LocalServer, kind: str, encoding: str
+    server: LocalServer, kind: str, encoding: EncodingFormat
 ) -> None:
     server.inject(kind)
     async with client_for(server) as client:
         with pytest.raises(MalformedResponseError) as info:
-            await client.embed(["one", "two", "three"], model=M3, encoding_format=encoding)  # type: ignore[arg-type]
+            await client.embed(["one", "two", "three"], model=M3, encoding_format=encoding)
         assert info.value.retryable
         assert info.value.status == 200
         assert info.value.trace_id
         # The session is still good, and the next answer is taken.
-        result = await client.embed(["one"], model=M3, encoding_format=encoding)  # type: ignore[arg-type]
+        result = await client.embed(["one"], model=M3, encoding_format=encoding)
     np.testing.assert_array_equal(result.embeddings, expected_rows(["one"]))
 
 
