@@ -12,6 +12,7 @@ import threading
 import tracemalloc
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -847,10 +848,10 @@ async def test_cancelling_a_running_lookup_leaves_the_cache_usable(
     started, release = threading.Event(), threading.Event()
     real = cache._lookup
 
-    def slow_lookup(*args: object) -> object:
+    def slow_lookup(*args: Any) -> Any:
         started.set()
         release.wait()
-        return real(*args)  # type: ignore[arg-type]
+        return real(*args)
 
     monkeypatch.setattr(cache, "_lookup", slow_lookup)
     task = asyncio.create_task(cache.lookup(MODEL, DIMS, keys))

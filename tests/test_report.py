@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import struct
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -20,7 +21,7 @@ from sfembed import (
     load_settings,
 )
 from sfembed._cli import main
-from sfembed._job import run_job
+from sfembed._job import JobSummary, run_job
 from sfembed._report import load_report, report_table
 from sfembed.testing import Faults, LocalServer, ModelLimits, synthetic_corpus
 
@@ -36,7 +37,7 @@ def _corpus(path: Path, count: int) -> Path:
     return write_lines(path, lines)
 
 
-async def _job(server: LocalServer, source: Path, out: Path, **options: object) -> object:
+async def _job(server: LocalServer, source: Path, out: Path, **options: Any) -> JobSummary:
     settings = load_settings(
         model=MODEL,
         base_url=server.url,
@@ -46,7 +47,7 @@ async def _job(server: LocalServer, source: Path, out: Path, **options: object) 
         io=IOSettings(cache=False, checkpoint_rows=40),
     )
     async with EmbeddingClient(api_key=KEY, base_url=server.url) as client:
-        return await run_job(source, out, settings, client=client, **options)  # type: ignore[arg-type]
+        return await run_job(source, out, settings, client=client, **options)
 
 
 async def test_the_report_matches_what_the_server_saw(
@@ -90,7 +91,7 @@ async def test_the_report_matches_what_the_server_saw(
     assert report["limits"] == {"tpm": 400_000, "rpm": 10_000, "window_s": 2.0, "headroom": 0.02}
     assert 0 <= report["first_request_s"] <= report["wall_s"]
     # The same figures, for async callers, in JobStats.
-    stats = summary.stats  # type: ignore[attr-defined]
+    stats = summary.stats
     assert stats.tokens == report["tokens"]
     assert [w.tokens for w in stats.windows] == [w["tokens"] for w in windows]
 
@@ -118,7 +119,7 @@ async def test_the_report_is_written_at_checkpoints_and_says_how_a_job_ended(
     resumed = await _job(server, source, tmp_path / "out.npy", report_path=report_path, resume=True)
     final = load_report(report_path)
     assert final["status"] == "complete"
-    assert final["resumed_records"] == resumed.resumed_records > 0  # type: ignore[attr-defined]
+    assert final["resumed_records"] == resumed.resumed_records > 0
     # An earlier run's failures are counted from its part of the errors file.
     assert sum(final["failures_by_reason"].values()) == final["failed"] == 3
 

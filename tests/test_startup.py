@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -362,10 +363,10 @@ async def test_the_first_request_waits_for_its_own_records_not_a_whole_block(
     read_at_first_send: list[int] = []
     real = EmbeddingClient.embed_within  # what the sending stage calls
 
-    async def noting(self: EmbeddingClient, *args: object, **kwargs: object) -> object:
+    async def noting(self: EmbeddingClient, *args: Any, **kwargs: Any) -> Any:
         if not read_at_first_send:
             read_at_first_send.append(len(consumed))
-        return await real(self, *args, **kwargs)  # type: ignore[arg-type]
+        return await real(self, *args, **kwargs)
 
     def texts() -> Iterator[str]:
         for i in range(2 * BLOCK):
