@@ -29,6 +29,7 @@ import orjson
 import pybase64
 
 from sfembed._decoder import decode_body
+from sfembed._types import EncodingFormat
 
 
 def body(vectors: np.ndarray, encoding: str, reverse: bool = False) -> bytes:
@@ -63,11 +64,16 @@ def main() -> None:
     kind = "median, caches emptied" if args.cold else "least"
     print(f"| encoding | order | body bytes | us per {args.items} x {args.dims} answer ({kind}) |")
     print("|---|---|---|---|")
-    for encoding, reverse in (("base64", False), ("base64", True), ("float", False)):
+    runs: tuple[tuple[EncodingFormat, bool], ...] = (
+        ("base64", False),
+        ("base64", True),
+        ("float", False),
+    )
+    for encoding, reverse in runs:
         raw = body(vectors, encoding, reverse)
 
-        def decode(raw: bytes = raw, encoding: str = encoding) -> None:
-            decode_body(raw, items=args.items, dimensions=args.dims, encoding_format=encoding)  # type: ignore[arg-type]
+        def decode(raw: bytes = raw, encoding: EncodingFormat = encoding) -> None:
+            decode_body(raw, items=args.items, dimensions=args.dims, encoding_format=encoding)
 
         if args.cold:
             seconds = _cold(raw, encoding, args)
@@ -80,7 +86,7 @@ def main() -> None:
         print(f"| {encoding} | {order} | {len(raw):,} | {seconds * 1e6:,.0f} |")
 
 
-def _cold(raw: bytes, encoding: str, args: argparse.Namespace) -> float:
+def _cold(raw: bytes, encoding: EncodingFormat, args: argparse.Namespace) -> float:
     """Median CPU seconds of single decodes, each after the caches were filled with other data
     and the body copied afresh (as the HTTP client hands over a body it has just joined)."""
     other = np.zeros(4 << 20, dtype=np.uint8)
@@ -89,7 +95,7 @@ def _cold(raw: bytes, encoding: str, args: argparse.Namespace) -> float:
         other += 1
         fresh = bytes(bytearray(raw))
         started = time.thread_time()
-        decode_body(fresh, items=args.items, dimensions=args.dims, encoding_format=encoding)  # type: ignore[arg-type]
+        decode_body(fresh, items=args.items, dimensions=args.dims, encoding_format=encoding)
         times.append(time.thread_time() - started)
     return statistics.median(times)
 
