@@ -87,6 +87,7 @@ _MISSING: Any = object()
 _URL_PREFIXES = ("http://", "https://", "data:")
 _BASE64 = re.compile(r"[A-Za-z0-9+/=\s]+")
 _GLOB = re.compile(r"[*?\[]")
+_MANIFEST = ".manifest.json"  # beside each output of a job: out.npy.manifest.json
 _MAX_PATH = 4096  # characters; a longer image value is data, never a path
 _JSON_KINDS = {dict: "an object", list: "an array", str: "a string", int: "a number"}
 _JSON_KINDS.update({float: "a number", bool: "a boolean", type(None): "null"})
@@ -251,7 +252,7 @@ def _expand(name: str, format: str | None) -> list[str]:
     found = [path for path in glob.glob(name, recursive=True) if not os.path.isdir(path)]
     if not found:
         raise ConfigError(f"no input file matches {name!r}")
-    return found
+    return _without_job_files(f"input glob {name!r}", found)
 
 
 def _folder(folder: str, format: str | None) -> list[str]:
@@ -269,6 +270,7 @@ def _folder(folder: str, format: str | None) -> list[str]:
     if skipped:
         log.warning("input folder %s: skipped %s (no input suffix)", folder, ", ".join(skipped))
     unread = f"; its subfolders ({', '.join(folders)}) are not read" if folders else ""
+    files = _without_job_files(f"input folder {folder}", files)
     if not files:
         known = ", ".join(_BY_SUFFIX)
         raise ConfigError(
@@ -282,6 +284,38 @@ def _folder(folder: str, format: str | None) -> list[str]:
             ", ".join(folders),
         )
     return files
+
+
+def _without_job_files(what: str, paths: list[str]) -> list[str]:
+    """``paths`` (a folder's files, a glob's matches) less those an sfembed job wrote, which are
+    skipped, and said so: a job writing into its input folder reads its inputs alone when it
+    runs again."""
+    written = [path for path in paths if _job_file(path)]
+    if not written:
+        return paths
+    names = ", ".join(os.path.basename(path) for path in written)
+    log.warning("%s: skipped %s (an sfembed job's output and its files)", what, names)
+    return [path for path in paths if path not in set(written)]
+
+
+def _job_file(path: str) -> bool:
+    """Whether ``path`` is a manifest, or an output a manifest beside it describes, or that
+    output's errors file or id sidecar (``out.npy`` -> ``out.ids.jsonl``)."""
+    if path.endswith(_MANIFEST):
+        return _is_manifest(path)
+    owners = [path]
+    for suffix, output_suffix in ((".errors.jsonl", ""), (".ids.jsonl", ".npy")):
+        if path.endswith(suffix):
+            owners.append(path.removesuffix(suffix) + output_suffix)
+    return any(_is_manifest(owner + _MANIFEST) for owner in owners)
+
+
+def _is_manifest(path: str) -> bool:
+    try:
+        with open(path, "rb") as file:
+            return b'"sfembed-manifest"' in file.read(64)
+    except OSError:
+        return False
 
 
 def _refuse_twice(paths: list[str]) -> None:

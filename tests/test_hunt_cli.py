@@ -127,3 +127,23 @@ def test_the_subfolders_a_folder_input_does_not_read_are_named(
     (folder / "a.jsonl").unlink()
     assert _embed(str(folder), "--out", str(tmp_path / "o.jsonl")) == 2
     assert "its subfolders (2025) are not read" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("out_name", ["vectors.npy", "vectors.jsonl"])
+@pytest.mark.parametrize("as_glob", [False, True])
+def test_a_job_writing_into_its_input_folder_runs_again_reading_its_inputs_alone(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, out_name: str, as_glob: bool
+) -> None:
+    folder = tmp_path / "data"
+    folder.mkdir()
+    _jsonl(folder / "a.jsonl", _docs(3))
+    _jsonl(folder / "b.jsonl", [b"not json"])
+    named = str(folder / "*.jsonl") if as_glob else str(folder)
+    out = folder / out_name
+    assert _embed(named, "--out", str(out)) == 1
+    first = out.read_bytes()
+    assert _embed(named, "--out", str(out)) == 1  # the same command, the next night
+    assert out.read_bytes() == first
+    skipped = [line for line in caplog.text.splitlines() if "an sfembed job's output" in line]
+    assert skipped
+    assert f"{out_name}.errors.jsonl" in skipped[0]
