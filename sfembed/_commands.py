@@ -413,5 +413,10 @@ async def serve(args: argparse.Namespace) -> int:
         default_limits=testing.ModelLimits(rpm=args.rpm, tpm=args.tpm),
         faults=faults,
     )
-    await testing.serve(config, on_ready=lambda url: print(f"serving on {url}", flush=True))
+    import socket
+
+    try:
+        await testing.serve(config, on_ready=lambda url: print(f"serving on {url}", flush=True))
+    except socket.gaierror as error:  # the address to listen on does not resolve
+        raise ConfigError(f"--host {args.host!r}: {error.strerror or error}") from None
     return EXIT_OK

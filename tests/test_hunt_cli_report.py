@@ -1,4 +1,5 @@
-"""`sfembed report` on odd input: a damaged report, a plot path that is someone else's file."""
+"""`sfembed report` and `sfembed serve` on odd input: a damaged report, a plot path that is someone
+else's file, a host that does not resolve."""
 
 from __future__ import annotations
 
@@ -68,3 +69,10 @@ def test_a_plot_over_a_file_that_is_not_a_png_is_refused_and_kept(
     assert main(["report", str(path), "--plot", str(notes)]) == 2
     assert notes.read_bytes() == b"mine\n"
     assert "exists and is not a PNG" in capsys.readouterr().err
+
+
+def test_serve_on_a_host_that_does_not_resolve_names_the_host_and_exits_2(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["serve", "--host", "999.1.1.1", "--port", "0"]) == 2
+    assert "--host '999.1.1.1'" in capsys.readouterr().err
