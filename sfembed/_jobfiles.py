@@ -155,7 +155,12 @@ class JobFiles:
             )
 
     def check_report(self) -> None:
-        """Raise ConfigError when a file at the report's path is not a run report."""
+        """Raise ConfigError when the report's folder is missing, or a file at its path is not
+        a run report."""
+        if self.report is not None and not self.report.parent.is_dir():  # found before the job
+            raise ConfigError(
+                f"the report's folder {str(self.report.parent)!r} is missing or not a folder"
+            )
         if self.report is not None and self.report.exists():
             from ._report import load_report  # a report is asked for: loaded only then
 

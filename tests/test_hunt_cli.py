@@ -147,3 +147,14 @@ def test_a_job_writing_into_its_input_folder_runs_again_reading_its_inputs_alone
     skipped = [line for line in caplog.text.splitlines() if "an sfembed job's output" in line]
     assert skipped
     assert f"{out_name}.errors.jsonl" in skipped[0]
+
+
+def test_a_report_in_a_missing_folder_is_refused_before_anything_is_sent(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = _jsonl(tmp_path / "in.jsonl", _docs(3))
+    out = tmp_path / "o.npy"
+    report = tmp_path / "missing" / "run.json"
+    assert _embed(str(source), "--out", str(out), "--report", str(report)) == 2
+    assert f"the report's folder {str(report.parent)!r} is missing" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
