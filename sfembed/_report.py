@@ -184,7 +184,7 @@ def report_table(report: Mapping[str, Any]) -> str:
     ]
     if report.get("error"):
         rows.insert(1, ("error", str(report["error"])))
-    lines = [f"  {name:<18}{value}" for name, value in rows]
+    lines = [f"  {name:<17} {value}" for name, value in rows]  # a long reason kept apart
     lines.append("")
     lines.append(f"  {'window':>8}  {'tokens':>12}  {'TPM':>6}  {'requests':>8}  {'RPM':>6}  429s")
     for w in windows:

@@ -76,3 +76,15 @@ def test_serve_on_a_host_that_does_not_resolve_names_the_host_and_exits_2(
 ) -> None:
     assert main(["serve", "--host", "999.1.1.1", "--port", "0"]) == 2
     assert "--host '999.1.1.1'" in capsys.readouterr().err
+
+
+def test_a_long_failure_reason_is_apart_from_its_count(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], report: dict[str, Any]
+) -> None:
+    path = tmp_path / "run.json"
+    reason = "whitespace-only text in field 'body'"
+    path.write_bytes(orjson.dumps({**report, "failures_by_reason": {reason: 7}}))
+    assert main(["report", str(path)]) == 0
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if reason in line]
+    assert line.split(reason)[1].startswith(" ")
+    assert line.split()[-1] == "7"
