@@ -112,17 +112,26 @@ def _plan(count: int, spec: ModelSpec, long_mode: str) -> tuple[int, int]:
     return count + (parts - 1) * spec.special_tokens, parts
 
 
+_PRICES = "prices_per_million_tokens"
+
+
 def price_of(model: str, path: Path) -> float:
     """The price per million tokens of ``model`` in the TOML file at ``path`` (0 when absent)."""
     try:
         with open(path, "rb") as handle:
-            table = tomllib.load(handle).get("prices_per_million_tokens", {})
+            document = tomllib.load(handle)
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"prices file {str(path)!r}: {exc}") from None
     except UnicodeDecodeError as exc:  # TOML is UTF-8: a file saved in another encoding
         raise ConfigError(
             f"prices file {str(path)!r}: not UTF-8 text (byte {exc.start}); save it as UTF-8"
         ) from None
+    unknown = sorted(set(document) - {_PRICES})  # a mistyped table would price every model 0
+    if unknown:
+        raise ConfigError(
+            f"prices file {str(path)!r}: unknown key(s) {', '.join(unknown)}; known: {_PRICES}"
+        )
+    table = document.get(_PRICES, {})
     if not isinstance(table, dict):
         raise ConfigError(f"prices file {str(path)!r}: prices_per_million_tokens must be a table")
     price = table.get(model, 0.0)

@@ -158,3 +158,16 @@ def test_a_report_in_a_missing_folder_is_refused_before_anything_is_sent(
     assert _embed(str(source), "--out", str(out), "--report", str(report)) == 2
     assert f"the report's folder {str(report.parent)!r} is missing" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+def test_a_mistyped_table_in_the_prices_file_is_refused_not_priced_zero(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = _jsonl(tmp_path / "in.jsonl", _docs(3))
+    prices = tmp_path / "prices.toml"
+    prices.write_text('[price_per_million_tokens]\n"BAAI/bge-m3" = 0.5\n')
+    out = str(tmp_path / "o.npy")
+    assert _embed(str(source), "--out", out, "--prices", str(prices), "--dry-run") == 2
+    err = capsys.readouterr().err
+    assert "unknown key(s) price_per_million_tokens" in err
+    assert str(prices) in err
