@@ -122,11 +122,27 @@ async def embed(args: argparse.Namespace) -> int:
             return await _run(args, local, client)
 
 
+def _check_for_long_mode(settings: Settings) -> None:
+    """Refuse a setting the long mode ignores: the job would not run as asked."""
+    mode = settings.long_mode
+    if settings.truncate_side != "right" and mode != "truncate":
+        raise ConfigError(
+            f"truncate_side = {settings.truncate_side!r} does nothing unless long_mode = "
+            f"'truncate' (it is {mode!r}: a long text is split, not cut)"
+        )
+    if settings.overlap_tokens and mode == "truncate":
+        raise ConfigError(
+            f"overlap_tokens = {settings.overlap_tokens} does nothing with long_mode = "
+            "'truncate' (a long text is cut, not split into pieces)"
+        )
+
+
 def _check_for_model(settings: Settings) -> None:
     """Refuse dimensions the model does not offer, and an overlap the model's pieces cannot
     hold (the cutter would quietly shorten it), as usage errors (exit 2), before a file is
     touched. Raises ConfigError."""
     wanted, overlap = settings.dimensions, settings.overlap_tokens
+    _check_for_long_mode(settings)
     if wanted is None and not overlap:
         return
     spec = model_spec(settings)

@@ -171,3 +171,19 @@ def test_a_mistyped_table_in_the_prices_file_is_refused_not_priced_zero(
     err = capsys.readouterr().err
     assert "unknown key(s) price_per_million_tokens" in err
     assert str(prices) in err
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--truncate-side", "left"], "truncate_side = 'left' does nothing unless long_mode"),
+        (["--long", "truncate", "--overlap-tokens", "16"], "overlap_tokens = 16 does nothing"),
+    ],
+)
+def test_a_setting_the_long_mode_ignores_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], named: str
+) -> None:
+    source = _jsonl(tmp_path / "in.jsonl", _docs(3))
+    assert _embed(str(source), "--out", str(tmp_path / "o.npy"), *flags) == 2
+    assert named in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
