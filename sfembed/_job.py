@@ -360,6 +360,8 @@ class _FileJob:
         stop: asyncio.Event | None,
         on_batch: Callable[[JobStats], None] | None,
     ) -> JobSummary:
+        if restart and not all(source.rereadable for source in self.sources):
+            resume = False  # a stream read once holds no earlier run to go on with: start over
         _check_runnable(self, resume=resume, restart=restart)
         self.files.check()  # the inputs were found readable by find_sources
         with self.files.locked():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import orjson
@@ -187,3 +188,17 @@ def test_a_setting_the_long_mode_ignores_is_refused(
     assert _embed(str(source), "--out", str(tmp_path / "o.npy"), *flags) == 2
     assert named in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+def test_resume_or_restart_on_standard_input_starts_over_each_night(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "o.jsonl"
+    night = _jsonl(tmp_path / "night.jsonl", _docs(3))
+    for count in (3, 5):  # the same command, night after night, on new input
+        _jsonl(night, _docs(count))
+        with open(night, "rb") as stdin:
+            monkeypatch.setattr(sys, "stdin", stdin)  # read by its file descriptor
+            assert _embed("-", "--out", str(out), "--resume-or-restart") == 0
+        ids = [orjson.loads(line)["id"] for line in out.read_bytes().splitlines()]
+        assert ids == [f"d{i}" for i in range(count)]
