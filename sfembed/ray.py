@@ -19,7 +19,8 @@ Each actor runs the engine on an event loop of its own (one thread, one HTTP ses
 connection pool, kept for the actor's life), and all of them pace through the same
 :class:`~sfembed.SharedLimiter`, so that together they hold the account's RPM and TPM. Each batch
 comes back whole, in its order, with two more columns: ``embedding`` (a fixed-size list of
-float32, null where the row failed) and ``error`` (null where it was embedded, else why not).
+float32, null where the row failed; in a batch of numpy arrays, Ray's default format, a float32
+array, NaN where the row failed) and ``error`` (null where it was embedded, else why not).
 
 Needs ``pip install 'sfembed[ray]'`` (Ray Data, pyarrow and the Redis client).
 """
@@ -106,17 +107,47 @@ class Embedder:
             self._limiter = await self._stack.enter_async_context(shared_limiter_for(self.settings))
 
     def __call__(self, batch: Any) -> Any:
-        """``batch`` (a pyarrow Table) with ``embedding`` and ``error`` columns appended."""
-        if self.text_column not in batch.column_names:
+        """``batch`` with ``embedding`` and ``error`` columns appended, in its own format: a
+        pyarrow Table (``batch_format="pyarrow"``), or a dict of numpy arrays (Ray's default
+        format), whose ``embedding`` is a float32 array of one row per input, NaN where the row
+        failed. Raises ConfigError for a batch of another format, or one without
+        ``text_column`` or with an ``embedding`` or ``error`` column already."""
+        if isinstance(batch, self._pa.Table):
+            names = batch.column_names
+        elif isinstance(batch, dict):
+            names = list(batch)
+        else:
             raise ConfigError(
-                f"sfembed.ray.Embedder: the batch has no column {self.text_column!r} "
-                f"(columns: {', '.join(batch.column_names)})"
+                f"sfembed.ray.Embedder takes pyarrow or numpy batches, not {type(batch).__name__}: "
+                'pass batch_format="pyarrow" to map_batches'
             )
+        self._check_columns(names)
+        if isinstance(batch, dict):
+            column = batch[self.text_column]  # numpy's strings become Python's, for the client
+            texts = column.tolist() if isinstance(column, np.ndarray) else list(column)
+            rows, errors = self._run(self._embed(texts))
+            return {**batch, "embedding": rows, "error": np.array(errors, dtype=object)}
         texts = batch.column(self.text_column).to_pylist()
         rows, errors = self._run(self._embed(texts))
         return batch.append_column("embedding", self._vectors(rows, errors)).append_column(
             "error", self._pa.array(errors, type=self._pa.string())
         )
+
+    def _check_columns(self, names: list[str]) -> None:
+        """Raise ConfigError for a batch without the texts, or whose own columns the output's
+        would shadow (a second ``embedding`` column, from another model, say)."""
+        if self.text_column not in names:
+            raise ConfigError(
+                f"sfembed.ray.Embedder: the batch has no column {self.text_column!r} "
+                f"(columns: {', '.join(names)})"
+            )
+        for taken in ("embedding", "error"):
+            if taken in names:
+                raise ConfigError(
+                    f"sfembed.ray.Embedder: the batch has a column {taken!r} already, and the "
+                    f"output's {taken!r} column would stand beside it under the same name: "
+                    "drop or rename it first (Dataset.drop_columns, Dataset.rename_columns)"
+                )
 
     async def _embed(self, texts: list[Any]) -> tuple[np.ndarray[Any, Any], list[str | None]]:
         inputs = [text if isinstance(text, str) else self._unusable(text) for text in texts]
