@@ -48,6 +48,14 @@ __all__ = ["Embedder"]
 _T = TypeVar("_T")
 
 
+async def _cancelled(tasks: list[asyncio.Task[Any]]) -> None:
+    """Cancel ``tasks`` and wait until they have ended."""
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.wait(tasks)
+
+
 def _import_pyarrow() -> Any:
     try:
         return importlib.import_module("pyarrow")
@@ -98,8 +106,25 @@ class Embedder:
             raise
 
     def _run(self, coroutine: Coroutine[Any, Any, _T]) -> _T:
-        """Run ``coroutine`` on the actor's own loop and wait for it."""
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+        """Run ``coroutine`` on the actor's own loop and wait for it. A wait interrupted (a
+        KeyboardInterrupt, an error raised by a signal handler) cancels it and waits for it to
+        end before raising: the loop runs no job that its caller has left, sending unseen."""
+        running: list[asyncio.Task[Any]] = []
+
+        async def run() -> _T:
+            task = asyncio.current_task()
+            assert task is not None
+            running.append(task)
+            return await coroutine
+
+        future = asyncio.run_coroutine_threadsafe(run(), self._loop)
+        try:
+            return future.result()
+        except BaseException:
+            if not future.done():
+                # Scheduled after run()'s first step, so ``running`` holds its task by then.
+                asyncio.run_coroutine_threadsafe(_cancelled(running), self._loop).result()
+            raise
 
     async def _open(self) -> None:
         self._client = await self._stack.enter_async_context(client_for(self.settings))
