@@ -93,7 +93,20 @@ def _check_service(settings: Settings) -> None:
         )
 
 
+def _check_flags(args: argparse.Namespace) -> None:
+    """Refuse two flags given together where one would quietly undo the other."""
+    given = overrides(args)
+    if args.local and "base_url" in given:
+        raise ConfigError(
+            "--local and --base-url: --local runs against the built-in server and would "
+            "ignore the base URL; give one of them"
+        )
+    if args.no_cache and "io.cache_path" in given:
+        raise ConfigError("--no-cache and --cache: the cache named would not be used; give one")
+
+
 async def embed(args: argparse.Namespace) -> int:
+    _check_flags(args)
     settings = settings_from(args)
     _check_for_model(settings)
     if args.dry_run:

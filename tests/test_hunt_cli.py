@@ -202,3 +202,19 @@ def test_resume_or_restart_on_standard_input_starts_over_each_night(
             assert _embed("-", "--out", str(out), "--resume-or-restart") == 0
         ids = [orjson.loads(line)["id"] for line in out.read_bytes().splitlines()]
         assert ids == [f"d{i}" for i in range(count)]
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--base-url", "https://api.example.com/v1"], "--local and --base-url"),
+        (["--no-cache", "--cache", "c.sqlite"], "--no-cache and --cache"),
+    ],
+)
+def test_two_flags_one_of_which_would_undo_the_other_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], named: str
+) -> None:
+    source = _jsonl(tmp_path / "in.jsonl", _docs(3))
+    assert _embed(str(source), "--out", str(tmp_path / "o.npy"), *flags) == 2
+    assert named in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
