@@ -87,6 +87,7 @@ _MISSING: Any = object()
 _URL_PREFIXES = ("http://", "https://", "data:")
 _BASE64 = re.compile(r"[A-Za-z0-9+/=\s]+")
 _GLOB = re.compile(r"[*?\[]")
+_DEFAULT_ID = "id"  # the id field when none is named; without it, ids are line numbers
 _MANIFEST = ".manifest.json"  # beside each output of a job: out.npy.manifest.json
 _MAX_PATH = 4096  # characters; a longer image value is data, never a path
 _JSON_KINDS = {dict: "an object", list: "an array", str: "a string", int: "a number"}
@@ -1173,11 +1174,14 @@ def _csv_header(
 
 def _check_columns(names: Iterable[str], fields: _Fields) -> None:
     names = list(names)
+    columns = f"(columns: {', '.join(names)})"
+    # An id field named on purpose (not the default, which may be absent) must be there: a
+    # mistyped one would number every record by its line instead.
+    if fields.id != _DEFAULT_ID and fields.id not in names:
+        raise ConfigError(f"{fields.source!r} has no id column {fields.id!r} {columns}")
     if fields.text in names or (fields.image and fields.image in names):
         return
-    raise ConfigError(
-        f"{fields.source!r} has no text column {fields.text!r} (columns: {', '.join(names)})"
-    )
+    raise ConfigError(f"{fields.source!r} has no text column {fields.text!r} {columns}")
 
 
 #: CSV and TSV readers: the first item stands for the header, once it is read and checked.

@@ -218,3 +218,18 @@ def test_two_flags_one_of_which_would_undo_the_other_are_refused(
     assert _embed(str(source), "--out", str(tmp_path / "o.npy"), *flags) == 2
     assert named in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+@pytest.mark.parametrize(
+    ("name", "body"),
+    [("in.csv", b"docid,text\na,one\n"), ("in.tsv", b"docid\ttext\na\tone\n")],
+)
+def test_an_id_field_named_but_not_in_the_header_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, body: bytes
+) -> None:
+    source = tmp_path / name
+    source.write_bytes(body)
+    out = str(tmp_path / "o.npy")
+    assert _embed(str(source), "--out", out, "--id-field", "doc_id") == 2
+    assert "has no id column 'doc_id' (columns: docid, text)" in capsys.readouterr().err
+    assert _embed(str(source), "--out", out) == 0  # no id column: ids are line numbers
