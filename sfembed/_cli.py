@@ -325,6 +325,7 @@ def _add_serve(commands: Any) -> None:
     )
     serve.add_argument(
         "--api-key",
+        type=_server_key,
         default="sk-local-test",
         metavar="KEY",
         help="the key clients must send (default: sk-local-test)",
@@ -369,3 +370,14 @@ def _add_serve(commands: Any) -> None:
         help="the seed of the faults' random choices (default: 0)",
     )
     serve.set_defaults(command="serve")
+
+
+def _server_key(value: str) -> str:
+    """A key a client can send: not blank, no spaces around it, no control character (the
+    client strips the spaces of a pasted key; a header carries no control character)."""
+    if not value.strip() or value != value.strip() or any(ord(c) < 32 for c in value):
+        raise argparse.ArgumentTypeError(
+            "no client could send this key: give one that is not blank, with no spaces around "
+            "it and no control characters"
+        )
+    return value

@@ -88,3 +88,14 @@ def test_a_long_failure_reason_is_apart_from_its_count(
     (line,) = [line for line in capsys.readouterr().out.splitlines() if reason in line]
     assert line.split(reason)[1].startswith(" ")
     assert line.split()[-1] == "7"
+
+
+@pytest.mark.parametrize("key", ["", "   ", " sk-local", "sk\tlocal"])
+def test_serve_with_a_key_no_client_can_send_exits_2_without_echoing_it(
+    capsys: pytest.CaptureFixture[str], key: str
+) -> None:
+    assert main(["serve", "--api-key", key, "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "argument --api-key: " in err
+    assert "sk-local" not in err
+    assert "sk\tlocal" not in err
