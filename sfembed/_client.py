@@ -18,7 +18,7 @@ import re
 from collections.abc import Sequence
 from email.utils import parsedate_to_datetime
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, overload
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -26,7 +26,7 @@ import orjson
 
 from . import _exceptions as exc
 from ._config import DEFAULT_BASE_URL, DEFAULT_KEY_ENV, Settings, Timeouts, catalog_for
-from ._decoder import decode_body
+from ._decoder import DecodedBody, decode_body
 from ._models import DEFAULT_CATALOG, ModelCatalog, ModelSpec
 from ._request import build_request
 from ._types import EmbeddingResult, EncodingFormat, InputItem, Truncate
@@ -123,11 +123,7 @@ class EmbeddingClient:
             raise RuntimeError(
                 "this EmbeddingClient is closed and cannot be reopened: make another"
             )
-        connector = aiohttp.TCPConnector(limit=self._max_connections)
-        timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=self._timeouts.connect_s, sock_read=self._timeouts.read_s
-        )
-        self._session = aiohttp.ClientSession(connector=connector, timeout=timeout)
+        self._session = _session(self._timeouts, self._max_connections)
         self._state = _State.OPEN
         return self
 
@@ -142,6 +138,29 @@ class EmbeddingClient:
         if session is not None:
             await session.close()
 
+    # Two signatures: against the union, a list literal of content objects fails as list[int].
+    @overload
+    async def embed(
+        self,
+        input: InputItem,
+        *,
+        model: str,
+        encoding_format: EncodingFormat = ...,
+        dimensions: int | None = ...,
+        user: str | None = ...,
+        truncate: Truncate | None = ...,
+    ) -> EmbeddingResult: ...
+    @overload
+    async def embed(
+        self,
+        input: Sequence[InputItem],
+        *,
+        model: str,
+        encoding_format: EncodingFormat = ...,
+        dimensions: int | None = ...,
+        user: str | None = ...,
+        truncate: Truncate | None = ...,
+    ) -> EmbeddingResult: ...
     async def embed(
         self,
         input: InputItem | Sequence[InputItem],
@@ -161,7 +180,8 @@ class EmbeddingClient:
             self, input, model, encoding_format, dimensions, user, truncate
         )
         raw, trace_id = await self._post(payload, limit)
-        return self._result(raw, trace_id, items, spec, expected, model, encoding_format)
+        decoded = _decoded(raw, trace_id, items, spec, expected, encoding_format)
+        return self._result(decoded, trace_id, model)
 
     async def embed_within(
         self,
@@ -182,27 +202,11 @@ class EmbeddingClient:
             self, input, model, encoding_format, dimensions, None, truncate
         )
         raw, trace_id = await self._post(payload, limit, stall_s)
-        return self._result(raw, trace_id, items, spec, expected, model, encoding_format)
+        decoded = _decoded(raw, trace_id, items, spec, expected, encoding_format)
+        return self._result(decoded, trace_id, model)
 
-    def _result(
-        self,
-        raw: bytes,
-        trace_id: str | None,
-        items: int,
-        spec: ModelSpec | None,
-        expected: int | None,
-        model: str,
-        encoding_format: EncodingFormat,
-    ) -> EmbeddingResult:
-        vectors, usage, answered = decode_body(
-            raw,
-            items=items,
-            dimensions=expected,
-            encoding_format=encoding_format,
-            trace_id=trace_id,
-        )
-        if usage is not None and not _plausible(usage["total_tokens"], items, spec):
-            usage = None
+    def _result(self, decoded: DecodedBody, trace_id: str | None, model: str) -> EmbeddingResult:
+        vectors, usage, answered = decoded
         if answered and answered != model and not self._other_model_seen:
             # A gateway may route to another model: its vectors would not mix with the ones asked.
             self._other_model_seen = True
@@ -286,6 +290,33 @@ def _prepare(
     # An answer bigger than its vectors could ever take is refused unread, not buffered.
     limit = items * ((expected or _UNKNOWN_DIMS) * _MAX_FLOAT_BYTES + 1024) + 65536
     return _dumps(body), items, spec, expected, limit
+
+
+def _decoded(
+    raw: bytes,
+    trace_id: str | None,
+    items: int,
+    spec: ModelSpec | None,
+    expected: int | None,
+    encoding_format: EncodingFormat,
+) -> DecodedBody:
+    """An answer's rows, usage (None when it cannot be the request's count) and model."""
+    vectors, usage, answered = decode_body(
+        raw, items=items, dimensions=expected, encoding_format=encoding_format, trace_id=trace_id
+    )
+    if usage is not None and not _plausible(usage["total_tokens"], items, spec):
+        usage = None
+    return vectors, usage, answered
+
+
+def _session(timeouts: Timeouts, max_connections: int) -> aiohttp.ClientSession:
+    """A client's one pooled session: no deadline of aiohttp's own on a whole request (each
+    request sets its own), and the connect and per-read limits of ``timeouts``."""
+    connector = aiohttp.TCPConnector(limit=max_connections)
+    timeout = aiohttp.ClientTimeout(
+        total=None, sock_connect=timeouts.connect_s, sock_read=timeouts.read_s
+    )
+    return aiohttp.ClientSession(connector=connector, timeout=timeout)
 
 
 def client_for(settings: Settings) -> EmbeddingClient:
