@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import itertools
 import logging
+import os
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
@@ -29,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ._cache import EmbeddingCache
+from ._cachestore import vectors_path
 from ._config import Settings, model_spec
 from ._diskthread import DiskThread
 from ._engine import job_stream
@@ -330,8 +332,9 @@ class _FileJob:
         self.client = client
         self.spec = model_spec(settings, client.catalog)
         self.format = _output_format(output_path, settings)
+        self.made_folder: Path | None = None  # a database folder this job made, if any
         if self.format == "lance":
-            output_path = _table_path(output_path, settings)
+            output_path, self.made_folder = _table_path(output_path, settings)
         self.output_path = Path(output_path)
         self.errors = Path(errors_path) if errors_path else Path(f"{output_path}.errors.jsonl")
         self.resumable = self.format != "parquet"  # a Parquet file is whole only once closed
@@ -362,20 +365,26 @@ class _FileJob:
     ) -> JobSummary:
         if restart and not all(source.rereadable for source in self.sources):
             resume = False  # a stream read once holds no earlier run to go on with: start over
-        _check_runnable(self, resume=resume, restart=restart)
-        self.files.check()  # the inputs were found readable by find_sources
-        with self.files.locked():
-            self.files.check_report()  # a refusal must not write the report it refused
-            try:
-                return await self._run(resume, restart, stop, on_batch)
-            except asyncio.CancelledError:
-                with contextlib.suppress(OSError):  # the job's own error comes first
-                    self._report("stopped")
-                raise
-            except Exception as error:
+        try:
+            _check_runnable(self, resume=resume, restart=restart)
+            self.files.check()  # the inputs were found readable by find_sources
+            with self.files.locked():
+                self.files.check_report()  # a refusal must not write the report it refused
+                try:
+                    return await self._run(resume, restart, stop, on_batch)
+                except asyncio.CancelledError:
+                    with contextlib.suppress(OSError):  # the job's own error comes first
+                        self._report("stopped")
+                    raise
+                except Exception as error:
+                    with contextlib.suppress(OSError):
+                        self._report("failed", str(error))
+                    raise
+        except BaseException:
+            if self.made_folder is not None:  # the database folder, if the job left it empty
                 with contextlib.suppress(OSError):
-                    self._report("failed", str(error))
-                raise
+                    self.made_folder.rmdir()
+            raise
 
     async def _run(
         self,
@@ -453,39 +462,46 @@ class _FileJob:
         summary.rows, summary.failed = done.rows, done.failed
         summary.records = summary.resumed_records = summary.stats.resumed = done.records
         complete = False
-        async with contextlib.AsyncExitStack() as files:
-            writer = files.enter_context(self._writer(done if resumed else None))
-            errors_at = self.errors if resumed else staged_path(self.errors)
-            errors = files.enter_context(
-                ErrorLog(
-                    errors_at,
-                    done.lengths.get("errors", 0) if resumed else None,
-                    reasons=self.reasons,
+        cache_path = self.files.cache
+        new_cache = cache_path is not None and _absent(cache_path)
+        cache: EmbeddingCache | None = None
+        try:
+            async with contextlib.AsyncExitStack() as files:
+                writer = files.enter_context(self._writer(done if resumed else None))
+                errors_at = self.errors if resumed else staged_path(self.errors)
+                errors = files.enter_context(
+                    ErrorLog(
+                        errors_at,
+                        done.lengths.get("errors", 0) if resumed else None,
+                        reasons=self.reasons,
+                    )
                 )
-            )
-            cache = None
-            if self.files.cache is not None:
-                cache = await files.enter_async_context(EmbeddingCache(self.files.cache))
-            # The output's writes and syncs, off the event loop (joined again on leaving).
-            disk = files.enter_context(DiskThread())
-            if not resumed and self.format == "lance":
-                # A fresh run's table is opened and checked beside its first requests (lancedb's
-                # import alone takes seconds), as the disk thread's first work: no row reaches
-                # it before, and a table of another shape ends the job at its next batch.
-                disk.put(functools.partial(_open_table, writer))
-            feed = _Feed(self, writer, errors, disk, skip=done.records)
-            checkpoints = _Checkpoints(self, manifest, feed, swapped=resumed)
-            try:
-                await feed.run(checkpoints, cache, stop, on_batch)
-                await disk.drained()  # a failure of the last writes is the job's
-                complete = not summary.stopped
-            except _TableRefused as refused:
-                raise _kept_meanwhile(refused, cache) from None
-            finally:
-                disk.close()  # every write handed over done, or skipped after one failed
-                feed.settle()
-                if self.resumable:
-                    checkpoints.save(complete=complete)
+                if cache_path is not None:
+                    cache = await files.enter_async_context(EmbeddingCache(cache_path))
+                # The output's writes and syncs, off the event loop (joined again on leaving).
+                disk = files.enter_context(DiskThread())
+                if not resumed and self.format == "lance":
+                    # A fresh run's table is opened and checked beside its first requests
+                    # (lancedb's import alone takes seconds), as the disk thread's first work:
+                    # no row reaches it before, and a table of another shape ends the job at
+                    # its next batch.
+                    disk.put(functools.partial(_open_table, writer))
+                feed = _Feed(self, writer, errors, disk, skip=done.records)
+                checkpoints = _Checkpoints(self, manifest, feed, swapped=resumed)
+                try:
+                    await feed.run(checkpoints, cache, stop, on_batch)
+                    await disk.drained()  # a failure of the last writes is the job's
+                    complete = not summary.stopped
+                except _TableRefused as refused:
+                    raise _kept_meanwhile(refused, cache) from None
+                finally:
+                    disk.close()  # every write handed over done, or skipped after one failed
+                    feed.settle()
+                    if self.resumable:
+                        checkpoints.save(complete=complete)
+        finally:
+            if new_cache and cache_path is not None and (cache is None or not cache.stored):
+                _remove_cache(cache_path)  # made by this run (a wrong key, say): it holds nothing
         if not self.resumable and (complete or summary.stopped):
             checkpoints.save(complete=complete)  # the Parquet file is whole now it is closed
         return checkpoints.swapped
@@ -520,7 +536,7 @@ def _open_table(writer: Writer) -> None:
 
     assert isinstance(writer, LanceWriter)
     try:
-        writer.open()
+        writer.open(create=False)  # a table missing is made with the first rows merged
     except ConfigError as error:
         raise _TableRefused(str(error)) from None
 
@@ -806,14 +822,29 @@ def _after(blocks: Iterator[Block], skip: int) -> Iterator[Block]:
         skip = 0
 
 
-def _table_path(output_path: str | Path, settings: Settings) -> Path:
-    """A LanceDB table's own folder, ``DB/NAME.lance``: the job's manifest and errors go beside."""
+def _table_path(output_path: str | Path, settings: Settings) -> tuple[Path, Path | None]:
+    """A LanceDB table's own folder, ``DB/NAME.lance`` (the job's manifest and errors go
+    beside), and the database folder ``DB`` if it was made here (else None)."""
     from ._lance import lance_location  # LanceDB output only
 
     folder, table = lance_location(output_path, settings.io.table or None)
-    if folder.parent.is_dir():  # a new database folder, as LanceDB itself would make
-        folder.mkdir(exist_ok=True)
-    return folder / f"{table}.lance"
+    made = None
+    if folder.parent.is_dir() and not os.path.lexists(folder):
+        folder.mkdir()  # a new database folder, as LanceDB itself would make
+        made = folder
+    return folder / f"{table}.lance", made
+
+
+def _absent(path: Path) -> bool:
+    """True when nothing is at ``path``, not even a dangling link (a few microseconds)."""
+    return not os.path.lexists(path)
+
+
+def _remove_cache(path: Path) -> None:
+    """Remove the files of the cache at ``path`` (its index, its journal, its vectors)."""
+    for name in (path, vectors_path(path), *(Path(f"{path}{end}") for end in ("-wal", "-shm"))):
+        with contextlib.suppress(FileNotFoundError):
+            name.unlink()
 
 
 def _check_runnable(job: _FileJob, *, resume: bool, restart: bool) -> None:

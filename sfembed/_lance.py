@@ -116,12 +116,14 @@ class LanceWriter:
         else:
             _check_installed()
 
-    def open(self) -> None:
+    def open(self, *, create: bool = True) -> None:
         """Import lancedb, open the table (made if missing) and check its columns; idempotent.
-        Raises ConfigError as the class says."""
+        Without ``create`` a missing table is left to be made by the first merge or commit: a
+        job that ends before writing anything leaves no empty table. Raises ConfigError as the
+        class says."""
         if self._table is None:
             self._lancedb, self._pa = _import_lancedb()
-            self._table = self._open()
+            self._table = self._open(create=create)
 
     def __enter__(self) -> Self:
         return self
@@ -134,13 +136,15 @@ class LanceWriter:
     ) -> None:
         self.close()
 
-    def _open(self) -> Any:
+    def _open(self, *, create: bool) -> Any:
         try:
             os.makedirs(self.folder, exist_ok=True)
             database = self._lancedb.connect(os.fspath(self.folder))
             try:
                 table = database.open_table(self.name)
             except ValueError:  # lancedb's "table not found"
+                if not create:
+                    return None
                 return database.create_table(self.name, schema=self._schema())
             self._check_schema(table.schema)
             return table
@@ -218,6 +222,7 @@ class LanceWriter:
         the writer's ``Committed`` for a job's checkpoint."""
         from ._writers import Committed  # here: _writers imports this module lazily
 
+        self.open()  # a job vouching for no row still has its table
         self._merge()
         return Committed(self.rows, {})
 

@@ -107,3 +107,36 @@ async def test_a_table_refused_after_answers_says_the_cache_keeps_them_and_a_rer
     assert done.code == 0, done.err
     again = server.stats.requests - sent
     assert again < sent  # the kept vectors were not paid for twice
+
+
+async def test_a_job_that_ends_before_any_answer_leaves_nothing_it_made(
+    server: LocalServer, tmp_path: Path
+) -> None:
+    # A wrong key, a refused option: the job ends as it starts. The database folder, the empty
+    # table and the empty cache it made are gone with it; a folder it did not make stays.
+    source = write_lines(tmp_path / "in.jsonl", docs(40))
+    place = tmp_path / "place"
+    place.mkdir()
+    table = place / "db" / "vectors.lance"
+
+    wrong = await sfembed(*embed_args(server.url, source, table, "--model", M3), key="sk-wrong")
+    chunks = await sfembed(
+        *embed_args(server.url, source, table, "--model", M3, "--long", "chunks")
+    )
+    array = await sfembed(*embed_args(server.url, source, place / "out.npy"), key="sk-wrong")
+
+    assert (wrong.code, chunks.code, array.code) == (1, 2, 1), wrong.err + chunks.err + array.err
+    assert "Invalid token" in wrong.err
+    assert "one row per record" in chunks.err
+    for done in (wrong, chunks, array):
+        assert_clean(done)
+    assert sorted(path.name for path in place.rglob("*")) == []
+
+    (place / "db").mkdir()
+    again = await sfembed(*embed_args(server.url, source, table, "--model", M3), key="sk-wrong")
+    assert again.code == 1, again.err
+    assert list(place.rglob("*")) == [place / "db"]  # the user's folder is kept
+
+    done = await sfembed(*embed_args(server.url, source, table, "--model", M3))
+    assert done.code == 0, done.err
+    assert {"vectors.lance", "sfembed-cache.sqlite"} <= {p.name for p in (place / "db").iterdir()}
