@@ -391,7 +391,10 @@ async def show_report(args: argparse.Namespace) -> int:
 
 
 def _check_plot_path(report: Path, plot: Path) -> None:
-    """Raise ConfigError when ``plot`` is the report, or a file that is not a PNG: the user's."""
+    """Raise ConfigError when ``plot`` is the report, or a file that is not a PNG (the user's),
+    or its folder is missing (found before the table is printed)."""
+    if not plot.parent.is_dir():
+        raise ConfigError(f"the folder of --plot {str(plot.parent)!r} is missing or not a folder")
     with contextlib.suppress(OSError):  # a plot that cannot be written says so when written
         if plot.exists() and os.path.samefile(report, plot):
             raise ConfigError(f"--plot {str(plot)!r} is the report itself: name a .png file")

@@ -99,3 +99,15 @@ def test_serve_with_a_key_no_client_can_send_exits_2_without_echoing_it(
     assert "argument --api-key: " in err
     assert "sk-local" not in err
     assert "sk\tlocal" not in err
+
+
+def test_a_plot_into_a_missing_folder_is_refused_before_the_table(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], report: dict[str, Any]
+) -> None:
+    path = tmp_path / "run.json"
+    path.write_bytes(orjson.dumps(report))
+    plot = tmp_path / "missing" / "run.png"
+    assert main(["report", str(path), "--plot", str(plot)]) == 2
+    printed = capsys.readouterr()
+    assert f"the folder of --plot {str(plot.parent)!r} is missing" in printed.err
+    assert printed.out == ""
