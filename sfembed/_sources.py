@@ -666,7 +666,12 @@ def _unusable(line: int, error: str, fields: _Fields) -> Record:
 
 def _jsonl_records(source: Source, fields: _Fields, limit: int) -> Iterator[Record]:
     with _opened(source) as stream:
-        if _first_byte(stream) == b"[":
+        try:
+            first = _first_byte(stream)
+        except _damage_types() as exc:  # a compressed stream damaged from its start
+            yield _damaged(fields, 0, exc)
+            return
+        if first == b"[":
             yield from _json_array(stream, fields, limit)
             return
         yield from _jsonl_lines(stream, fields, limit)
@@ -700,7 +705,12 @@ def _jsonl_blocks(source: Source, fields: _Fields, limit: int) -> Iterator[Block
     and parsed a block at a time; a compressed one is read line by line (a damaged stream then
     loses no line before the damage)."""
     with _opened(source) as stream:
-        if _first_byte(stream) == b"[":
+        try:
+            first = _first_byte(stream)
+        except _damage_types() as exc:  # a compressed stream damaged from its start
+            yield Block.of([_damaged(fields, 0, exc)])
+            return
+        if first == b"[":
             yield from _grouped(_json_array(stream, fields, limit))
             return
         if not isinstance(getattr(stream, "raw", None), io.FileIO):

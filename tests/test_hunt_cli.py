@@ -233,3 +233,22 @@ def test_an_id_field_named_but_not_in_the_header_is_refused(
     assert _embed(str(source), "--out", out, "--id-field", "doc_id") == 2
     assert "has no id column 'doc_id' (columns: docid, text)" in capsys.readouterr().err
     assert _embed(str(source), "--out", out) == 0  # no id column: ids are line numbers
+
+
+def test_a_jsonl_gz_damaged_from_its_start_is_one_error_and_the_other_shards_are_read(
+    tmp_path: Path,
+) -> None:
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    _jsonl(folder / "a.jsonl", _docs(2))
+    (folder / "b.jsonl.gz").write_bytes(b"\x1f\x8b\x08\x00garbage, not deflate data")
+    _jsonl(folder / "c.jsonl", _docs(1))
+    out = tmp_path / "o.jsonl"
+    assert _embed(str(folder), "--out", str(out)) == 1
+    rows = [orjson.loads(line) for line in out.read_bytes().splitlines()]
+    assert [r["embedding"] is None for r in rows] == [False, False, True, False]
+    (error,) = [
+        orjson.loads(e) for e in (tmp_path / "o.jsonl.errors.jsonl").read_bytes().splitlines()
+    ]
+    assert error["source"].endswith("b.jsonl.gz")
+    assert "unreadable after line 0" in error["reason"]
