@@ -810,7 +810,11 @@ def _first_byte(stream: IO[bytes]) -> bytes:
 
 def _json_array(stream: IO[bytes], fields: _Fields, limit: int) -> Iterator[Record]:
     """One JSON array of records, read whole: bounded by ``limit``, else refused."""
-    data = stream.read(limit + 1)
+    try:
+        data = stream.read(limit + 1)
+    except _damage_types() as exc:  # compressed, and cut short or damaged: no element is sure
+        yield _damaged(fields, 0, exc)
+        return
     if len(data) > limit:
         raise ConfigError(
             f"input {fields.source!r} is one JSON array over {limit:,} bytes; sfembed streams "

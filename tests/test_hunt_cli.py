@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import sys
 from pathlib import Path
 
@@ -252,3 +253,15 @@ def test_a_jsonl_gz_damaged_from_its_start_is_one_error_and_the_other_shards_are
     ]
     assert error["source"].endswith("b.jsonl.gz")
     assert "unreadable after line 0" in error["reason"]
+
+
+def test_a_json_array_gz_cut_short_is_one_error_not_a_traceback(tmp_path: Path) -> None:
+    array = orjson.dumps([{"id": str(i), "text": f"text {i}"} for i in range(500)])
+    packed = gzip.compress(array)
+    source = tmp_path / "in.json.gz"
+    source.write_bytes(packed[: len(packed) // 2])
+    out = tmp_path / "o.jsonl"
+    assert _embed(str(source), "--out", str(out)) == 1
+    errors = (tmp_path / "o.jsonl.errors.jsonl").read_bytes().splitlines()
+    assert [orjson.loads(e)["line"] for e in errors] == [1]
+    assert "the rest of it is lost" in orjson.loads(errors[0])["reason"]
