@@ -52,7 +52,7 @@ def honoured_wait_s(
         if quiet:
             return policy.max_backoff_s
         log.warning(
-            "the server asked to wait %.0f s before retrying (Retry-After); waiting %.0f s, "
+            "the server asked to wait %g s before retrying (Retry-After); waiting %g s, "
             "the retry policy's longest backoff (retry.max_backoff_s)",
             asked,
             policy.max_backoff_s,

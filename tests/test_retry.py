@@ -13,7 +13,7 @@ from sfembed._exceptions import (
     RateLimitError,
     ServerError,
 )
-from sfembed._retry import FailureStreak, call_with_retries
+from sfembed._retry import FailureStreak, call_with_retries, honoured_wait_s
 
 
 class _Script:
@@ -197,3 +197,16 @@ def test_a_job_too_small_for_a_streak_stops_when_none_of_its_requests_was_answer
         small.ended()
     assert not info.value.retryable
     assert info.value.status == 503
+
+
+def test_a_capped_retry_after_is_logged_with_both_waits_as_they_are(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Waits under a second were printed rounded to "0 s": neither the wait asked nor the one
+    # kept could be read from the warning.
+    error = RateLimitError("TPM limit reached", status=429, retry_after_s=0.25)
+    policy = RetryPolicy(max_attempts=4, initial_backoff_s=0.01, max_backoff_s=0.1)
+    with caplog.at_level("WARNING", logger="sfembed"):
+        assert honoured_wait_s(error, policy) == 0.1
+    assert "asked to wait 0.25 s" in caplog.text
+    assert "waiting 0.1 s" in caplog.text
