@@ -70,6 +70,9 @@ async def embed(
     ``options`` override ``settings`` fields (``encoding_format``, ``dimensions``, ``long_mode``,
     ``concurrency``, ``rate``, ...). With ``errors="raise"`` (default) an input that could not be
     embedded raises JobError listing every failure; with ``errors="nan"`` its row is NaN.
+    ``limiter``, ``stop`` and ``cache`` may be passed as to :func:`embed_stream`: a ``stop``
+    set before the end returns the rows of the inputs that came before it, in order, so fewer
+    rows than inputs.
     Raises ConfigError (a setting or option not allowed, an unknown model), or an APIError that
     no retry can get past (a wrong key, say).
     """
