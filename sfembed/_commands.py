@@ -151,11 +151,17 @@ def _check_for_long_mode(settings: Settings) -> None:
 
 
 def _check_for_model(settings: Settings) -> None:
-    """Refuse dimensions the model does not offer, and an overlap the model's pieces cannot
-    hold (the cutter would quietly shorten it), as usage errors (exit 2), before a file is
-    touched. Raises ConfigError."""
+    """Refuse dimensions the model does not offer, an overlap the model's pieces cannot hold
+    (the cutter would quietly shorten it), and an image field for a text-only model, as usage
+    errors (exit 2), before a file is touched. Raises ConfigError."""
     wanted, overlap = settings.dimensions, settings.overlap_tokens
     _check_for_long_mode(settings)
+    image = settings.io.image_field
+    if image and not model_spec(settings).accepts_images:
+        raise ConfigError(
+            f"io.image_field = {image!r} is not allowed: model {settings.model} takes text only "
+            "(each record with an image would fail); leave it unset or choose a multimodal model"
+        )
     if wanted is None and not overlap:
         return
     spec = model_spec(settings)

@@ -265,3 +265,12 @@ def test_a_json_array_gz_cut_short_is_one_error_not_a_traceback(tmp_path: Path) 
     errors = (tmp_path / "o.jsonl.errors.jsonl").read_bytes().splitlines()
     assert [orjson.loads(e)["line"] for e in errors] == [1]
     assert "the rest of it is lost" in orjson.loads(errors[0])["reason"]
+
+
+def test_an_image_field_for_a_text_only_model_is_refused_before_anything_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = _jsonl(tmp_path / "in.jsonl", _docs(3))
+    assert _embed(str(source), "--out", str(tmp_path / "o.npy"), "--image-field", "img") == 2
+    assert "model BAAI/bge-m3 takes text only" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
