@@ -291,7 +291,10 @@ def _without_job_files(what: str, paths: list[str]) -> list[str]:
     """``paths`` (a folder's files, a glob's matches) less those an sfembed job wrote, which are
     skipped, and said so: a job writing into its input folder reads its inputs alone when it
     runs again."""
-    written = [path for path in paths if _job_file(path)]
+    manifests = _manifests_beside(paths)
+    if not manifests:
+        return paths
+    written = [path for path in paths if _job_file(path, manifests)]
     if not written:
         return paths
     names = ", ".join(os.path.basename(path) for path in written)
@@ -299,16 +302,29 @@ def _without_job_files(what: str, paths: list[str]) -> list[str]:
     return [path for path in paths if path not in set(written)]
 
 
-def _job_file(path: str) -> bool:
-    """Whether ``path`` is a manifest, or an output a manifest beside it describes, or that
+def _manifests_beside(paths: list[str]) -> set[str]:
+    """The sfembed manifests in the folders of ``paths``: one listing a folder, and only a
+    file named as a manifest is opened (a folder of 10,000 shards is not probed 10,000 times)."""
+    found = set()
+    for folder in dict.fromkeys(os.path.dirname(path) for path in paths):
+        try:
+            names = os.listdir(folder or ".")
+        except OSError:
+            continue
+        for name in names:
+            if name.endswith(_MANIFEST) and _is_manifest(path := os.path.join(folder, name)):
+                found.add(path)
+    return found
+
+
+def _job_file(path: str, manifests: set[str]) -> bool:
+    """Whether ``path`` is one of ``manifests``, or an output one of them describes, or that
     output's errors file or id sidecar (``out.npy`` -> ``out.ids.jsonl``)."""
-    if path.endswith(_MANIFEST):
-        return _is_manifest(path)
     owners = [path]
     for suffix, output_suffix in ((".errors.jsonl", ""), (".ids.jsonl", ".npy")):
         if path.endswith(suffix):
             owners.append(path.removesuffix(suffix) + output_suffix)
-    return any(_is_manifest(owner + _MANIFEST) for owner in owners)
+    return path in manifests or any(owner + _MANIFEST in manifests for owner in owners)
 
 
 def _is_manifest(path: str) -> bool:
