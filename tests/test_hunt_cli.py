@@ -178,11 +178,15 @@ def test_a_mistyped_table_in_the_prices_file_is_refused_not_priced_zero(
 @pytest.mark.parametrize(
     ("flags", "named"),
     [
+        # A setting the long mode ignores.
         (["--truncate-side", "left"], "truncate_side = 'left' does nothing unless long_mode"),
         (["--long", "truncate", "--overlap-tokens", "16"], "overlap_tokens = 16 does nothing"),
+        # Two flags, one of which would undo the other.
+        (["--base-url", "https://api.example.com/v1"], "--local and --base-url"),
+        (["--no-cache", "--cache", "c.sqlite"], "--no-cache and --cache"),
     ],
 )
-def test_a_setting_the_long_mode_ignores_is_refused(
+def test_flags_that_would_not_run_as_asked_are_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], named: str
 ) -> None:
     source = _jsonl(tmp_path / "in.jsonl", _docs(3))
@@ -203,22 +207,6 @@ def test_resume_or_restart_on_standard_input_starts_over_each_night(
             assert _embed("-", "--out", str(out), "--resume-or-restart") == 0
         ids = [orjson.loads(line)["id"] for line in out.read_bytes().splitlines()]
         assert ids == [f"d{i}" for i in range(count)]
-
-
-@pytest.mark.parametrize(
-    ("flags", "named"),
-    [
-        (["--base-url", "https://api.example.com/v1"], "--local and --base-url"),
-        (["--no-cache", "--cache", "c.sqlite"], "--no-cache and --cache"),
-    ],
-)
-def test_two_flags_one_of_which_would_undo_the_other_are_refused(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], named: str
-) -> None:
-    source = _jsonl(tmp_path / "in.jsonl", _docs(3))
-    assert _embed(str(source), "--out", str(tmp_path / "o.npy"), *flags) == 2
-    assert named in capsys.readouterr().err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
 
 
 @pytest.mark.parametrize(
