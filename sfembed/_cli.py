@@ -77,6 +77,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SFEmbedError as error:
         print(f"sfembed: error: {error}", file=sys.stderr)
         return _commands.EXIT_FAILED
+    except BrokenPipeError:
+        # The reader of our output left (`sfembed report run.json | head -1`): as `cat` does,
+        # stop without a word, and keep the interpreter's last flush from failing again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return _commands.EXIT_FAILED
     except OSError as error:  # the disk refused a write: full, read-only, too large a file
         where = f"{error.filename}: " if error.filename else ""
         print(f"sfembed: error: {where}{error.strerror or error}", file=sys.stderr)

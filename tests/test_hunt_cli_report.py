@@ -3,6 +3,9 @@ else's file, a host that does not resolve."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -111,3 +114,25 @@ def test_a_plot_into_a_missing_folder_is_refused_before_the_table(
     printed = capsys.readouterr()
     assert f"the folder of --plot {str(plot.parent)!r} is missing" in printed.err
     assert printed.out == ""
+
+
+def test_a_reader_that_leaves_early_ends_the_command_without_a_word(
+    report: dict[str, Any], tmp_path: Path
+) -> None:
+    # `sfembed report run.json | head -1`: the pipe's reader is gone before the table is written.
+    path = tmp_path / "run.json"
+    path.write_bytes(orjson.dumps(report))
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "sfembed", "report", str(path)],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(write)
+    assert done.returncode == 1
+    assert done.stderr == b""
