@@ -18,6 +18,7 @@ from ._models import DEFAULT_CATALOG, ModelCatalog, ModelSpec
 
 __all__ = [
     "DEFAULT_BASE_URL",
+    "DEFAULT_ID_FIELD",
     "INPUT_FORMATS",
     "OUTPUT_FORMATS",
     "BatchLimits",
@@ -52,6 +53,8 @@ EncodingFormat: TypeAlias = Literal["float", "base64"]
 Truncate: TypeAlias = Literal["left", "right"]
 #: Input format names the readers take (``tsv`` is tab-separated, without quoting).
 INPUT_FORMATS = ("jsonl", "txt", "csv", "tsv", "parquet")
+#: The field of a record that holds its id when none is named; without it, ids are line numbers.
+DEFAULT_ID_FIELD = "id"
 #: Output format names the writers take.
 OUTPUT_FORMATS = ("npy", "jsonl", "parquet", "lance")
 #: Concurrency above this is a typo, not a plan: each unit is a connection and a worker.
@@ -201,7 +204,7 @@ class IOSettings:
     """
 
     input_format: str | None = None
-    id_field: str = "id"
+    id_field: str = DEFAULT_ID_FIELD
     text_field: str = "text"
     image_field: str | None = None
     output_format: str | None = None

@@ -40,6 +40,7 @@ from typing import IO, Any, NamedTuple, cast
 
 import orjson
 
+from ._config import DEFAULT_ID_FIELD
 from ._config import INPUT_FORMATS as FORMATS
 from ._exceptions import ConfigError
 from ._request import IMAGE_SUFFIXES
@@ -87,7 +88,6 @@ _MISSING: Any = object()
 _URL_PREFIXES = ("http://", "https://", "data:")
 _BASE64 = re.compile(r"[A-Za-z0-9+/=\s]+")
 _GLOB = re.compile(r"[*?\[]")
-_DEFAULT_ID = "id"  # the id field when none is named; without it, ids are line numbers
 _MANIFEST = ".manifest.json"  # beside each output of a job: out.npy.manifest.json
 _MAX_PATH = 4096  # characters; a longer image value is data, never a path
 _JSON_KINDS = {dict: "an object", list: "an array", str: "a string", int: "a number"}
@@ -294,12 +294,14 @@ def _without_job_files(what: str, paths: list[str]) -> list[str]:
     manifests = _manifests_beside(paths)
     if not manifests:
         return paths
-    written = [path for path in paths if _job_file(path, manifests)]
-    if not written:
-        return paths
-    names = ", ".join(os.path.basename(path) for path in written)
-    log.warning("%s: skipped %s (an sfembed job's output and its files)", what, names)
-    return [path for path in paths if path not in set(written)]
+    kept: list[str] = []
+    written: list[str] = []
+    for path in paths:
+        (written if _job_file(path, manifests) else kept).append(path)
+    if written:
+        names = ", ".join(os.path.basename(path) for path in written)
+        log.warning("%s: skipped %s (an sfembed job's output and its files)", what, names)
+    return kept
 
 
 def _manifests_beside(paths: list[str]) -> set[str]:
@@ -1207,7 +1209,7 @@ def _check_columns(names: Iterable[str], fields: _Fields) -> None:
     columns = f"(columns: {', '.join(names)})"
     # An id field named on purpose (not the default, which may be absent) must be there: a
     # mistyped one would number every record by its line instead.
-    if fields.id != _DEFAULT_ID and fields.id not in names:
+    if fields.id != DEFAULT_ID_FIELD and fields.id not in names:
         raise ConfigError(f"{fields.source!r} has no id column {fields.id!r} {columns}")
     if fields.text in names or (fields.image and fields.image in names):
         return
