@@ -75,6 +75,7 @@ __all__ = [
     "VectorsFile",
     "Written",
     "checksums",
+    "store_files",
     "vectors_path",
 ]
 
@@ -171,6 +172,11 @@ log = logging.getLogger("sfembed")
 def vectors_path(path: Path) -> Path:
     """The vectors file of the cache at ``path``."""
     return path.with_name(path.name + _VECTORS_SUFFIX)
+
+
+def store_files(path: Path) -> tuple[Path, ...]:
+    """Every file of the cache at ``path``: its index, SQLite's two WAL files, its vectors."""
+    return (path, Path(f"{path}-wal"), Path(f"{path}-shm"), vectors_path(path))
 
 
 def checksums(rows: FloatArray) -> npt.NDArray[np.int64]:

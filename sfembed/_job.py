@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ._cache import EmbeddingCache
-from ._cachestore import vectors_path
+from ._cachestore import store_files
 from ._config import Settings, model_spec
 from ._diskthread import DiskThread
 from ._engine import job_stream
@@ -842,7 +842,7 @@ def _absent(path: Path) -> bool:
 
 def _remove_cache(path: Path) -> None:
     """Remove the files of the cache at ``path`` (its index, its journal, its vectors)."""
-    for name in (path, vectors_path(path), *(Path(f"{path}{end}") for end in ("-wal", "-shm"))):
+    for name in store_files(path):
         with contextlib.suppress(FileNotFoundError):
             name.unlink()
 
